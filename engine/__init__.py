@@ -1,0 +1,1 @@
+"""The replication engine: marsd, marsadm, the state tree, the transaction log, NBD."""

@@ -1,0 +1,123 @@
+"""The data device: a block device or an image file, accessed with blocking positional I/O.
+
+All calls here block; marsd runs them in its small thread pool, never on the event loop.
+Image files stay sparse: TRIM punches holes and WRITE_ZEROES zeroes ranges without writing pages,
+which is what makes multi-terabyte image files cheap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+from pathlib import Path
+
+from .errors import MarsError
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+BLKGETSIZE64 = 0x80081272
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) with flags (os.posix_fallocate has none); False when the filesystem can't."""
+    if _libc.fallocate(fd, mode, offset, length) == 0:
+        return True
+    e = ctypes.get_errno()
+    if e in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(e, os.strerror(e))
+
+
+def device_size(path: str | os.PathLike[str]) -> int:
+    """Size in bytes of an image file or block device."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+            return struct.unpack("Q", buf)[0]
+        finally:
+            os.close(fd)
+    return st.st_size
+
+
+class DataDevice:
+    """An open data device. Block devices are opened O_EXCL so nothing else mounts them meanwhile."""
+
+    def __init__(self, path: str | os.PathLike[str], res: str) -> None:
+        self.path = Path(path)
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise MarsError(
+                f"data device {self.path} does not exist",
+                "create the image file or block device, or fix the data-<host> entry",
+                subject=f"resource {res}",
+            ) from None
+        self.is_block = stat.S_ISBLK(st.st_mode)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_EXCL if self.is_block else 0)
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as e:
+            raise MarsError(
+                f"cannot open data device {self.path}: {e.strerror}",
+                "check that it exists, is writable and not mounted or in use elsewhere",
+                subject=f"resource {res}",
+            ) from None
+        self._can_punch = True
+
+    def size(self) -> int:
+        return device_size(self.path)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:  # an image file shorter than the resource reads as zeros past its end
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, data: bytes | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def trim(self, offset: int, length: int) -> None:
+        """Discard: on files a hole (reads as zeros), on block devices a punch where supported."""
+        if length and self._can_punch:
+            if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+                return
+            self._can_punch = False
+        # TRIM leaves contents unspecified; writing zeros keeps replicas byte-identical anyway.
+        self.write_zeroes(offset, length, may_punch=False)
+
+    def write_zeroes(self, offset: int, length: int, may_punch: bool = True) -> None:
+        if not length:
+            return
+        if may_punch and self._can_punch:
+            if _fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+                return
+        if _fallocate(self.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+            return
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_CHUNK), end - offset)
+            self.pwrite(memoryview(_ZERO_CHUNK)[:n], offset)
+            offset += n
+
+    def fdatasync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,223 @@
+"""The command table, the shared options and the waiting that every marsadm command uses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ... import __version__
+from ..errors import MarsError, UsageError
+from ..tree import Tree, actual, check_name, mars_dir_from, require_cluster
+from ..trigger import marsd_running, poke
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    func: Callable[["Ctx"], None]
+    help: str
+    args: tuple[tuple[str, dict], ...]
+    per_resource: bool  # first positional is a resource list or 'all'
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, *args: tuple[str, dict], per_resource: bool = False, aliases: tuple[str, ...] = ()):
+    def deco(func: Callable[["Ctx"], None]) -> Callable[["Ctx"], None]:
+        for n in (name, *aliases):
+            COMMANDS[n] = Command(n, func, help, args, per_resource)
+        return func
+    return deco
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, f"see 'marsadm {self.prog.split()[-1]} --help'"
+                         if " " in self.prog else "see 'marsadm --help'")
+
+
+def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("--mars-dir", default=d(None), help="state tree (default: $MARS_DIR or /mars)")
+    p.add_argument("--host", default=d(None), help="act as this node (default: uname -n); for several nodes on one machine")
+    p.add_argument("--ip", default=d(None), help="this node's address for peer links")
+    p.add_argument("--timeout", type=float, default=d(60.0), help="seconds to wait for marsd (default 60)")
+    p.add_argument("--force", "-f", action="store_true", default=d(False), help="skip safety checks (read the message first)")
+    p.add_argument("--no-wait", action="store_true", default=d(False),
+                   help="record the desired state and return without waiting for marsd")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="marsadm", description="Operate MARS: write desired state into the tree, wait for marsd.")
+    p.add_argument("--version", action="version", version=f"marsadm {__version__}")
+    _global_options(p, suppress=False)
+    sub = p.add_subparsers(dest="command", metavar="<command>", parser_class=_Parser)
+    for name, cmd in sorted(COMMANDS.items()):
+        sp = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        _global_options(sp, suppress=True)
+        for arg, kw in cmd.args:
+            sp.add_argument(arg, **kw)
+    return p
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    # The original's 'force-<command>' spelling means '<command> --force'.
+    force_prefix = False
+    for i, a in enumerate(argv):
+        if not a.startswith("-"):
+            if a.startswith("force-") and a[len("force-"):] in COMMANDS:
+                argv[i] = a[len("force-"):]
+                force_prefix = True
+            break
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise UsageError("no command given", "see 'marsadm --help' for the list of commands")
+    args.force = args.force or force_prefix
+    cmd = COMMANDS[args.command]
+    host = check_name("host", args.host or os.uname().nodename.split(".")[0])
+    ctx = Ctx(Tree(mars_dir_from(args.mars_dir), host), args, cmd.name)
+    if cmd.per_resource:
+        for res in ctx.resource_list(args.resource):
+            ctx.res = res
+            cmd.func(ctx)
+    else:
+        cmd.func(ctx)
+    return 0
+
+
+class Ctx:
+    """What a command works with: the tree, the parsed arguments, and helpers to wait for marsd."""
+
+    def __init__(self, tree: Tree, args: argparse.Namespace, command: str) -> None:
+        self.tree = tree
+        self.args = args
+        self.command = command
+        self.host = tree.host
+        self.res = ""
+
+    @property
+    def force(self) -> bool:
+        return bool(self.args.force)
+
+    def fail(self, what: str, remedy: str = "") -> MarsError:
+        subject = f"{self.command} {self.res}" if self.res else self.command
+        return MarsError(what, remedy, subject=subject)
+
+    def say(self, text: str) -> None:
+        print(f"marsadm: {text}", file=sys.stderr)
+
+    def resource_list(self, spec: str) -> list[str]:
+        """``all`` (every resource this host is a member of) or a comma-separated list."""
+        require_cluster(self.tree)
+        if spec == "all":
+            out = [r for r in self.tree.resources() if self.host in self.tree.members(r)]
+            if not out:
+                raise MarsError(f"host {self.host} is a member of no resource", "nothing to do for 'all'",
+                                subject=self.command)
+            return out
+        names = [check_name("resource", r) for r in spec.split(",") if r]
+        if not names:
+            raise UsageError("no resource given", "name a resource or 'all'")
+        for r in names:
+            if r not in self.tree.resources():
+                raise MarsError(f"resource {r} does not exist", "see the resources with 'ls /mars' or create it "
+                                "with 'marsadm create-resource'", subject=f"{self.command} {r}")
+            if self.host not in self.tree.members(r):
+                raise MarsError(f"host {self.host} is not a member of resource {r}",
+                                "run the command on a member host, or use --host", subject=f"{self.command} {r}")
+        return names
+
+    # -- talking to marsd ------------------------------------------------------------------------
+
+    def marsd_pid(self) -> int | None:
+        return marsd_running(self.tree.root)
+
+    def poke(self) -> None:
+        poke(self.tree.root)
+
+    def wait(self, what: str, done: Callable[[], bool], failed: Callable[[], str | None] = lambda: None) -> None:
+        """Wait until marsd made ``done()`` true, with a deadline and a progress line.
+
+        This polls the tree, which is fine for a command-line tool (the original's LOOP phases
+        did the same every second); marsd itself never polls for marsadm.
+        """
+        if self.args.no_wait:
+            return
+        self.poke()
+        if done():
+            return
+        if self.marsd_pid() is None:
+            raise self.fail(
+                f"the desired state is recorded, but marsd is not running on host {self.host} to {what}",
+                f"start it ('marsd --mars-dir {self.tree.root} --host {self.host}') and it will act; "
+                "or pass --no-wait to only record the state")
+        timeout = self.args.timeout
+        start = time.monotonic()
+        tty = sys.stderr.isatty()
+        shown = False
+        while True:
+            if done():
+                break
+            msg = failed()
+            if msg:
+                if shown and tty:
+                    sys.stderr.write("\n")
+                raise self.fail(msg)
+            elapsed = time.monotonic() - start
+            if elapsed > timeout:
+                if shown and tty:
+                    sys.stderr.write("\n")
+                raise self.fail(f"marsd did not {what} within {timeout:g} s",
+                                "look at marsd's log; raise --timeout if the host is just slow")
+            if tty:
+                sys.stderr.write(f"\rmarsadm: waiting for marsd to {what} ({elapsed:4.1f} s of {timeout:g} s)")
+                sys.stderr.flush()
+                shown = True
+            elif not shown and elapsed > 1.0:
+                self.say(f"waiting for marsd to {what} (up to {timeout:g} s)")
+                shown = True
+            time.sleep(0.05)  # a polling interval of a waiting CLI, see above
+        if shown and tty:
+            sys.stderr.write(f"\rmarsadm: marsd did {what} after {time.monotonic() - start:.1f} s\n")
+
+    def actual(self, key: str, res: str | None = None) -> str | None:
+        return self.tree.get(actual(res or self.res, self.host, key))
+
+    def attach_error(self) -> str | None:
+        return self.actual("msg-err-attach")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``4k``/``4K``/``4KiB``, ``1G``/``1GiB``, ``2T`` (binary multiples)."""
+    t = text.strip()
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+    low = t.lower().removesuffix("ib").removesuffix("b")
+    num, unit = low, ""
+    if low and low[-1] in "kmgtp":
+        num, unit = low[:-1], low[-1]
+    try:
+        value = int(num) * units[unit]
+    except (ValueError, KeyError):
+        raise UsageError(f"size {text!r} is not a size", "give bytes or a number with K, M, G, T (binary multiples)") from None
+    if value <= 0:
+        raise UsageError(f"size {text!r} must be positive", "give a size above 0")
+    return value
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, div in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+RES_ARG = ("resource", {"help": "resource name, comma-separated names, or 'all'"})
+
+__all__ = ["command", "Ctx", "COMMANDS", "parse_size", "fmt_bytes", "RES_ARG", "Path"]

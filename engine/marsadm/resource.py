@@ -1,0 +1,114 @@
+"""create-resource and delete-resource: the single-node part of a resource's lifecycle."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from ..device import device_size
+from ..logfiles import ReplayLink, list_logs, log_name, replay_path
+from ..tree import DELETED, check_name, require_cluster, res_dir, todo
+from .base import Ctx, command, fmt_bytes, parse_size
+from .switches import SWITCHES, _attached, _refuse_if_open
+
+MIN_SIZE = 64 * 1024
+
+
+@command("create-resource", "create a resource on a data device or image file; this host becomes its primary",
+         ("resource", {"help": "name of the new resource (also the NBD export name)"}),
+         ("device", {"help": "absolute path of a block device or image file (created sparse if missing and size given)"}),
+         ("size", {"nargs": "?", "help": "resource size, e.g. 1G (default: the device's size); a multiple of 4 KiB"}))
+def create_resource(ctx: Ctx) -> None:
+    tree = ctx.tree
+    require_cluster(tree)
+    res = ctx.res = check_name("resource", ctx.args.resource)
+    if res in tree.resources():
+        raise ctx.fail(f"resource {res} already exists",
+                       f"choose another name, or remove it first with 'marsadm delete-resource {res}'")
+    dev = Path(ctx.args.device)
+    if not dev.is_absolute():
+        raise ctx.fail(f"device {dev} is not an absolute path", f"give the full path, e.g. {Path.cwd() / dev}")
+    size = parse_size(ctx.args.size) if ctx.args.size else None
+    if size is not None and size % 4096:
+        raise ctx.fail(f"size {size} B is not a multiple of 4 KiB", f"use {size // 4096 * 4096} or {(size // 4096 + 1) * 4096}")
+    for other in tree.resources():
+        if tree.get(f"{res_dir(other)}/data-{ctx.host}") == str(dev):
+            raise ctx.fail(f"{dev} is already the data device of resource {other}", "give another device")
+    created = False
+    if not dev.exists():
+        if size is None:
+            raise ctx.fail(f"device {dev} does not exist", "give a size to create a sparse image file there")
+        if not dev.parent.is_dir():
+            raise ctx.fail(f"directory {dev.parent} does not exist", "create it first")
+        with open(dev, "xb") as f:
+            f.truncate(size)
+        created = True
+    st = os.stat(dev)
+    if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+        raise ctx.fail(f"{dev} is neither a block device nor a regular file", "give a block device or an image file")
+    have = device_size(dev)
+    if size is None:
+        size = have // 4096 * 4096
+    if size > have:
+        raise ctx.fail(f"device {dev} has {have} B ({fmt_bytes(have)}), less than the size {size} B",
+                       "grow the device (for an image: truncate -s) or give a smaller size")
+    if size < MIN_SIZE:
+        raise ctx.fail(f"size {size} B is below the minimum of {MIN_SIZE} B", "give a larger device or size")
+    d = res_dir(res)
+    rdir = tree.root / d
+    leftovers = [f.name for f in list_logs(tree, res)]
+    if leftovers and not ctx.force:
+        raise ctx.fail(f"old log files remain in {rdir}: {', '.join(leftovers[:3])}",
+                       f"remove them (marsadm delete-resource {res} --force) or pass --force to start after them")
+    first = (leftovers and max(int(n[4:13]) for n in leftovers) + 1) or 1
+    tree.mkdir(d)
+    (rdir / log_name(first, ctx.host)).touch(mode=0o600)
+    tree.set(f"{d}/maxnr", first)
+    tree.set(f"{d}/data-{ctx.host}", str(dev))
+    tree.set(f"{d}/device-{ctx.host}", res)
+    tree.set(replay_path(res, ctx.host), ReplayLink(first, ctx.host, 0, 0))
+    for s in SWITCHES:
+        tree.set(todo(res, ctx.host, s), 1)
+    tree.set(f"{d}/primary", ctx.host)
+    tree.set(f"{d}/size", size)  # last: a resource exists for readers once it has a size
+    ctx.say(f"created resource {res}: {fmt_bytes(size)} on {dev}{' (new sparse image)' if created else ''}, "
+            f"primary {ctx.host}")
+    ctx.wait(f"attach resource {res} and serve it", lambda: _attached(ctx), ctx.attach_error)
+
+
+@command("delete-resource", "remove a resource from the tree and delete its log files (refused while attached)",
+         ("resource", {"help": "the resource to delete"}))
+def delete_resource(ctx: Ctx) -> None:
+    tree = ctx.tree
+    require_cluster(tree)
+    res = ctx.res = check_name("resource", ctx.args.resource)
+    if res not in tree.resources():
+        raise ctx.fail(f"resource {res} does not exist", "nothing to delete")
+    others = [h for h in tree.members(res) if h != ctx.host]
+    if others and not ctx.force:
+        raise ctx.fail(f"hosts {', '.join(others)} are still members",
+                       "run 'marsadm leave-resource' there first, or pass --force to destroy it for everyone")
+    if tree.get(todo(res, ctx.host, "attach")) == "1" or _attached(ctx):
+        if not ctx.force:
+            raise ctx.fail("the resource is attached on this host",
+                           f"run 'marsadm down {res}' first, or pass --force to take it down")
+        _refuse_if_open(ctx)
+        for s in reversed(SWITCHES):
+            tree.set(todo(res, ctx.host, s), 0)
+        ctx.wait(f"detach resource {res}", lambda: not _attached(ctx))
+    d = res_dir(res)
+    # The size goes first: from then on nobody (marsd included) treats the directory as a resource.
+    tree.delete(f"{d}/size")
+    removed = 0
+    for f in list_logs(tree, res):
+        removed += f.size()
+        f.path.unlink()
+    for dirpath, dirnames, filenames in os.walk(tree.root / d):
+        for n in filenames:
+            p = Path(dirpath) / n
+            if p.is_symlink() and os.readlink(p) != DELETED:
+                tree.delete(str(p.relative_to(tree.root)), durable=False)
+    tree.set(f"{d}/maxnr", tree.get(f"{d}/maxnr") or 0)
+    ctx.poke()
+    ctx.say(f"deleted resource {res} ({fmt_bytes(removed)} of log files removed; the data device is untouched)")

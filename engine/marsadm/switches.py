@@ -1,0 +1,64 @@
+"""The switches an operator flips per resource: attach/detach, up/down.
+
+Each writes ``todo-<host>/<switch>`` and waits until marsd's ``actual-<host>/…`` agrees.
+detach and down refuse while an NBD client has the export open, because pulling the device from
+under a mounted filesystem is the operator's mistake the tool can prevent; --force does it anyway
+and marsd closes those connections.
+"""
+
+from __future__ import annotations
+
+from ..tree import todo
+from .base import RES_ARG, Ctx, command
+
+SWITCHES = ("attach", "connect", "sync", "allow-replay")
+
+
+def _attached(ctx: Ctx) -> bool:
+    return ctx.actual("is-attached") == "1"
+
+
+def _set_attach_and_wait(ctx: Ctx, on: bool) -> None:
+    tree = ctx.tree
+    if on:
+        # Re-writing attach=1 gets a fresh stamp, which tells marsd to retry a failed attach.
+        tree.set(todo(ctx.res, ctx.host, "attach"), 1, restamp=True)
+        ctx.wait(f"attach resource {ctx.res}", lambda: _attached(ctx), ctx.attach_error)
+    else:
+        tree.set(todo(ctx.res, ctx.host, "attach"), 0)
+        ctx.wait(f"detach resource {ctx.res}", lambda: not _attached(ctx))
+
+
+def _refuse_if_open(ctx: Ctx) -> None:
+    n = int(ctx.actual("open-count") or 0)
+    if n and ctx.actual("is-attached") == "1" and not ctx.force:
+        raise ctx.fail(f"the NBD export {ctx.res} is open by {n} client(s)",
+                       "unmount and disconnect them first (umount, losetup -d, nbd-client -d), "
+                       "or pass --force to cut them off")
+
+
+@command("attach", "open the data device and (on the primary) serve the NBD export", RES_ARG, per_resource=True)
+def attach(ctx: Ctx) -> None:
+    _set_attach_and_wait(ctx, True)
+
+
+@command("detach", "stop serving and close the data device (refused while clients are connected)", RES_ARG,
+         per_resource=True)
+def detach(ctx: Ctx) -> None:
+    _refuse_if_open(ctx)
+    _set_attach_and_wait(ctx, False)
+
+
+@command("up", "switch everything on: attach, connect (fetch), sync, replay", RES_ARG, per_resource=True)
+def up(ctx: Ctx) -> None:
+    for s in SWITCHES[1:]:
+        ctx.tree.set(todo(ctx.res, ctx.host, s), 1)
+    _set_attach_and_wait(ctx, True)
+
+
+@command("down", "switch everything off: replay, sync, connect, then detach", RES_ARG, per_resource=True)
+def down(ctx: Ctx) -> None:
+    _refuse_if_open(ctx)
+    for s in reversed(SWITCHES[1:]):
+        ctx.tree.set(todo(ctx.res, ctx.host, s), 0)
+    _set_attach_and_wait(ctx, False)

@@ -1,0 +1,247 @@
+"""marsd: the per-host daemon. Reconciles the tree's desired state into running resources.
+
+The loop is level-triggered, like the original's main round: every round (on a trigger from
+marsadm, or every ``--interval`` seconds) it compares what ``todo-<host>/*`` and ``primary`` ask for
+with what runs, starts or stops resource runtimes accordingly, and writes what it actually does
+back into ``actual-<host>/*``. Being level-triggered, a lost trigger or a crash in the middle of a
+change costs one round, never a wrong state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .. import __version__
+from .errors import MarsError
+from .logfiles import read_replay
+from .nbdserver import NbdSession
+from .recovery import LogDamage
+from .resource import ResourceRuntime
+from .tree import Tree, actual, check_name, mars_dir_from, node_actual, res_dir, todo
+from .trigger import TRIGGER_NAME, take_lock
+
+log = logging.getLogger("mars.marsd")
+
+NBD_SOCKET = "nbd.sock"
+
+
+class Daemon:
+    def __init__(self, tree: Tree, nbd_listen: list[tuple[str, int]], interval: float,
+                 checkpoint_interval: float) -> None:
+        self.tree = tree
+        self.host = tree.host
+        self.nbd_listen = nbd_listen
+        self.interval = interval
+        self.checkpoint_interval = checkpoint_interval
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="marsd-io")
+        self.runtimes: dict[str, ResourceRuntime] = {}
+        # A resource whose start failed is not retried until its attach entry changes (a new
+        # 'marsadm attach/up'): retrying a damaged log every round would only repeat the error.
+        self.failed: dict[str, tuple[int, str]] = {}
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def exports(self) -> dict[str, ResourceRuntime]:
+        return {name: rt for name, rt in self.runtimes.items() if rt.serving}
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        self._open_trigger(loop)
+        await self._open_nbd(loop)
+        self.tree.set(node_actual(self.host, "alive"), 1, durable=False)
+        log.info("marsd %s on host %s started, tree %s", __version__, self.host, self.tree.root)
+        try:
+            while not self._stop.is_set():
+                await self.reconcile()
+                self._wake.clear()
+                waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stop.wait())]
+                await asyncio.wait(waits, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
+                for w in waits:
+                    w.cancel()
+        finally:
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for s in self._servers:
+            s.close()
+        for name in list(self.runtimes):
+            await self._stop_resource(name)
+        self.tree.set(node_actual(self.host, "alive"), 0, durable=False)
+        for n in (NBD_SOCKET, TRIGGER_NAME):
+            try:
+                os.unlink(self.tree.root / n)
+            except FileNotFoundError:
+                pass
+        self.executor.shutdown(wait=True)
+        log.info("marsd on host %s stopped", self.host)
+
+    # -- sockets -------------------------------------------------------------------------------
+
+    def _open_trigger(self, loop: asyncio.AbstractEventLoop) -> None:
+        path = self.tree.root / TRIGGER_NAME
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.setblocking(False)
+
+        def readable() -> None:
+            try:
+                while sock.recv(64):
+                    pass
+            except BlockingIOError:
+                pass
+            self._wake.set()
+
+        loop.add_reader(sock.fileno(), readable)
+
+    async def _open_nbd(self, loop: asyncio.AbstractEventLoop) -> None:
+        path = self.tree.root / NBD_SOCKET
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self._servers.append(await loop.create_unix_server(
+            lambda: NbdSession(self.exports, f"unix:{path}"), str(path)))
+        os.chmod(path, 0o600)
+        for host, port in self.nbd_listen:
+            self._servers.append(await loop.create_server(
+                lambda: NbdSession(self.exports, "tcp"), host, port, reuse_address=True))
+            log.info("NBD exports on tcp %s:%d", host, port)
+
+    # -- reconciliation ------------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        tree = self.tree
+        tree.set(node_actual(self.host, "time"), f"{tree.clock.now() / 1e9:.9f}", durable=False)
+        wanted: dict[str, tuple[str, int]] = {}
+        for res in tree.resources():
+            d = res_dir(res)
+            data = tree.get(f"{d}/data-{self.host}")
+            if data is None:
+                continue
+            attach = tree.entry(todo(res, self.host, "attach"))
+            if attach is None or attach.deleted or attach.value != "1":
+                continue
+            if tree.get(f"{d}/primary") != self.host:
+                continue  # secondaries arrive with replication
+            if res in self.failed and self.failed[res][0] == attach.stamp_ns:
+                continue
+            wanted[res] = (data, tree.get_int(f"{d}/size"))
+        for res in list(self.runtimes):
+            if res not in wanted:
+                await self._stop_resource(res)
+        for res, (data, size) in wanted.items():
+            rt = self.runtimes.get(res)
+            if rt is None:
+                await self._start_resource(res, data, size)
+            else:
+                rt.rotate_if_requested()
+        for res in tree.resources():
+            if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
+                self._publish(res)
+
+    async def _start_resource(self, res: str, data: str, size: int) -> None:
+        rt = ResourceRuntime(self.tree, res, data, size, self.executor, self.checkpoint_interval)
+        attach = self.tree.entry(todo(res, self.host, "attach"))
+        try:
+            await rt.start()
+        except MarsError as e:
+            stamp = attach.stamp_ns if attach else 0
+            self.failed[res] = (stamp, str(e))
+            code = f"-1,{e.damage.code},{e.damage.offset}" if isinstance(e, LogDamage) else "-1"
+            self.tree.set(actual(res, self.host, "replay-code"), code, durable=False)
+            self.tree.set(actual(res, self.host, "msg-err-attach"), str(e), durable=False)
+            log.error("marsd: %s", e)
+            return
+        self.failed.pop(res, None)
+        self.runtimes[res] = rt
+        self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
+        self.tree.set(actual(res, self.host, "replay-code"), 1, durable=False)
+        log.info("resource %s: attached %s, serving NBD export %r", res, data, res)
+
+    async def _stop_resource(self, res: str) -> None:
+        rt = self.runtimes.pop(res, None)
+        if rt is None:
+            return
+        await rt.stop()
+        log.info("resource %s: detached", res)
+        if self.tree.get(f"{res_dir(res)}/size") is not None:
+            self._publish(res)
+
+    def _publish(self, res: str) -> None:
+        rt = self.runtimes.get(res)
+        on = rt is not None and rt.serving
+        t = self.tree
+        t.set(actual(res, self.host, "is-attached"), int(on), durable=False)
+        t.set(actual(res, self.host, "is-primary"), int(on), durable=False)
+        t.set(actual(res, self.host, "if-on"), int(on), durable=False)
+        t.set(actual(res, self.host, "open-count"), len(rt.sessions) if rt else 0, durable=False)
+        if rt is None and res not in self.failed:
+            t.delete(actual(res, self.host, "replay-code"), durable=False)
+        if rt is not None and rt.logger is not None:
+            link = read_replay(t, res, self.host)
+            if link is not None:
+                t.set(actual(res, self.host, "logger-pos"), str(rt.logger.acked), durable=False)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="marsd", description="MARS daemon: serves and replicates resources.")
+    p.add_argument("--mars-dir", help="state tree (default: $MARS_DIR or /mars)")
+    p.add_argument("--host", default=None, help="this node's name (default: uname -n)")
+    p.add_argument("--ip", default=None, help="this node's address for peer links (default: from ips/ip-<host>)")
+    p.add_argument("--nbd-listen", action="append", type=parse_listen, default=[], metavar="HOST:PORT",
+                   help="also serve NBD on TCP (repeatable); the unix socket <mars-dir>/nbd.sock is always on")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between reconcile rounds (default 1)")
+    p.add_argument("--checkpoint-interval", type=float, default=1.0,
+                   help="minimum seconds between data-device syncs that advance the replay position")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"marsd {__version__}")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s marsd[%(process)d] %(levelname)s %(message)s")
+    mars_dir = mars_dir_from(args.mars_dir)
+    try:
+        host = check_name("host", args.host or os.uname().nodename.split(".")[0])
+        if not (mars_dir / "uuid").is_symlink():
+            raise MarsError(f"{mars_dir} holds no cluster",
+                            f"run 'marsadm --mars-dir {mars_dir} --host {host} create-cluster' first")
+        lock = take_lock(mars_dir)
+        if lock is None:
+            raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
+        tree = Tree(mars_dir, host)
+        daemon = Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval)
+        asyncio.run(daemon.run())
+    except MarsError as e:
+        print(f"marsd: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        print(f"marsd: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

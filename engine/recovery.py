@@ -1,0 +1,132 @@
+"""Start-up recovery: bring the data device up to the end of the log, cut a torn tail, stop at damage.
+
+After a crash the data device may lack writes that were acknowledged (they were durable in the log
+but the device had not been synced), and the log may end in a torn record that was never
+acknowledged. Recovery replays every record after the last synced replay position, in order
+(replay is idempotent, so starting too early is harmless), cuts a torn tail of the *newest* log
+file, and refuses to go on past real damage: a bad record in the middle, a gap in the record
+sequence, or a torn end of an older file. Then it syncs the device and advances ``replay-<host>``.
+
+A refusal names the file, the offset and the reason, and leaves everything on disk as it was, so
+nothing acknowledged is destroyed by the attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from . import logformat as lf
+from .device import DataDevice
+from .errors import MarsError
+from .logfiles import (LogFile, ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path,
+                       version_digest, version_path, version_value)
+from .logger import LogState, apply_record, first_record
+from .tree import Tree
+
+log = logging.getLogger("mars.recovery")
+
+
+class LogDamage(MarsError):
+    """Replay stopped at a damaged record; carries the LogCorruption for the tree and the status."""
+
+    def __init__(self, res: str, damage: lf.LogCorruption) -> None:
+        super().__init__(
+            f"replay stopped: {damage}",
+            "the data device holds the state before that record and nothing is served; keep the log "
+            "for inspection, and restore the resource from a good copy or accept the loss with "
+            f"'marsadm log-truncate {res} --force'",
+            subject=f"resource {res}",
+        )
+        self.damage = damage
+
+
+@dataclass(slots=True)
+class RecoveryResult:
+    state: LogState
+    replayed_records: int
+    replayed_bytes: int
+    cut: lf.LogCorruption | None  # the torn tail that was cut, if any
+
+
+def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
+    """Blocking: replay the log onto ``device`` and return where appends continue."""
+    host = tree.host
+    logs = list_logs(tree, res)
+    own = [f for f in logs if f.origin == host]
+    if not own:
+        first = tree.root / f"resource-{res}" / log_name(1, host)
+        first.touch(mode=0o600)
+        logs = list_logs(tree, res)
+    link = read_replay(tree, res, host) or ReplayLink(logs[0].seq, logs[0].origin, 0, 0)
+    todo_files = [f for f in logs if f.seq >= link.seq]
+    if not todo_files:
+        raise MarsError(
+            f"the replay position {link} points past every log file present",
+            "the log files were removed by hand; restore them or recreate the resource",
+            subject=f"resource {res}",
+        )
+    check_contiguous(res, todo_files)
+
+    replayed = 0
+    replayed_bytes = 0
+    state: LogState | None = None
+    cut: lf.LogCorruption | None = None
+    for i, f in enumerate(todo_files):
+        newest = i == len(todo_files) - 1
+        prev_version = tree.get(version_path(res, f.seq - 1, f.origin))
+        hasher = VersionHasher(version_digest(prev_version))
+        start_apply = link.pos if f.seq == link.seq else 0
+
+        def on_record(d: lf.Decoded, start_apply: int = start_apply, hasher: VersionHasher = hasher) -> None:
+            nonlocal replayed, replayed_bytes
+            hasher.update(d.check)
+            if d.offset >= start_apply:
+                apply_record(device, d.record)
+                replayed += 1
+                replayed_bytes += d.record.length
+
+        result = lf.scan_file(f.path, 0, first_record(f.seq), on_record)
+        if result.error is not None:
+            err = result.error
+            if err.torn and newest:
+                log.warning("resource %s: %s; cutting %d bytes of torn tail (never acknowledged)",
+                            res, err, f.size() - err.offset)
+                with open(f.path, "r+b") as fh:
+                    fh.truncate(err.offset)
+                    os.fdatasync(fh.fileno())
+                cut = err
+            else:
+                device.fdatasync()
+                if result.end > start_apply or f.seq > link.seq:
+                    tree.set(replay_path(res, host), ReplayLink(f.seq, f.origin, max(result.end, start_apply), 0))
+                raise LogDamage(res, err)
+        st = LogState(seq=f.seq, path=f.path, end=result.end,
+                      next_record=first_record(f.seq) + result.count,
+                      hasher=hasher, prev_version=prev_version)
+        if not newest and tree.get(version_path(res, f.seq, f.origin)) is None:
+            # A crash between rotation and its version entry: write it now from the scan.
+            tree.set(version_path(res, f.seq, f.origin),
+                     version_value(hasher.hexdigest(), f.seq, f.origin, result.end, prev_version))
+        state = st
+    assert state is not None
+    device.fdatasync()
+    tree.set(replay_path(res, host), ReplayLink(state.seq, host, state.end, 0))
+    return RecoveryResult(state, replayed, replayed_bytes, cut)
+
+
+def check_contiguous(res: str, files: list[LogFile]) -> None:
+    for a, b in zip(files, files[1:]):
+        if b.seq == a.seq:
+            raise MarsError(
+                f"two log files with number {a.seq}: {a.name} and {b.name} (split brain)",
+                f"keep the history you trust and remove the other file from resource-{res}",
+                subject=f"resource {res}",
+            )
+        if b.seq != a.seq + 1:
+            raise MarsError(
+                f"log files are not contiguous: {a.name} is followed by {b.name}",
+                "a log file in between is missing; restore it from a backup or recreate the resource",
+                subject=f"resource {res}",
+            )

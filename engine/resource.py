@@ -1,0 +1,160 @@
+"""One resource inside marsd: its data device, recovery, logger, NBD export and replay checkpoints.
+
+The runtime exists while the resource is attached on this node. It is the only owner of the data
+device and the log files it appends to; marsadm talks to it through the tree only.
+
+Checkpoints: write-back goes to the device's page cache, so the replay position may advance only
+after the device is synced. Every ``checkpoint_interval`` seconds (when anything changed) the device
+is fdatasync'd and ``replay-<host>`` moves to the log position acknowledged before that sync began.
+A crash replays from there; replaying a little too much is harmless because replay is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from concurrent.futures import Executor
+
+from . import logformat as lf
+from . import nbd
+from .device import DataDevice
+from .logfiles import LogPos, ReplayLink, list_logs, replay_path
+from .logger import Logger, LogWriteError
+from .nbdserver import NbdSession
+from .recovery import recover
+from .tree import Tree, actual
+
+log = logging.getLogger("mars.resource")
+
+
+class ResourceRuntime:
+    def __init__(self, tree: Tree, res: str, data_path: str, size: int, executor: Executor,
+                 checkpoint_interval: float = 1.0) -> None:
+        self.tree = tree
+        self.res = res
+        self.data_path = data_path
+        self.size = size
+        self.executor = executor
+        self.checkpoint_interval = checkpoint_interval
+        self.device: DataDevice | None = None
+        self.logger: Logger | None = None
+        self.sessions: set[NbdSession] = set()
+        self.info = nbd.ExportInfo(name=res, size=size, description=f"MARS resource {res}")
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._synced = LogPos()
+        self._changed = asyncio.Event()
+        self.serving = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the device and recover; raises MarsError (LogDamage among them) and stays closed."""
+        loop = asyncio.get_running_loop()
+        self.device = await loop.run_in_executor(self.executor, DataDevice, self.data_path, self.res)
+        try:
+            result = await loop.run_in_executor(self.executor, recover, self.tree, self.res, self.device)
+        except BaseException:
+            self.device.close()
+            self.device = None
+            raise
+        if result.replayed_records:
+            log.info("resource %s: recovery replayed %d records (%d bytes) onto %s", self.res,
+                     result.replayed_records, result.replayed_bytes, self.data_path)
+        if result.cut is not None:
+            self.tree.set(actual(self.res, self.tree.host, "msg-warn-torn-tail"), str(result.cut))
+        self.logger = Logger(self.res, self.tree, self.device, self.executor, result.state,
+                             on_progress=lambda pos: self._changed.set())
+        self.logger.start()
+        self._synced = LogPos(result.state.seq, result.state.end)
+        self._checkpoint_task = loop.create_task(self._checkpoints(), name=f"checkpoint-{self.res}")
+        self.serving = True
+
+    async def stop(self) -> None:
+        """Close client connections, drain the logger, sync and record the final replay position."""
+        self.serving = False
+        for s in list(self.sessions):
+            s.close()
+        if self.logger is not None:
+            await self.logger.close()
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            try:
+                await self._checkpoint_task
+            except asyncio.CancelledError:
+                pass
+        if self.device is not None and self.logger is not None:
+            await self._checkpoint()
+        if self.device is not None:
+            self.device.close()
+            self.device = None
+
+    def rotate_if_requested(self) -> None:
+        """marsadm log-rotate creates an empty next log file; switch to it."""
+        if self.logger is None:
+            return
+        own = [f for f in list_logs(self.tree, self.res) if f.origin == self.tree.host]
+        if own and own[-1].seq > self.logger.state.seq:
+            self.logger.request_rotate(own[-1].seq)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            await self._checkpoint()
+            await asyncio.sleep(self.checkpoint_interval)  # a minimum interval, not synchronisation
+
+    async def _checkpoint(self) -> None:
+        assert self.logger is not None and self.device is not None
+        pos = self.logger.acked
+        if pos == self._synced:
+            return
+        await asyncio.get_running_loop().run_in_executor(self.executor, self._sync_and_record, pos)
+        self._synced = pos
+
+    def _sync_and_record(self, pos: LogPos) -> None:
+        assert self.device is not None
+        self.device.fdatasync()
+        self.tree.set(replay_path(self.res, self.tree.host), ReplayLink(pos.seq, self.tree.host, pos.offset, 0),
+                      durable=False)
+
+    # -- the NBD export ------------------------------------------------------------------------
+
+    def opened(self, session: NbdSession) -> None:
+        self.sessions.add(session)
+        self.publish_open_count()
+
+    def closed(self, session: NbdSession) -> None:
+        self.sessions.discard(session)
+        self.publish_open_count()
+
+    def publish_open_count(self) -> None:
+        self.tree.set(actual(self.res, self.tree.host, "open-count"), len(self.sessions), durable=False)
+
+    def handle(self, req: nbd.Request) -> asyncio.Future[bytes | None]:
+        loop = asyncio.get_running_loop()
+        if not self.serving or self.logger is None or self.device is None:
+            f = loop.create_future()
+            f.set_exception(OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down"))
+            return f
+        cmd = req.cmd
+        if cmd == nbd.Cmd.READ:
+            return loop.run_in_executor(self.executor, self.device.pread, req.length, req.offset)
+        if cmd == nbd.Cmd.WRITE:
+            return self.logger.submit(lf.Kind.WRITE, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA,
+                                      req.data or b"")
+        if cmd == nbd.Cmd.TRIM:
+            return self.logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA)
+        if cmd == nbd.Cmd.WRITE_ZEROES:
+            flags = (lf.FLAG_FUA if req.flags & nbd.CMD_FLAG_FUA else 0) | (
+                lf.FLAG_NO_HOLE if req.flags & nbd.CMD_FLAG_NO_HOLE else 0)
+            return self.logger.submit(lf.Kind.ZERO, req.offset, req.length, flags)
+        # FLUSH: every acknowledged write is already durable in the log, so there is nothing to wait for.
+        f = loop.create_future()
+        f.set_result(None)
+        return f
+
+
+__all__ = ["ResourceRuntime", "LogWriteError"]

@@ -1,0 +1,244 @@
+"""The state tree: small entries, each a symlink whose target is the value and whose mtime is
+the Lamport timestamp of that value (as in the original ``/mars``).
+
+Why symlinks: one ``rename()`` replaces a value atomically, ``ls -l /mars/...`` shows the whole
+state to an operator without any tool, and the timestamp travels with the value so that nodes
+exchanging entries can let the newest one win. Deleting writes the value ``.deleted`` with a fresh
+stamp instead of unlinking, so that the deletion itself replicates and wins over older values.
+
+Rules kept here, in one place:
+
+* A value is written under a temporary name in the same directory, stamped, then renamed over
+  the old one: a reader sees the old or the new value, never a half-written one.
+* A new stamp is always newer than the stamp it replaces (``max(clock, old + 1)``), so a local
+  overwrite can never lose against the value it overwrote, even if the wall clock stepped back.
+* Names starting with ``.tmp`` are in-flight writes and invisible to readers.
+* The regular files beside the entries (``log-*`` transaction logs) are not entries; they are the
+  log module's business.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import MarsError, UsageError
+
+DELETED = ".deleted"
+NONE = "(none)"
+DEFAULT_MARS_DIR = "/mars"
+
+# Host and resource names end up in file names and in other hosts' trees: keep them to a
+# conservative alphabet (the original's host rule) and away from the words used as selectors.
+NAME_RE = re.compile(r"^[A-Za-z0-9_][-A-Za-z0-9_]{0,62}$")
+RESERVED_NAMES = frozenset({"none", "all", "any", "full", "empty", "undefined", "remote", "local", "localhost"})
+
+
+def check_name(kind: str, name: str) -> str:
+    """Validate a host or resource name, naming the rule that failed."""
+    if not NAME_RE.match(name):
+        raise UsageError(
+            f"{kind} name {name!r} is not valid",
+            "use 1 to 63 characters of letters, digits, '_' and '-', not starting with '-'",
+        )
+    if name.lower() in RESERVED_NAMES:
+        raise UsageError(f"{kind} name {name!r} is reserved", f"choose another {kind} name")
+    return name
+
+
+class LamportClock:
+    """A physical Lamport clock in nanoseconds: max(wall clock, newest stamp seen) + strictness.
+
+    Stamps order values across nodes; a stamp from the far future (a peer with a broken clock)
+    is still taken, as in the original, but only ``observe`` moves the clock, never a read.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def now(self) -> int:
+        with self._lock:
+            t = time.time_ns()
+            if t <= self._last:
+                t = self._last + 1
+            self._last = t
+            return t
+
+    def observe(self, stamp_ns: int) -> None:
+        with self._lock:
+            if stamp_ns > self._last:
+                self._last = stamp_ns
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One tree entry as read from disk. ``path`` is relative to the tree root."""
+
+    path: str
+    value: str
+    stamp_ns: int
+
+    @property
+    def deleted(self) -> bool:
+        return self.value == DELETED
+
+
+class Tree:
+    """A node's view of the state tree rooted at ``root`` (``/mars`` by default)."""
+
+    def __init__(self, root: str | os.PathLike[str], host: str, clock: LamportClock | None = None) -> None:
+        self.root = Path(root)
+        self.host = host
+        self.clock = clock or LamportClock()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def entry(self, path: str) -> Entry | None:
+        """The entry at ``path`` including a ``.deleted`` one; None when there is none."""
+        full = self.root / path
+        try:
+            value = os.readlink(full)
+            st = os.lstat(full)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno == 22:  # EINVAL: a regular file or directory, not an entry
+                return None
+            raise
+        self.clock.observe(st.st_mtime_ns)
+        return Entry(path, value, st.st_mtime_ns)
+
+    def get(self, path: str, default: str | None = None) -> str | None:
+        """The live value at ``path``; ``default`` when absent or deleted."""
+        e = self.entry(path)
+        if e is None or e.deleted:
+            return default
+        return e.value
+
+    def get_int(self, path: str, default: int = 0) -> int:
+        v = self.get(path)
+        if v is None:
+            return default
+        try:
+            return int(v)
+        except ValueError:
+            return default
+
+    def exists(self, path: str) -> bool:
+        return self.get(path) is not None
+
+    def names(self, directory: str = "") -> list[str]:
+        """Names in ``directory`` (entries, files and subdirectories), without in-flight temporaries."""
+        try:
+            return sorted(n for n in os.listdir(self.root / directory) if not n.startswith(".tmp"))
+        except FileNotFoundError:
+            return []
+
+    def is_dir(self, path: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(self.root / path).st_mode)
+        except FileNotFoundError:
+            return False
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def set(self, path: str, value: str | int, *, durable: bool = True, stamp_ns: int | None = None,
+            restamp: bool = False) -> Entry:
+        """Write ``value`` at ``path`` atomically with a stamp newer than the one it replaces.
+
+        An unchanged value is left alone (its stamp too) unless ``restamp``: a fresh stamp on the
+        same value is how an operator says "again" (e.g. retry an attach that failed).
+        ``durable`` syncs the directory so the value survives a power loss; fast-changing actual
+        state (rates, counters) passes False, desired state from marsadm keeps the default.
+        """
+        value = str(value)
+        if not value:
+            raise ValueError(f"empty value for tree entry {path}")
+        full = self.root / path
+        full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        old = self.entry(path)
+        if old is not None and old.value == value and stamp_ns is None and not restamp:
+            return old
+        stamp = stamp_ns if stamp_ns is not None else self.clock.now()
+        if stamp_ns is None and old is not None and stamp <= old.stamp_ns:
+            stamp = old.stamp_ns + 1
+            self.clock.observe(stamp)
+        tmp = full.parent / f".tmp.{os.getpid()}.{threading.get_ident()}.{full.name}"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(value, tmp)
+        os.utime(tmp, ns=(stamp, stamp), follow_symlinks=False)
+        os.replace(tmp, full)
+        if durable:
+            fsync_dir(full.parent)
+        return Entry(path, value, stamp)
+
+    def delete(self, path: str, *, durable: bool = True) -> None:
+        """Mark ``path`` deleted (a replicated tombstone), if it holds a live value."""
+        if self.get(path) is not None:
+            self.set(path, DELETED, durable=durable)
+
+    def mkdir(self, path: str) -> None:
+        (self.root / path).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- names of the tree (the original's, §3.2–3.3 of the upstream reference) ----------------
+
+    def resources(self) -> list[str]:
+        """Resources that exist (have a live ``size``), sorted by name."""
+        out = []
+        for n in self.names():
+            if n.startswith("resource-") and self.exists(f"{n}/size"):
+                out.append(n[len("resource-"):])
+        return out
+
+    def members(self, res: str) -> list[str]:
+        """Hosts with a live ``data-<host>`` entry in the resource: its members."""
+        d = res_dir(res)
+        return sorted(n[len("data-"):] for n in self.names(d) if n.startswith("data-") and self.exists(f"{d}/{n}"))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def res_dir(res: str) -> str:
+    return f"resource-{res}"
+
+
+def todo(res: str, host: str, switch: str) -> str:
+    """Desired state, written by marsadm: attach, connect, sync, allow-replay."""
+    return f"resource-{res}/todo-{host}/{switch}"
+
+
+def actual(res: str, host: str, key: str) -> str:
+    """Actual state, written by marsd: is-primary, is-attached, open-count, replay-code, ..."""
+    return f"resource-{res}/actual-{host}/{key}"
+
+
+def node_actual(host: str, key: str) -> str:
+    return f"actual-{host}/{key}"
+
+
+def mars_dir_from(arg: str | None) -> Path:
+    """``--mars-dir`` wins, then ``MARS_DIR``, then ``/mars``."""
+    return Path(arg or os.environ.get("MARS_DIR") or DEFAULT_MARS_DIR)
+
+
+def require_cluster(tree: Tree) -> None:
+    if tree.get("uuid") is None:
+        raise MarsError(
+            f"{tree.root} holds no cluster (no uuid entry)",
+            f"run 'marsadm --mars-dir {tree.root} create-cluster' first",
+        )

@@ -1,0 +1,1 @@
+"""Exporters for Prometheus, Zabbix and Nagios (built in later issues)."""

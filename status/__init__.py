@@ -1,0 +1,1 @@
+"""mars-status: renders the one status model (built in later issues)."""

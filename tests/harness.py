@@ -1,0 +1,132 @@
+"""Real marsd processes for integration tests: start, kill, restart, run marsadm, wait on conditions.
+
+Paths are kept short on purpose: unix socket paths (``<mars-dir>/nbd.sock``) must fit in 108 bytes,
+which pytest's nested tmp_path names can exceed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+DEBIAN_PY = "/usr/bin/python3"
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "condition", interval: float = 0.02):
+    """Poll ``cond`` until it returns a truthy value or the deadline passes (then fail naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)  # poll
+
+
+class Node:
+    """One MARS node: its tree under ``base/<host>``, its marsd process, its marsadm."""
+
+    def __init__(self, base: Path, host: str = "a", ip: str = "127.0.0.2") -> None:
+        self.base = base
+        self.host = host
+        self.ip = ip
+        self.mars_dir = base / host
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = base / f"marsd-{host}.log"
+        self.extra_args: list[str] = []
+
+    @property
+    def nbd_sock(self) -> Path:
+        return self.mars_dir / "nbd.sock"
+
+    def uri(self, res: str) -> str:
+        return f"nbd+unix:///{res}?socket={self.nbd_sock}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.pop("MARS_DIR", None)
+        return env
+
+    def marsadm(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.mars_dir), "--host", self.host, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env())
+        if check and r.returncode != 0:
+            raise AssertionError(f"marsadm {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n"
+                                 f"--- marsd log ---\n{self.log()}")
+        return r
+
+    def create_cluster(self) -> None:
+        self.marsadm("--ip", self.ip, "create-cluster")
+
+    def start(self, *extra: str) -> None:
+        assert self.proc is None or self.proc.poll() is not None, "marsd already running"
+        args = [str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host,
+                "--interval", "0.2", *self.extra_args, *extra]
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env(),
+                                     start_new_session=True)
+        wait_until(lambda: self.nbd_sock.exists() or self.proc.poll() is not None, 30, f"marsd {self.host} to listen")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"marsd {self.host} exited with {self.proc.returncode}:\n{self.log()}")
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)
+        self.proc = None
+
+    def stop(self) -> int:
+        """SIGTERM: the orderly case; returns the exit code."""
+        code = 0
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            code = self.proc.wait(60)
+        self.proc = None
+        return code
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except FileNotFoundError:
+            return ""
+
+    def tree_value(self, rel: str) -> str | None:
+        try:
+            v = os.readlink(self.mars_dir / rel)
+        except (FileNotFoundError, OSError):
+            return None
+        return None if v == ".deleted" else v
+
+    def wait_value(self, rel: str, value: str, timeout: float = 30) -> None:
+        wait_until(lambda: self.tree_value(rel) == value, timeout, f"{rel} == {value} on {self.host}")
+
+
+def short_tempdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="mars-", dir="/tmp"))
+
+
+def cleanup(base: Path, nodes: list[Node]) -> None:
+    for n in nodes:
+        n.kill()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr}{r.stdout}")
+    return r
