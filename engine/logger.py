@@ -148,6 +148,8 @@ class Logger:
                 seq, self._rotate_to = self._rotate_to, None
                 await loop.run_in_executor(self.executor, self._rotate, seq)
                 self.acked = LogPos(self.state.seq, self.state.end)
+                if self.on_progress:
+                    self.on_progress(self.acked)
 
     def _take_batch(self) -> list[_Pending]:
         """Everything queued, up to the iovec and size limits of one pwritev."""

@@ -57,6 +57,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # What the tree says about this node is stale after a crash: nothing runs yet. Say so
+        # before the sockets appear, so nobody acts on the last life's state.
+        for res in self.tree.resources():
+            if self.tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
+                self._publish(res)
         self._open_trigger(loop)
         await self._open_nbd(loop)
         self.tree.set(node_actual(self.host, "alive"), 1, durable=False)

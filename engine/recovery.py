@@ -29,17 +29,27 @@ log = logging.getLogger("mars.recovery")
 
 
 class LogDamage(MarsError):
-    """Replay stopped at a damaged record; carries the LogCorruption for the tree and the status."""
+    """Replay stopped at a damaged record; carries the LogCorruption for the tree and the status.
 
-    def __init__(self, res: str, damage: lf.LogCorruption) -> None:
+    Whether the data device already holds the writes behind the damage decides what is lost: if
+    replay had passed that point before, the device is complete and only the log copy (what
+    secondaries fetch) is damaged; otherwise the device holds the state just before the record.
+    """
+
+    def __init__(self, res: str, damage: lf.LogCorruption, device_complete: bool) -> None:
+        if device_complete:
+            state = ("the data device already holds every write (replay had passed this point); only the "
+                     "log is damaged")
+        else:
+            state = "the data device holds the state before that record"
         super().__init__(
-            f"replay stopped: {damage}",
-            "the data device holds the state before that record and nothing is served; keep the log "
-            "for inspection, and restore the resource from a good copy or accept the loss with "
-            f"'marsadm log-truncate {res} --force'",
+            f"replay stopped: {damage}; {state}; nothing is served",
+            "keep the log for inspection; restore the resource from a good copy, or accept the loss with "
+            f"'marsadm log-truncate {res} --force' (sets the damaged part aside and serves again)",
             subject=f"resource {res}",
         )
         self.damage = damage
+        self.device_complete = device_complete
 
 
 @dataclass(slots=True)
@@ -101,7 +111,8 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
                 device.fdatasync()
                 if result.end > start_apply or f.seq > link.seq:
                     tree.set(replay_path(res, host), ReplayLink(f.seq, f.origin, max(result.end, start_apply), 0))
-                raise LogDamage(res, err)
+                complete = f.seq < link.seq or (f.seq == link.seq and err.offset < link.pos)
+                raise LogDamage(res, err, complete)
         st = LogState(seq=f.seq, path=f.path, end=result.end,
                       next_record=first_record(f.seq) + result.count,
                       hasher=hasher, prev_version=prev_version)

@@ -71,6 +71,8 @@ class Node:
         assert self.proc is None or self.proc.poll() is not None, "marsd already running"
         args = [str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host,
                 "--interval", "0.2", *self.extra_args, *extra]
+        # A killed marsd leaves its socket behind; its presence must mean the new one listens.
+        self.nbd_sock.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env(),
                                      start_new_session=True)

@@ -70,10 +70,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     # The original's 'force-<command>' spelling means '<command> --force'.
     force_prefix = False
     for i, a in enumerate(argv):
-        if not a.startswith("-"):
-            if a.startswith("force-") and a[len("force-"):] in COMMANDS:
-                argv[i] = a[len("force-"):]
-                force_prefix = True
+        if a.startswith("force-") and a[len("force-"):] in COMMANDS:
+            argv[i] = a[len("force-"):]
+            force_prefix = True
             break
     args = parser.parse_args(argv)
     if args.command is None:

@@ -12,6 +12,7 @@ from ..logger import first_record
 from ..tree import actual, res_dir
 from ..logfiles import deletable_logs, ReplayLink
 from .base import RES_ARG, Ctx, command, fmt_bytes
+from .switches import _attached
 
 
 @command("log-rotate", "start a new log file now (on the primary); the finished one gets its version entry",
@@ -31,7 +32,7 @@ def log_rotate(ctx: Ctx) -> None:
     (tree.root / res_dir(ctx.res) / log_name(nxt, ctx.host)).touch(mode=0o600)
     tree.set(f"{res_dir(ctx.res)}/maxnr", nxt)
     ctx.say(f"{ctx.res}: rotating {cur.name} ({fmt_bytes(cur.size())}) -> {log_name(nxt, ctx.host)}")
-    if ctx.actual("is-attached") == "1":
+    if _attached(ctx):
         ctx.wait(f"switch {ctx.res} to {log_name(nxt, ctx.host)}",
                  lambda: tree.get(version_path(ctx.res, cur.seq, ctx.host)) is not None)
 
@@ -113,4 +114,4 @@ def log_truncate(ctx: Ctx) -> None:
     ctx.say(f"{ctx.res}: cut {f.name} at offset {r.end}; {fmt_bytes(lost)} set aside in {keep}")
     if tree.get(f"{res_dir(ctx.res)}/todo-{ctx.host}/attach") == "1":
         tree.set(f"{res_dir(ctx.res)}/todo-{ctx.host}/attach", 1, restamp=True)
-        ctx.wait(f"attach resource {ctx.res}", lambda: ctx.actual("is-attached") == "1", ctx.attach_error)
+        ctx.wait(f"attach resource {ctx.res}", lambda: _attached(ctx), ctx.attach_error)

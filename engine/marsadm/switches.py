@@ -15,7 +15,8 @@ SWITCHES = ("attach", "connect", "sync", "allow-replay")
 
 
 def _attached(ctx: Ctx) -> bool:
-    return ctx.actual("is-attached") == "1"
+    """Attached in fact: marsd runs and says so (after a crash the tree's last word is stale)."""
+    return ctx.actual("is-attached") == "1" and ctx.marsd_pid() is not None
 
 
 def _set_attach_and_wait(ctx: Ctx, on: bool) -> None:
@@ -31,7 +32,7 @@ def _set_attach_and_wait(ctx: Ctx, on: bool) -> None:
 
 def _refuse_if_open(ctx: Ctx) -> None:
     n = int(ctx.actual("open-count") or 0)
-    if n and ctx.actual("is-attached") == "1" and not ctx.force:
+    if n and _attached(ctx) and not ctx.force:
         raise ctx.fail(f"the NBD export {ctx.res} is open by {n} client(s)",
                        "unmount and disconnect them first (umount, losetup -d, nbd-client -d), "
                        "or pass --force to cut them off")
