@@ -24,7 +24,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,16 +72,19 @@ class LogState:
 
 
 class Logger:
-    def __init__(self, res: str, tree: Tree, device: DataDevice, executor: Executor, state: LogState,
+    def __init__(self, res: str, tree: Tree, device: DataDevice, state: LogState,
                  on_progress: Callable[[LogPos], None] | None = None) -> None:
         self.res = res
         self.tree = tree
         self.device = device
-        self.executor = executor
         self.state = state
         self._queue: deque[_Pending] = deque()
         self._wake = asyncio.Event()
         self._fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
+        # One thread per stage: a stage's work is strictly ordered, and the two stages overlap.
+        self._log_pool = ThreadPoolExecutor(1, thread_name_prefix=f"log-{res}")
+        self._wb_pool = ThreadPoolExecutor(1, thread_name_prefix=f"writeback-{res}")
+        self._writebacks: set[asyncio.Future[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._rotate_to: int | None = None
         self._closing = False
@@ -117,39 +120,62 @@ class Logger:
         if self._task is not None:
             await self._task
         os.close(self._fd)
+        self._log_pool.shutdown()
+        self._wb_pool.shutdown()
 
     async def _run(self) -> None:
+        """Two stages, each in its own thread and each strictly in order: append+fdatasync of
+        batch N+1 overlaps the write-back of batch N, and a batch is acknowledged when its
+        write-back is done. Ordering per stage keeps the device updates in log order."""
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue and self._rotate_to is None:
                 if self._closing:
-                    return
+                    break
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             batch = self._take_batch()
             if batch:
                 try:
-                    await loop.run_in_executor(self.executor, self._commit, batch)
+                    records, pos = await loop.run_in_executor(self._log_pool, self._append, batch)
                 except LogWriteError as e:
                     for p in batch:
                         if not p.future.done():
                             p.future.set_exception(e)
                 else:
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_result(None)
-                    self.batches += 1
-                    self.requests += len(batch)
-                    self.acked = LogPos(self.state.seq, self.state.end)
-                    if self.on_progress:
-                        self.on_progress(self.acked)
+                    wb = loop.run_in_executor(self._wb_pool, self._write_back, records)
+                    self._writebacks.add(wb)
+                    wb.add_done_callback(lambda f, b=batch, pos=pos: self._acknowledge(f, b, pos))
             if self._rotate_to is not None and not self._queue:
                 seq, self._rotate_to = self._rotate_to, None
-                await loop.run_in_executor(self.executor, self._rotate, seq)
+                await loop.run_in_executor(self._log_pool, self._rotate, seq)
+                await self._drain_writebacks()
                 self.acked = LogPos(self.state.seq, self.state.end)
                 if self.on_progress:
                     self.on_progress(self.acked)
+        await self._drain_writebacks()
+
+    async def _drain_writebacks(self) -> None:
+        if self._writebacks:
+            await asyncio.wait(list(self._writebacks))
+
+    def _acknowledge(self, fut: asyncio.Future[None], batch: list[_Pending], pos: LogPos) -> None:
+        self._writebacks.discard(fut)
+        exc = fut.exception()
+        for p in batch:
+            if p.future.done():
+                continue
+            if exc is None:
+                p.future.set_result(None)
+            else:
+                p.future.set_exception(exc)
+        if exc is None:
+            self.batches += 1
+            self.requests += len(batch)
+            self.acked = pos
+            if self.on_progress:
+                self.on_progress(pos)
 
     def _take_batch(self) -> list[_Pending]:
         """Everything queued, up to the iovec and size limits of one pwritev."""
@@ -164,8 +190,8 @@ class Logger:
             size += n
         return batch
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        """Runs in the thread pool: append, fdatasync, write back. Raises LogWriteError."""
+    def _append(self, batch: list[_Pending]) -> tuple[list[lf.LogRecord], LogPos]:
+        """Log stage, in the log thread: append and fdatasync. Raises LogWriteError."""
         st = self.state
         clock = self.tree.clock
         bufs: list[bytes | memoryview] = []
@@ -186,17 +212,22 @@ class Logger:
             raise LogWriteError(e.errno or errno.EIO,
                                 f"resource {self.res}: cannot append to {st.path.name}: {e.strerror}") from None
         # Durable: now the chain and the device may move on.
-        for rec, hdr in zip(records, bufs[0::3]):
+        for hdr in bufs[0::3]:
             st.hasher.update(lf.header_check(hdr))
         st.end = start + written
         st.next_record = seq
         st.records += len(records)
         st.bytes_written += written
+        return records, LogPos(st.seq, st.end)
+
+    def _write_back(self, records: list[lf.LogRecord]) -> None:
+        """Write-back stage, in its own thread: the records go to the device's page cache."""
         try:
             for rec in records:
                 apply_record(self.device, rec)
         except OSError as e:
-            # The log has the writes, so they are not lost; the device will get them by replay.
+            # The log has the writes, so they are not lost; the device gets them by replay.
+            log.error("resource %s: data device write failed: %s", self.res, e.strerror)
             raise LogWriteError(errno.EIO, f"resource {self.res}: data device write failed: {e.strerror}") from None
 
     def _cut(self, offset: int) -> None:

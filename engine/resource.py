@@ -63,7 +63,7 @@ class ResourceRuntime:
                      result.replayed_records, result.replayed_bytes, self.data_path)
         if result.cut is not None:
             self.tree.set(actual(self.res, self.tree.host, "msg-warn-torn-tail"), str(result.cut))
-        self.logger = Logger(self.res, self.tree, self.device, self.executor, result.state,
+        self.logger = Logger(self.res, self.tree, self.device, result.state,
                              on_progress=lambda pos: self._changed.set())
         self.logger.start()
         self._synced = LogPos(result.state.seq, result.state.end)
