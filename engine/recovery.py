@@ -85,6 +85,11 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
     cut: lf.LogCorruption | None = None
     for i, f in enumerate(todo_files):
         newest = i == len(todo_files) - 1
+        # The file appends went to: the newest, or an older one whose rotation was asked for
+        # (marsadm created the empty next file) but not yet done (no version entry). Only there
+        # can a torn tail be an interrupted append rather than damage.
+        open_for_appends = newest or (tree.get(version_path(res, f.seq, f.origin)) is None
+                                      and all(g.size() == 0 for g in todo_files[i + 1:]))
         prev_version = tree.get(version_path(res, f.seq - 1, f.origin))
         hasher = VersionHasher(version_digest(prev_version))
         start_apply = link.pos if f.seq == link.seq else 0
@@ -100,7 +105,7 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
         result = lf.scan_file(f.path, 0, first_record(f.seq), on_record)
         if result.error is not None:
             err = result.error
-            if err.torn and newest:
+            if err.torn and open_for_appends:
                 log.warning("resource %s: %s; cutting %d bytes of torn tail (never acknowledged)",
                             res, err, f.size() - err.offset)
                 with open(f.path, "r+b") as fh:
