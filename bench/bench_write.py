@@ -1,0 +1,568 @@
+#!/usr/bin/env python3
+"""Write benchmark: MARS NBD export vs. qemu-nbd --cache=writethrough vs. a plain fdatasync'd file.
+
+Run:  python bench/bench_write.py [--dir DIR] [--size 1G] [--runtime 10] [--seq-qd 8] [--json FILE]
+
+Everything lives in one temporary directory under --dir (default /var/tmp), so the three
+targets share a file system. Three sparse images of --size are made there:
+
+* ``r.img``  the data device of a MARS resource ``r`` served by a fresh marsd (its log files
+  and state tree are in the same directory);
+* ``q.img``  served by ``qemu-nbd --cache=writethrough -f raw`` on a unix socket;
+* ``p.img``  written by fio's psync engine with ``--fdatasync=1``.
+
+Two workloads run against each: 4 KiB random writes at QD 32 and 1 MiB sequential writes at
+QD --seq-qd (8). The psync engine is synchronous, so the plain-file runs are QD 1 (one job, one
+write + one fdatasync at a time) whatever the NBD runs use. Every fio command line is printed so it
+can be rerun by hand while the servers are up (``--keep`` leaves the directory behind).
+
+All processes started here are stopped, and the directory removed, on success, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+RES = "r"
+HOST = "a"
+RECORD_OVERHEAD = 64 + 16  # log record header + trailer (engine/logformat.py)
+
+GOAL_RAND_VS_QEMU = 2.0  # 4 KiB QD32 write IOPS >= 2x qemu-nbd writethrough
+GOAL_SEQ_VS_FILE = 0.7  # 1 MiB sequential MiB/s >= 0.7x the plain fdatasync'd file
+
+
+# -- small helpers ----------------------------------------------------------------------------
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1] if t and t[-1] in "kmgt" else ""
+    value = int(t[: len(t) - len(unit)]) * units[unit]
+    if value <= 0 or value % 4096:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be a positive multiple of 4 KiB")
+    return value
+
+
+def fmt_size(n: int) -> str:
+    for unit, f in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % f == 0:
+            return f"{n // f}{unit}"
+    return str(n)
+
+
+def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def can_connect(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def sh(cmd: list[str]) -> str:
+    return shlex.join(str(c) for c in cmd)
+
+
+def run_text(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+class Procs:
+    """Every long-running child we start; all of them are stopped in ``stop_all``."""
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: list[str], log: Path | None = None, new_session: bool = True) -> subprocess.Popen:
+        out = open(log, "ab") if log else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                                 stdin=subprocess.DEVNULL, start_new_session=new_session)
+        finally:
+            if log:
+                out.close()
+        self.procs.append((name, p))
+        return p
+
+    @staticmethod
+    def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(10)
+        return p.returncode
+
+    def stop_all(self) -> None:
+        for _name, p in reversed(self.procs):
+            self.stop(p)
+        self.procs.clear()
+
+
+# -- results ----------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    workload: str  # "rand4k" | "seq1m"
+    target: str  # "mars" | "qemu" | "file"
+    qd: int
+    cmd: str
+    iops: float = 0.0
+    mib_s: float = 0.0
+    clat_p99_ms: float = 0.0
+    clat_mean_ms: float = 0.0
+    sync_p99_ms: float | None = None  # file target only: fdatasync latency, reported apart by fio
+    error: str | None = None
+    server: dict = field(default_factory=dict)  # mars only: log growth, group-commit figures, CPU
+    runs: list[dict] = field(default_factory=list)  # with --repeat: every run's figures (the above are medians)
+
+
+def parse_fio(path: Path) -> dict:
+    text = path.read_text()
+    # The nbd engine prints "fio: connected to NBD server" on stdout; with --output it stays out of
+    # the file, but be tolerant anyway.
+    j = json.loads(text[text.index("{"):])
+    job = j["jobs"][0]
+    if job.get("error"):
+        raise RuntimeError(f"fio job error {job['error']}")
+    w = job["write"]
+    out = {
+        "iops": w["iops"],
+        "mib_s": w["bw_bytes"] / 2**20,
+        "clat_p99_ms": w["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1e6,
+        "clat_mean_ms": w["clat_ns"]["mean"] / 1e6,
+        "ios": w["total_ios"],
+    }
+    sync = job.get("sync", {}).get("lat_ns", {})
+    if sync.get("N"):
+        out["sync_p99_ms"] = sync.get("percentile", {}).get("99.000000", 0) / 1e6
+    return out
+
+
+def median_result(rs: list[Result]) -> Result:
+    """One Result of several runs of the same cell: the median of each figure, every run kept in ``runs``."""
+    ok = [r for r in rs if r.error is None]
+    out = Result(rs[0].workload, rs[0].target, rs[0].qd, rs[0].cmd)
+    out.runs = [{k: v for k, v in asdict(r).items() if k not in ("workload", "target", "qd", "cmd", "runs")} for r in rs]
+    if not ok:
+        out.error = rs[0].error
+        return out
+    for attr in ("iops", "mib_s", "clat_p99_ms", "clat_mean_ms"):
+        setattr(out, attr, statistics.median(getattr(r, attr) for r in ok))
+    syncs = [r.sync_p99_ms for r in ok if r.sync_p99_ms is not None]
+    out.sync_p99_ms = statistics.median(syncs) if syncs else None
+    keys = set().union(*(r.server for r in ok))
+    out.server = {k: statistics.median(r.server[k] for r in ok if k in r.server) for k in keys}
+    return out
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.size = args.size
+        self.procs = Procs()
+        self.base: Path | None = None
+        self.marsd: subprocess.Popen | None = None
+        self.results: list[Result] = []
+        self.notes: list[str] = []
+
+    # setup ---------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        a = self.args
+        for tool in ("fio", "qemu-nbd"):
+            if not shutil.which(tool):
+                sys.exit(f"{tool} not found; install it: apt-get install -y fio qemu-utils")
+        for tool in ("marsd", "marsadm"):
+            if not (BIN / tool).exists():
+                sys.exit(f"{BIN / tool} not found; install the project (pip install -e .) into this Python")
+        self.base = Path(tempfile.mkdtemp(prefix="mars-bench-", dir=a.dir))
+        if len(str(self.base / HOST / "nbd.sock")) >= 100:
+            raise RuntimeError(f"{self.base} is too long for a unix socket path; give a shorter --dir")
+        b = self.base
+        # MARS
+        self.marsadm("--ip", "127.0.0.2", "create-cluster")
+        self.marsd = self.procs.start("marsd", [BIN / "marsd", "--mars-dir", b / HOST, "--host", HOST],
+                                      log=b / "marsd.log")
+        wait_until(lambda: (b / HOST / "nbd.sock").exists() or self.marsd.poll() is not None, 30, "marsd to listen")
+        if self.marsd.poll() is not None:
+            raise RuntimeError(f"marsd exited with {self.marsd.returncode}:\n{self.marsd_log()}")
+        self.marsadm("create-resource", RES, str(b / "r.img"), str(self.size))
+        # qemu-nbd and the plain file: sparse images of the same size, like create-resource makes
+        for name in ("q.img", "p.img"):
+            with open(b / name, "wb") as f:
+                f.truncate(self.size)
+        self.qemu = self.procs.start("qemu-nbd", ["qemu-nbd", "--cache=writethrough", "-f", "raw", "--persistent",
+                                                 "-k", b / "q.sock", b / "q.img"], log=b / "qemu-nbd.log")
+        wait_until(lambda: can_connect(b / "q.sock") or self.qemu.poll() is not None, 30, "qemu-nbd to listen")
+        if self.qemu.poll() is not None:
+            raise RuntimeError(f"qemu-nbd exited with {self.qemu.returncode}: {(b / 'qemu-nbd.log').read_text()}")
+
+    def marsadm(self, *args: str) -> None:
+        cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.base / HOST), "--host", HOST, *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if r.returncode:
+            raise RuntimeError(f"{sh(cmd)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n{self.marsd_log()}")
+
+    def marsd_log(self) -> str:
+        with contextlib.suppress(OSError):
+            return (self.base / "marsd.log").read_text(errors="replace")[-4000:]
+        return ""
+
+    def teardown(self) -> None:
+        if self.marsd is not None and self.marsd.poll() is None:
+            code = Procs.stop(self.marsd)
+            if code not in (0, None):
+                print(f"warning: marsd exited with {code} on SIGTERM", file=sys.stderr)
+        self.procs.stop_all()
+        if self.base is not None:
+            if self.args.keep:
+                print(f"kept {self.base}", file=sys.stderr)
+            else:
+                shutil.rmtree(self.base, ignore_errors=True)
+
+    # fio -----------------------------------------------------------------------------------
+
+    def workloads(self) -> list[tuple[str, str, str, int]]:
+        return [("rand4k", "randwrite", "4k", 32), ("seq1m", "write", "1m", self.args.seq_qd)]
+
+    def fio_cmd(self, workload: str, rw: str, bs: str, qd: int, target: str, out: Path) -> list[str]:
+        b = self.base
+        cmd = ["fio", f"--name={workload}-{target}", f"--rw={rw}", f"--bs={bs}", f"--size={self.size}",
+               "--time_based", f"--runtime={self.args.runtime}", "--ramp_time=1", "--direct=0"]
+        if target == "mars":
+            cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///{RES}?socket={b / HOST / 'nbd.sock'}", f"--iodepth={qd}"]
+        elif target == "qemu":
+            cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={b / 'q.sock'}", f"--iodepth={qd}"]
+        else:
+            cmd += ["--ioengine=psync", "--fdatasync=1", "--iodepth=1", "--numjobs=1", f"--filename={b / 'p.img'}"]
+        return cmd + ["--output-format=json", f"--output={out}"]
+
+    def log_fd(self) -> tuple[int, Path] | None:
+        """The marsd file descriptor of the resource's current log file (for perf's fd filter)."""
+        if self.marsd is None:
+            return None
+        fds = Path(f"/proc/{self.marsd.pid}/fd")
+        best = None
+        with contextlib.suppress(OSError):
+            for fd in fds.iterdir():
+                with contextlib.suppress(OSError):
+                    t = Path(os.readlink(fd))
+                    if t.parent.name == f"resource-{RES}" and t.name.startswith("log-"):
+                        if best is None or t.name > best[1].name:
+                            best = (int(fd.name), t)
+        return best
+
+    def marsd_cpu(self) -> float | None:
+        """User + system CPU seconds marsd has used so far (all threads)."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = Path(f"/proc/{self.marsd.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None
+
+    def log_bytes(self) -> int:
+        d = self.base / HOST / f"resource-{RES}"
+        return sum(p.stat().st_size for p in d.glob("log-*"))
+
+    def start_perf(self, out: Path) -> subprocess.Popen | None:
+        """Count marsd's fdatasync calls on the log fd (= group commits) and all pwrite(v) calls."""
+        if self.args.no_perf or not shutil.which("perf"):
+            return None
+        lf = self.log_fd()
+        if lf is None:
+            return None
+        cmd = ["perf", "stat", "-x", ",", "-o", str(out), "-p", str(self.marsd.pid),
+               "-e", "syscalls:sys_enter_fdatasync", "--filter", f"fd == {lf[0]}",
+               "-e", "syscalls:sys_enter_fdatasync",
+               "-e", "syscalls:sys_enter_pwritev2", "-e", "syscalls:sys_enter_pwritev",
+               "-e", "syscalls:sys_enter_pwrite64"]
+        p = self.procs.start("perf", cmd, log=out.with_suffix(".err"))
+        time.sleep(0.3)
+        if p.poll() is not None:
+            self.notes.append("perf stat failed (no tracepoint access?); group-commit counts omitted")
+            self.args.no_perf = True
+            return None
+        return p
+
+    @staticmethod
+    def read_perf(out: Path) -> dict[str, int] | None:
+        counts: list[tuple[str, int]] = []
+        with contextlib.suppress(OSError):
+            for line in out.read_text().splitlines():
+                parts = line.split(",")
+                if len(parts) >= 3 and parts[2].startswith("syscalls:"):
+                    with contextlib.suppress(ValueError):
+                        counts.append((parts[2], int(parts[0])))
+        if len(counts) < 5:
+            return None
+        return {"log_fdatasync": counts[0][1], "all_fdatasync": counts[1][1],
+                "pwritev": counts[2][1] + counts[3][1], "pwrite": counts[4][1]}
+
+    def run_one(self, workload: str, rw: str, bs: str, qd: int, target: str) -> Result:
+        out = self.base / f"fio-{workload}-{target}.json"
+        cmd = self.fio_cmd(workload, rw, bs, qd, target, out)
+        res = Result(workload, target, qd if target != "file" else 1, sh(cmd))
+        print(f"  {workload:6} {target:5} ... ", end="", flush=True, file=sys.stderr)
+        os.sync()  # earlier runs' dirty pages should not be written back on this run's time
+        perf = log0 = cpu0 = None
+        if target == "mars":
+            log0 = self.log_bytes()
+            perf = self.start_perf(self.base / f"perf-{workload}.txt")
+            cpu0 = self.marsd_cpu()
+        t0 = time.monotonic()
+        fio = self.procs.start("fio", cmd, log=self.base / f"fio-{workload}-{target}.log", new_session=False)
+        try:
+            fio.wait(self.args.runtime + 120)
+        except subprocess.TimeoutExpired:
+            Procs.stop(fio, signal.SIGKILL)
+            res.error = "fio hung"
+        wall = time.monotonic() - t0
+        cpu1 = self.marsd_cpu() if cpu0 is not None else None
+        if perf is not None:
+            Procs.stop(perf, signal.SIGINT, 10)
+        if res.error is None and fio.returncode != 0:
+            log = (self.base / f"fio-{workload}-{target}.log").read_text(errors="replace")
+            res.error = f"fio exit {fio.returncode}: {log.strip()[-300:]}"
+        if res.error is None:
+            try:
+                f = parse_fio(out)
+            except (OSError, ValueError, KeyError, RuntimeError) as e:
+                res.error = f"cannot parse fio output: {e}"
+            else:
+                res.iops, res.mib_s = f["iops"], f["mib_s"]
+                res.clat_p99_ms, res.clat_mean_ms = f["clat_p99_ms"], f["clat_mean_ms"]
+                res.sync_p99_ms = f.get("sync_p99_ms")
+        if target == "mars" and log0 is not None:
+            grown = self.log_bytes() - log0
+            rec = RECORD_OVERHEAD + parse_size(bs)
+            s = {"log_bytes": grown, "log_records": grown // rec, "wall_s": round(wall, 2)}
+            if cpu1 is not None:
+                s["cpu_s"] = round(cpu1 - cpu0, 2)
+            pc = self.read_perf(self.base / f"perf-{workload}.txt") if perf is not None else None
+            if pc:
+                s.update(pc)
+                if pc["log_fdatasync"]:
+                    s["requests_per_commit"] = round(s["log_records"] / pc["log_fdatasync"], 2)
+            res.server = s
+        if self.marsd is not None and self.marsd.poll() is not None:
+            raise RuntimeError(f"marsd died during {workload}:\n{self.marsd_log()}")
+        print("error" if res.error else f"{res.iops:,.0f} IOPS, {res.mib_s:,.1f} MiB/s", file=sys.stderr)
+        return res
+
+    def run(self) -> None:
+        runs: dict[tuple[str, str], list[Result]] = {}
+        for i in range(self.args.repeat):
+            if self.args.repeat > 1:
+                print(f"round {i + 1}/{self.args.repeat}", file=sys.stderr)
+            for workload, rw, bs, qd in self.workloads():
+                for target in ("mars", "qemu", "file"):
+                    runs.setdefault((workload, target), []).append(self.run_one(workload, rw, bs, qd, target))
+        for rs in runs.values():
+            self.results.append(rs[0] if len(rs) == 1 else median_result(rs))
+
+    # report --------------------------------------------------------------------------------
+
+    def get(self, workload: str, target: str) -> Result:
+        return next(r for r in self.results if r.workload == workload and r.target == target)
+
+    def ratios(self) -> dict:
+        def ratio(w, metric, other):
+            a, b = self.get(w, "mars"), self.get(w, other)
+            if a.error or b.error or not getattr(b, metric):
+                return None
+            return getattr(a, metric) / getattr(b, metric)
+        out = {}
+        for w in ("rand4k", "seq1m"):
+            for other in ("qemu", "file"):
+                out[f"{w}_iops_vs_{other}"] = ratio(w, "iops", other)
+        g1 = out["rand4k_iops_vs_qemu"]
+        g2 = out["seq1m_iops_vs_file"]  # same block size, so IOPS ratio == MiB/s ratio
+        out["goals"] = [
+            {"goal": f"4 KiB QD32 write IOPS >= {GOAL_RAND_VS_QEMU:g}x qemu-nbd writethrough", "ratio": g1,
+             "target": GOAL_RAND_VS_QEMU, "pass": g1 is not None and g1 >= GOAL_RAND_VS_QEMU},
+            {"goal": f"1 MiB sequential MiB/s >= {GOAL_SEQ_VS_FILE:g}x plain fdatasync'd file", "ratio": g2,
+             "target": GOAL_SEQ_VS_FILE, "pass": g2 is not None and g2 >= GOAL_SEQ_VS_FILE},
+        ]
+        return out
+
+    def machine(self) -> dict:
+        cpu = "?"
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        mem = "?"
+        with contextlib.suppress(OSError):
+            kb = int(Path("/proc/meminfo").read_text().split()[1])
+            mem = f"{kb / 2**20:.1f} GiB"
+        df = run_text(["df", "-T", str(self.base)]).splitlines()
+        return {
+            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "nproc": len(os.sched_getaffinity(0)),
+            "cpu": cpu,
+            "memory": mem,
+            "kernel": platform.release(),
+            "df_T": df[-1] if df else "?",
+            "fio": run_text(["fio", "--version"]),
+            "qemu_nbd": run_text(["qemu-nbd", "--version"]).splitlines()[0] if shutil.which("qemu-nbd") else "?",
+            "python": sys.version.split()[0],
+            "dir": str(self.base),
+            "size": self.size,
+            "runtime_s": self.args.runtime,
+        }
+
+    def report(self) -> dict:
+        m = self.machine()
+        r = self.ratios()
+        rep = self.args.repeat
+        p = print
+        p()
+        p(f"MARS write benchmark  {m['date']}")
+        p(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, kernel {m['kernel']}, python {m['python']}")
+        p(f"tools:   {m['fio']}, {m['qemu_nbd']}")
+        p(f"fs:      {m['df_T']}")
+        p(f"images:  {fmt_size(self.size)} sparse each, runtime {self.args.runtime} s + 1 s ramp per run"
+          + (f", {rep} interleaved rounds, medians shown [min..max]" if rep > 1
+             else " (one round; on a noisy machine use --repeat 3)"))
+        p()
+        names = {"mars": "MARS export (nbd)", "qemu": "qemu-nbd writethrough", "file": "file psync+fdatasync"}
+        wl = {"rand4k": "4 KiB randwrite", "seq1m": "1 MiB seq write"}
+        hdr = (f"{'workload':16} {'target':22} {'QD':>3} {'IOPS':>10} {'MiB/s':>9} {'p99 clat ms':>12} "
+               f"{'mean ms':>8}  {'ours/this':>9}")
+        p(hdr)
+        p("-" * len(hdr))
+        for res in self.results:
+            if res.error:
+                p(f"{wl[res.workload]:16} {names[res.target]:22} {res.qd:>3}  ERROR: {res.error}")
+                continue
+            ratio = "" if res.target == "mars" else r.get(f"{res.workload}_iops_vs_{res.target}")
+            ratio = f"{ratio:8.2f}x" if isinstance(ratio, float) else ("" if ratio == "" else "n/a")
+            extra = f"   (fdatasync p99 {res.sync_p99_ms:.2f} ms)" if res.sync_p99_ms is not None else ""
+            if res.runs:
+                mib = [x["mib_s"] for x in res.runs if x["error"] is None]
+                extra += f"   [MiB/s {min(mib):,.1f}..{max(mib):,.1f}]" if mib else ""
+            p(f"{wl[res.workload]:16} {names[res.target]:22} {res.qd:>3} {res.iops:>10,.0f} {res.mib_s:>9,.1f} "
+              f"{res.clat_p99_ms:>12.2f} {res.clat_mean_ms:>8.2f}  {ratio:>9}{extra}")
+        p()
+        p("ours/this = MARS IOPS / that row's IOPS (same block size, so also the MiB/s ratio).")
+        p("NBD rows: clat = request sent .. reply received, so it includes the server's fdatasync.")
+        p("file rows: fio's psync engine is synchronous, so QD is 1; clat is the write(2) alone, the")
+        p("fdatasync(2) after every write is timed separately by fio (shown in brackets).")
+        p()
+        p("goals:")
+        for g in r["goals"]:
+            ratio = f"{g['ratio']:.3f}x" if g["ratio"] is not None else "n/a"
+            p(f"  [{'PASS' if g['pass'] else 'MISS'}] {g['goal']}: measured {ratio}")
+        server = [res for res in self.results if res.target == "mars" and res.server]
+        if server:
+            p()
+            p("MARS server side, whole fio run incl. ramp" + (" (medians)" if rep > 1 else "") + ":")
+            for res in server:
+                s = res.server
+                line = f"  {wl[res.workload]:16} log +{s['log_bytes'] / 2**20:,.1f} MiB = {s['log_records']:,.0f} records"
+                if "cpu_s" in s and s.get("wall_s"):
+                    line += f"; marsd CPU {s['cpu_s']:.1f} s in {s['wall_s']:.1f} s ({100 * s['cpu_s'] / s['wall_s']:.0f}% of a core)"
+                p(line)
+                if "log_fdatasync" in s:
+                    p(f"  {'':16} {s['log_fdatasync']:,.0f} log fdatasyncs = group commits -> "
+                      f"{s.get('requests_per_commit', 0):.1f} writes/commit; "
+                      f"{s['all_fdatasync'] - s['log_fdatasync']:,.0f} data-device fdatasyncs (checkpoints); "
+                      f"{s['pwritev']:,.0f} pwritev, {s['pwrite']:,.0f} pwrite")
+        for n in self.notes:
+            p(f"note: {n}")
+        b = self.base
+        p()
+        p(f"commands (paths are this run's temporary directory {b}; --keep keeps it):")
+        p(f"  {sh([BIN / 'marsadm', '--mars-dir', b / HOST, '--host', HOST, '--ip', '127.0.0.2', 'create-cluster'])}")
+        p(f"  {sh([BIN / 'marsd', '--mars-dir', b / HOST, '--host', HOST])} &")
+        p(f"  {sh([BIN / 'marsadm', '--mars-dir', b / HOST, '--host', HOST, 'create-resource', RES, b / 'r.img', str(self.size)])}")
+        p(f"  truncate -s {self.size} {b / 'q.img'} {b / 'p.img'}")
+        p(f"  qemu-nbd --cache=writethrough -f raw --persistent -k {b / 'q.sock'} {b / 'q.img'} &")
+        for res in self.results:
+            p(f"  {res.cmd}")
+        return {"machine": m, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.args).items()},
+                "results": [asdict(x) for x in self.results], "ratios": r, "notes": self.notes}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/var/tmp", help="where to make the temporary directory (the file system under test)")
+    ap.add_argument("--size", type=parse_size, default=parse_size("1G"), help="size of each image (default 1G)")
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per fio run, after 1 s ramp (default 10)")
+    ap.add_argument("--seq-qd", type=int, default=8, help="queue depth of the 1 MiB sequential NBD runs (default 8)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the whole matrix N times (interleaved) and report medians (default 1)")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    ap.add_argument("--no-perf", action="store_true", help="do not count marsd's syscalls with perf stat")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs, fio JSON)")
+    args = ap.parse_args()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    bench = Bench(args)
+    try:
+        print("setting up ...", file=sys.stderr)
+        bench.setup()
+        bench.run()
+        data = bench.report()
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish on a second Ctrl-C
+        try:
+            bench.teardown()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"\nJSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
