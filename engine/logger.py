@@ -22,9 +22,10 @@ import asyncio
 import errno
 import logging
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,113 +73,145 @@ class LogState:
 
 
 class Logger:
+    """Drives the write path with two threads, each fed by a queue and each strictly in order.
+
+    The log thread takes whatever is queued the moment its previous fdatasync returns, so the
+    next group commit starts without a round trip through the event loop; the write-back thread
+    applies committed batches to the device and hands each batch's acknowledgement to the event
+    loop in one call. Append+fdatasync of batch N+1 overlaps the write-back of batch N, and the
+    device still receives the writes in log order.
+    """
+
     def __init__(self, res: str, tree: Tree, device: DataDevice, state: LogState,
                  on_progress: Callable[[LogPos], None] | None = None) -> None:
         self.res = res
         self.tree = tree
         self.device = device
         self.state = state
-        self._queue: deque[_Pending] = deque()
-        self._wake = asyncio.Event()
-        self._fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
-        # One thread per stage: a stage's work is strictly ordered, and the two stages overlap.
-        self._log_pool = ThreadPoolExecutor(1, thread_name_prefix=f"log-{res}")
-        self._wb_pool = ThreadPoolExecutor(1, thread_name_prefix=f"writeback-{res}")
-        self._writebacks: set[asyncio.Future[None]] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._rotate_to: int | None = None
-        self._closing = False
         self.on_progress = on_progress
         self.acked = LogPos(state.seq, state.end)
         self.batches = 0
         self.requests = 0
+        self._fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
+        self._cond = threading.Condition()
+        self._queue: deque[_Pending] = deque()  # guarded by _cond
+        self._rotate_to: int | None = None  # guarded by _cond
+        self._closing = False  # guarded by _cond
+        self._committed: queue.SimpleQueue[tuple[list[_Pending], list[lf.LogRecord], LogPos] | None] = \
+            queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._threads = [threading.Thread(target=self._log_thread, name=f"log-{res}", daemon=True),
+                         threading.Thread(target=self._writeback_thread, name=f"writeback-{res}", daemon=True)]
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"logger-{self.res}")
+        self._loop = asyncio.get_running_loop()
+        self._finished = self._loop.create_future()
+        for t in self._threads:
+            t.start()
 
     def submit(self, kind: lf.Kind, offset: int, length: int, flags: int = 0,
                payload: bytes | memoryview = b"") -> asyncio.Future[None]:
         """Queue one request; the future resolves once it is durable and written back."""
-        fut = asyncio.get_running_loop().create_future()
-        if self._closing:
-            fut.set_exception(LogWriteError(errno.ESHUTDOWN, f"resource {self.res}: logger is shutting down"))
-            return fut
-        self._queue.append(_Pending(kind, offset, length, flags, payload, fut))
-        self._wake.set()
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        with self._cond:
+            if self._closing:
+                fut.set_exception(LogWriteError(errno.ESHUTDOWN, f"resource {self.res}: logger is shutting down"))
+                return fut
+            self._queue.append(_Pending(kind, offset, length, flags, payload, fut))
+            self._cond.notify()
         return fut
 
     def request_rotate(self, seq: int) -> None:
-        """Switch to log file ``seq`` (created empty by marsadm log-rotate) after the current batch."""
-        if seq > self.state.seq:
-            self._rotate_to = seq
-            self._wake.set()
+        """Switch to log file ``seq`` (created empty by marsadm log-rotate) once the queue is empty."""
+        with self._cond:
+            if seq > self.state.seq and (self._rotate_to is None or seq > self._rotate_to):
+                self._rotate_to = seq
+                self._cond.notify()
 
     async def close(self) -> None:
         """Finish the queued requests, then stop; new submissions fail with ESHUTDOWN."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._finished is not None:
+            await self._finished
         os.close(self._fd)
-        self._log_pool.shutdown()
-        self._wb_pool.shutdown()
 
-    async def _run(self) -> None:
-        """Two stages, each in its own thread and each strictly in order: append+fdatasync of
-        batch N+1 overlaps the write-back of batch N, and a batch is acknowledged when its
-        write-back is done. Ordering per stage keeps the device updates in log order."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue and self._rotate_to is None:
-                if self._closing:
-                    break
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch = self._take_batch()
-            if batch:
-                try:
-                    records, pos = await loop.run_in_executor(self._log_pool, self._append, batch)
-                except LogWriteError as e:
-                    for p in batch:
-                        if not p.future.done():
-                            p.future.set_exception(e)
-                else:
-                    wb = loop.run_in_executor(self._wb_pool, self._write_back, records)
-                    self._writebacks.add(wb)
-                    wb.add_done_callback(lambda f, b=batch, pos=pos: self._acknowledge(f, b, pos))
-            if self._rotate_to is not None and not self._queue:
-                seq, self._rotate_to = self._rotate_to, None
-                await loop.run_in_executor(self._log_pool, self._rotate, seq)
-                await self._drain_writebacks()
-                self.acked = LogPos(self.state.seq, self.state.end)
-                if self.on_progress:
-                    self.on_progress(self.acked)
-        await self._drain_writebacks()
+    # -- the two threads -----------------------------------------------------------------------
 
-    async def _drain_writebacks(self) -> None:
-        if self._writebacks:
-            await asyncio.wait(list(self._writebacks))
+    def _log_thread(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and self._rotate_to is None and not self._closing:
+                        self._cond.wait()
+                    batch = self._take_batch()
+                    rotate = None
+                    if not self._queue and self._rotate_to is not None:
+                        rotate, self._rotate_to = self._rotate_to, None
+                    if not batch and rotate is None and self._closing:
+                        break
+                if batch:
+                    try:
+                        records, pos = self._append(batch)
+                    except LogWriteError as e:
+                        self._call(self._fail, batch, e)
+                    else:
+                        self._committed.put((batch, records, pos))
+                if rotate is not None:
+                    try:
+                        self._rotate(rotate)
+                    except (LogWriteError, OSError) as e:
+                        log.error("resource %s: cannot rotate to log %d: %s", self.res, rotate, e)
+                    else:
+                        self._committed.put(([], [], LogPos(self.state.seq, 0)))
+        finally:
+            self._committed.put(None)
 
-    def _acknowledge(self, fut: asyncio.Future[None], batch: list[_Pending], pos: LogPos) -> None:
-        self._writebacks.discard(fut)
-        exc = fut.exception()
-        for p in batch:
-            if p.future.done():
-                continue
-            if exc is None:
-                p.future.set_result(None)
+    def _writeback_thread(self) -> None:
+        while (item := self._committed.get()) is not None:
+            batch, records, pos = item
+            try:
+                self._write_back(records)
+            except LogWriteError as e:
+                self._call(self._fail, batch, e)
             else:
+                self._call(self._acknowledge, batch, pos)
+        self._call(self._finish)
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is gone (process exit): nobody waits for the answer
+            pass
+
+    # -- on the event loop ---------------------------------------------------------------------
+
+    def _acknowledge(self, batch: list[_Pending], pos: LogPos) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(None)
+        self.batches += 1 if batch else 0
+        self.requests += len(batch)
+        self.acked = pos
+        if self.on_progress:
+            self.on_progress(pos)
+
+    @staticmethod
+    def _fail(batch: list[_Pending], exc: BaseException) -> None:
+        for p in batch:
+            if not p.future.done():
                 p.future.set_exception(exc)
-        if exc is None:
-            self.batches += 1
-            self.requests += len(batch)
-            self.acked = pos
-            if self.on_progress:
-                self.on_progress(pos)
+
+    def _finish(self) -> None:
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
 
     def _take_batch(self) -> list[_Pending]:
-        """Everything queued, up to the iovec and size limits of one pwritev."""
+        """Everything queued, up to the iovec and size limits of one pwritev (caller holds _cond)."""
         batch: list[_Pending] = []
         size = 0
         q = self._queue
@@ -225,6 +258,10 @@ class Logger:
         try:
             for rec in records:
                 apply_record(self.device, rec)
+            lo = min((r.offset for r in records), default=0)
+            hi = max((r.offset + r.length for r in records), default=0)
+            if hi > lo:
+                self.device.start_writeout(lo, hi - lo)
         except OSError as e:
             # The log has the writes, so they are not lost; the device gets them by replay.
             log.error("resource %s: data device write failed: %s", self.res, e.strerror)
