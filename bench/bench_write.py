@@ -149,9 +149,28 @@ class Result:
     clat_p99_ms: float = 0.0
     clat_mean_ms: float = 0.0
     sync_p99_ms: float | None = None  # file target only: fdatasync latency, reported apart by fio
+    disk_mib_s: float | None = None  # what reached the disk (all writers, /proc/diskstats) during the run
     error: str | None = None
     server: dict = field(default_factory=dict)  # mars only: log growth, group-commit figures, CPU
     runs: list[dict] = field(default_factory=list)  # with --repeat: every run's figures (the above are medians)
+
+
+def disk_sectors_written(path: Path) -> int | None:
+    """Sectors written so far to the block device holding ``path`` (field 10 of /proc/diskstats).
+
+    This is the physical limit's side of the comparison: MARS writes every byte twice (log and
+    data device), so at the disk's bandwidth its client-visible rate can reach only half of it.
+    """
+    dev = os.stat(path).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    try:
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if int(f[0]) == major and int(f[1]) == minor:
+                return int(f[9])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def parse_fio(path: Path) -> dict:
@@ -188,6 +207,8 @@ def median_result(rs: list[Result]) -> Result:
         setattr(out, attr, statistics.median(getattr(r, attr) for r in ok))
     syncs = [r.sync_p99_ms for r in ok if r.sync_p99_ms is not None]
     out.sync_p99_ms = statistics.median(syncs) if syncs else None
+    disks = [r.disk_mib_s for r in ok if r.disk_mib_s is not None]
+    out.disk_mib_s = statistics.median(disks) if disks else None
     keys = set().union(*(r.server for r in ok))
     out.server = {k: statistics.median(r.server[k] for r in ok if k in r.server) for k in keys}
     return out
@@ -348,6 +369,7 @@ class Bench:
             log0 = self.log_bytes()
             perf = self.start_perf(self.base / f"perf-{workload}.txt")
             cpu0 = self.marsd_cpu()
+        disk0 = disk_sectors_written(self.base)
         t0 = time.monotonic()
         fio = self.procs.start("fio", cmd, log=self.base / f"fio-{workload}-{target}.log", new_session=False)
         try:
@@ -356,6 +378,9 @@ class Bench:
             Procs.stop(fio, signal.SIGKILL)
             res.error = "fio hung"
         wall = time.monotonic() - t0
+        disk1 = disk_sectors_written(self.base)
+        if disk0 is not None and disk1 is not None:
+            res.disk_mib_s = (disk1 - disk0) * 512 / 2**20 / wall
         cpu1 = self.marsd_cpu() if cpu0 is not None else None
         if perf is not None:
             Procs.stop(perf, signal.SIGINT, 10)
@@ -469,7 +494,7 @@ class Bench:
         names = {"mars": "MARS export (nbd)", "qemu": "qemu-nbd writethrough", "file": "file psync+fdatasync"}
         wl = {"rand4k": "4 KiB randwrite", "seq1m": "1 MiB seq write"}
         hdr = (f"{'workload':16} {'target':22} {'QD':>3} {'IOPS':>10} {'MiB/s':>9} {'p99 clat ms':>12} "
-               f"{'mean ms':>8}  {'ours/this':>9}")
+               f"{'mean ms':>8} {'disk MiB/s':>10}  {'ours/this':>9}")
         p(hdr)
         p("-" * len(hdr))
         for res in self.results:
@@ -482,10 +507,13 @@ class Bench:
             if res.runs:
                 mib = [x["mib_s"] for x in res.runs if x["error"] is None]
                 extra += f"   [MiB/s {min(mib):,.1f}..{max(mib):,.1f}]" if mib else ""
+            disk = f"{res.disk_mib_s:,.1f}" if res.disk_mib_s is not None else "?"
             p(f"{wl[res.workload]:16} {names[res.target]:22} {res.qd:>3} {res.iops:>10,.0f} {res.mib_s:>9,.1f} "
-              f"{res.clat_p99_ms:>12.2f} {res.clat_mean_ms:>8.2f}  {ratio:>9}{extra}")
+              f"{res.clat_p99_ms:>12.2f} {res.clat_mean_ms:>8.2f} {disk:>10}  {ratio:>9}{extra}")
         p()
         p("ours/this = MARS IOPS / that row's IOPS (same block size, so also the MiB/s ratio).")
+        p("disk MiB/s = bytes that reached the disk during the run (all writers, /proc/diskstats, incl. ramp);")
+        p("MARS writes every byte twice (log + data device), so its ceiling is half the disk's bandwidth.")
         p("NBD rows: clat = request sent .. reply received, so it includes the server's fdatasync.")
         p("file rows: fio's psync engine is synchronous, so QD is 1; clat is the write(2) alone, the")
         p("fdatasync(2) after every write is timed separately by fio (shown in brackets).")
