@@ -20,9 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import __version__
+from . import peer as P
+from .credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from .errors import MarsError
-from .logfiles import read_replay
 from .nbdserver import NbdSession
+from .peerlink import DEFAULT_PORT, PeerClient, PeerError, PeerServer
+from .peerservices import PeerServices
+from .secondary import SecondaryRuntime
 from .recovery import LogDamage
 from .resource import ResourceRuntime
 from .tree import Tree, actual, check_name, mars_dir_from, node_actual, res_dir, todo
@@ -35,14 +39,19 @@ NBD_SOCKET = "nbd.sock"
 
 class Daemon:
     def __init__(self, tree: Tree, nbd_listen: list[tuple[str, int]], interval: float,
-                 checkpoint_interval: float) -> None:
+                 checkpoint_interval: float, port: int = DEFAULT_PORT, ip: str | None = None) -> None:
         self.tree = tree
         self.host = tree.host
+        self.port = port
+        self.ip = ip or tree.get(f"ips/ip-{tree.host}") or "127.0.0.1"
+        self.peer_server: PeerServer | None = None
+        self.peer_clients: dict[str, PeerClient] = {}
+        self.services = PeerServices(self)
         self.nbd_listen = nbd_listen
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="marsd-io")
-        self.runtimes: dict[str, ResourceRuntime] = {}
+        self.runtimes: dict[str, ResourceRuntime | SecondaryRuntime] = {}
         # A resource whose start failed is not retried until its attach entry changes (a new
         # 'marsadm attach/up'): retrying a damaged log every round would only repeat the error.
         self.failed: dict[str, tuple[int, str]] = {}
@@ -51,7 +60,19 @@ class Daemon:
         self._servers: list[asyncio.AbstractServer] = []
 
     def exports(self) -> dict[str, ResourceRuntime]:
-        return {name: rt for name, rt in self.runtimes.items() if rt.serving}
+        return {name: rt for name, rt in self.runtimes.items() if isinstance(rt, ResourceRuntime) and rt.serving}
+
+    def hello(self) -> P.Hello:
+        return P.Hello(host=self.host, cluster=self.tree.get("uuid") or "", proto=P.PROTO_VERSION,
+                       lamport_ns=self.tree.clock.now())
+
+    def client_for(self, host: str) -> PeerClient:
+        """A new link to ``host`` at the address the tree knows for it."""
+        ip = self.tree.get(f"ips/ip-{host}")
+        if ip is None:
+            raise PeerError(f"no address known for host {host}", "it has not joined the cluster")
+        return PeerClient(ip, self.port, self.hello(), client_context(self.tree.root, self.host),
+                          self.tree.get("uuid"))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,10 +85,12 @@ class Daemon:
                 self._publish(res)
         self._open_trigger(loop)
         await self._open_nbd(loop)
+        await self._open_peers()
         self.tree.set(node_actual(self.host, "alive"), 1, durable=False)
         log.info("marsd %s on host %s started, tree %s", __version__, self.host, self.tree.root)
         try:
             while not self._stop.is_set():
+                await self.exchange()
                 await self.reconcile()
                 self._wake.clear()
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stop.wait())]
@@ -80,6 +103,10 @@ class Daemon:
     async def shutdown(self) -> None:
         for s in self._servers:
             s.close()
+        if self.peer_server is not None:
+            await self.peer_server.close()
+        for c in self.peer_clients.values():
+            await c.close()
         for name in list(self.runtimes):
             await self._stop_resource(name)
         self.tree.set(node_actual(self.host, "alive"), 0, durable=False)
@@ -130,10 +157,49 @@ class Daemon:
 
     # -- reconciliation ------------------------------------------------------------------------
 
+    async def _open_peers(self) -> None:
+        ensure_node_cert(self.tree.root, self.host)
+        self.peer_server = PeerServer(self.hello, server_context(self.tree.root, self.host),
+                                      self.tree.get("uuid") or "", self.services.handle)
+        try:
+            await self.peer_server.start(self.ip, self.port)
+        except OSError as e:
+            raise MarsError(f"cannot listen for peers on {self.ip}:{self.port}: {e.strerror}",
+                            "another process holds that address; stop it or use another --ip/--port") from None
+        log.info("peer links on %s:%d (TLS, cluster CA %s)", self.ip, self.port,
+                 cluster_fingerprint(self.tree.root))
+
+    async def exchange(self) -> None:
+        """Pull every peer's tree and keep the newer entries (each round, from every peer)."""
+        peers = [n[3:] for n in self.tree.names("ips") if n.startswith("ip-") and n[3:] != self.host
+                 and self.tree.get(f"ips/{n}") is not None]
+
+        async def pull(host: str) -> None:
+            c = self.peer_clients.get(host)
+            if c is None:
+                try:
+                    c = self.peer_clients[host] = self.client_for(host)
+                except PeerError:
+                    return
+            try:
+                reply = await c.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=10)
+            except PeerError as e:
+                if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != str(e):
+                    log.warning("exchange with %s: %s", host, e)
+                self.tree.set(node_actual(self.host, f"msg-peer-{host}"), str(e), durable=False)
+                return
+            self.tree.delete(node_actual(self.host, f"msg-peer-{host}"), durable=False)
+            changed = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: sum(self.tree.apply(e) for e in reply.entries))
+            if changed:
+                self._wake.set()
+
+        await asyncio.gather(*(pull(h) for h in peers))
+
     async def reconcile(self) -> None:
         tree = self.tree
         tree.set(node_actual(self.host, "time"), f"{tree.clock.now() / 1e9:.9f}", durable=False)
-        wanted: dict[str, tuple[str, int]] = {}
+        wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
             d = res_dir(res)
             data = tree.get(f"{d}/data-{self.host}")
@@ -142,26 +208,37 @@ class Daemon:
             attach = tree.entry(todo(res, self.host, "attach"))
             if attach is None or attach.deleted or attach.value != "1":
                 continue
-            if tree.get(f"{d}/primary") != self.host:
-                continue  # secondaries arrive with replication
             if res in self.failed and self.failed[res][0] == attach.stamp_ns:
                 continue
-            wanted[res] = (data, tree.get_int(f"{d}/size"))
+            role = "primary" if tree.get(f"{d}/primary") == self.host else "secondary"
+            wanted[res] = (data, tree.get_int(f"{d}/size"), role)
         for res in list(self.runtimes):
-            if res not in wanted:
+            w = wanted.get(res)
+            if w is None or w[2] != self.runtimes[res].role:
                 await self._stop_resource(res)
-        for res, (data, size) in wanted.items():
+        for res, (data, size, role) in wanted.items():
             rt = self.runtimes.get(res)
             if rt is None:
-                await self._start_resource(res, data, size)
-            else:
+                await self._start_resource(res, data, size, role)
+                rt = self.runtimes.get(res)
+            if isinstance(rt, ResourceRuntime):
                 rt.rotate_if_requested()
+            elif isinstance(rt, SecondaryRuntime):
+                sw = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
+                rt.update(sw["sync"], sw["connect"], sw["allow-replay"])
         for res in tree.resources():
             if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
 
-    async def _start_resource(self, res: str, data: str, size: int) -> None:
-        rt = ResourceRuntime(self.tree, res, data, size, self.executor, self.checkpoint_interval)
+    async def _start_resource(self, res: str, data: str, size: int, role: str) -> None:
+        rt: ResourceRuntime | SecondaryRuntime
+        if role == "primary":
+            rt = ResourceRuntime(self.tree, res, data, size, self.executor, self.checkpoint_interval)
+        else:
+            primary = self.tree.get(f"{res_dir(res)}/primary") or ""
+            rt = SecondaryRuntime(self.tree, res, data, size, self.executor,
+                                  lambda: self.client_for(self.tree.get(f"{res_dir(res)}/primary") or primary),
+                                  self.checkpoint_interval)
         attach = self.tree.entry(todo(res, self.host, "attach"))
         try:
             await rt.start()
@@ -177,7 +254,10 @@ class Daemon:
         self.runtimes[res] = rt
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
         self.tree.set(actual(res, self.host, "replay-code"), 1, durable=False)
-        log.info("resource %s: attached %s, serving NBD export %r", res, data, res)
+        if role == "primary":
+            log.info("resource %s: attached %s, serving NBD export %r", res, data, res)
+        else:
+            log.info("resource %s: attached %s as secondary", res, data)
 
     async def _stop_resource(self, res: str) -> None:
         rt = self.runtimes.pop(res, None)
@@ -190,18 +270,17 @@ class Daemon:
 
     def _publish(self, res: str) -> None:
         rt = self.runtimes.get(res)
-        on = rt is not None and rt.serving
         t = self.tree
-        t.set(actual(res, self.host, "is-attached"), int(on), durable=False)
-        t.set(actual(res, self.host, "is-primary"), int(on), durable=False)
-        t.set(actual(res, self.host, "if-on"), int(on), durable=False)
+        primary = isinstance(rt, ResourceRuntime) and rt.serving
+        t.set(actual(res, self.host, "is-attached"), int(rt is not None and (primary or rt.device is not None)),
+              durable=False)
+        t.set(actual(res, self.host, "is-primary"), int(primary), durable=False)
+        t.set(actual(res, self.host, "if-on"), int(primary), durable=False)
         t.set(actual(res, self.host, "open-count"), len(rt.sessions) if rt else 0, durable=False)
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
-        if rt is not None and rt.logger is not None:
-            link = read_replay(t, res, self.host)
-            if link is not None:
-                t.set(actual(res, self.host, "logger-pos"), str(rt.logger.acked), durable=False)
+        if isinstance(rt, SecondaryRuntime):
+            rt.publish()
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -219,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ip", default=None, help="this node's address for peer links (default: from ips/ip-<host>)")
     p.add_argument("--nbd-listen", action="append", type=parse_listen, default=[], metavar="HOST:PORT",
                    help="also serve NBD on TCP (repeatable); the unix socket <mars-dir>/nbd.sock is always on")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"peer link port (default {DEFAULT_PORT})")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between reconcile rounds (default 1)")
     p.add_argument("--checkpoint-interval", type=float, default=1.0,
                    help="minimum seconds between data-device syncs that advance the replay position")
@@ -237,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         if lock is None:
             raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
         tree = Tree(mars_dir, host)
-        daemon = Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval)
+        daemon = Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip)
         asyncio.run(daemon.run())
     except MarsError as e:
         print(f"marsd: {e}", file=sys.stderr)

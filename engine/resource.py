@@ -29,6 +29,8 @@ log = logging.getLogger("mars.resource")
 
 
 class ResourceRuntime:
+    role = "primary"
+
     def __init__(self, tree: Tree, res: str, data_path: str, size: int, executor: Executor,
                  checkpoint_interval: float = 1.0) -> None:
         self.tree = tree
@@ -44,6 +46,7 @@ class ResourceRuntime:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._synced = LogPos()
         self._changed = asyncio.Event()
+        self._append_waiters: list[asyncio.Future[None]] = []
         self.serving = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -64,7 +67,7 @@ class ResourceRuntime:
         if result.cut is not None:
             self.tree.set(actual(self.res, self.tree.host, "msg-warn-torn-tail"), str(result.cut))
         self.logger = Logger(self.res, self.tree, self.device, result.state,
-                             on_progress=lambda pos: self._changed.set())
+                             on_progress=self._progress)
         self.logger.start()
         self._synced = LogPos(result.state.seq, result.state.end)
         self._checkpoint_task = loop.create_task(self._checkpoints(), name=f"checkpoint-{self.res}")
@@ -88,6 +91,29 @@ class ResourceRuntime:
         if self.device is not None:
             self.device.close()
             self.device = None
+
+    def _progress(self, pos: LogPos) -> None:
+        self._changed.set()
+        waiters, self._append_waiters = self._append_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def wait_append(self, timeout: float) -> None:
+        """Until the next acknowledged batch (or the timeout): a fetcher's long poll waits here."""
+        fut = asyncio.get_running_loop().create_future()
+        self._append_waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    def fetch_limit(self, seq: int) -> int | None:
+        """How much of log ``seq`` peers may fetch: only what is durable and acknowledged."""
+        if self.logger is None:
+            return None
+        acked = self.logger.acked
+        return acked.offset if acked.seq == seq else None
 
     def rotate_if_requested(self) -> None:
         """marsadm log-rotate creates an empty next log file; switch to it."""

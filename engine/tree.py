@@ -32,6 +32,8 @@ from .errors import MarsError, UsageError
 DELETED = ".deleted"
 NONE = "(none)"
 DEFAULT_MARS_DIR = "/mars"
+# Top-level directories that stay on their node: the credential must never travel.
+LOCAL_DIRS = frozenset({"cluster"})
 
 # Host and resource names end up in file names and in other hosts' trees: keep them to a
 # conservative alphabet (the original's host rule) and away from the words used as selectors.
@@ -188,6 +190,57 @@ class Tree:
 
     def mkdir(self, path: str) -> None:
         (self.root / path).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    # -- replication -------------------------------------------------------------------------
+
+    def walk(self, prefixes: tuple[str, ...] = ()) -> list[Entry]:
+        """Every entry (tombstones included) under the given top-level prefixes, for peers.
+
+        The credential directory is never listed: it is the one secret of the cluster.
+        """
+        out: list[Entry] = []
+        root = str(self.root)
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel_dir = os.path.relpath(dirpath, root)
+            if rel_dir == ".":
+                rel_dir = ""
+                dirnames[:] = [d for d in dirnames if d not in LOCAL_DIRS]
+            for n in filenames:
+                if n.startswith(".tmp"):
+                    continue
+                rel = f"{rel_dir}/{n}" if rel_dir else n
+                if prefixes and not rel.startswith(prefixes):
+                    continue
+                full = os.path.join(dirpath, n)
+                try:
+                    value = os.readlink(full)
+                    st = os.lstat(full)
+                except OSError:
+                    continue  # a regular file (log, lock, socket) or gone meanwhile
+                out.append(Entry(rel, value, st.st_mtime_ns))
+        return out
+
+    def apply(self, entry: Entry) -> bool:
+        """Take a peer's entry if it is newer than ours (the newest Lamport stamp wins)."""
+        self.clock.observe(entry.stamp_ns)
+        parts = entry.path.split("/")
+        if parts[0] in LOCAL_DIRS or any(p in ("", ".", "..") for p in parts):
+            return False  # the credential never comes from a peer; no path leaves the tree
+        d = self.root
+        for p in parts[:-1]:
+            d = d / p
+            if os.path.islink(d):
+                return False  # an entry is a leaf: never write through one into elsewhere
+        full = self.root / entry.path
+        if os.path.lexists(full) and not os.path.islink(full):
+            return False  # a log file or directory here: entries never replace those
+        mine = self.entry(entry.path)
+        if mine is not None and mine.stamp_ns >= entry.stamp_ns:
+            return False
+        if mine is None and entry.deleted:
+            return False  # never create a tombstone for something we never had
+        self.set(entry.path, entry.value, durable=False, stamp_ns=entry.stamp_ns)
+        return True
 
     # -- names of the tree (the original's, §3.2–3.3 of the upstream reference) ----------------
 

@@ -67,6 +67,13 @@ class Node:
     def create_cluster(self) -> None:
         self.marsadm("--ip", self.ip, "create-cluster")
 
+    def join_cluster(self, other: "Node") -> None:
+        """Join ``other``'s cluster with the credential it exports (other's marsd must run)."""
+        secret = self.base / f"secret-{self.host}.pem"
+        secret.write_text(other.marsadm("export-secret").stdout)
+        os.chmod(secret, 0o600)
+        self.marsadm("--ip", self.ip, "join-cluster", other.ip, "--secret-file", str(secret))
+
     def start(self, *extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None, "marsd already running"
         args = [str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host,

@@ -112,3 +112,51 @@ def delete_resource(ctx: Ctx) -> None:
     tree.set(f"{d}/maxnr", tree.get(f"{d}/maxnr") or 0)
     ctx.poke()
     ctx.say(f"deleted resource {res} ({fmt_bytes(removed)} of log files removed; the data device is untouched)")
+
+
+@command("join-resource", "become a secondary of a resource: register the data device and start a fast full sync",
+         ("resource", {"help": "the resource to join"}),
+         ("device", {"help": "absolute path of a block device or image file (created sparse if missing)"}))
+def join_resource(ctx: Ctx) -> None:
+    tree = ctx.tree
+    require_cluster(tree)
+    res = ctx.res = check_name("resource", ctx.args.resource)
+    if res not in tree.resources():
+        raise ctx.fail(f"resource {res} does not exist in this node's tree",
+                       "create it on the primary first; joined nodes learn it within a second")
+    d = res_dir(res)
+    if tree.get(f"{d}/data-{ctx.host}") is not None:
+        raise ctx.fail(f"host {ctx.host} is already a member", "nothing to do")
+    primary = tree.get(f"{d}/primary")
+    if not primary or primary == "(none)":
+        raise ctx.fail("the resource has no designated primary", "make one node primary first")
+    size = tree.get_int(f"{d}/size")
+    dev = Path(ctx.args.device)
+    if not dev.is_absolute():
+        raise ctx.fail(f"device {dev} is not an absolute path", f"give the full path, e.g. {Path.cwd() / dev}")
+    created = False
+    if not dev.exists():
+        if not dev.parent.is_dir():
+            raise ctx.fail(f"directory {dev.parent} does not exist", "create it first")
+        with open(dev, "xb") as f:
+            f.truncate(size)
+        created = True
+    have = device_size(dev)
+    if have < size and not ctx.force:
+        raise ctx.fail(f"device {dev} has {have} B ({fmt_bytes(have)}), less than the resource's {size} B",
+                       "give a device at least as large as the resource")
+    link = ReplayLink.parse(tree.get(replay_path(res, primary)))
+    if link is None:
+        raise ctx.fail(f"the primary {primary} has published no log position yet",
+                       "wait until marsd runs on the primary and this node has exchanged trees with it")
+    # Replay starts at the beginning of the primary's current log file: before the sync starts,
+    # as consistency needs (replay is idempotent), and it holds that log back from deletion.
+    tree.set(replay_path(res, ctx.host), ReplayLink(link.seq, link.origin, 0, 0))
+    tree.set(f"{d}/syncstatus-{ctx.host}", 0)
+    tree.set(f"{d}/device-{ctx.host}", res)
+    for s in SWITCHES:
+        tree.set(todo(res, ctx.host, s), 1)
+    tree.set(f"{d}/data-{ctx.host}", str(dev))  # last: from now on this host is a member
+    ctx.say(f"joined resource {res} as secondary of {primary}: {fmt_bytes(size)} on {dev}"
+            f"{' (new sparse image)' if created else ''}; fast full sync starts")
+    ctx.wait(f"attach resource {res}", lambda: _attached(ctx), ctx.attach_error)

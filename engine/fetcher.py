@@ -1,0 +1,128 @@
+"""A secondary's fetcher: copies the primary's log files into its own tree, resumably.
+
+Its position is never remembered, always recomputed from the copy on disk (at start and after
+every error): the size of the local copy after cutting an incomplete last record. So a crash,
+a cut link or a restart resumes exactly where the bytes on disk end, with nothing fetched twice
+and nothing skipped. The serving side long-polls (``wait_ms``), so an idle fetcher costs one
+request a second and a busy one streams as fast as the link allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor
+from pathlib import Path
+
+from . import logformat as lf
+from . import peer as P
+from .logfiles import ReplayLink, list_logs, log_name, read_replay
+from .logger import first_record
+from .peerlink import PeerClient, PeerError
+from .replayer import finished_length
+from .tree import Tree, res_dir
+
+log = logging.getLogger("mars.fetcher")
+
+FETCH_BYTES = 8 << 20
+WAIT_MS = 1000
+RETRY_S = 1.0
+
+
+class Fetcher:
+    def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[], PeerClient],
+                 on_data: Callable[[], None]) -> None:
+        self.tree = tree
+        self.res = res
+        self.executor = executor
+        self.connect = connect
+        self.on_data = on_data
+        self.complete: dict[str, int] = {}  # local copy name -> bytes completely written
+        self.fetched_bytes = 0
+        self.error: str | None = None
+        self.source: str | None = None
+
+    def _dir(self) -> Path:
+        return self.tree.root / res_dir(self.res)
+
+    def available(self, name: str) -> int:
+        return self.complete.get(name, 0)
+
+    def _start_position(self) -> tuple[int, str]:
+        """The file to fetch next: the newest local copy, or the one replay starts in."""
+        logs = list_logs(self.tree, self.res)
+        link = read_replay(self.tree, self.res, self.tree.host) or ReplayLink(1, self.tree.get(
+            f"{res_dir(self.res)}/primary") or "", 0, 0)
+        logs = [f for f in logs if f.seq >= link.seq]
+        if not logs:
+            return link.seq, link.origin
+        for f in logs:
+            self.complete[f.name] = self._cut_incomplete(f.path, f.seq)
+        last = logs[-1]
+        return last.seq, last.origin
+
+    def _cut_incomplete(self, path: Path, seq: int) -> int:
+        r = lf.scan_file(path, 0, first_record(seq))
+        if r.error is not None:
+            if not r.error.torn:
+                raise lf.LogCorruption(r.error.file, r.error.offset, r.error.code, r.error.reason, False)
+            os.truncate(path, r.end)
+        return r.end
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        client: PeerClient | None = None
+        while True:
+            try:
+                seq, origin = await loop.run_in_executor(self.executor, self._start_position)
+                if client is None:
+                    client = self.connect()
+                self.source = client.ip
+                await self._stream(client, seq, origin)
+            except (PeerError, OSError) as e:
+                self.error = str(e)
+                log.warning("resource %s: fetch: %s", self.res, e)
+                if client is not None:
+                    await client.close()
+                    client = None
+                await asyncio.sleep(RETRY_S)  # back-off before reconnecting
+            except lf.LogCorruption as e:
+                self.error = f"local log copy damaged: {e}"
+                log.error("resource %s: fetch stopped: %s", self.res, self.error)
+                return
+
+    async def _stream(self, client: PeerClient, seq: int, origin: str) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            name = log_name(seq, origin)
+            path = self._dir() / name
+            offset = self.complete.get(name, 0)
+            reply = await client.request(lambda req: P.FetchRequest(
+                req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=WAIT_MS))
+            self.error = None
+            if reply.data:
+                await loop.run_in_executor(self.executor, _append, path, reply.data, offset)
+                self.complete[name] = offset + len(reply.data)
+                self.fetched_bytes += len(reply.data)
+                self.on_data()
+            elif not path.exists():
+                path.touch(mode=0o600)
+            final = finished_length(self.tree, self.res, seq, origin)
+            done = offset + len(reply.data)
+            if (reply.finished or final is not None) and done >= (final if final is not None else reply.size):
+                seq += 1
+                self.on_data()
+
+
+def _append(path: Path, data: bytes, offset: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    finally:
+        os.close(fd)

@@ -1,0 +1,220 @@
+"""Peer links over TLS (port 7777): asyncio around the sans-I/O peer protocol.
+
+One TLS connection per purpose (tree exchange, a resource's fetch, a resource's sync), each a
+strict request → reply sequence, so a slow log fetch never delays the tree exchange. Both ends
+are authenticated by the cluster CA (see credentials.py); on top of that, the host name a peer
+claims in its Hello must be the name in its certificate, and its cluster id must be ours. A peer
+that fails any of this is dropped before it sees a single tree entry or log byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from . import peer as P
+from .credentials import peer_host
+from .errors import MarsError
+
+log = logging.getLogger("mars.peer")
+
+DEFAULT_PORT = 7777
+READ_CHUNK = 1 << 20
+CONNECT_TIMEOUT = 5.0
+
+
+class PeerError(MarsError):
+    """A peer link failed: unreachable, refused, or the peer answered with an error."""
+
+
+Handler = Callable[[Any, str], Awaitable[Any]]
+
+
+def _check_identity(conn: P.PeerConnection, writer: asyncio.StreamWriter, cluster: str) -> str:
+    hello = conn.peer_hello
+    assert hello is not None
+    sslobj = writer.get_extra_info("ssl_object")
+    cert_host = peer_host(sslobj) if sslobj is not None else None
+    if cert_host != hello.host:
+        raise PeerError(f"peer says it is {hello.host!r} but its certificate names {cert_host!r}",
+                        "the peer's credential belongs to another host; re-join it with its own name")
+    # An empty cluster id is a node in the middle of join-cluster: its certificate, signed by our
+    # CA, is what admits it; it learns the id from our tree.
+    if hello.cluster and hello.cluster != cluster:
+        raise PeerError(f"peer {hello.host} belongs to cluster {hello.cluster}, not {cluster}",
+                        "join it to this cluster first ('marsadm join-cluster')")
+    return hello.host
+
+
+async def _next_message(conn: P.PeerConnection, reader: asyncio.StreamReader) -> Any:
+    while True:
+        ev = conn.next_event()
+        if ev is not P.NEED_DATA:
+            return ev
+        data = await reader.read(READ_CHUNK)
+        conn.receive_data(data)
+
+
+class PeerServer:
+    """Accepts authenticated peers and answers their requests with ``handler(msg, peer_host)``."""
+
+    def __init__(self, hello: Callable[[], P.Hello], ctx: ssl.SSLContext, cluster: str, handler: Handler) -> None:
+        self._hello = hello
+        self._ctx = ctx
+        self._cluster = cluster
+        self._handler = handler
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> None:
+        self._server = await asyncio.start_server(self._serve, host, port, ssl=self._ctx, reuse_address=True,
+                                                  ssl_handshake_timeout=10)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        addr = writer.get_extra_info("peername")
+        conn = P.PeerConnection(self._hello())
+        who = f"{addr[0]}:{addr[1]}" if addr else "?"
+        try:
+            writer.write(conn.initial_bytes())
+            first = await _next_message(conn, reader)
+            if not isinstance(first, P.Hello):
+                return
+            who = _check_identity(conn, writer, self._cluster)
+            while True:
+                msg = await _next_message(conn, reader)
+                if isinstance(msg, (P.Closed, P.Bye)):
+                    return
+                try:
+                    reply = await self._handler(msg, who)
+                except MarsError as e:
+                    reply = P.ErrorReply(req=getattr(msg, "req", 0), code="refused", what=e.what, remedy=e.remedy)
+                if reply is not None:
+                    for buf in conn.send_buffers(reply):
+                        writer.write(buf)
+                    await writer.drain()
+        except P.PeerProtocolError as e:
+            log.warning("peer %s: protocol error: %s; closing that link", who, e.reason)
+        except PeerError as e:
+            log.warning("peer %s refused: %s", who, e)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError, OSError) as e:
+            log.debug("peer %s: link closed: %s", who, e)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+
+class PeerClient:
+    """One link to a peer for one purpose; ``request`` sends a message and returns its reply."""
+
+    def __init__(self, ip: str, port: int, hello: P.Hello, ctx: ssl.SSLContext, cluster: str | None) -> None:
+        self.ip = ip
+        self.port = port
+        self._hello = hello
+        self._ctx = ctx
+        self._cluster = cluster
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._conn: P.PeerConnection | None = None
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self.peer: str | None = None
+        self.peer_hello: P.Hello | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def connect(self) -> None:
+        try:
+            self._reader, self._writer = await asyncio.wait_for(
+                asyncio.open_connection(self.ip, self.port, ssl=self._ctx, server_hostname=None),
+                CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
+            self._reader = self._writer = None
+            raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {e}",
+                            "check that marsd runs there, the address is right and the port is open") from None
+        self._conn = P.PeerConnection(self._hello)
+        self._writer.write(self._conn.initial_bytes())
+        try:
+            first = await asyncio.wait_for(_next_message(self._conn, self._reader), CONNECT_TIMEOUT)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
+            await self.close()
+            raise PeerError(f"peer {self.ip}:{self.port} did not complete the handshake: {e}",
+                            "is it a marsd of this cluster?") from None
+        if not isinstance(first, P.Hello):
+            await self.close()
+            raise PeerError(f"peer {self.ip}:{self.port} closed the link during the handshake",
+                            "it does not accept this host's credential; check the cluster")
+        cluster = self._cluster if self._cluster is not None else first.cluster
+        try:
+            self.peer = _check_identity(self._conn, self._writer, cluster)
+        except PeerError:
+            await self.close()
+            raise
+        self.peer_hello = first
+
+    async def request(self, make: Callable[[int], Any], timeout: float = 60.0) -> Any:
+        """Send ``make(req_id)`` and return the reply; an ErrorReply becomes a PeerError."""
+        async with self._lock:
+            if not self.connected:
+                await self.connect()
+            assert self._conn is not None and self._writer is not None and self._reader is not None
+            req = next(self._ids)
+            try:
+                for buf in self._conn.send_buffers(make(req)):
+                    self._writer.write(buf)
+                await self._writer.drain()
+                reply = await asyncio.wait_for(_next_message(self._conn, self._reader), timeout)
+            except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
+                await self.close()
+                raise PeerError(f"link to {self.peer or self.ip} failed: {e!r}", "it is retried") from None
+            if isinstance(reply, P.Closed):
+                await self.close()
+                raise PeerError(f"peer {self.peer or self.ip} closed the link", "it is retried")
+            if isinstance(reply, P.ErrorReply):
+                raise PeerError(f"peer {self.peer}: {reply.what}", reply.remedy)
+            return reply
+
+    async def push(self, msg: Any) -> None:
+        async with self._lock:
+            if not self.connected:
+                await self.connect()
+            assert self._conn is not None and self._writer is not None
+            for buf in self._conn.send_buffers(msg):
+                self._writer.write(buf)
+            await self._writer.drain()
+
+    async def close(self) -> None:
+        w, self._writer = self._writer, None
+        self._reader = None
+        if w is not None:
+            try:
+                if self._conn is not None:
+                    w.write(self._conn.send(P.Bye(reason="closing")))
+            except Exception:
+                pass
+            w.close()
+            try:
+                await asyncio.wait_for(w.wait_closed(), 2)
+            except (Exception, asyncio.CancelledError):
+                pass

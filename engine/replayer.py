@@ -1,0 +1,151 @@
+"""A secondary's replayer: applies its local log copies, in order, onto its data device.
+
+The secondary is always a consistent, maybe older, copy because replay applies whole records in
+the primary's order and nothing else touches the device. The replay position (``replay-<host>``)
+advances only after the device is synced, exactly as on the primary, so a crash of the secondary
+replays a little twice and loses nothing (replay is idempotent).
+
+It reads only what the fetcher has completely written (the fetcher tells it how far), and moves
+to the next log file only when the current one is finished: its origin wrote a version entry
+whose length this copy has reached. A damaged record stops replay at that record, with the
+reason in the tree; it never applies a record that failed its checks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import Executor
+from pathlib import Path
+
+from . import logformat as lf
+from .device import DataDevice
+from .logfiles import ReplayLink, list_logs, log_name, read_replay, replay_path, version_path
+from .logger import apply_record
+from .tree import Tree, actual, res_dir
+
+log = logging.getLogger("mars.replayer")
+
+READ_CHUNK = 4 << 20
+
+
+def finished_length(tree: Tree, res: str, seq: int, origin: str) -> int | None:
+    """The final length of log ``seq`` of ``origin``, once its version entry exists."""
+    v = tree.get(version_path(res, seq, origin))
+    if v is None:
+        return None
+    try:
+        return int(v.split(":", 1)[0].rsplit(",", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+class Replayer:
+    def __init__(self, tree: Tree, res: str, device: DataDevice, executor: Executor,
+                 available: "callable[[str], int]", checkpoint_interval: float = 1.0) -> None:
+        self.tree = tree
+        self.res = res
+        self.device = device
+        self.executor = executor
+        self.available = available  # bytes of a local log copy that are completely written
+        self.checkpoint_interval = checkpoint_interval
+        self.wake = asyncio.Event()
+        self.damage: lf.LogCorruption | None = None
+        self.applied_bytes = 0
+        self.position: ReplayLink | None = None
+
+    def _dir(self) -> Path:
+        return self.tree.root / res_dir(self.res)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        link = read_replay(self.tree, self.res, self.tree.host)
+        if link is None:
+            logs = list_logs(self.tree, self.res)
+            if not logs:
+                return
+            link = ReplayLink(logs[0].seq, logs[0].origin, 0, 0)
+        self.position = link
+        synced = link
+        last_sync = loop.time()
+        reader = lf.RecordReader(log_name(link.seq, link.origin), start_offset=link.pos)
+        read_at = link.pos
+        while True:
+            name = log_name(self.position.seq, self.position.origin)
+            path = self._dir() / name
+            avail = self.available(name) if path.exists() else 0
+            progressed = False
+            if avail > read_at:
+                n = min(READ_CHUNK, avail - read_at)
+                data = await loop.run_in_executor(self.executor, _pread, path, n, read_at)
+                read_at += len(data)
+                reader.receive_data(data)
+                try:
+                    batch = []
+                    while True:
+                        ev = reader.next_event()
+                        if ev is lf.NEED_DATA or ev is lf.END:
+                            break
+                        batch.append(ev)
+                except lf.LogCorruption as e:
+                    await loop.run_in_executor(self.executor, self._apply, batch)
+                    self._stopped(e)
+                    return
+                if batch:
+                    await loop.run_in_executor(self.executor, self._apply, batch)
+                    self.position = ReplayLink(self.position.seq, self.position.origin, batch[-1].end, 0)
+                    progressed = True
+            else:
+                final = finished_length(self.tree, self.res, self.position.seq, self.position.origin)
+                if final is not None and self.position.pos >= final:
+                    nxt = self._next_file()
+                    if nxt is not None:
+                        self.position = ReplayLink(nxt[0], nxt[1], 0, 0)
+                        reader = lf.RecordReader(log_name(*nxt), start_offset=0)
+                        read_at = 0
+                        progressed = True
+            now = loop.time()
+            if self.position != synced and (now - last_sync >= self.checkpoint_interval or not progressed):
+                await loop.run_in_executor(self.executor, self._checkpoint, self.position)
+                synced = self.position
+                last_sync = now
+            if not progressed:
+                self.wake.clear()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self.checkpoint_interval)
+                except asyncio.TimeoutError:
+                    pass
+
+    def _next_file(self) -> tuple[int, str] | None:
+        seq = self.position.seq + 1
+        for f in list_logs(self.tree, self.res):
+            if f.seq == seq:
+                return f.seq, f.origin
+        return None
+
+    def _apply(self, batch: list[lf.Decoded]) -> None:
+        for d in batch:
+            apply_record(self.device, d.record)
+            self.applied_bytes += d.record.length
+
+    def _checkpoint(self, pos: ReplayLink) -> None:
+        self.device.fdatasync()
+        self.tree.set(replay_path(self.res, self.tree.host), pos, durable=False)
+
+    def _stopped(self, e: lf.LogCorruption) -> None:
+        self.damage = e
+        log.error("resource %s: replay stopped: %s", self.res, e)
+        self.tree.set(actual(self.res, self.tree.host, "replay-code"), f"-1,{e.code},{e.offset}", durable=False)
+        self.tree.set(actual(self.res, self.tree.host, "msg-err-replay-stop"),
+                      f"replay stopped: {e}; the data device holds the state before that record", durable=False)
+        if self.position is not None:
+            self._checkpoint(self.position)
+
+
+def _pread(path: Path, n: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, n, offset)
+    finally:
+        os.close(fd)

@@ -1,0 +1,115 @@
+"""One resource on a secondary: its data device with a syncer, a fetcher and a replayer.
+
+The three run as independent tasks, each switched by its own todo entry (sync, connect,
+allow-replay), so an operator can pause any of them alone. Replay waits for the sync: while the
+sync copies chunks the device is inconsistent, and replay starts only after the last chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from .device import DataDevice
+from .fetcher import Fetcher
+from .peerlink import PeerClient
+from .replayer import Replayer
+from .syncer import Syncer
+from .tree import Tree, actual, res_dir
+
+log = logging.getLogger("mars.secondary")
+
+
+class SecondaryRuntime:
+    role = "secondary"
+
+    def __init__(self, tree: Tree, res: str, data_path: str, size: int, executor: Executor,
+                 connect: Callable[[], PeerClient], checkpoint_interval: float = 1.0) -> None:
+        self.tree = tree
+        self.res = res
+        self.data_path = data_path
+        self.size = size
+        self.executor = executor
+        self.connect = connect
+        self.checkpoint_interval = checkpoint_interval
+        self.device: DataDevice | None = None
+        self.fetcher: Fetcher | None = None
+        self.syncer: Syncer | None = None
+        self.replayer: Replayer | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.serving = False  # secondaries export nothing
+        self.sessions: set = set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.device = await loop.run_in_executor(self.executor, DataDevice, self.data_path, self.res)
+        self.fetcher = Fetcher(self.tree, self.res, self.executor, self.connect, self._data_arrived)
+
+    def _data_arrived(self) -> None:
+        if self.replayer is not None:
+            self.replayer.wake.set()
+
+    def sync_needed(self) -> bool:
+        return self.tree.get_int(f"{res_dir(self.res)}/syncstatus-{self.tree.host}") < self.size
+
+    def update(self, want_sync: bool, want_fetch: bool, want_replay: bool) -> None:
+        """Start or stop the three tasks to match the switches (called every reconcile round)."""
+        assert self.device is not None and self.fetcher is not None
+        syncing = self.sync_needed()
+        self._switch("fetch", want_fetch, self.fetcher.run)
+        if syncing:
+            self._switch("replay", False, None)
+            if want_sync and "sync" not in self._tasks:
+                self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor, self.connect)
+            self._switch("sync", want_sync, self.syncer.run if self.syncer else None)
+        else:
+            self._switch("sync", False, None)
+            if want_replay and "replay" not in self._tasks:
+                self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
+                                         self.checkpoint_interval)
+            self._switch("replay", want_replay, self.replayer.run if self.replayer else None)
+
+    def _switch(self, name: str, on: bool, run: Callable[[], object] | None) -> None:
+        task = self._tasks.get(name)
+        if task is not None and task.done():
+            if not task.cancelled() and task.exception() is not None:
+                log.error("resource %s: %s task failed: %r", self.res, name, task.exception())
+            del self._tasks[name]
+            task = None
+            if name == "sync":
+                return  # finished: the next round sees the sync complete
+        if on and task is None and run is not None:
+            self._tasks[name] = asyncio.get_running_loop().create_task(run(), name=f"{name}-{self.res}")
+        elif not on and task is not None:
+            task.cancel()
+            del self._tasks[name]
+
+    def running(self, name: str) -> bool:
+        t = self._tasks.get(name)
+        return t is not None and not t.done()
+
+    def publish(self) -> None:
+        t, h, r = self.tree, self.tree.host, self.res
+        t.set(actual(r, h, "is-syncing"), int(self.running("sync")), durable=False)
+        t.set(actual(r, h, "is-copying"), int(self.running("fetch")), durable=False)
+        t.set(actual(r, h, "is-replaying"), int(self.running("replay")), durable=False)
+        if self.fetcher and self.fetcher.error:
+            t.set(actual(r, h, "msg-warn-fetch"), self.fetcher.error, durable=False)
+        else:
+            t.delete(actual(r, h, "msg-warn-fetch"), durable=False)
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        if self.device is not None:
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.device.fdatasync)
+            self.device.close()
+            self.device = None

@@ -1,0 +1,112 @@
+"""Three real marsd processes on 127.0.0.2-4: join, fast full sync, fetch and replay until identical."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import ssl
+import subprocess
+
+import pytest
+
+from harness import Node, run, wait_until
+
+SIZE = 64 << 20
+
+
+def sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def cluster(workdir):
+    base, nodes = workdir
+    a = Node(base, "a", "127.0.0.2")
+    b = Node(base, "b", "127.0.0.3")
+    c = Node(base, "c", "127.0.0.4")
+    nodes.extend([a, b, c])
+    a.create_cluster()
+    a.start()
+    for n in (b, c):
+        n.join_cluster(a)
+        n.start()
+    return a, b, c
+
+
+def caught_up(primary: Node, sec: Node, res: str) -> bool:
+    want = primary.tree_value(f"resource-{res}/replay-{primary.host}")
+    return (sec.tree_value(f"resource-{res}/syncstatus-{sec.host}") == primary.tree_value(f"resource-{res}/size")
+            and sec.tree_value(f"resource-{res}/replay-{sec.host}") == want)
+
+
+def test_join_cluster_shares_the_tree(cluster):
+    a, b, c = cluster
+    for n in (a, b, c):
+        for other in (a, b, c):
+            wait_until(lambda: n.tree_value(f"ips/ip-{other.host}") == other.ip, 20,
+                       f"{n.host} to know {other.host}'s address")
+        assert n.tree_value("uuid") == a.tree_value("uuid")
+    # Liveness of every node is visible everywhere.
+    wait_until(lambda: c.tree_value("actual-b/alive") == "1", 20, "c to see b alive")
+
+
+def test_three_nodes_converge_while_writing(cluster):
+    a, b, c = cluster
+    a.marsadm("create-resource", "r", str(a.base / "a.img"), str(SIZE))
+    src = a.base / "src.img"
+    src.write_bytes(os.urandom(SIZE // 2))
+    run(["nbdcopy", str(src), a.uri("r")])
+    for n in (b, c):
+        wait_until(lambda: n.tree_value("resource-r/size") == str(SIZE), 20, f"{n.host} to learn resource r")
+        n.marsadm("join-resource", "r", str(n.base / f"{n.host}.img"))
+    # More writes while the secondaries sync and fetch.
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x77 40M 4M", "-c", "write -P 0x55 1M 1M", a.uri("r")])
+    a.marsadm("log-rotate", "r")
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 50M 2M", a.uri("r")])
+    for n in (b, c):
+        wait_until(lambda: caught_up(a, n, "r"), 90, f"{n.host} to catch up")
+    want = sha(a.base / "a.img")
+    for n in (b, c):
+        assert sha(n.base / f"{n.host}.img") == want, f"{n.host} differs from the primary"
+
+
+def test_a_host_without_the_credential_gets_nothing(cluster, tmp_path):
+    a, b, c = cluster
+    # Plain TCP: the TLS handshake never completes, no tree byte comes back.
+    s = socket.create_connection((a.ip, 7777), timeout=5)
+    s.sendall(b"\x00\x00\x00\x10" + b"\x02" + b"\x00\x00\x00\x02{}" + b"x" * 9)
+    s.settimeout(5)
+    got = b""
+    try:
+        while chunk := s.recv(4096):
+            got += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    s.close()
+    assert b"ips/" not in got and b"uuid" not in got
+    # TLS with a certificate of another cluster: refused at the handshake.
+    other = Node(a.base, "x", "127.0.0.9")
+    other.create_cluster()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(other.mars_dir / "cluster" / "node-x.pem", other.mars_dir / "cluster" / "node-x.key")
+    raw = socket.create_connection((a.ip, 7777), timeout=5)
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        tls = ctx.wrap_socket(raw)
+        tls.sendall(b"\x00" * 64)
+        assert tls.recv(4096) == b""
+        raise ConnectionResetError("closed without data")
+    raw.close()
+    # join-cluster with the wrong credential fails with a message, not a traceback.
+    wrong = other.marsadm("export-secret").stdout
+    (a.base / "wrong.pem").write_text(wrong)
+    d = Node(a.base, "d", "127.0.0.5")
+    r = d.marsadm("--ip", d.ip, "join-cluster", a.ip, "--secret-file", str(a.base / "wrong.pem"), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert d.tree_value("uuid") is None
