@@ -95,6 +95,16 @@ class SecondaryRuntime:
         t.set(actual(r, h, "is-syncing"), int(self.running("sync")), durable=False)
         t.set(actual(r, h, "is-copying"), int(self.running("fetch")), durable=False)
         t.set(actual(r, h, "is-replaying"), int(self.running("replay")), durable=False)
+        # Counters of this marsd's life: what crossed the link, for operators and for tests that
+        # prove a resumed sync or fetch does not copy everything again.
+        if self.syncer is not None:
+            t.set(actual(r, h, "sync-copied-bytes"), self.syncer.bytes_copied, durable=False)
+            t.set(actual(r, h, "sync-chunks-equal"), self.syncer.chunks_equal, durable=False)
+            t.set(actual(r, h, "sync-chunks-copied"), self.syncer.chunks_differ, durable=False)
+        if self.fetcher is not None:
+            t.set(actual(r, h, "fetch-bytes"), self.fetcher.fetched_bytes, durable=False)
+        if self.replayer is not None:
+            t.set(actual(r, h, "replay-bytes"), self.replayer.applied_bytes, durable=False)
         if self.fetcher and self.fetcher.error:
             t.set(actual(r, h, "msg-warn-fetch"), self.fetcher.error, durable=False)
         else:

@@ -35,10 +35,13 @@ def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "c
 class Node:
     """One MARS node: its tree under ``base/<host>``, its marsd process, its marsadm."""
 
-    def __init__(self, base: Path, host: str = "a", ip: str = "127.0.0.2") -> None:
+    def __init__(self, base: Path, host: str = "a", ip: str = "127.0.0.2", port: int | None = None) -> None:
         self.base = base
         self.host = host
         self.ip = ip
+        # One peer port per test directory: nodes of one cluster share it (as they share 7777 in
+        # production), and test runs that happen side by side on one machine do not collide.
+        self.port = port if port is not None else cluster_port(base)
         self.mars_dir = base / host
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = base / f"marsd-{host}.log"
@@ -72,12 +75,12 @@ class Node:
         secret = self.base / f"secret-{self.host}.pem"
         secret.write_text(other.marsadm("export-secret").stdout)
         os.chmod(secret, 0o600)
-        self.marsadm("--ip", self.ip, "join-cluster", other.ip, "--secret-file", str(secret))
+        self.marsadm("--ip", self.ip, "join-cluster", f"{other.ip}:{other.port}", "--secret-file", str(secret))
 
     def start(self, *extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None, "marsd already running"
         args = [str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host,
-                "--interval", "0.2", *self.extra_args, *extra]
+                "--port", str(self.port), "--interval", "0.2", *self.extra_args, *extra]
         # A killed marsd leaves its socket behind; its presence must mean the new one listens.
         self.nbd_sock.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
@@ -122,6 +125,21 @@ class Node:
 
     def wait_value(self, rel: str, value: str, timeout: float = 30) -> None:
         wait_until(lambda: self.tree_value(rel) == value, timeout, f"{rel} == {value} on {self.host}")
+
+
+def cluster_port(base: Path) -> int:
+    """A free TCP port, the same for every node created under ``base``."""
+    f = base / ".port"
+    try:
+        return int(f.read_text())
+    except (FileNotFoundError, ValueError):
+        pass
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    f.write_text(str(port))
+    return port
 
 
 def short_tempdir() -> Path:

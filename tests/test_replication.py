@@ -78,7 +78,7 @@ def test_three_nodes_converge_while_writing(cluster):
 def test_a_host_without_the_credential_gets_nothing(cluster, tmp_path):
     a, b, c = cluster
     # Plain TCP: the TLS handshake never completes, no tree byte comes back.
-    s = socket.create_connection((a.ip, 7777), timeout=5)
+    s = socket.create_connection((a.ip, a.port), timeout=5)
     s.sendall(b"\x00\x00\x00\x10" + b"\x02" + b"\x00\x00\x00\x02{}" + b"x" * 9)
     s.settimeout(5)
     got = b""
@@ -96,7 +96,7 @@ def test_a_host_without_the_credential_gets_nothing(cluster, tmp_path):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.load_cert_chain(other.mars_dir / "cluster" / "node-x.pem", other.mars_dir / "cluster" / "node-x.key")
-    raw = socket.create_connection((a.ip, 7777), timeout=5)
+    raw = socket.create_connection((a.ip, a.port), timeout=5)
     with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
         tls = ctx.wrap_socket(raw)
         tls.sendall(b"\x00" * 64)
@@ -107,6 +107,7 @@ def test_a_host_without_the_credential_gets_nothing(cluster, tmp_path):
     wrong = other.marsadm("export-secret").stdout
     (a.base / "wrong.pem").write_text(wrong)
     d = Node(a.base, "d", "127.0.0.5")
-    r = d.marsadm("--ip", d.ip, "join-cluster", a.ip, "--secret-file", str(a.base / "wrong.pem"), check=False)
+    r = d.marsadm("--ip", d.ip, "join-cluster", f"{a.ip}:{a.port}", "--secret-file", str(a.base / "wrong.pem"),
+                  check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert d.tree_value("uuid") is None
