@@ -32,7 +32,7 @@ RETRY_S = 1.0
 
 
 class Fetcher:
-    def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[], PeerClient],
+    def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[str], PeerClient],
                  on_data: Callable[[], None]) -> None:
         self.tree = tree
         self.res = res
@@ -46,6 +46,16 @@ class Fetcher:
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
+
+    def sources(self) -> list[str]:
+        """The connect list (``connect-<host>``) in order, then the primary: on failure the next."""
+        d = res_dir(self.res)
+        prefs = [h for h in (self.tree.get(f"{d}/connect-{self.tree.host}") or "").split(",")
+                 if h and h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None]
+        primary = self.tree.get(f"{d}/primary")
+        if primary and primary not in prefs:
+            prefs.append(primary)
+        return prefs
 
     def available(self, name: str) -> int:
         return self.complete.get(name, 0)
@@ -74,20 +84,31 @@ class Fetcher:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         client: PeerClient | None = None
+        attempt = 0
         while True:
             try:
                 seq, origin = await loop.run_in_executor(self.executor, self._start_position)
                 if client is None:
-                    client = self.connect()
-                self.source = client.ip
+                    sources = self.sources()
+                    if not sources:
+                        raise PeerError("no node to fetch from", "the resource has no primary")
+                    self.source = sources[attempt % len(sources)]
+                    client = self.connect(self.source)
                 await self._stream(client, seq, origin)
+                # Returned: a more preferred source is listed now; go to it from the start.
+                await client.close()
+                client = None
+                attempt = 0
             except (PeerError, OSError) as e:
-                self.error = str(e)
-                log.warning("resource %s: fetch: %s", self.res, e)
+                self.error = f"from {self.source}: {e}"
+                log.warning("resource %s: fetch from %s: %s", self.res, self.source, e)
                 if client is not None:
                     await client.close()
                     client = None
-                await asyncio.sleep(RETRY_S)  # back-off before reconnecting
+                attempt += 1
+                if attempt % max(1, len(self.sources())):
+                    continue  # the next source in the list, at once
+                await asyncio.sleep(RETRY_S)  # all failed: back-off before the next round
             except lf.LogCorruption as e:
                 self.error = f"local log copy damaged: {e}"
                 log.error("resource %s: fetch stopped: %s", self.res, self.error)
@@ -109,6 +130,10 @@ class Fetcher:
                 self.on_data()
             elif not path.exists():
                 path.touch(mode=0o600)
+            preferred = self.sources()
+            if preferred and preferred[0] != self.source and preferred.index(self.source) > 0 \
+                    if self.source in preferred else bool(preferred):
+                return
             final = finished_length(self.tree, self.res, seq, origin)
             done = offset + len(reply.data)
             if (reply.finished or final is not None) and done >= (final if final is not None else reply.size):

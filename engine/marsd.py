@@ -23,6 +23,8 @@ from .. import __version__
 from . import peer as P
 from .credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from .errors import MarsError
+from .marsadm.base import parse_size
+from .logfiles import list_logs, read_replay
 from .nbdserver import NbdSession
 from .peerlink import DEFAULT_PORT, PeerClient, PeerError, PeerServer
 from .peerservices import PeerServices
@@ -47,6 +49,7 @@ class Daemon:
         self.peer_server: PeerServer | None = None
         self.peer_clients: dict[str, PeerClient] = {}
         self.services = PeerServices(self)
+        self.logrot_auto = 0
         self.nbd_listen = nbd_listen
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
@@ -222,23 +225,38 @@ class Daemon:
                 await self._start_resource(res, data, size, role)
                 rt = self.runtimes.get(res)
             if isinstance(rt, ResourceRuntime):
-                rt.rotate_if_requested()
+                rt.rotate_if_requested(self.logrot_auto)
             elif isinstance(rt, SecondaryRuntime):
                 sw = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
                 rt.update(sw["sync"], sw["connect"], sw["allow-replay"])
         for res in tree.resources():
             if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
+                self._delete_replayed_logs(res)
+
+    def _delete_replayed_logs(self, res: str) -> None:
+        """Follow a cluster-wide log-delete: drop local logs below the mark that we have replayed."""
+        below = self.tree.get_int(f"{res_dir(res)}/logs-deleted-below")
+        if not below:
+            return
+        mine = read_replay(self.tree, res, self.host)
+        if mine is None:
+            return
+        for f in list_logs(self.tree, res):
+            if f.seq < below and f.seq < mine.seq:
+                try:
+                    f.path.unlink()
+                    log.info("resource %s: deleted %s (replayed everywhere)", res, f.name)
+                except FileNotFoundError:
+                    pass
 
     async def _start_resource(self, res: str, data: str, size: int, role: str) -> None:
         rt: ResourceRuntime | SecondaryRuntime
         if role == "primary":
             rt = ResourceRuntime(self.tree, res, data, size, self.executor, self.checkpoint_interval)
         else:
-            primary = self.tree.get(f"{res_dir(res)}/primary") or ""
-            rt = SecondaryRuntime(self.tree, res, data, size, self.executor,
-                                  lambda: self.client_for(self.tree.get(f"{res_dir(res)}/primary") or primary),
-                                  self.checkpoint_interval)
+            rt = SecondaryRuntime(self.tree, res, data, size, self.executor, self.client_for,
+                                  self.checkpoint_interval, self._may_sync)
         attach = self.tree.entry(todo(res, self.host, "attach"))
         try:
             await rt.start()
@@ -258,6 +276,12 @@ class Daemon:
             log.info("resource %s: attached %s, serving NBD export %r", res, data, res)
         else:
             log.info("resource %s: attached %s as secondary", res, data)
+
+    def _may_sync(self) -> bool:
+        """The host's sync limit (defaults-<host>/sync-limit, 0 = none): how many syncs at once."""
+        limit = self.tree.get_int(f"defaults-{self.host}/sync-limit")
+        running = sum(1 for rt in self.runtimes.values() if isinstance(rt, SecondaryRuntime) and rt.running("sync"))
+        return limit <= 0 or running < limit
 
     async def _stop_resource(self, res: str) -> None:
         rt = self.runtimes.pop(res, None)
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=float, default=1.0, help="seconds between reconcile rounds (default 1)")
     p.add_argument("--checkpoint-interval", type=float, default=1.0,
                    help="minimum seconds between data-device syncs that advance the replay position")
+    p.add_argument("--logrot-auto", default="4G", metavar="SIZE",
+                   help="rotate a log file automatically once it is this large (default 4G; 0 = never)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"marsd {__version__}")
     args = p.parse_args(argv)
@@ -318,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
         tree = Tree(mars_dir, host)
         daemon = Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip)
+        daemon.logrot_auto = 0 if args.logrot_auto in ("0", "") else parse_size(args.logrot_auto)
         asyncio.run(daemon.run())
     except MarsError as e:
         print(f"marsd: {e}", file=sys.stderr)

@@ -79,9 +79,10 @@ class PeerServices:
             raise MarsError(f"{msg.name!r} is not a log file name", "ask for log-NNNNNNNNN-<host>")
         seq, origin = parsed
         path = tree.root / res_dir(msg.res) / msg.name
-        if not path.exists():
+        if not path.exists() and (origin == tree.host or getattr(self.d.runtimes.get(msg.res), "fetcher", None) is None):
             raise MarsError(f"no log file {msg.name} of resource {msg.res} here",
                             "it was deleted or not yet created; fetch from the primary")
+        # A copy our own fetcher has not started yet is simply empty for now: wait for it.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(msg.wait_ms, 10_000) / 1000
         while True:
@@ -101,20 +102,28 @@ class PeerServices:
                          finished=finished, data=data)
 
     def _limit(self, res: str, seq: int, origin: str, path) -> tuple[int, bool]:
+        """How far a log may be served from here, and whether it will grow no more.
+
+        Our own log: up to what is acknowledged. A copy (we are an intermediate in a connect
+        list): up to what our fetcher has completely written, never a half-written tail.
+        """
         tree = self.d.tree
         final = finished_length(tree, res, seq, origin)
-        size = path.stat().st_size
         rt = self.d.runtimes.get(res)
-        if final is not None:
-            return min(final, size), size >= final
-        if origin == tree.host and rt is not None and hasattr(rt, "fetch_limit"):
-            lim = rt.fetch_limit(seq)
-            if lim is not None:
-                return min(lim, size), False
+        if not path.exists():
+            return 0, False
         if origin == tree.host:
-            return 0, False  # our own log, not attached: nothing durable to vouch for yet
+            if final is not None:
+                return final, True
+            lim = rt.fetch_limit(seq) if rt is not None and hasattr(rt, "fetch_limit") else None
+            return (lim if lim is not None else 0), False
         fetcher = getattr(rt, "fetcher", None)
-        return (fetcher.available(path.name) if fetcher else 0), False
+        have = fetcher.available(path.name) if fetcher is not None else 0
+        if final is not None and fetcher is None and path.stat().st_size >= final:
+            have = final  # a complete copy at rest
+        if final is not None:
+            return min(have, final), have >= final
+        return have, False
 
 
 def _pread(path, n: int, offset: int) -> bytes:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from . import logformat as lf
 from .device import DataDevice
-from .logfiles import ReplayLink, list_logs, log_name, read_replay, replay_path, version_path
-from .logger import apply_record
+from .logfiles import (ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path, version_digest,
+                       version_path, version_value)
+from .logger import apply_record, first_record
 from .tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.replayer")
@@ -101,6 +102,7 @@ class Replayer:
                 if final is not None and self.position.pos >= final:
                     nxt = self._next_file()
                     if nxt is not None:
+                        await loop.run_in_executor(self.executor, self._write_version, self.position)
                         self.position = ReplayLink(nxt[0], nxt[1], 0, 0)
                         reader = lf.RecordReader(log_name(*nxt), start_offset=0)
                         read_at = 0
@@ -123,6 +125,23 @@ class Replayer:
             if f.seq == seq:
                 return f.seq, f.origin
         return None
+
+    def _write_version(self, pos: ReplayLink) -> None:
+        """Our own version entry for a log we replayed completely, digested from our copy.
+
+        Equal to the origin's entry when the histories are equal; a different string for the same
+        number is how a split brain or a damaged copy shows.
+        """
+        if self.tree.get(version_path(self.res, pos.seq, self.tree.host)) is not None:
+            return
+        prev = self.tree.get(version_path(self.res, pos.seq - 1, self.tree.host)) or \
+            self.tree.get(version_path(self.res, pos.seq - 1, pos.origin))
+        hasher = VersionHasher(version_digest(prev))
+        path = self._dir() / log_name(pos.seq, pos.origin)
+        r = lf.scan_file(path, 0, first_record(pos.seq), lambda d: hasher.update(d.check))
+        if r.error is None:
+            self.tree.set(version_path(self.res, pos.seq, self.tree.host),
+                          version_value(hasher.hexdigest(), pos.seq, pos.origin, r.end, prev))
 
     def _apply(self, batch: list[lf.Decoded]) -> None:
         for d in batch:

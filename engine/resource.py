@@ -19,11 +19,11 @@ from concurrent.futures import Executor
 from . import logformat as lf
 from . import nbd
 from .device import DataDevice
-from .logfiles import LogPos, ReplayLink, list_logs, replay_path
+from .logfiles import LogPos, ReplayLink, list_logs, log_name, replay_path
 from .logger import Logger, LogWriteError
 from .nbdserver import NbdSession
 from .recovery import recover
-from .tree import Tree, actual
+from .tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.resource")
 
@@ -115,12 +115,20 @@ class ResourceRuntime:
         acked = self.logger.acked
         return acked.offset if acked.seq == seq else None
 
-    def rotate_if_requested(self) -> None:
-        """marsadm log-rotate creates an empty next log file; switch to it."""
+    def rotate_if_requested(self, auto_bytes: int = 0) -> None:
+        """Switch to a newer log file: one marsadm log-rotate created, or one we create because
+        the current file has grown past ``auto_bytes`` (automatic rotation; 0 = off)."""
         if self.logger is None:
             return
         own = [f for f in list_logs(self.tree, self.res) if f.origin == self.tree.host]
-        if own and own[-1].seq > self.logger.state.seq:
+        cur = self.logger.state
+        if auto_bytes and own and own[-1].seq == cur.seq and cur.end >= auto_bytes:
+            nxt = cur.path.parent / log_name(cur.seq + 1, self.tree.host)
+            nxt.touch(mode=0o600)
+            self.tree.set(f"{res_dir(self.res)}/maxnr", cur.seq + 1)
+            log.info("resource %s: %s reached %d bytes; rotating", self.res, cur.path.name, cur.end)
+            own = [f for f in list_logs(self.tree, self.res) if f.origin == self.tree.host]
+        if own and own[-1].seq > cur.seq:
             self.logger.request_rotate(own[-1].seq)
 
     # -- checkpoints ---------------------------------------------------------------------------

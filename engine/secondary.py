@@ -26,13 +26,15 @@ class SecondaryRuntime:
     role = "secondary"
 
     def __init__(self, tree: Tree, res: str, data_path: str, size: int, executor: Executor,
-                 connect: Callable[[], PeerClient], checkpoint_interval: float = 1.0) -> None:
+                 connect: Callable[[str], PeerClient], checkpoint_interval: float = 1.0,
+                 may_sync: Callable[[], bool] = lambda: True) -> None:
         self.tree = tree
         self.res = res
         self.data_path = data_path
         self.size = size
         self.executor = executor
         self.connect = connect
+        self.may_sync = may_sync
         self.checkpoint_interval = checkpoint_interval
         self.device: DataDevice | None = None
         self.fetcher: Fetcher | None = None
@@ -62,7 +64,11 @@ class SecondaryRuntime:
         if syncing:
             self._switch("replay", False, None)
             if want_sync and "sync" not in self._tasks:
-                self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor, self.connect)
+                if not self.may_sync():
+                    return  # the host's sync limit is reached; the next round tries again
+                primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
+                self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor,
+                                     lambda: self.connect(primary))
             self._switch("sync", want_sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
@@ -103,6 +109,8 @@ class SecondaryRuntime:
             t.set(actual(r, h, "sync-chunks-copied"), self.syncer.chunks_differ, durable=False)
         if self.fetcher is not None:
             t.set(actual(r, h, "fetch-bytes"), self.fetcher.fetched_bytes, durable=False)
+            if self.fetcher.source:
+                t.set(actual(r, h, "fetch-source"), self.fetcher.source, durable=False)
         if self.replayer is not None:
             t.set(actual(r, h, "replay-bytes"), self.replayer.applied_bytes, durable=False)
         if self.fetcher and self.fetcher.error:

@@ -31,7 +31,7 @@ from .tree import Tree, res_dir
 log = logging.getLogger("mars.syncer")
 
 CHUNK = 1 << 20
-WINDOW = 4096  # chunks per digest request: 4 GiB of device per round trip
+WINDOW = 16384  # chunks per digest request: 16 GiB of device per round trip (holes cost nothing)
 RETRY_S = 1.0
 PUBLISH_S = 1.0
 

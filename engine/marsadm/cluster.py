@@ -104,3 +104,27 @@ def export_secret_cmd(ctx: Ctx) -> None:
         print(secret_to_token(secret))
     else:
         sys.stdout.write(secret.decode())
+
+
+@command("leave-cluster", "remove this host from the cluster (no resource memberships left; --host <dead> --force "
+         "on a survivor removes a dead node)")
+def leave_cluster(ctx: Ctx) -> None:
+    tree = ctx.tree
+    member_of = [r for r in tree.resources() if ctx.host in tree.members(r)]
+    if member_of and not ctx.force:
+        raise ctx.fail(f"host {ctx.host} is still a member of {', '.join(member_of)}",
+                       "run 'marsadm leave-resource' for each first (with --host and --force for a dead node)")
+    tree.delete(f"ips/ip-{ctx.host}")
+    for n in tree.names(f"actual-{ctx.host}"):
+        tree.delete(f"actual-{ctx.host}/{n}", durable=False)
+    ctx.poke()
+    ctx.say(f"host {ctx.host} left the cluster; the others forget it on their next exchange")
+
+
+@command("set-global-sync-limit-value", "how many full syncs may run at once on this host (0: no limit)",
+         ("value", {"type": int, "help": "number of concurrent syncs, 0 = unlimited"}))
+def set_sync_limit(ctx: Ctx) -> None:
+    if ctx.args.value < 0:
+        raise UsageError(f"sync limit {ctx.args.value} is negative", "give 0 (no limit) or a positive number")
+    ctx.tree.set(f"defaults-{ctx.host}/sync-limit", ctx.args.value)
+    ctx.poke()

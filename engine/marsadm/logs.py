@@ -53,6 +53,11 @@ def _delete(ctx: Ctx, only_oldest: bool) -> None:
         total += f.size()
         f.path.unlink()
         ctx.say(f"{ctx.res}: deleted {f.name}")
+    # Every member deletes its own copies below this number too, once it has replayed them.
+    below = max(f.seq for f in files) + 1
+    if below > tree.get_int(f"{res_dir(ctx.res)}/logs-deleted-below"):
+        tree.set(f"{res_dir(ctx.res)}/logs-deleted-below", below)
+    ctx.poke()
     ctx.say(f"{ctx.res}: {len(files)} log file(s) deleted, {fmt_bytes(total)} freed")
 
 

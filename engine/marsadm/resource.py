@@ -9,7 +9,7 @@ from pathlib import Path
 from ..device import device_size
 from ..logfiles import ReplayLink, list_logs, log_name, replay_path
 from ..tree import DELETED, check_name, require_cluster, res_dir, todo
-from .base import Ctx, command, fmt_bytes, parse_size
+from .base import RES_ARG, Ctx, command, fmt_bytes, parse_size
 from .switches import SWITCHES, _attached, _refuse_if_open
 
 MIN_SIZE = 64 * 1024
@@ -160,3 +160,108 @@ def join_resource(ctx: Ctx) -> None:
     ctx.say(f"joined resource {res} as secondary of {primary}: {fmt_bytes(size)} on {dev}"
             f"{' (new sparse image)' if created else ''}; fast full sync starts")
     ctx.wait(f"attach resource {res}", lambda: _attached(ctx), ctx.attach_error)
+
+
+def _secondary_only(ctx: Ctx) -> str:
+    primary = ctx.tree.get(f"{res_dir(ctx.res)}/primary") or ""
+    if primary == ctx.host:
+        raise ctx.fail(f"host {ctx.host} is the primary of {ctx.res}",
+                       "this command is for secondaries; the primary's data is the reference")
+    return primary
+
+
+@command("fake-sync", "mark this secondary as synced without copying (experts: only if the data is known equal)",
+         RES_ARG, per_resource=True)
+def fake_sync(ctx: Ctx) -> None:
+    _secondary_only(ctx)
+    if not ctx.force:
+        raise ctx.fail("fake-sync declares the data equal to the primary's without checking",
+                       "pass --force if you know it is (e.g. both were zeroed); otherwise let the sync run")
+    d = res_dir(ctx.res)
+    ctx.tree.set(f"{d}/syncstatus-{ctx.host}", ctx.tree.get_int(f"{d}/size"))
+    ctx.say(f"{ctx.res}: marked as synced")
+
+
+@command("invalidate", "discard this secondary's data and resync it from the primary (fast full sync)",
+         RES_ARG, per_resource=True)
+def invalidate(ctx: Ctx) -> None:
+    primary = _secondary_only(ctx)
+    tree = ctx.tree
+    d = res_dir(ctx.res)
+    link = ReplayLink.parse(tree.get(replay_path(ctx.res, primary)))
+    if link is None:
+        raise ctx.fail(f"the primary {primary} has published no log position", "wait until it runs and is reachable")
+    was = tree.get(todo(ctx.res, ctx.host, "allow-replay")) == "1"
+    # Replay must be stopped first, or its next checkpoint would overwrite the new start position.
+    tree.set(todo(ctx.res, ctx.host, "allow-replay"), 0)
+    if _attached(ctx):
+        ctx.wait(f"stop replaying {ctx.res}", lambda: ctx.actual("is-replaying") != "1")
+    tree.set(replay_path(ctx.res, ctx.host), ReplayLink(link.seq, link.origin, 0, 0), restamp=True)
+    tree.set(f"{d}/syncstatus-{ctx.host}", 0, restamp=True)
+    tree.delete(f"{d}/syncpos-{ctx.host}")
+    tree.delete(f"resource-{ctx.res}/actual-{ctx.host}/msg-err-replay-stop")
+    if was:
+        tree.set(todo(ctx.res, ctx.host, "allow-replay"), 1)
+    ctx.say(f"{ctx.res}: invalidated; a fast full sync from {primary} starts, then replay from {link}")
+    ctx.poke()
+
+
+@command("leave-resource", "stop being a member of a resource (down first; --host <dead> --force for a dead node)",
+         RES_ARG, per_resource=True)
+def leave_resource(ctx: Ctx) -> None:
+    tree = ctx.tree
+    d = res_dir(ctx.res)
+    if tree.get(f"{d}/primary") == ctx.host and not ctx.force:
+        raise ctx.fail(f"host {ctx.host} is the primary", "make another node primary first, or delete the resource")
+    if (tree.get(todo(ctx.res, ctx.host, "attach")) == "1" or _attached(ctx)) and not ctx.force:
+        raise ctx.fail("the resource is still up on this host", f"run 'marsadm down {ctx.res}' first")
+    if _attached(ctx):
+        for s in reversed(SWITCHES):
+            tree.set(todo(ctx.res, ctx.host, s), 0)
+        ctx.wait(f"detach resource {ctx.res}", lambda: not _attached(ctx))
+    for name in (f"data-{ctx.host}", f"device-{ctx.host}", f"replay-{ctx.host}", f"syncstatus-{ctx.host}",
+                 f"syncpos-{ctx.host}", f"connect-{ctx.host}"):
+        tree.delete(f"{d}/{name}")
+    for sub in (f"todo-{ctx.host}", f"actual-{ctx.host}"):
+        for n in tree.names(f"{d}/{sub}"):
+            tree.delete(f"{d}/{sub}/{n}", durable=False)
+    if ctx.host == tree.host:
+        for f in list_logs(tree, ctx.res):
+            if f.origin != ctx.host:
+                f.path.unlink(missing_ok=True)
+    ctx.poke()
+    ctx.say(f"{ctx.res}: host {ctx.host} left the resource; its log positions no longer hold logs back")
+
+
+@command("set-connect-pref-list", "where this host fetches from: an ordered list of nodes (empty: the primary)",
+         RES_ARG, ("hosts", {"nargs": "?", "default": "", "help": "comma-separated host names, e.g. b,a"}),
+         per_resource=True)
+def set_connect_pref_list(ctx: Ctx) -> None:
+    tree = ctx.tree
+    hosts = [check_name("host", h) for h in ctx.args.hosts.split(",") if h]
+    if ctx.host in hosts:
+        raise ctx.fail("a host cannot fetch from itself", "leave it out of the list")
+    members = tree.members(ctx.res)
+    unknown = [h for h in hosts if h not in members]
+    if unknown:
+        raise ctx.fail(f"{', '.join(unknown)} not a member of {ctx.res}", f"members are {', '.join(members)}")
+    # Refuse cycles: following first choices from any listed host must not lead back here.
+    seen, h = {ctx.host}, hosts[0] if hosts else None
+    while h is not None:
+        if h in seen:
+            raise ctx.fail(f"the list makes a cycle through {h}", "let one of them fetch from the primary")
+        seen.add(h)
+        nxt = (tree.get(f"{res_dir(ctx.res)}/connect-{h}") or "").split(",")
+        h = nxt[0] if nxt and nxt[0] else None
+    path = f"{res_dir(ctx.res)}/connect-{ctx.host}"
+    if hosts:
+        tree.set(path, ",".join(hosts))
+    else:
+        tree.delete(path)
+    ctx.say(f"{ctx.res}: {ctx.host} fetches from {', '.join(hosts) or 'the primary'} (then the primary)")
+    ctx.poke()
+
+
+@command("get-connect-pref-list", "print where this host fetches from", RES_ARG, per_resource=True)
+def get_connect_pref_list(ctx: Ctx) -> None:
+    print(ctx.tree.get(f"{res_dir(ctx.res)}/connect-{ctx.host}") or "")

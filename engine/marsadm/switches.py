@@ -63,3 +63,35 @@ def down(ctx: Ctx) -> None:
     for s in reversed(SWITCHES[1:]):
         ctx.tree.set(todo(ctx.res, ctx.host, s), 0)
     _set_attach_and_wait(ctx, False)
+
+
+def _flip(ctx: Ctx, switch: str, on: bool, actual_key: str, what: str) -> None:
+    """Write one switch and wait until marsd's actual state follows (where it has one to follow)."""
+    ctx.tree.set(todo(ctx.res, ctx.host, switch), int(on))
+    if not _attached(ctx):
+        ctx.say(f"{ctx.res}: {switch}={int(on)} recorded; it takes effect when the resource is attached")
+        return
+    if ctx.tree.get(f"resource-{ctx.res}/primary") == ctx.host:
+        return  # the primary neither fetches, syncs nor replays from others
+    if switch == "allow-replay" and on and ctx.actual("is-syncing") == "1":
+        ctx.say(f"{ctx.res}: replay resumes when the sync is done")
+        return
+    if switch == "sync" and on and ctx.tree.get_int(f"resource-{ctx.res}/syncstatus-{ctx.host}") >= \
+            ctx.tree.get_int(f"resource-{ctx.res}/size"):
+        return  # nothing left to sync
+    ctx.wait(f"{what} {ctx.res}", lambda: (ctx.actual(actual_key) == "1") == on)
+
+
+for _name, _switch, _on, _key, _what, _help in [
+    ("connect", "connect", True, "is-copying", "resume fetching", "resume fetching the log (alias: resume-fetch)"),
+    ("disconnect", "connect", False, "is-copying", "stop fetching", "stop fetching the log (alias: pause-fetch)"),
+    ("resume-replay", "allow-replay", True, "is-replaying", "resume replaying", "resume replaying fetched logs"),
+    ("pause-replay", "allow-replay", False, "is-replaying", "pause replaying",
+     "stop replaying: the device stays at a write-order prefix (holds back log deletion cluster-wide)"),
+    ("resume-sync", "sync", True, "is-syncing", "resume syncing", "resume a paused full sync"),
+    ("pause-sync", "sync", False, "is-syncing", "pause syncing", "pause a running full sync"),
+]:
+    def _make(switch: str = _switch, on: bool = _on, key: str = _key, what: str = _what):
+        return lambda ctx: _flip(ctx, switch, on, key, what)
+    command(_name, _help, RES_ARG, per_resource=True,
+            aliases={"connect": ("resume-fetch",), "disconnect": ("pause-fetch",)}.get(_name, ()))(_make())
