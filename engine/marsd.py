@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (mars_dir / "uuid").is_symlink():
             raise MarsError(f"{mars_dir} holds no cluster",
                             f"run 'marsadm --mars-dir {mars_dir} --host {host} create-cluster' first")
-        lock = take_lock(mars_dir)
+        lock = take_lock(mars_dir, host)
         if lock is None:
             raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
         tree = Tree(mars_dir, host)

@@ -19,8 +19,12 @@ LOCK_NAME = "marsd.lock"
 TRIGGER_NAME = "trigger.sock"
 
 
-def marsd_running(mars_dir: Path) -> int | None:
-    """The pid of the marsd holding this tree, or None when none runs."""
+def marsd_running(mars_dir: Path, host: str | None = None) -> int | None:
+    """The pid of the marsd holding this tree (for ``host``, if given), or None when none runs.
+
+    ``marsadm --host <dead> ...`` on a survivor works on the survivor's tree, where the running
+    marsd is the survivor's: for the dead host no marsd runs here, and nothing is waited for.
+    """
     path = mars_dir / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -30,8 +34,11 @@ def marsd_running(mars_dir: Path) -> int | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
+            words = os.pread(fd, 256, 0).decode(errors="replace").split()
+            if host is not None and len(words) > 1 and words[1] != host:
+                return None
             try:
-                return int(os.pread(fd, 32, 0).decode().strip() or "0") or -1
+                return int(words[0]) if words else -1
             except ValueError:
                 return -1
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -40,7 +47,7 @@ def marsd_running(mars_dir: Path) -> int | None:
         os.close(fd)
 
 
-def take_lock(mars_dir: Path) -> int | None:
+def take_lock(mars_dir: Path, host: str = "") -> int | None:
     """For marsd: hold the lock for the life of the process; None when another marsd has it."""
     fd = os.open(mars_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -49,7 +56,7 @@ def take_lock(mars_dir: Path) -> int | None:
         os.close(fd)
         return None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {host}\n".encode(), 0)
     return fd
 
 

@@ -136,7 +136,7 @@ class Ctx:
     # -- talking to marsd ------------------------------------------------------------------------
 
     def marsd_pid(self) -> int | None:
-        return marsd_running(self.tree.root)
+        return marsd_running(self.tree.root, self.host)
 
     def poke(self) -> None:
         poke(self.tree.root)

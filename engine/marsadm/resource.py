@@ -225,7 +225,9 @@ def leave_resource(ctx: Ctx) -> None:
     for sub in (f"todo-{ctx.host}", f"actual-{ctx.host}"):
         for n in tree.names(f"{d}/{sub}"):
             tree.delete(f"{d}/{sub}/{n}", durable=False)
-    if ctx.host == tree.host:
+    if (tree.root / "cluster" / f"node-{ctx.host}.pem").exists():
+        # Only on the leaving host itself (its node certificate is here): its fetched copies go.
+        # With --host <dead> on a survivor the log files here are the survivor's: never touched.
         for f in list_logs(tree, ctx.res):
             if f.origin != ctx.host:
                 f.path.unlink(missing_ok=True)
