@@ -96,6 +96,7 @@ class Logger:
         self._cond = threading.Condition()
         self._queue: deque[_Pending] = deque()  # guarded by _cond
         self._rotate_to: int | None = None  # guarded by _cond
+        self._asked = state.seq  # the newest file a rotation was asked for; guarded by _cond
         self._closing = False  # guarded by _cond
         self._committed: queue.SimpleQueue[tuple[list[_Pending], list[lf.LogRecord], LogPos] | None] = \
             queue.SimpleQueue()
@@ -126,8 +127,10 @@ class Logger:
     def request_rotate(self, seq: int) -> None:
         """Switch to log file ``seq`` (created empty by marsadm log-rotate) once the queue is empty."""
         with self._cond:
-            if seq > self.state.seq and (self._rotate_to is None or seq > self._rotate_to):
-                self._rotate_to = seq
+            # Compare with the newest file asked for so far, not only the current one: a request
+            # repeated while the log thread is still switching must not switch a second time.
+            if seq > max(self.state.seq, self._asked):
+                self._rotate_to = self._asked = seq
                 self._cond.notify()
 
     async def close(self) -> None:
@@ -278,6 +281,8 @@ class Logger:
     def _rotate(self, seq: int) -> None:
         """Finish the current log file with its version entry and continue in ``seq``."""
         st = self.state
+        if seq <= st.seq:
+            return  # already there: a finished file must never be finished twice
         value = finish_version(self.tree, self.res, st)
         new_path = st.path.parent / log_name(seq, self.tree.host)
         fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
