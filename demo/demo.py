@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""`make demo`: one MARS node serving a 1 GiB file-backed resource, written and read by real NBD clients.
+"""`make demo`: three MARS nodes replicating a 1 GiB file-backed resource while it is being written.
 
-What it shows, step by step: a cluster made with marsadm while marsd is down; marsd serving the
-resource as an NBD export; nbdcopy writing 256 MiB of random data through it while the
-transaction log grows; a log rotation with its chained version entry; marsd killed with SIGKILL
-and restarted; the data read back and compared, byte for byte.
+What it shows, step by step: a cluster made with marsadm while marsd is down; two more nodes
+joining it with the exported cluster credential; a resource created on node a and served as an
+NBD export; nbdcopy writing 256 MiB of random data through it while b and c join the resource,
+their fast full sync running while the writes go on (a status line per node every second: what
+mars-status will show later); a log rotation and a few more writes; all three images identical
+once the secondaries have caught up; the log files every member has replayed deleted.
 
-(Three nodes replicating arrive with the replication issue; this demo grows with it.)
+The three nodes run on 127.0.0.2, 127.0.0.3 and 127.0.0.4, each with its own mars dir and image
+under one demo directory; they share the peer port (7777, or a free one if 7777 is taken).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,19 +29,40 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
+NODES = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
+SECONDARIES = ("b", "c")
+_out = threading.Lock()
+SHORT: dict[str, str] = {}  # how commands are shown: "$D" for the demo directory, marsadm/marsd by name
+
+
+def out(text: str) -> None:
+    with _out:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def say(text: str) -> None:
-    print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
+    out(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}")
 
 
-def sh(*cmd: str, **kw) -> subprocess.CompletedProcess[str]:
-    print("    $ " + " ".join(cmd), flush=True)
-    r = subprocess.run(cmd, text=True, capture_output=True, **kw)
-    for line in (r.stdout + r.stderr).strip().splitlines():
-        print("      " + line, flush=True)
+def shown(cmd: list[str]) -> str:
+    text = " ".join(f'"{a}"' if "?" in a or " " in a else a for a in cmd)
+    for long, short in SHORT.items():
+        text = text.replace(long, short)
+    return text
+
+
+def sh(*cmd: str, to: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run and show a command and its output; ``to``: its output goes into that file (mode 600), unshown."""
+    out("    $ " + shown(list(cmd)) + (f" > {shown([str(to)])}" if to else ""))
+    r = subprocess.run(cmd, text=True, capture_output=True)
+    if to:
+        with os.fdopen(os.open(to, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(r.stdout)
+    for line in ((r.stdout if not to else "") + r.stderr).strip().splitlines():
+        out("      " + line)
     if r.returncode != 0:
-        raise SystemExit(f"demo: {cmd[0]} failed with exit code {r.returncode}")
+        raise SystemExit(f"demo: {shown([cmd[0]])} failed with exit code {r.returncode}")
     return r
 
 
@@ -49,124 +74,269 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def wait_for(cond, timeout: float, what: str) -> None:
+def wait_for(cond, timeout: float, what: str, every: float = 0.0, report=None) -> None:
+    """Poll ``cond`` until true; fail naming ``what`` after ``timeout`` s; call ``report`` every ``every`` s."""
     deadline = time.monotonic() + timeout
+    next_report = time.monotonic() + every
     while not cond():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"demo: timed out waiting for {what}")
+        now = time.monotonic()
+        if now > deadline:
+            raise SystemExit(f"demo: timed out after {timeout:g} s waiting for {what}")
+        if report and now >= next_report:
+            report()
+            next_report = now + every
         time.sleep(0.05)  # poll
 
 
-class Marsd:
-    def __init__(self, mars_dir: Path, host: str, log: Path) -> None:
-        self.mars_dir, self.host, self.log = mars_dir, host, log
+def peer_port() -> int:
+    """7777, the default, if it is free on all three addresses; otherwise a free port."""
+    for port in (7777, 0, 0, 0):
+        try:
+            socks = []
+            for ip in NODES.values():
+                s = socket.socket()
+                socks.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as marsd's listener does
+                s.bind((ip, port))
+                port = s.getsockname()[1]
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise SystemExit("demo: found no free peer port on 127.0.0.2-4")
+
+
+class Node:
+    def __init__(self, base: Path, host: str, port: int) -> None:
+        self.base, self.host, self.ip, self.port = base, host, NODES[host], port
+        self.mars_dir = base / host
+        self.log = base / f"marsd-{host}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.port_args = [] if port == 7777 else ["--port", str(port)]
+
+    def adm(self, *args: str) -> list[str]:
+        return [str(BIN / "marsadm"), "--mars-dir", str(self.mars_dir), "--host", self.host, *args]
+
+    def value(self, rel: str) -> str | None:
+        """A tree entry of this node (a symlink's target), None if missing or deleted."""
+        try:
+            v = os.readlink(self.mars_dir / rel)
+        except OSError:
+            return None
+        return None if v == ".deleted" else v
 
     def start(self) -> None:
         (self.mars_dir / "nbd.sock").unlink(missing_ok=True)
-        print(f"    $ marsd --mars-dir {self.mars_dir} --host {self.host} &   (log: {self.log})", flush=True)
-        self.proc = subprocess.Popen([str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host],
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: (self.mars_dir / "nbd.sock").exists(), 30, "marsd to listen")
+        cmd = [str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host, *self.port_args]
+        out(f"    $ {shown(cmd)} > {shown([str(self.log)])} 2>&1 &")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: (self.mars_dir / "nbd.sock").exists() or self.proc.poll() is not None, 30,
+                 f"marsd {self.host} to listen")
+        if self.proc.poll() is not None:
+            raise SystemExit(f"demo: marsd {self.host} exited with {self.proc.returncode}; see {self.log}")
 
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-    def stop(self) -> None:
+    def terminate(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
 
-
-def watch_log(res_dir: Path, stop: threading.Event) -> None:
-    """Print the log's growth while the copy runs (what mars-status will show later)."""
-    last = -1
-    while not stop.wait(0.5):
-        logs = sorted(res_dir.glob("log-*"))
-        size = sum(p.stat().st_size for p in logs)
+    def reap(self) -> int | None:
+        if not self.proc:
+            return None
         try:
-            replay = os.readlink(res_dir / "replay-a")
-        except OSError:
-            replay = "?"
-        if size != last:
-            print(f"      transaction log: {size / MiB:7.1f} MiB in {len(logs)} file(s); replay-a -> {replay}", flush=True)
-            last = size
+            return self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            out(f"demo: marsd {self.host} did not stop within 30 s of SIGTERM; killing it")
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def mib(v: str | None) -> float:
+    return int(v or 0) / MiB
+
+
+def pos(link: str | None) -> str:
+    """``log-000000002-a,1234,0`` -> ``log 2 @ 0.0 MiB``."""
+    if not link:
+        return "-"
+    name, at = link.split(",")[:2]
+    return f"log {int(name.split('-')[1])} @ {mib(at):6.1f} MiB"
+
+
+def status(nodes: dict[str, Node], size: int) -> None:
+    """One line per secondary: sync progress, replay position vs the primary's, bytes fetched."""
+    r = "resource-demo"
+    want = nodes["a"].value(f"{r}/replay-a")
+    for h in SECONDARIES:
+        n = nodes[h]
+        sync = int(n.value(f"{r}/syncstatus-{h}") or 0)
+        out(f"      {h}: sync {sync / MiB:6.1f} MiB {100 * sync // size:3d}%"
+            f" (copied {mib(n.value(f'{r}/actual-{h}/sync-copied-bytes')):6.1f} MiB)"
+            f" | replay {pos(n.value(f'{r}/replay-{h}'))} (a: {pos(want)})"
+            f" | fetched {mib(n.value(f'{r}/actual-{h}/fetch-bytes')):6.1f} MiB")
+
+
+def caught_up(a: Node, n: Node, size: int) -> bool:
+    r = "resource-demo"
+    return (n.value(f"{r}/syncstatus-{n.host}") == str(size)
+            and n.value(f"{r}/replay-{n.host}") == a.value(f"{r}/replay-a"))
+
+
+def show_logs(nodes: dict[str, Node]) -> None:
+    for n in nodes.values():
+        logs = sorted((n.mars_dir / "resource-demo").glob("log-*"))
+        out(f"      {n.host}: " + (", ".join(f"{p.name} ({p.stat().st_size / MiB:.1f} MiB)" for p in logs) or "-"))
+
+
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C: everything started gets stopped
+
+
+def watch(nodes: dict[str, Node], size: int, stop: threading.Event) -> None:
+    while not stop.wait(1):
+        status(nodes, size)
+
+
+def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: list[subprocess.Popen]) -> int:
+    a, b, c = nodes.values()
+    port = a.port
+    size = 1 << 30
+    uri = f"nbd+unix:///demo?socket={a.mars_dir}/nbd.sock"
+
+    say(f"1. create the cluster on a (marsd is not running yet; marsadm only writes the tree); peer port {port}")
+    sh(*a.adm("--ip", a.ip, "create-cluster"))
+    a.start()
+
+    say("2. b and c join the cluster with a's exported credential, then start their marsd")
+    secret = base / "secret.pem"
+    sh(*a.adm("export-secret"), to=secret)
+    sh("chmod", "600", str(secret))  # created so already; the credential lets anyone join the cluster
+    for n in (b, c):
+        sh(*n.adm("--ip", n.ip, "join-cluster", f"{a.ip}:{port}" if n.port_args else a.ip,
+                  "--secret-file", str(secret)))
+        n.start()
+    wait_for(lambda: all(n.value(f"ips/ip-{o}") == ip for n in nodes.values() for o, ip in NODES.items()),
+             30, "all three nodes to know each other")
+    sh("ls", "-l", "--time-style=+%H:%M:%S", str(c.mars_dir / "ips"))
+
+    say("3. a creates a 1 GiB resource on a sparse image file and becomes its primary")
+    sh(*a.adm("create-resource", "demo", str(base / "a.img"), "1G"))
+    sh("nbdinfo", uri)
+
+    say(f"4. nbdcopy writes {args.mib} MiB of random data into a's export while b and c join the resource:"
+        " their fast full sync runs while the writes go on")
+    src = base / "random.bin"
+    with open(src, "wb") as f:
+        for _ in range(args.mib // 4):
+            f.write(os.urandom(4 * MiB))
+    for n in (b, c):  # the secondaries learn the resource and a's log position from a's tree
+        wait_for(lambda: n.value("resource-demo/size") == str(size) and n.value("resource-demo/replay-a"),
+                 30, f"{n.host} to learn resource demo")
+    out(f"    $ {shown(['nbdcopy', str(src), uri])} &")
+    t0 = time.monotonic()
+    copy = subprocess.Popen(["nbdcopy", str(src), uri], text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    procs.append(copy)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, args=(nodes, size, stop), daemon=True)
+    watcher.start()
+    try:
+        for n in (b, c):
+            sh(*n.adm("join-resource", "demo", str(base / f"{n.host}.img")))
+        wait_for(lambda: copy.poll() is not None, 120, "nbdcopy to finish")
+    finally:
+        stop.set()
+        watcher.join()
+    dt = time.monotonic() - t0
+    if copy.returncode != 0:
+        raise SystemExit(f"demo: nbdcopy failed with exit code {copy.returncode}: {copy.stdout.read().strip()}")
+    out(f"      nbdcopy done: {args.mib} MiB in {dt:.1f} s ({args.mib / dt:.0f} MiB/s) while b and c synced")
+    src.unlink()
+
+    say("5. rotate the log on a, then a few more writes with qemu-io")
+    sh(*a.adm("log-rotate", "demo"))
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x4d 900M 1M", "-c", "write -P 0x61 10M 64k",
+       "-c", "write -P 0x72 1020M 4M", uri)
+
+    say("6. wait until b and c have synced everything and replayed up to a's position, then compare")
+    wait_for(lambda: all(caught_up(a, n, size) for n in (b, c)), args.timeout,
+             "b and c to catch up with a", every=1, report=lambda: status(nodes, size))
+    status(nodes, size)
+    sums = {h: sha256(base / f"{h}.img") for h in NODES}
+    for h, s in sums.items():
+        out(f"      sha256 {h}.img  {s}")
+    if len(set(sums.values())) != 1:
+        print("demo: MISMATCH: the secondaries' images differ from the primary's", file=sys.stderr)
+        return 1
+    say("identical: b and c hold exactly what a holds")
+
+    say("7. log files that every member has replayed can go")
+    show_logs(nodes)
+    sh(*a.adm("log-delete-all", "demo"))
+    out("      (b and c follow: each deletes its copies below the mark once it has replayed them)")
+    first_logs = lambda: [p for n in nodes.values() for p in (n.mars_dir / "resource-demo").glob("log-000000001-*")]
+    wait_for(lambda: not first_logs(), 30, "every node to delete log 1")
+    show_logs(nodes)
+    return 0
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", help="where to put the demo (default: a new directory under /var/tmp)")
-    p.add_argument("--keep", action="store_true", help="keep the directory and leave nothing running")
+    p.add_argument("--keep", action="store_true", help="keep the directory (every marsd is stopped anyway)")
     p.add_argument("--mib", type=int, default=256, help="MiB of random data to copy (default 256)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the secondaries (default 60)")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, interrupted)
+    t0 = time.monotonic()
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mars-demo-", dir="/var/tmp"))
     base.mkdir(parents=True, exist_ok=True)
-    mars_dir = base / "a"
-    res_dir = mars_dir / "resource-demo"
-    adm = [str(BIN / "marsadm"), "--mars-dir", str(mars_dir), "--host", "a"]
-    marsd = Marsd(mars_dir, "a", base / "marsd-a.log")
-    uri = f"nbd+unix:///demo?socket={mars_dir}/nbd.sock"
+    port = peer_port()
+    nodes = {h: Node(base, h, port) for h in NODES}
+    SHORT.update({f"{BIN}/": "", str(base): "$D"})
+    say(f"D={base}   (marsadm, marsd: {BIN})")
+    procs: list[subprocess.Popen] = []
+    rc = 1
     try:
-        say("1. create the cluster (marsd is not running yet; marsadm only writes the tree)")
-        sh(*adm, "--ip", "127.0.0.2", "create-cluster")
-        say("2. start marsd")
-        marsd.start()
-        say("3. create a 1 GiB resource on a sparse image file; host a becomes its primary")
-        sh(*adm, "create-resource", "demo", str(base / "demo.img"), "1G")
-        sh("nbdinfo", uri)
-
-        say(f"4. write {args.mib} MiB of random data through NBD with nbdcopy while the log grows")
-        src = base / "source.img"
-        with open(src, "wb") as f:
-            for _ in range(args.mib // 4):
-                f.write(os.urandom(4 * MiB))
-        stop = threading.Event()
-        t = threading.Thread(target=watch_log, args=(res_dir, stop), daemon=True)
-        t.start()
-        t0 = time.monotonic()
-        sh("nbdcopy", "--progress", str(src), uri)
-        dt = time.monotonic() - t0
-        stop.set()
-        t.join()
-        print(f"      {args.mib} MiB in {dt:.2f} s = {args.mib / dt:.0f} MiB/s, every write durable in the log "
-              f"before its acknowledgement", flush=True)
-
-        say("5. rotate the log: the finished file gets a version entry chained to its predecessor")
-        sh(*adm, "log-rotate", "demo")
-        sh("ls", "-l", "--time-style=+%H:%M:%S", str(res_dir))
-
-        say("6. kill marsd with SIGKILL (a crash) and start it again: recovery replays the log")
-        sh("qemu-io", "-f", "raw", "-c", "write -P 0x4d 900M 1M", uri)
-        marsd.kill()
-        marsd.start()
-        wait_for(lambda: os.path.islink(res_dir / "actual-a" / "is-attached")
-                 and os.readlink(res_dir / "actual-a" / "is-attached") == "1", 30, "the resource to be served again")
-
-        say("7. read everything back and compare")
-        out = base / "readback.img"
-        sh("nbdcopy", uri, str(out))
-        sh("qemu-io", "-f", "raw", "-c", "read -P 0x4d 900M 1M", uri)
-        a = sha256(src)
-        with open(out, "rb") as f:
-            h = hashlib.sha256(f.read(args.mib * MiB)).hexdigest()
-        print(f"      sha256 written : {a}\n      sha256 read    : {h}", flush=True)
-        if a != h:
-            print("demo: MISMATCH: the data read back differs from the data written", file=sys.stderr)
-            return 1
-        say("identical: every acknowledged write survived the crash")
-
-        say("8. log files that every member has replayed can go")
-        sh(*adm, "log-delete-all", "demo")
-        sh(*adm, "down", "demo")
-        return 0
+        rc = run(args, base, nodes, procs)
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted", file=sys.stderr)
+        rc = 130
+    except SystemExit as e:  # a failed step: say why first, then clean up
+        print(e.code, file=sys.stderr)
+        rc = 1
     finally:
-        marsd.stop()
-        if args.keep:
-            print(f"demo: kept {base}", flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the clean-up below runs to its end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if rc not in (0, 130):  # what each marsd last complained about, before stopping adds its own
+            for n in nodes.values():
+                text = n.log.read_text(errors="replace") if n.log.exists() else ""
+                for line in [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln][-3:]:
+                    out(f"      marsd-{n.host}.log: {line}")
+        say("8. stop all three marsd with SIGTERM")
+        for n in nodes.values():
+            n.terminate()
+        for n in nodes.values():
+            if (code := n.reap()) is not None:
+                out(f"      marsd {n.host} exited with {code}")
+                if code != 0:
+                    rc = rc or 1
+        for n in nodes.values():
+            if n.log.exists() and "Traceback" in n.log.read_text(errors="replace"):
+                print(f"demo: {n.log} has a traceback", file=sys.stderr)
+                rc = rc or 1
+        if args.keep or rc not in (0, 130):  # a failure keeps everything for a look at the logs
+            out(f"demo: kept {base} (marsd logs: {base}/marsd-*.log)")
         else:
             shutil.rmtree(base, ignore_errors=True)
+        outcome = {0: "done", 130: "interrupted"}.get(rc, "FAILED")
+        out(f"demo: {outcome} in {time.monotonic() - t0:.1f} s")
+    return rc
 
 
 if __name__ == "__main__":
