@@ -23,7 +23,7 @@ from .errors import MarsError
 log = logging.getLogger("mars.peer")
 
 DEFAULT_PORT = 7777
-READ_CHUNK = 1 << 20
+READ_CHUNK = 4 << 20
 CONNECT_TIMEOUT = 5.0
 
 
@@ -57,6 +57,22 @@ async def _next_message(conn: P.PeerConnection, reader: asyncio.StreamReader) ->
             return ev
         data = await reader.read(READ_CHUNK)
         conn.receive_data(data)
+
+
+SEND_SLICE = 256 << 10
+
+
+async def _send(writer: asyncio.StreamWriter, bufs: list) -> None:
+    """Write in slices, draining between them.
+
+    asyncio keeps unsent bytes in one bytearray and shifts it on every partial send; handing it a
+    16 MiB log chunk at once makes that quadratic. Slices keep the buffer near its high-water mark.
+    """
+    for buf in bufs:
+        view = memoryview(buf)
+        for i in range(0, len(view), SEND_SLICE):
+            writer.write(view[i:i + SEND_SLICE])
+            await writer.drain()
 
 
 class PeerServer:
@@ -107,9 +123,7 @@ class PeerServer:
                 except MarsError as e:
                     reply = P.ErrorReply(req=getattr(msg, "req", 0), code="refused", what=e.what, remedy=e.remedy)
                 if reply is not None:
-                    for buf in conn.send_buffers(reply):
-                        writer.write(buf)
-                    await writer.drain()
+                    await _send(writer, conn.send_buffers(reply))
         except P.PeerProtocolError as e:
             log.warning("peer %s: protocol error: %s; closing that link", who, e.reason)
         except PeerError as e:
@@ -181,9 +195,7 @@ class PeerClient:
             assert self._conn is not None and self._writer is not None and self._reader is not None
             req = next(self._ids)
             try:
-                for buf in self._conn.send_buffers(make(req)):
-                    self._writer.write(buf)
-                await self._writer.drain()
+                await _send(self._writer, self._conn.send_buffers(make(req)))
                 reply = await asyncio.wait_for(_next_message(self._conn, self._reader), timeout)
             except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
                 await self.close()
