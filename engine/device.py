@@ -14,6 +14,7 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
 
 from .errors import MarsError
@@ -76,6 +77,10 @@ class DataDevice:
                 subject=f"resource {res}",
             ) from None
         self._can_punch = True
+        # Replay batches run in the thread pool; a cancelled replayer's batch may still be
+        # running when a new one starts from the last checkpoint. Applying under one lock keeps
+        # the older batch from landing after newer records.
+        self.apply_lock = threading.Lock()
 
     def size(self) -> int:
         return device_size(self.path)

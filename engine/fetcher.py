@@ -43,6 +43,7 @@ class Fetcher:
         self.fetched_bytes = 0
         self.error: str | None = None
         self.source: str | None = None
+        self.active = False
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
@@ -58,7 +59,17 @@ class Fetcher:
         return prefs
 
     def available(self, name: str) -> int:
-        return self.complete.get(name, 0)
+        """Bytes of a local copy that are completely written and may be replayed.
+
+        While fetching, what this fetcher wrote (its tail is cut back at every start). While not
+        fetching (switched off, after a restart), the copy at rest: nothing is appending to it.
+        """
+        if name in self.complete or self.active:
+            return self.complete.get(name, 0)
+        try:
+            return (self._dir() / name).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def _start_position(self) -> tuple[int, str]:
         """The file to fetch next: the newest local copy, or the one replay starts in."""
@@ -82,6 +93,13 @@ class Fetcher:
         return r.end
 
     async def run(self) -> None:
+        self.active = True
+        try:
+            await self._run()
+        finally:
+            self.active = False
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         client: PeerClient | None = None
         attempt = 0
@@ -121,7 +139,8 @@ class Fetcher:
             path = self._dir() / name
             offset = self.complete.get(name, 0)
             reply = await client.request(lambda req: P.FetchRequest(
-                req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=WAIT_MS))
+                req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=WAIT_MS),
+                timeout=WAIT_MS / 1000 + 10)  # a silent link is noticed in seconds, not minutes
             self.error = None
             if reply.data:
                 await loop.run_in_executor(self.executor, _append, path, reply.data, offset)

@@ -165,7 +165,7 @@ class PeerClient:
                 CONNECT_TIMEOUT)
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             self._reader = self._writer = None
-            raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {e}",
+            raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {e or type(e).__name__}",
                             "check that marsd runs there, the address is right and the port is open") from None
         self._conn = P.PeerConnection(self._hello)
         self._writer.write(self._conn.initial_bytes())
@@ -199,7 +199,8 @@ class PeerClient:
                 reply = await asyncio.wait_for(_next_message(self._conn, self._reader), timeout)
             except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
                 await self.close()
-                raise PeerError(f"link to {self.peer or self.ip} failed: {e!r}", "it is retried") from None
+                raise PeerError(f"link to {self.peer or self.ip} failed: {e or type(e).__name__}",
+                                "it is retried") from None
             if isinstance(reply, P.Closed):
                 await self.close()
                 raise PeerError(f"peer {self.peer or self.ip} closed the link", "it is retried")

@@ -144,9 +144,10 @@ class Replayer:
                           version_value(hasher.hexdigest(), pos.seq, pos.origin, r.end, prev))
 
     def _apply(self, batch: list[lf.Decoded]) -> None:
-        for d in batch:
-            apply_record(self.device, d.record)
-            self.applied_bytes += d.record.length
+        with self.device.apply_lock:
+            for d in batch:
+                apply_record(self.device, d.record)
+                self.applied_bytes += d.record.length
 
     def _checkpoint(self, pos: ReplayLink) -> None:
         self.device.fdatasync()

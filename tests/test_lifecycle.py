@@ -131,3 +131,19 @@ def test_dead_node_removal(workdir):
     wait_until(lambda: (a.tree_value("resource-r/replay-a") or "").startswith("log-000000002"), 20, "a in log 2")
     r = a.marsadm("log-delete-all", "r")
     assert "1 log file(s) deleted" in r.stderr
+
+
+def test_replay_of_fetched_copies_with_fetch_off_after_restart(pair):
+    """A secondary restarted with fetching off still replays the copies it already has."""
+    a, b = pair
+    write(a, "write -P 0x01 0 1M")
+    wait_until(lambda: caught_up(a, b, "r"), 30, "b to catch up")
+    b.marsadm("pause-replay", "r")
+    write(a, "write -P 0x4b 2M 512k")  # stays below the 2 MiB auto-rotation
+    end = (a.mars_dir / "resource-r" / "log-000000001-a").stat().st_size
+    wait_until(lambda: (b.mars_dir / "resource-r" / "log-000000001-a").stat().st_size == end, 20, "b to fetch")
+    b.marsadm("disconnect", "r")
+    b.restart()
+    b.marsadm("resume-replay", "r")
+    wait_until(lambda: caught_up(a, b, "r"), 30, "b to replay its copies without fetching")
+    assert sha(b.base / "b.img") == sha(a.base / "a.img")
