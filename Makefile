@@ -5,7 +5,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
-APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux
+APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux \
+            iptables rsync iperf3
 
 .PHONY: all deps venv test demo bench clean
 
@@ -37,6 +38,7 @@ demo: venv
 
 bench: venv
 	$(PY) bench/bench_write.py
+	$(PY) bench/bench_replication.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
