@@ -30,10 +30,11 @@ Receive buffering keeps the caller's chunks as they are and slices each payload 
 from __future__ import annotations
 
 import struct
-from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable
+
+from .recvbuf import ReceiveBuffer
 
 __all__ = [
     "NEED_DATA",
@@ -281,131 +282,9 @@ class ConnectionClosed:
 Event = Negotiated | Request | BadRequest | Disconnect | ConnectionClosed
 
 
-# --- receive buffer ----------------------------------------------------------------------------
+# --- receive buffer: see recvbuf.py --------------------------------------------------------
 
-_COALESCE_BELOW = 4096  # chunks smaller than this are merged, see _ReceiveBuffer.append
-_COALESCE_CAP = 64 * 1024
-
-
-class _ReceiveBuffer:
-    """Unconsumed client bytes, kept as the chunks they arrived in.
-
-    Why chunks and not one bytearray: appending every read to a bytearray copies each payload
-    twice (in, then out as bytes) and re-copies the buffer whenever it grows. Here a payload is
-    sliced out of the chunk that holds it (one copy; none when a chunk is exactly the payload) or
-    joined once from the chunks it spans.
-
-    Invariants: ``chunks[0][pos:]`` is the oldest unconsumed byte; ``avail`` is the total number
-    of unconsumed bytes; no chunk is empty; a chunk is immutable (bytes) unless it is a bytearray
-    this class created, and no memoryview of a bytearray chunk outlives the call that made it (a
-    live view would make the next ``+=`` fail).
-
-    Tiny reads (a client trickling bytes) are merged into bytearrays of up to 64 KiB, so memory
-    stays proportional to the bytes buffered rather than to the number of reads.
-    """
-
-    __slots__ = ("chunks", "pos", "avail", "received")
-
-    def __init__(self) -> None:
-        self.chunks: deque[bytes | bytearray] = deque()
-        self.pos = 0
-        self.avail = 0
-        self.received = 0  # bytes ever appended; lets `consumed` cost nothing on the hot path
-
-    @property
-    def consumed(self) -> int:
-        """Stream offset of the next unconsumed byte, for error messages."""
-        return self.received - self.avail
-
-    def append(self, data: bytes | bytearray | memoryview) -> None:
-        n = len(data)
-        if not n:
-            return
-        chunks = self.chunks
-        if n < _COALESCE_BELOW:
-            last = chunks[-1] if chunks else None
-            if type(last) is bytearray and len(last) < _COALESCE_CAP:
-                last += data
-            else:
-                chunks.append(bytearray(data))
-        elif type(data) is bytes:
-            chunks.append(data)
-        else:
-            chunks.append(bytes(data))  # the caller may reuse its buffer: take our own copy
-        self.avail += n
-        self.received += n
-
-    def peek(self, n: int) -> tuple[bytes | bytearray, int]:
-        """(buffer, offset) so that buffer[offset:offset+n] are the next n bytes (avail >= n).
-
-        Returned for struct.unpack_from, so the common case copies nothing.
-        """
-        c = self.chunks[0]
-        pos = self.pos
-        if len(c) - pos >= n:
-            return c, pos
-        return self._gather(n, consume=False), 0
-
-    def skip(self, n: int) -> None:
-        """Drop the next n bytes (avail >= n)."""
-        self.avail -= n
-        chunks = self.chunks
-        pos = self.pos + n
-        while chunks and pos >= len(chunks[0]):
-            pos -= len(chunks.popleft())
-        self.pos = pos
-
-    def take(self, n: int) -> bytes:
-        """Remove and return the next n bytes (avail >= n), copying them exactly once."""
-        if not n:
-            return b""
-        c = self.chunks[0]
-        pos = self.pos
-        end = pos + n
-        clen = len(c)
-        if end > clen:
-            return self._gather(n, consume=True)
-        self.avail -= n
-        if end == clen:
-            self.chunks.popleft()
-            self.pos = 0
-            if type(c) is bytes:
-                return c if pos == 0 else c[pos:]
-        else:
-            self.pos = end
-            if type(c) is bytes:
-                return c[pos:end]
-        with memoryview(c) as view:
-            return view[pos:end].tobytes()
-
-    def _gather(self, n: int, consume: bool) -> bytes:
-        """The next n bytes as one bytes object when they span several chunks."""
-        pieces: list[memoryview] = []
-        pos = self.pos
-        need = n
-        i = 0
-        chunks = self.chunks
-        while need:
-            c = chunks[i]
-            room = len(c) - pos
-            if room <= need:
-                pieces.append(memoryview(c)[pos:])
-                need -= room
-                pos = 0
-                i += 1
-            else:
-                pieces.append(memoryview(c)[pos : pos + need])
-                pos += need
-                need = 0
-        data = b"".join(pieces)
-        for view in pieces:
-            view.release()
-        if consume:
-            for _ in range(i):
-                chunks.popleft()
-            self.pos = pos
-            self.avail -= n
-        return data
+_ReceiveBuffer = ReceiveBuffer
 
 
 # --- the connection ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mars.engine import nbd
+from mars.engine import nbd, recvbuf
 from mars.engine.nbd import (
     CMD_FLAG_FUA,
     CMD_FLAG_NO_HOLE,
@@ -635,7 +635,7 @@ def test_chunking_does_not_change_events(session, data):
     assert split_out == whole_out
     # Small reads are normally merged into one buffer; without merging, every cut becomes a
     # chunk boundary that headers and payloads straddle.
-    with mock.patch.object(nbd, "_COALESCE_BELOW", 1):
+    with mock.patch.object(recvbuf, "_COALESCE_BELOW", 1):
         assert run_chunks(chunks) == (whole_events, whole_out)
     bytewise_events, _ = run_chunks([session[i : i + 1] for i in range(len(session))])
     assert bytewise_events == whole_events
