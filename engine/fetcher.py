@@ -133,31 +133,63 @@ class Fetcher:
                 return
 
     async def _stream(self, client: PeerClient, seq: int, origin: str) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            name = log_name(seq, origin)
-            path = self._dir() / name
-            offset = self.complete.get(name, 0)
-            reply = await client.request(lambda req: P.FetchRequest(
-                req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=WAIT_MS),
-                timeout=WAIT_MS / 1000 + 10)  # a silent link is noticed in seconds, not minutes
-            self.error = None
-            if reply.data:
-                await loop.run_in_executor(self.executor, _append, path, reply.data, offset)
-                self.complete[name] = offset + len(reply.data)
-                self.fetched_bytes += len(reply.data)
-                self.on_data()
-            elif not path.exists():
-                path.touch(mode=0o600)
-            preferred = self.sources()
-            if preferred and preferred[0] != self.source and preferred.index(self.source) > 0 \
-                    if self.source in preferred else bool(preferred):
-                return
-            final = finished_length(self.tree, self.res, seq, origin)
-            done = offset + len(reply.data)
-            if (reply.finished or final is not None) and done >= (final if final is not None else reply.size):
-                seq += 1
-                self.on_data()
+        """Copy log files from ``client`` until a more preferred source appears (then return).
+
+        With a backlog of at least two chunks (the last reply said how much the source has), two
+        chunks are fetched at once on two links, so the source's reading and encrypting overlaps
+        our decrypting and writing; near the live end one long-polling request waits for more.
+        """
+        extra: PeerClient | None = None
+        known = 0  # how much of the current file the source said it has
+        try:
+            while True:
+                name = log_name(seq, origin)
+                path = self._dir() / name
+                offset = self.complete.get(name, 0)
+                if known - offset >= 2 * FETCH_BYTES:
+                    if extra is None:
+                        extra = self.connect(self.source or "")
+                    replies = await asyncio.gather(self._fetch(client, name, offset, 0),
+                                                   self._fetch(extra, name, offset + FETCH_BYTES, 0))
+                else:
+                    replies = [await self._fetch(client, name, offset, WAIT_MS)]
+                self.error = None
+                got = await self._store(path, name, offset, replies)
+                known = max(r.size for r in replies)
+                if not got and not path.exists():
+                    path.touch(mode=0o600)
+                preferred = self.sources()
+                if preferred and (preferred.index(self.source) > 0 if self.source in preferred else True):
+                    return
+                final = finished_length(self.tree, self.res, seq, origin)
+                done = offset + got
+                finished = any(r.finished for r in replies) or final is not None
+                if finished and done >= (final if final is not None else known):
+                    seq += 1
+                    known = 0
+                    self.on_data()
+        finally:
+            if extra is not None:
+                await extra.close()
+
+    async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int) -> P.LogData:
+        return await client.request(lambda req: P.FetchRequest(
+            req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=wait_ms),
+            timeout=wait_ms / 1000 + 10)  # a silent link is noticed in seconds, not minutes
+
+    async def _store(self, path: Path, name: str, offset: int, replies: list[P.LogData]) -> int:
+        """Append the replies' bytes in order; a gap (a short first reply) drops what follows it."""
+        total = 0
+        for r in replies:
+            if r.offset != offset + total or not r.data:
+                break
+            await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset)
+            total += len(r.data)
+            self.complete[name] = offset + total
+            self.fetched_bytes += len(r.data)
+        if total:
+            self.on_data()
+        return total
 
 
 def _append(path: Path, data: bytes, offset: int) -> None:
