@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import MarsError
-from .tree import check_name
+from .tree import check_name, fsync_dir
 
 CRED_DIR = "cluster"
 CA_FILE = "ca.pem"
@@ -133,14 +133,6 @@ def _write(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -340,7 +332,7 @@ def _install(d: Path, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) 
     # install or ensure_node_cert notices the mismatch instead of trusting a CA without its key.
     _write(d / SECRET_FILE, _pem(ca) + _pem(ca_key))
     _write(d / CA_FILE, _pem(ca))
-    _fsync_dir(d)
+    fsync_dir(d)
 
 
 # -- the API ------------------------------------------------------------------------------------
@@ -429,7 +421,7 @@ def ensure_node_cert(mars_dir: Path, host: str) -> tuple[Path, Path]:
         # issued again, never an old certificate presented with a key it does not match.
         _write(key_path, _pem(key))
         _write(cert_path, _pem(cert))
-        _fsync_dir(d)
+        fsync_dir(d)
     return cert_path, key_path
 
 

@@ -49,6 +49,7 @@ class Daemon:
         self.peer_server: PeerServer | None = None
         self.peer_clients: dict[str, PeerClient] = {}
         self.services = PeerServices(self)
+        self._pulls: dict[str, asyncio.Task[None]] = {}
         self.logrot_auto = 0
         self.nbd_listen = nbd_listen
         self.interval = interval
@@ -106,6 +107,8 @@ class Daemon:
     async def shutdown(self) -> None:
         for s in self._servers:
             s.close()
+        for t in self._pulls.values():
+            t.cancel()
         if self.peer_server is not None:
             await self.peer_server.close()
         for c in self.peer_clients.values():
@@ -173,7 +176,11 @@ class Daemon:
                  cluster_fingerprint(self.tree.root))
 
     async def exchange(self) -> None:
-        """Pull every peer's tree and keep the newer entries (each round, from every peer)."""
+        """Start pulling every peer's tree (keeping the newer entries), without waiting for it.
+
+        Each peer's pull is its own task, at most one per peer at a time, so an unreachable
+        peer (a 10 s timeout) never delays this node's own reconcile round or another peer.
+        """
         peers = [n[3:] for n in self.tree.names("ips") if n.startswith("ip-") and n[3:] != self.host
                  and self.tree.get(f"ips/{n}") is not None]
 
@@ -197,7 +204,10 @@ class Daemon:
             if changed:
                 self._wake.set()
 
-        await asyncio.gather(*(pull(h) for h in peers))
+        for h in peers:
+            t = self._pulls.get(h)
+            if t is None or t.done():
+                self._pulls[h] = asyncio.get_running_loop().create_task(pull(h), name=f"exchange-{h}")
 
     async def reconcile(self) -> None:
         tree = self.tree

@@ -157,3 +157,15 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw) -> subpr
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr}{r.stdout}")
     return r
+
+
+def start_cluster(base: Path, nodes: list[Node], hosts: str = "ab") -> list[Node]:
+    """Nodes a, b, c... on 127.0.0.2, .3, .4...: the first creates the cluster, the others join it."""
+    made = [Node(base, h, f"127.0.0.{2 + i}") for i, h in enumerate(hosts)]
+    nodes.extend(made)
+    made[0].create_cluster()
+    made[0].start()
+    for n in made[1:]:
+        n.join_cluster(made[0])
+        n.start()
+    return made

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from harness import Node, run, wait_until
+from harness import Node, run, start_cluster, wait_until
 from test_replication import caught_up, sha
 
 MiB = 1 << 20
@@ -81,13 +81,7 @@ def test_pause_replay_holds_back_log_deletion_and_automatic_rotation(pair):
 
 
 def test_pause_and_resume_sync(workdir):
-    base, nodes = workdir
-    a, b = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3")
-    nodes.extend([a, b])
-    a.create_cluster()
-    a.start()
-    b.join_cluster(a)
-    b.start()
+    a, b = start_cluster(*workdir, "ab")
     a.marsadm("create-resource", "r", str(a.base / "a.img"), "128M")
     src = a.base / "src"
     src.write_bytes(os.urandom(128 * MiB))
@@ -105,14 +99,7 @@ def test_pause_and_resume_sync(workdir):
 
 
 def test_dead_node_removal(workdir):
-    base, nodes = workdir
-    a, b, c = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3"), Node(base, "c", "127.0.0.4")
-    nodes.extend([a, b, c])
-    a.create_cluster()
-    a.start()
-    for n in (b, c):
-        n.join_cluster(a)
-        n.start()
+    a, b, c = start_cluster(*workdir, "abc")
     a.marsadm("create-resource", "r", str(a.base / "a.img"), "16M")
     wait_until(lambda: c.tree_value("resource-r/size") is not None, 20, "c to learn r")
     c.marsadm("join-resource", "r", str(c.base / "c.img"))

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from harness import Node, run, wait_until
+from harness import Node, run, start_cluster, wait_until
 
 SIZE = 64 << 20
 
@@ -25,17 +25,7 @@ def sha(path) -> str:
 
 @pytest.fixture
 def cluster(workdir):
-    base, nodes = workdir
-    a = Node(base, "a", "127.0.0.2")
-    b = Node(base, "b", "127.0.0.3")
-    c = Node(base, "c", "127.0.0.4")
-    nodes.extend([a, b, c])
-    a.create_cluster()
-    a.start()
-    for n in (b, c):
-        n.join_cluster(a)
-        n.start()
-    return a, b, c
+    return start_cluster(*workdir, "abc")
 
 
 def log_end(primary: Node, res: str) -> str:

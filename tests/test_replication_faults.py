@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from harness import Node, run, wait_until
+from harness import Node, run, start_cluster, wait_until
 
 from mars.engine.logfiles import list_logs, parse_log_name
 from mars.engine.tree import Tree
@@ -192,14 +192,7 @@ class Writer(threading.Thread):
 
 
 def make_pair(workdir) -> tuple[Node, Node]:
-    base, nodes = workdir
-    a = Node(base, "a", "127.0.0.2")
-    b = Node(base, "b", "127.0.0.3")
-    nodes.extend([a, b])
-    a.create_cluster()
-    a.start()
-    b.join_cluster(a)
-    b.start()
+    a, b = start_cluster(*workdir, "ab")
     return a, b
 
 

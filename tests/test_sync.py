@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from harness import Node, run, wait_until
+from harness import run, start_cluster, wait_until
 from test_replication import caught_up, sha
 
 MiB = 1 << 20
@@ -18,15 +18,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def pair(workdir):
-    base, nodes = workdir
-    a = Node(base, "a", "127.0.0.2")
-    b = Node(base, "b", "127.0.0.3")
-    nodes.extend([a, b])
-    a.create_cluster()
-    a.start()
-    b.join_cluster(a)
-    b.start()
-    return a, b
+    return start_cluster(*workdir, "ab")
 
 
 def test_sync_sends_only_the_chunks_that_differ(pair):
@@ -79,14 +71,7 @@ def test_sparse_8tib_image_joins_with_holes_skipped(pair):
 
 
 def test_connect_list_fetches_through_another_secondary(workdir):
-    base, nodes = workdir
-    a, b, c = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3"), Node(base, "c", "127.0.0.4")
-    nodes.extend([a, b, c])
-    a.create_cluster()
-    a.start()
-    for n in (b, c):
-        n.join_cluster(a)
-        n.start()
+    a, b, c = start_cluster(*workdir, "abc")
     a.marsadm("create-resource", "r", str(a.base / "a.img"), "32M")
     for n in (b, c):
         wait_until(lambda: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
