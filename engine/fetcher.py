@@ -26,7 +26,7 @@ from .tree import Tree, res_dir
 
 log = logging.getLogger("mars.fetcher")
 
-FETCH_BYTES = 8 << 20
+FETCH_BYTES = 16 << 20
 WAIT_MS = 1000
 RETRY_S = 1.0
 

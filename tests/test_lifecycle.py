@@ -104,6 +104,7 @@ def test_dead_node_removal(workdir):
     wait_until(lambda: c.tree_value("resource-r/size") is not None, 20, "c to learn r")
     c.marsadm("join-resource", "r", str(c.base / "c.img"))
     wait_until(lambda: caught_up(a, c, "r"), 30, "c to catch up")
+    wait_until(lambda: a.tree_value("resource-r/data-c") is not None, 20, "a to know c is a member")
     c.kill()  # c is gone for good
     # As in the original's manual: on a survivor, down / leave-resource / leave-cluster for the dead host.
     a.marsadm("--host", "c", "down", "r", "--force", "--no-wait")
