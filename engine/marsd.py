@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from .. import __version__
 from . import peer as P
