@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime as dt
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -49,7 +47,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_write import Procs, disk_sectors_written, run_text, sh, wait_until  # noqa: E402
+from bench_write import Procs, disk_sectors_written, machine_facts, run_text, sh, wait_until  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MIB = 1 << 20
@@ -776,20 +774,7 @@ class Bench:
     # -- report ------------------------------------------------------------------------------
 
     def machine(self) -> dict:
-        cpu = "?"
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        mem = "?"
-        with contextlib.suppress(OSError):
-            mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.1f} GiB"
-        df = run_text(["df", "-T", str(self.base)]).splitlines()
-        return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
-                "nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "memory": mem, "kernel": platform.release(),
-                "df_T": df[-1] if df else "?", "python": sys.version.split()[0],
-                "fio": run_text(["fio", "--version"]),
+        return {**machine_facts(self.base), "fio": run_text(["fio", "--version"]),
                 "rsync": run_text(["rsync", "--version"]).splitlines()[0] if shutil.which("rsync") else "?",
                 "iperf3": run_text(["iperf3", "--version"]).splitlines()[0] if shutil.which("iperf3") else "-",
                 "loadavg": run_text(["cat", "/proc/loadavg"])}

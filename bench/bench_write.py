@@ -100,6 +100,23 @@ def run_text(cmd: list[str]) -> str:
         return "?"
 
 
+def machine_facts(where: Path) -> dict:
+    """What a reader needs to compare figures across runs: date, machine, filesystem, Python."""
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 2**20:.1f} GiB"
+    df = run_text(["df", "-T", str(where)]).splitlines()
+    return {"date": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
+            "nproc": len(os.sched_getaffinity(0)), "cpu": cpu, "memory": mem, "kernel": platform.release(),
+            "df_T": df[-1] if df else "?", "python": sys.version.split()[0]}
+
+
 class Procs:
     """Every long-running child we start; all of them are stopped in ``stop_all``."""
 
@@ -450,32 +467,10 @@ class Bench:
         return out
 
     def machine(self) -> dict:
-        cpu = "?"
-        with contextlib.suppress(OSError):
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-        mem = "?"
-        with contextlib.suppress(OSError):
-            kb = int(Path("/proc/meminfo").read_text().split()[1])
-            mem = f"{kb / 2**20:.1f} GiB"
-        df = run_text(["df", "-T", str(self.base)]).splitlines()
-        return {
-            "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "nproc": len(os.sched_getaffinity(0)),
-            "cpu": cpu,
-            "memory": mem,
-            "kernel": platform.release(),
-            "df_T": df[-1] if df else "?",
-            "fio": run_text(["fio", "--version"]),
-            "qemu_nbd": run_text(["qemu-nbd", "--version"]).splitlines()[0] if shutil.which("qemu-nbd") else "?",
-            "python": sys.version.split()[0],
-            "dir": str(self.base),
-            "size": self.size,
-            "runtime_s": self.args.runtime,
-        }
+        return {**machine_facts(self.base),
+                "fio": run_text(["fio", "--version"]),
+                "qemu_nbd": run_text(["qemu-nbd", "--version"]).splitlines()[0] if shutil.which("qemu-nbd") else "?",
+                "dir": str(self.base), "size": self.size, "runtime_s": self.args.runtime}
 
     def report(self) -> dict:
         m = self.machine()

@@ -127,6 +127,16 @@ class Node:
         wait_until(lambda: self.tree_value(rel) == value, timeout, f"{rel} == {value} on {self.host}")
 
 
+def sha256(path: Path) -> str:
+    """sha256 of a file, read in 4 MiB pieces (images are up to GiBs)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cluster_port(base: Path) -> int:
     """A free TCP port, the same for every node created under ``base``."""
     f = base / ".port"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import subprocess
 import pytest
 
 from harness import run, wait_until
+from harness import sha256 as _sha
 
 
 def test_qemu_io_patterns(resource):
@@ -43,14 +43,6 @@ def test_qemu_img_convert_and_compare(resource):
         f.write(b"different")
     r = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), node.uri(res)], check=False)
     assert r.returncode == 1
-
-
-def _sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def test_nbdcopy_256mib_in_and_out(node):

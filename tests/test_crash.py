@@ -42,7 +42,7 @@ from pathlib import Path
 import nbd  # python3-libnbd, a real NBD client (Debian package; the Makefile installs it)
 import pytest
 
-from harness import BIN, Node, wait_until
+from harness import BIN, Node, start_cluster, wait_until
 from mars.engine.logfiles import parse_log_name
 from mars.engine.logformat import HEADER_SIZE, Decoded, Kind, LogRecord, encode_record_bytes, scan_file
 from mars.engine.logger import first_record
@@ -459,17 +459,20 @@ class CrashTest:
         self.check_marsd_log()
 
 
+def one_node_with_resource(workdir) -> tuple[Node, Path]:
+    """Node a serving resource r on a fresh DEV_SIZE image."""
+    base, nodes = workdir
+    (node,) = start_cluster(base, nodes, "a")
+    img = base / "r.img"
+    node.marsadm("create-resource", "r", str(img), str(DEV_SIZE))
+    return node, img
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sigkill_under_write_load(workdir):
     """50+ rounds: write load, SIGKILL at a random moment, restart, everything acknowledged is there."""
-    base, nodes = workdir
-    node = Node(base, "a", "127.0.0.2")
-    nodes.append(node)
-    node.create_cluster()
-    node.start()
-    img = base / "r.img"
-    node.marsadm("create-resource", "r", str(img), str(DEV_SIZE))
+    node, img = one_node_with_resource(workdir)
 
     seed = int(os.environ.get("MARS_CRASH_SEED", random.SystemRandom().randrange(2**32)))
     t = CrashTest(node, img, random.Random(seed))
@@ -506,13 +509,7 @@ def test_torn_tail_with_pending_log_rotation_is_cut(workdir):
     kill leaves, deterministically: the tail of an append that did not finish, plus the file that
     log-rotate made.
     """
-    base, nodes = workdir
-    node = Node(base, "a", "127.0.0.2")
-    nodes.append(node)
-    node.create_cluster()
-    node.start()
-    img = base / "r.img"
-    node.marsadm("create-resource", "r", str(img), str(DEV_SIZE))
+    node, img = one_node_with_resource(workdir)
     h = nbd.NBD()
     h.connect_uri(node.uri("r"))
     acked = pattern(0, 1, 0, 8)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import ssl
@@ -11,16 +10,9 @@ import subprocess
 import pytest
 
 from harness import Node, run, start_cluster, wait_until
+from harness import sha256 as sha
 
 SIZE = 64 << 20
-
-
-def sha(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @pytest.fixture
