@@ -10,14 +10,17 @@ request a second and a busy one streams as fast as the link allows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
 from . import logformat as lf
 from . import peer as P
+from .device import start_writeout
 from .logfiles import ReplayLink, list_logs, log_name, read_replay
 from .logger import first_record
 from .peerlink import PeerClient, PeerError
@@ -27,6 +30,7 @@ from .tree import Tree, res_dir
 log = logging.getLogger("mars.fetcher")
 
 FETCH_BYTES = 16 << 20
+DEPTH = 3  # requests in flight while catching up, one per link
 WAIT_MS = 1000
 RETRY_S = 1.0
 
@@ -135,27 +139,31 @@ class Fetcher:
     async def _stream(self, client: PeerClient, seq: int, origin: str) -> None:
         """Copy log files from ``client`` until a more preferred source appears (then return).
 
-        With a backlog of at least two chunks (the last reply said how much the source has), two
-        chunks are fetched at once on two links, so the source's reading and encrypting overlaps
-        our decrypting and writing; near the live end one long-polling request waits for more.
+        A pipeline: while the source has whole chunks beyond what is asked already (its last
+        reply said how much it has), up to ``DEPTH`` chunks are in flight, each on its own link
+        (a link serves one request at a time), and they are stored strictly in order. So the
+        source's reading and encrypting, the transfer, and our decrypting and writing all
+        overlap. Near the live end one long-polling request waits for more.
         """
-        extra: PeerClient | None = None
+        links = [client]
+        inflight: deque[tuple[int, int, asyncio.Task[P.LogData]]] = deque()  # (offset, link, request)
         known = 0  # how much of the current file the source said it has
         try:
             while True:
                 name = log_name(seq, origin)
                 path = self._dir() / name
                 offset = self.complete.get(name, 0)
-                if known - offset >= 2 * FETCH_BYTES:
-                    if extra is None:
-                        extra = self.connect(self.source or "")
-                    replies = await asyncio.gather(self._fetch(client, name, offset, 0),
-                                                   self._fetch(extra, name, offset + FETCH_BYTES, 0))
-                else:
-                    replies = [await self._fetch(client, name, offset, WAIT_MS)]
+                self._fill(links, inflight, name, offset, known)
+                if not inflight:
+                    inflight.append((offset, 0, asyncio.ensure_future(self._fetch(links[0], name, offset, WAIT_MS))))
+                _, _, task = inflight.popleft()
+                reply = await task
                 self.error = None
-                got = await self._store(path, name, offset, replies)
-                known = max(r.size for r in replies)
+                known = max(known, reply.size)
+                self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
+                got = await self._store(path, name, offset, reply)
+                if got < FETCH_BYTES and inflight:
+                    await self._drain(inflight)  # a short reply: what was asked after it does not follow on
                 if not got and not path.exists():
                     path.touch(mode=0o600)
                 preferred = self.sources()
@@ -163,42 +171,62 @@ class Fetcher:
                     return
                 final = finished_length(self.tree, self.res, seq, origin)
                 done = offset + got
-                finished = any(r.finished for r in replies) or final is not None
-                if finished and done >= (final if final is not None else known):
+                finished = reply.finished or final is not None
+                if finished and done >= (final if final is not None else known) and not inflight:
                     seq += 1
                     known = 0
                     self.on_data()
         finally:
-            if extra is not None:
+            await self._drain(inflight, cancel=True)
+            for extra in links[1:]:
                 await extra.close()
+
+    def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
+        """Ask for more whole chunks the source has, up to ``DEPTH`` in flight, one per link."""
+        next_off = inflight[-1][0] + FETCH_BYTES if inflight else offset
+        while len(inflight) < DEPTH and known - next_off >= FETCH_BYTES:
+            busy = {i for _, i, _ in inflight}
+            idx = next(i for i in range(DEPTH) if i not in busy)
+            if idx == len(links):
+                links.append(self.connect(self.source or ""))
+            inflight.append((next_off, idx, asyncio.ensure_future(self._fetch(links[idx], name, next_off, 0))))
+            next_off += FETCH_BYTES
+
+    @staticmethod
+    async def _drain(inflight: deque, cancel: bool = False) -> None:
+        """Forget requests in flight: wait for them (their link stays usable), or cancel them."""
+        while inflight:
+            _, _, task = inflight.popleft()
+            if cancel:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # its error, if any, is the link's; the next request finds out again
 
     async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int) -> P.LogData:
         return await client.request(lambda req: P.FetchRequest(
             req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=wait_ms),
             timeout=wait_ms / 1000 + 10)  # a silent link is noticed in seconds, not minutes
 
-    async def _store(self, path: Path, name: str, offset: int, replies: list[P.LogData]) -> int:
-        """Append the replies' bytes in order; a gap (a short first reply) drops what follows it."""
-        total = 0
-        for r in replies:
-            if r.offset != offset + total or not r.data:
-                break
-            await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset)
-            total += len(r.data)
-            self.complete[name] = offset + total
-            self.fetched_bytes += len(r.data)
-        if total:
-            self.on_data()
-        return total
+    async def _store(self, path: Path, name: str, offset: int, r: P.LogData) -> int:
+        """Append a reply's bytes; a reply that does not start where the copy ends is dropped."""
+        if r.offset != offset or not r.data:
+            return 0
+        await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset)
+        self.complete[name] = offset + len(r.data)
+        self.fetched_bytes += len(r.data)
+        self.on_data()
+        return len(r.data)
 
 
 def _append(path: Path, data: bytes, offset: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
+        start = offset
         view = memoryview(data)
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+        start_writeout(fd, start, offset - start)  # the replayer drops it from the cache once on disk
     finally:
         os.close(fd)

@@ -20,15 +20,15 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from . import logformat as lf
-from .device import DataDevice
+from .device import DataDevice, drop_behind
 from .logfiles import (ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path, version_digest,
                        version_path, version_value)
-from .logger import apply_record, first_record
+from .logger import apply_records, first_record
 from .tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.replayer")
 
-READ_CHUNK = 4 << 20
+READ_CHUNK = 16 << 20  # as much as one fetch reply: whole runs of records per pwritev
 
 
 def finished_length(tree: Tree, res: str, seq: int, origin: str) -> int | None:
@@ -55,6 +55,7 @@ class Replayer:
         self.damage: lf.LogCorruption | None = None
         self.applied_bytes = 0
         self.position: ReplayLink | None = None
+        self._behind: tuple[int, int, Path, int, int] | None = None  # last batch: device and log ranges
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
@@ -72,15 +73,24 @@ class Replayer:
         last_sync = loop.time()
         reader = lf.RecordReader(log_name(link.seq, link.origin), start_offset=link.pos)
         read_at = link.pos
+        # The file's version digest, taken along the way when replay saw the file from its start
+        # (else it is scanned once more at the end): no second pass over a log long on disk.
+        digest = self._start_digest(link) if link.pos == 0 else None
+        ahead: tuple[Path, int, asyncio.Future[bytes]] | None = None  # the next chunk, being read
         while True:
             name = log_name(self.position.seq, self.position.origin)
             path = self._dir() / name
             avail = self.available(name) if path.exists() else 0
             progressed = False
             if avail > read_at:
-                n = min(READ_CHUNK, avail - read_at)
-                data = await loop.run_in_executor(self.executor, _pread, path, n, read_at)
+                if ahead is None or ahead[:2] != (path, read_at):
+                    ahead = (path, read_at, loop.run_in_executor(
+                        self.executor, _pread, path, min(READ_CHUNK, avail - read_at), read_at))
+                data = await ahead[2]
                 read_at += len(data)
+                # Read the next chunk while this one is checked and applied: the two overlap.
+                ahead = None if avail <= read_at else (path, read_at, loop.run_in_executor(
+                    self.executor, _pread, path, min(READ_CHUNK, avail - read_at), read_at))
                 reader.receive_data(data)
                 try:
                     batch = []
@@ -89,12 +99,14 @@ class Replayer:
                         if ev is lf.NEED_DATA or ev is lf.END:
                             break
                         batch.append(ev)
+                        if digest is not None:
+                            digest[1].update(ev.check)
                 except lf.LogCorruption as e:
-                    await loop.run_in_executor(self.executor, self._apply, batch)
+                    await loop.run_in_executor(self.executor, self._apply, batch, path)
                     self._stopped(e)
                     return
                 if batch:
-                    await loop.run_in_executor(self.executor, self._apply, batch)
+                    await loop.run_in_executor(self.executor, self._apply, batch, path)
                     self.position = ReplayLink(self.position.seq, self.position.origin, batch[-1].end, 0)
                     progressed = True
             else:
@@ -102,8 +114,9 @@ class Replayer:
                 if final is not None and self.position.pos >= final:
                     nxt = self._next_file()
                     if nxt is not None:
-                        await loop.run_in_executor(self.executor, self._write_version, self.position)
+                        await loop.run_in_executor(self.executor, self._write_version, self.position, digest)
                         self.position = ReplayLink(nxt[0], nxt[1], 0, 0)
+                        digest = self._start_digest(self.position)
                         reader = lf.RecordReader(log_name(*nxt), start_offset=0)
                         read_at = 0
                         progressed = True
@@ -126,7 +139,15 @@ class Replayer:
                 return f.seq, f.origin
         return None
 
-    def _write_version(self, pos: ReplayLink) -> None:
+    def _prev_version(self, pos: ReplayLink) -> str | None:
+        return self.tree.get(version_path(self.res, pos.seq - 1, self.tree.host)) or \
+            self.tree.get(version_path(self.res, pos.seq - 1, pos.origin))
+
+    def _start_digest(self, pos: ReplayLink) -> tuple[str | None, VersionHasher]:
+        prev = self._prev_version(pos)
+        return prev, VersionHasher(version_digest(prev))
+
+    def _write_version(self, pos: ReplayLink, digest: tuple[str | None, VersionHasher] | None) -> None:
         """Our own version entry for a log we replayed completely, digested from our copy.
 
         Equal to the origin's entry when the histories are equal; a different string for the same
@@ -134,20 +155,38 @@ class Replayer:
         """
         if self.tree.get(version_path(self.res, pos.seq, self.tree.host)) is not None:
             return
-        prev = self.tree.get(version_path(self.res, pos.seq - 1, self.tree.host)) or \
-            self.tree.get(version_path(self.res, pos.seq - 1, pos.origin))
-        hasher = VersionHasher(version_digest(prev))
-        path = self._dir() / log_name(pos.seq, pos.origin)
-        r = lf.scan_file(path, 0, first_record(pos.seq), lambda d: hasher.update(d.check))
-        if r.error is None:
-            self.tree.set(version_path(self.res, pos.seq, self.tree.host),
-                          version_value(hasher.hexdigest(), pos.seq, pos.origin, r.end, prev))
+        prev = self._prev_version(pos)
+        if digest is not None and digest[0] == prev:
+            hasher, end = digest[1], pos.pos  # every record up to the end went through it
+        else:
+            hasher = VersionHasher(version_digest(prev))
+            path = self._dir() / log_name(pos.seq, pos.origin)
+            r = lf.scan_file(path, 0, first_record(pos.seq), lambda d: hasher.update(d.check))
+            if r.error is not None:
+                return
+            end = r.end
+        self.tree.set(version_path(self.res, pos.seq, self.tree.host),
+                      version_value(hasher.hexdigest(), pos.seq, pos.origin, end, prev))
 
-    def _apply(self, batch: list[lf.Decoded]) -> None:
+    def _apply(self, batch: list[lf.Decoded], path: Path) -> None:
+        """Apply a batch, then let the previous batch's pages leave the cache (drop-behind).
+
+        Neither the device nor the log copy of a secondary is read again soon, and keeping them
+        cached is what made replay CPU-bound (see device.drop_behind). One batch stays cached so
+        the wait for its writeout overlaps the next batch's writes.
+        """
+        if not batch:
+            return
         with self.device.apply_lock:
-            for d in batch:
-                apply_record(self.device, d.record)
-                self.applied_bytes += d.record.length
+            lo, hi = apply_records(self.device, [d.record for d in batch])
+            if hi > lo:
+                self.device.start_writeout(lo, hi - lo)  # write-behind, as on the primary
+            self.applied_bytes += sum(d.record.length for d in batch)
+            behind, self._behind = self._behind, (lo, hi, path, batch[0].offset, batch[-1].end)
+        if behind is not None:
+            b_lo, b_hi, b_path, b_start, b_end = behind
+            self.device.drop_behind(b_lo, b_hi - b_lo)
+            _drop_behind_file(b_path, b_start, b_end - b_start)
 
     def _checkpoint(self, pos: ReplayLink) -> None:
         self.device.fdatasync()
@@ -161,6 +200,17 @@ class Replayer:
                       f"replay stopped: {e}; the data device holds the state before that record", durable=False)
         if self.position is not None:
             self._checkpoint(self.position)
+
+
+def _drop_behind_file(path: Path, offset: int, length: int) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # deleted meanwhile (log-delete): nothing left to drop
+    try:
+        drop_behind(fd, offset, length)
+    finally:
+        os.close(fd)
 
 
 def _pread(path: Path, n: int, offset: int) -> bytes:
