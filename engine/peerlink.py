@@ -122,8 +122,8 @@ class PeerServer:
                     reply = await self._handler(msg, who)
                 except MarsError as e:
                     reply = P.ErrorReply(req=getattr(msg, "req", 0), code="refused", what=e.what, remedy=e.remedy)
-                if reply is not None:
-                    await _send(writer, conn.send_buffers(reply))
+                for m in reply if isinstance(reply, list) else [reply] if reply is not None else []:
+                    await _send(writer, conn.send_buffers(m))
         except P.PeerProtocolError as e:
             log.warning("peer %s: protocol error: %s; closing that link", who, e.reason)
         except PeerError as e:
@@ -196,7 +196,12 @@ class PeerClient:
             req = next(self._ids)
             try:
                 await _send(self._writer, self._conn.send_buffers(make(req)))
-                reply = await asyncio.wait_for(_next_message(self._conn, self._reader), timeout)
+                pushed: list[P.Entry] = []
+                while True:
+                    reply = await asyncio.wait_for(_next_message(self._conn, self._reader), timeout)
+                    if not (isinstance(reply, P.TreeEntries) and reply.req == 0):
+                        break
+                    pushed.extend(reply.entries)  # a listing too large for one frame: the first parts
             except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
                 await self.close()
                 raise PeerError(f"link to {self.peer or self.ip} failed: {e or type(e).__name__}",
@@ -206,6 +211,8 @@ class PeerClient:
                 raise PeerError(f"peer {self.peer or self.ip} closed the link", "it is retried")
             if isinstance(reply, P.ErrorReply):
                 raise PeerError(f"peer {self.peer}: {reply.what}", reply.remedy)
+            if pushed and isinstance(reply, P.TreeEntries):
+                reply = P.TreeEntries(req=reply.req, entries=tuple(pushed) + reply.entries)
             return reply
 
     async def push(self, msg: Any) -> None:

@@ -36,7 +36,10 @@ class PeerServices:
         tree = self.d.tree
         if isinstance(msg, P.TreeRequest):
             entries = await loop.run_in_executor(self.d.executor, tree.walk, tuple(msg.prefixes))
-            return P.TreeEntries(req=msg.req, entries=tuple(entries))
+            # A listing larger than one frame goes as unasked pushes, then the reply with the rest.
+            batches = list(P.entry_batches(entries)) or [()]
+            return [P.TreeEntries(req=0, entries=b) for b in batches[:-1]] + \
+                [P.TreeEntries(req=msg.req, entries=batches[-1])]
         if isinstance(msg, P.TreeEntries):
             changed = await loop.run_in_executor(self.d.executor, lambda: sum(tree.apply(e) for e in msg.entries))
             if changed:

@@ -47,6 +47,23 @@ def test_join_cluster_shares_the_tree(cluster):
     wait_until(lambda: c.tree_value("actual-b/alive") == "1", 20, "c to see b alive")
 
 
+def test_a_tree_larger_than_one_frame_is_exchanged(cluster):
+    """A listing over the 4 MiB frame limit arrives whole, in several frames."""
+    from mars.engine import peer as P
+    from mars.engine.tree import Tree
+    a, b, _ = cluster
+    t = Tree(a.mars_dir, "a")
+    n, value = 2500, "x" * 2000  # ~5 MiB of entries
+    for i in range(n):
+        t.set(f"defaults-a/bulk-{i:05d}", f"{i}-{value}", durable=False)
+    assert sum(len(e.value) for e in t.walk(("defaults-a/",))) > P.MAX_META
+
+    def missing() -> list[int]:
+        return [i for i in range(n) if b.tree_value(f"defaults-a/bulk-{i:05d}") != f"{i}-{value}"]
+    wait_until(lambda: not missing(), 60, "b to get every entry")
+    assert b.tree_value("actual-b/msg-peer-a") is None  # the exchange with a reports no error
+
+
 @pytest.mark.slow
 def test_three_nodes_converge_while_writing(cluster):
     """1 GiB of random data written through NBD on a while b and c join; all three end identical."""
