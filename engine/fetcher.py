@@ -48,6 +48,7 @@ class Fetcher:
         self.error: str | None = None
         self.source: str | None = None
         self.active = False
+        self.position: str | None = None  # "<log file>,<bytes>" of the copy being fetched, for the tree
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
@@ -86,6 +87,7 @@ class Fetcher:
         for f in logs:
             self.complete[f.name] = self._cut_incomplete(f.path, f.seq)
         last = logs[-1]
+        self.position = f"{last.name},{self.complete[last.name]}"
         return last.seq, last.origin
 
     def _cut_incomplete(self, path: Path, seq: int) -> int:
@@ -213,6 +215,7 @@ class Fetcher:
             return 0
         await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset)
         self.complete[name] = offset + len(r.data)
+        self.position = f"{name},{offset + len(r.data)}"
         self.fetched_bytes += len(r.data)
         self.on_data()
         return len(r.data)

@@ -23,7 +23,7 @@ from . import peer as P
 from .credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from .errors import MarsError
 from .marsadm.base import parse_size
-from .logfiles import list_logs, read_replay
+from .logfiles import list_logs, log_name, read_replay
 from .nbdserver import NbdSession
 from .peerlink import DEFAULT_PORT, PeerClient, PeerError, PeerServer
 from .peerservices import PeerServices
@@ -211,6 +211,7 @@ class Daemon:
     async def reconcile(self) -> None:
         tree = self.tree
         tree.set(node_actual(self.host, "time"), f"{tree.clock.now() / 1e9:.9f}", durable=False)
+        self._publish_node()
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
             d = res_dir(res)
@@ -301,15 +302,40 @@ class Daemon:
         if self.tree.get(f"{res_dir(res)}/size") is not None:
             self._publish(res)
 
+    def tunables(self) -> dict[str, str]:
+        """What this marsd runs with, by tunable name (the --system view shows them beside the set values)."""
+        return {"interval": f"{self.interval:g}", "checkpoint-interval": f"{self.checkpoint_interval:g}",
+                "logrot-auto": str(self.logrot_auto), "port": str(self.port),
+                "sync-limit": str(self.tree.get_int(f"defaults-{self.host}/sync-limit"))}
+
+    def _publish_node(self) -> None:
+        """This node's figures for every other node: version, space in /mars, tunables in use."""
+        t, h = self.tree, self.host
+        t.set(node_actual(h, "version"), __version__, durable=False)
+        st = os.statvfs(t.root)
+        rest, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        # Free space moves with every write: publish it when it moved by 1 MiB, not every round.
+        if abs(rest - t.get_int(node_actual(h, "rest-space"), -1)) >= 1 << 20:
+            t.set(node_actual(h, "rest-space"), rest, durable=False)
+        t.set(node_actual(h, "total-space"), total, durable=False)
+        for name, value in self.tunables().items():
+            t.set(node_actual(h, f"tunable-{name}"), value, durable=False)
+
     def _publish(self, res: str) -> None:
         rt = self.runtimes.get(res)
         t = self.tree
         primary = isinstance(rt, ResourceRuntime) and rt.serving
+        if isinstance(rt, ResourceRuntime) and rt.logger is not None:
+            acked = rt.logger.acked  # the end of the acknowledged log: what secondaries converge to
+            t.set(actual(res, self.host, "log-pos"), f"{log_name(acked.seq, self.host)},{acked.offset}",
+                  durable=False)
         t.set(actual(res, self.host, "is-attached"), int(rt is not None and (primary or rt.device is not None)),
               durable=False)
         t.set(actual(res, self.host, "is-primary"), int(primary), durable=False)
         t.set(actual(res, self.host, "if-on"), int(primary), durable=False)
         t.set(actual(res, self.host, "open-count"), len(rt.sessions) if rt else 0, durable=False)
+        if rt is not None and rt.device is not None:
+            t.set(f"{res_dir(res)}/actsize-{self.host}", rt.device.size(), durable=False)  # for resize hints
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
         if isinstance(rt, SecondaryRuntime):

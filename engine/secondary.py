@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 
@@ -43,6 +45,7 @@ class SecondaryRuntime:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self.serving = False  # secondaries export nothing
         self.sessions: set = set()
+        self._rates: dict[str, Rate] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -113,6 +116,15 @@ class SecondaryRuntime:
                 t.set(actual(r, h, "fetch-source"), self.fetcher.source, durable=False)
         if self.replayer is not None:
             t.set(actual(r, h, "replay-bytes"), self.replayer.applied_bytes, durable=False)
+        now = time.monotonic()
+        counters = {"sync": self.syncer.pos if self.syncer else 0,
+                    "file": self.fetcher.fetched_bytes if self.fetcher else 0,
+                    "replay": self.replayer.applied_bytes if self.replayer else 0}
+        for kind, count in counters.items():
+            rate = self._rates.setdefault(kind, Rate()).update(now, count)
+            t.set(actual(r, h, f"amount-{kind}_rate"), round(rate), durable=False)  # bytes/s, names as the original
+        if self.fetcher is not None and self.fetcher.position is not None:
+            t.set(actual(r, h, "fetch-pos"), self.fetcher.position, durable=False)
         if self.fetcher and self.fetcher.error:
             t.set(actual(r, h, "msg-warn-fetch"), self.fetcher.error, durable=False)
         else:
@@ -131,3 +143,24 @@ class SecondaryRuntime:
             await asyncio.get_running_loop().run_in_executor(self.executor, self.device.fdatasync)
             self.device.close()
             self.device = None
+
+
+class Rate:
+    """Bytes per second of a growing counter over the last few seconds.
+
+    A window rather than the last interval alone, so a rate read between two bursts of a fetch
+    does not swing between zero and double; a counter that restarts (a new syncer) starts over.
+    """
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def update(self, now: float, count: int) -> float:
+        if self.samples and count < self.samples[-1][1]:
+            self.samples.clear()
+        self.samples.append((now, count))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
