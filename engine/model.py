@@ -252,10 +252,11 @@ class Snapshot:
 # --- building -------------------------------------------------------------------------------
 
 class _Entries:
-    """The tree as one dict: path -> (value, stamp in s), read in one pass."""
+    """The tree as dicts: path -> value, directory -> entries, and the stamps (s) that ages need."""
 
     def __init__(self, root: Path) -> None:
         self.values: dict[str, str] = {}
+        self.dirs: dict[str, dict[str, str]] = {}  # directory -> entry name -> value: no scans of everything
         self.stamps: dict[str, float] = {}
         self.files: dict[str, dict[str, int]] = {}  # directory -> regular file name -> size
         self.newest = 0.0
@@ -275,15 +276,18 @@ class _Entries:
                 if de.is_symlink():
                     try:
                         value = os.readlink(de.path)
-                        stamp = de.stat(follow_symlinks=False).st_mtime_ns / 1e9
+                        # Stamps only where an age is shown: an lstat per entry is half the cost.
+                        stamp = de.stat(follow_symlinks=False).st_mtime_ns / 1e9 if _aged(name) else None
                     except OSError:
                         continue
                     if value == DELETED:
                         continue
                     self.values[path] = value
-                    self.stamps[path] = stamp
-                    if stamp > self.newest:
-                        self.newest = stamp
+                    self.dirs.setdefault(rel, {})[name] = value
+                    if stamp is not None:
+                        self.stamps[path] = stamp
+                        if stamp > self.newest:
+                            self.newest = stamp
                 elif de.is_dir(follow_symlinks=False):
                     if not rel and name in LOCAL_DIRS:
                         continue
@@ -297,6 +301,11 @@ class _Entries:
     def get(self, path: str) -> str | None:
         return self.values.get(path)
 
+    def names(self, directory: str, prefix: str) -> list[tuple[str, str]]:
+        """(name without prefix, value) of the entries in ``directory`` whose names start with ``prefix``."""
+        n = len(prefix)
+        return [(k[n:], v) for k, v in self.dirs.get(directory, {}).items() if k.startswith(prefix)]
+
     def int(self, path: str, default: int | None = None) -> int | None:
         v = self.values.get(path)
         if v is None:
@@ -308,6 +317,12 @@ class _Entries:
 
     def flag(self, path: str) -> bool:
         return self.values.get(path) == "1"
+
+
+def _aged(name: str) -> bool:
+    """Entries whose age the snapshot shows; ``time`` (every node's, every round) also keeps
+    the Lamport clock current, since it is the newest stamp in any live tree."""
+    return name == "time" or name == "fetch-pos" or name.startswith(("replay-", "msg-"))
 
 
 def _float(v: str | None) -> float | None:
@@ -353,11 +368,11 @@ def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIV
     lamport = max(wall, e.newest)
     pid = marsd_running(root, host)
 
-    hosts = sorted({p[len("ips/ip-"):] for p in e.values if p.startswith("ips/ip-")} |
-                   {p.split("/", 1)[0][len("actual-"):] for p in e.values if p.startswith("actual-")})
+    hosts = sorted({h for h, _ in e.names("ips", "ip-")} |
+                   {d[len("actual-"):] for d in e.dirs if d.startswith("actual-") and "/" not in d})
     nodes = {h: _node(e, h, host, lamport, window_s) for h in hosts}
     resources = {}
-    for d in sorted({p.split("/", 1)[0] for p in e.values if p.startswith("resource-")}):
+    for d in sorted(d for d in e.dirs if d.startswith("resource-") and "/" not in d):
         res = d[len("resource-"):]
         if e.get(f"{d}/size") is not None:
             resources[res] = _resource(e, res, host, lamport)
@@ -372,9 +387,9 @@ def _node(e: _Entries, h: str, local: str, lamport: float, window_s: float) -> N
     t_path = f"{a}/time"
     reported = _float(e.get(t_path))
     seen_age = None if reported is None else max(0.0, lamport - reported)
-    link_errors = {p[len(f"{a}/msg-peer-"):]: v for p, v in e.values.items() if p.startswith(f"{a}/msg-peer-")}
+    link_errors = dict(e.names(a, "msg-peer-"))
     tunables = []
-    names = sorted({p[len(f"{a}/tunable-"):] for p in e.values if p.startswith(f"{a}/tunable-")})
+    names = sorted(n for n, _ in e.names(a, "tunable-"))
     for n in names:
         tunables.append(Tunable(n, e.get(f"defaults-{h}/{n}") or e.get(f"defaults/{n}"), e.get(f"{a}/tunable-{n}")))
     return NodeStatus(
@@ -384,13 +399,13 @@ def _node(e: _Entries, h: str, local: str, lamport: float, window_s: float) -> N
         total_space_bytes=e.int(f"{a}/total-space"), emergency=e.flag(f"{a}/emergency"), link_errors=link_errors, tunables=tunables)
 
 
-def _messages(e: _Entries, prefix: str, node: str, res: str | None, lamport: float) -> list[Message]:
+def _messages(e: _Entries, directory: str, node: str, res: str | None, lamport: float) -> list[Message]:
+    """``msg-<level>-<what>`` entries of one actual directory; "OK" means cleared."""
     out = []
-    for p, v in e.values.items():
-        if p.startswith(prefix) and v != "OK":
-            key = p[len(prefix):]
-            level = key.split("-", 1)[0]
-            out.append(Message(node, res, level, key, v, max(0.0, lamport - e.stamps.get(p, lamport))))
+    for key, v in e.names(directory, "msg-"):
+        if v != "OK" and not key.startswith("peer-"):
+            stamp = e.stamps.get(f"{directory}/msg-{key}", lamport)
+            out.append(Message(node, res, key.split("-", 1)[0], key, v, max(0.0, lamport - stamp)))
     return sorted(out, key=lambda m: m.key)
 
 
@@ -399,7 +414,7 @@ def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStat
     size = e.int(f"{d}/size", 0) or 0
     primary = e.get(f"{d}/primary")
     primary = None if primary in (None, NONE, "") else primary
-    members = sorted(p[len(f"{d}/data-"):] for p in e.values if p.startswith(f"{d}/data-"))
+    members = sorted(h for h, _ in e.names(d, "data-"))
 
     # Log files: local copies, and every node's version entries.
     logs: dict[tuple[int, str], LogFileStatus] = {}
@@ -408,15 +423,14 @@ def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStat
         if p is not None:
             logs[p] = LogFileStatus(p[0], p[1], nbytes)
     by_seq: dict[int, dict[str, LogVersion]] = {}
-    for path, v in e.values.items():
-        if path.startswith(f"{d}/version-"):
-            seq_s, _, h = path[len(f"{d}/version-"):].partition("-")
-            ver = _parse_version(h, v)
-            if ver is None or not seq_s.isdigit():
-                continue
-            seq = int(seq_s)
-            by_seq.setdefault(seq, {})[h] = ver
-            logs.setdefault((seq, ver.origin), LogFileStatus(seq, ver.origin, None)).versions[h] = ver
+    for name, v in e.names(d, "version-"):
+        seq_s, _, h = name.partition("-")
+        ver = _parse_version(h, v)
+        if ver is None or not seq_s.isdigit():
+            continue
+        seq = int(seq_s)
+        by_seq.setdefault(seq, {})[h] = ver
+        logs.setdefault((seq, ver.origin), LogFileStatus(seq, ver.origin, None)).versions[h] = ver
     split = []
     for seq, vers in sorted(by_seq.items()):
         kinds = {f"{v.origin}:{v.digest}" for v in vers.values()}
@@ -495,24 +509,25 @@ def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStat
             sync=sync, fetch=fetch, replay=replay, replay_link=replay_v, fetch_pos=fetch_v,
             fetch_source=e.get(f"{a}/fetch-source"), replay_code=e.get(f"{a}/replay-code"),
             fetch_age_s=age(f"{a}/fetch-pos"), replay_age_s=age(f"{d}/replay-{h}"),
-            messages=_messages(e, f"{a}/msg-", h, res, lamport))
+            messages=_messages(e, a, h, res, lamport))
 
-    # Deletable logs: older than every member's replay position, never the newest.
+    # Deletable logs: older than every member's replay position, never the newest. A member
+    # "holds them back" when it sits in the oldest needed file and does not move on by itself:
+    # replay switched off, stopped on a bad record, or detached (a lagging member catches up).
     local_logs = sorted(k for k, f in logs.items() if f.local_bytes is not None)
     links = {h: ReplayLink.parse(e.get(f"{d}/replay-{h}")) for h in members}
     deletable: list[str] = []
     held: list[str] = []
-    if local_logs and members and all(links.values()):
-        oldest = min(lk.seq for lk in links.values() if lk)
+    if local_logs and members:
         newest = local_logs[-1][0]
+        known = [lk.seq for lk in links.values() if lk]
+        oldest = min(known) if len(known) == len(links) else 0
         deletable = [logs[k].name for k in local_logs if k[0] < oldest and k[0] < newest]
-        finished_below = [k[0] for k in local_logs if k[0] < newest]
-        if finished_below:
-            target = max(finished_below) + 1  # everyone replaying into the newest file frees all others
-            held = sorted(h for h, lk in links.items() if lk and lk.seq < target and lk.seq == oldest
-                          and oldest < newest)
-    elif local_logs and members:
-        held = sorted(h for h, lk in links.items() if lk is None)
+        for h, lk in links.items():
+            n = nodes[h]
+            stuck = not n.switches.replay or n.replay_stopped or not n.switches.attach
+            if (lk is None or (lk.seq == oldest and oldest < newest)) and stuck and not n.designated_primary:
+                held.append(h)
     deletable_bytes = sum(logs[k].local_bytes or 0 for k in local_logs if logs[k].name in deletable)
     return ResourceStatus(
         name=res, size_bytes=size, primary=primary, nodes=nodes,
