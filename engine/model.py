@@ -168,7 +168,9 @@ class NodeResource:
 
     @property
     def replay_stopped(self) -> bool:
-        return bool(self.replay_code and self.replay_code.startswith("-"))
+        """Replay stopped on a damaged record: ``-1,<code>,<offset>``. A bare ``-1`` is a failed
+        attach (its message says why), not a statement about the log."""
+        return bool(self.replay_code and self.replay_code.startswith("-") and "," in self.replay_code)
 
 
 @dataclass
