@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import __version__
 from . import peer as P
+from .bus import Bus
+from .control import ControlServer
 from .credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from .errors import MarsError
 from .marsadm.base import parse_size
@@ -61,6 +63,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
+        self.bus = Bus()
+        self.control = ControlServer(tree.root, self.host, self.bus, self.executor)
 
     def exports(self) -> dict[str, ResourceRuntime]:
         return {name: rt for name, rt in self.runtimes.items() if isinstance(rt, ResourceRuntime) and rt.serving}
@@ -86,7 +90,10 @@ class Daemon:
         for res in self.tree.resources():
             if self.tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
+        self.bus.bind(loop)
+        self.bus.attach_logging(logging.getLogger("mars"))
         self._open_trigger(loop)
+        await self.control.start()
         await self._open_nbd(loop)
         await self._open_peers()
         self.tree.set(node_actual(self.host, "alive"), 1, durable=False)
@@ -96,6 +103,7 @@ class Daemon:
                 await self.exchange()
                 await self.reconcile()
                 self._wake.clear()
+                await self.control.refresh()
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stop.wait())]
                 await asyncio.wait(waits, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
@@ -104,6 +112,7 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        await self.control.close()
         for s in self._servers:
             s.close()
         for t in self._pulls.values():
@@ -122,6 +131,7 @@ class Daemon:
                 pass
         self.executor.shutdown(wait=True)
         log.info("marsd on host %s stopped", self.host)
+        self.bus.detach_logging()
 
     # -- sockets -------------------------------------------------------------------------------
 

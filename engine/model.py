@@ -484,8 +484,9 @@ def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStat
                      syncing=e.flag(f"{a}/is-syncing"), fetching=e.flag(f"{a}/is-copying"),
                      replaying=e.flag(f"{a}/is-replaying"), open_count=e.int(f"{a}/open-count", 0) or 0)
         is_primary = h == primary
-        # The primary is the sync source: complete by definition, whether or not it has the entry.
-        syncpos = size if is_primary else (e.int(f"{d}/syncstatus-{h}", 0) or 0)
+        # The primary is the sync source: complete by definition. A member without the entry is
+        # the resource's creator (join-resource and invalidate always write one): complete too.
+        syncpos = size if is_primary else e.int(f"{d}/syncstatus-{h}", size)
         sync = Progress(min(syncpos, size), size, _float(e.get(f"{a}/amount-sync_rate")))
         replay_v = e.get(f"{d}/replay-{h}")
         link = ReplayLink.parse(replay_v)

@@ -15,6 +15,7 @@ brings every block to its latest value.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import logging
@@ -107,6 +108,12 @@ class Syncer:
             try:
                 await self._sync(client, loop)
                 return
+            except asyncio.CancelledError:
+                # Paused (or marsd stops): what is done so far becomes the resume point and shows
+                # in the tree, instead of the last second's figure.
+                with contextlib.suppress(Exception):
+                    await self._publish(loop)
+                raise
             except (PeerError, OSError) as e:
                 self.error = str(e)
                 log.warning("resource %s: sync: %s; retrying", self.res, e)

@@ -127,6 +127,21 @@ class Node:
         wait_until(lambda: self.tree_value(rel) == value, timeout, f"{rel} == {value} on {self.host}")
 
 
+def start_pair(base: Path, nodes: list[Node], size: str, a_args: tuple[str, ...] = ()) -> tuple[Node, Node]:
+    """a (127.0.0.2) primary of resource r on a sparse image, b (127.0.0.3) joined to it."""
+    a, b = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3")
+    nodes.extend([a, b])
+    a.extra_args = list(a_args)
+    a.create_cluster()
+    a.start()
+    b.join_cluster(a)
+    b.start()
+    a.marsadm("create-resource", "r", str(a.base / "a.img"), size)
+    wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
+    b.marsadm("join-resource", "r", str(b.base / "b.img"))
+    return a, b
+
+
 def sha256(path: Path) -> str:
     """sha256 of a file, read in 4 MiB pieces (images are up to GiBs)."""
     import hashlib

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from harness import Node, run, start_cluster, wait_until
+from harness import run, start_cluster, start_pair, wait_until
 from test_replication import caught_up, sha
 
 MiB = 1 << 20
@@ -14,19 +14,7 @@ MiB = 1 << 20
 
 @pytest.fixture
 def pair(workdir):
-    base, nodes = workdir
-    a = Node(base, "a", "127.0.0.2")
-    b = Node(base, "b", "127.0.0.3")
-    nodes.extend([a, b])
-    a.extra_args = ["--logrot-auto", "2M"]
-    a.create_cluster()
-    a.start()
-    b.join_cluster(a)
-    b.start()
-    a.marsadm("create-resource", "r", str(a.base / "a.img"), "32M")
-    wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
-    b.marsadm("join-resource", "r", str(b.base / "b.img"))
-    return a, b
+    return start_pair(*workdir, "32M", ("--logrot-auto", "2M"))
 
 
 def write(node, *cmds):

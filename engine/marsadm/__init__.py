@@ -14,6 +14,7 @@ from .base import COMMANDS, build_parser, run
 
 # Importing the command modules registers their commands.
 from . import cluster, logs, resource, switches  # noqa: F401,E402
+from . import view  # noqa: F401,E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,8 @@ def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     p.add_argument("--force", "-f", action="store_true", default=d(False), help="skip safety checks (read the message first)")
     p.add_argument("--no-wait", action="store_true", default=d(False),
                    help="record the desired state and return without waiting for marsd")
+    p.add_argument("--window", type=float, default=d(None), metavar="S",
+                   help="for view: a node counts as alive if it reported within S seconds (default 30)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +76,10 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
             argv[i] = a[len("force-"):]
             force_prefix = True
             break
+    # The original's 'view-<macro>' spelling means 'view --macro <macro>'.
+    i = _command_at(parser, argv)
+    if i is not None and argv[i].startswith("view-") and argv[i] not in COMMANDS and "view" in COMMANDS:
+        argv[i:i + 1] = ["view", "--macro", argv[i][len("view-"):]]
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -89,6 +95,18 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     else:
         cmd.func(ctx)
     return 0
+
+
+def _command_at(parser: argparse.ArgumentParser, argv: list[str]) -> int | None:
+    """Where the command word is: the first word that is neither an option nor an option's value."""
+    takes_value = {s for a in parser._actions if a.option_strings and a.nargs != 0 for s in a.option_strings}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if not a.startswith("-"):
+            return i
+        i += 2 if a in takes_value else 1
+    return None
 
 
 class Ctx:

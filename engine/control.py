@@ -1,0 +1,476 @@
+"""The control socket: marsd's status, live, for local tools (marsadm view, mars-status, exporters).
+
+``<mars-dir>/control.sock`` is a unix stream socket, mode 0600 inside the 0700 tree: status can
+name devices, hosts and errors, so only root (the tree's owner) may read it. It is read-only;
+desired state still goes through the tree (``marsadm``), so the tree stays the one source of
+truth and every tool keeps working when marsd is down.
+
+Protocol: newline-delimited JSON. The client sends one request line.
+
+* ``{"cmd": "snapshot"}`` -> one line ``{"snapshot": {...}, "findings": [...], "marsd_pid": N,
+  "seq": S}``, then the server closes. ``seq`` is the bus's newest event when the snapshot was
+  taken.
+* ``{"cmd": "events"}`` -> the snapshot line first, then one line per bus event (``log``,
+  ``finding``, ``state``; see :mod:`.bus`) until the client goes away. A client that falls behind
+  gets ``{"kind": "lagged"}`` (when there is room for it) and is disconnected: it should
+  reconnect, and the snapshot line it then gets first tells it what it missed.
+* anything else -> ``{"error": ..., "remedy": ...}``.
+
+Why a reader can never hurt marsd: every connection writes through a bounded transport buffer,
+waits for it to drain at most ``DRAIN_TIMEOUT`` seconds, and its bus queue is bounded too; past
+either bound the connection is dropped. The snapshot is rebuilt once per reconcile round (in
+the disk executor) and served from that copy, so a busy poller costs marsd a socket write, not a
+tree scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from pathlib import Path
+from typing import Any
+
+from . import model
+from .bus import Bus, Subscription
+from .errors import MarsError
+
+log = logging.getLogger("mars.control")
+
+CONTROL_NAME = "control.sock"
+REQUEST_LIMIT = 64 << 10  # bytes in one request line
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request line
+DRAIN_TIMEOUT = 5.0  # seconds a reader may leave a full buffer unread before it is dropped
+WRITE_HIGH = 256 << 10  # transport write buffer high-water mark per connection
+SEND_BUFFER = 64 << 10  # kernel send buffer per connection (SO_SNDBUF)
+QUEUE_EVENTS = 1000  # bus events a reader may be behind before it is dropped
+USAGE = 'send one JSON line: {"cmd": "snapshot"} or {"cmd": "events"}'
+
+StateKey = tuple[str | None, str, str]  # (resource or None for the node itself, node, field)
+
+
+# --- what changed between two rounds (pure) -----------------------------------------------------
+
+def finding_dict(f: Any) -> dict[str, Any]:
+    """A finding as plain JSON types, whatever its Python type."""
+    if hasattr(f, "to_json"):
+        return dict(f.to_json())
+    if dataclasses.is_dataclass(f):
+        return dataclasses.asdict(f)
+    return dict(f)
+
+
+def finding_key(f: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """A finding's identity across rounds: its text may change (a percentage), its key does not."""
+    return f.get("code"), f.get("res"), f.get("node")
+
+
+def finding_changes(old: dict[tuple, dict], new: dict[tuple, dict]) -> list[tuple[str, dict]]:
+    """("raised", finding) for keys new in ``new``, ("cleared", finding) for keys gone from ``old``."""
+    out = [("cleared", f) for k, f in old.items() if k not in new]
+    out += [("raised", f) for k, f in new.items() if k not in old]
+    return out
+
+
+def node_states(snap: model.Snapshot) -> dict[StateKey, Any]:
+    """The few per-node facts whose changes are worth an event, coarse enough not to chatter.
+
+    Sync progress is floored to whole percents, so 100 means complete and a sync of many GiB
+    makes at most 100 events; fetch and replay say only whether they have reached the log end.
+    """
+    out: dict[StateKey, Any] = {}
+    for h, n in snap.nodes.items():
+        out[(None, h, "alive")] = n.alive
+    for res, r in snap.resources.items():
+        for h, nr in r.nodes.items():
+            out[(res, h, "role")] = nr.role
+            out[(res, h, "sync_percent")] = math.floor(nr.sync.percent)
+            out[(res, h, "fetch_reached")] = None if nr.fetch is None else nr.fetch.reached
+            out[(res, h, "replay_reached")] = None if nr.replay is None else nr.replay.reached
+            for name in ("attach", "fetch", "sync", "replay"):
+                out[(res, h, f"switch_{name}")] = getattr(nr.switches, name)
+    return out
+
+
+def state_changes(old: dict[StateKey, Any], new: dict[StateKey, Any]) -> list[dict[str, Any]]:
+    """One ``state`` event body per key whose value differs (None for appeared or gone)."""
+    keys = sorted(old.keys() | new.keys(), key=lambda k: (k[0] or "", k[1], k[2]))
+    return [{"res": k[0], "node": k[1], "field": k[2], "old": old.get(k), "new": new.get(k)}
+            for k in keys if old.get(k) != new.get(k)]
+
+
+def _findings(snap: model.Snapshot) -> list[dict[str, Any]]:
+    """The findings of ``snap``; none while the findings module is not there (imported late on purpose)."""
+    try:
+        from .findings import findings
+    except ImportError:
+        return []
+    return [finding_dict(f) for f in findings(snap)]
+
+
+def _encode(obj: Any) -> bytes:
+    return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode()
+
+
+# --- the server, inside marsd -------------------------------------------------------------------
+
+class ControlServer:
+    """marsd's end: keeps the latest snapshot, publishes what changed, serves the socket."""
+
+    def __init__(self, mars_dir: Path, host: str, bus: Bus, executor: Executor | None = None) -> None:
+        self.path = Path(mars_dir) / CONTROL_NAME
+        self.mars_dir = Path(mars_dir)
+        self.host = host
+        self.bus = bus
+        self.executor = executor
+        self.queue_events = QUEUE_EVENTS
+        self.drain_timeout = DRAIN_TIMEOUT
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._latest: tuple[str, str, int] | None = None  # snapshot JSON, findings JSON, bus seq
+        self._findings: dict[tuple, dict] = {}
+        self._states: dict[StateKey, Any] = {}
+        self._failing = False
+
+    # -- the round's snapshot -----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """After a reconcile round: rebuild the snapshot and publish what changed. Never raises.
+
+        Status is a by-product of replication: a bug here is logged (once, until it heals) and
+        must not stop the round that called it.
+        """
+        try:
+            self._adopt(*await self._in_thread(self._build), publish=self._latest is not None)
+        except Exception:
+            if not self._failing:
+                log.exception("status snapshot failed (replication goes on)")
+            self._failing = True
+            return
+        if self._failing:
+            log.info("status snapshot works again")
+        self._failing = False
+
+    def _build(self) -> tuple[model.Snapshot, list[dict], str, str]:
+        """Disk-bound (one pass over the tree) and JSON-heavy: runs in the executor."""
+        snap = model.build(self.mars_dir, self.host, debug_lines=self.bus.recent_lines())
+        found = _findings(snap)
+        return snap, found, json.dumps(snap.to_json(), separators=(",", ":"), default=str), \
+            json.dumps(found, separators=(",", ":"), default=str)
+
+    async def _in_thread(self, fn: Callable[[], Any]) -> Any:
+        if self.executor is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
+    def _adopt(self, snap: model.Snapshot, found: list[dict], snap_json: str, found_json: str,
+               publish: bool) -> None:
+        """Make ``snap`` the latest; with ``publish``, first send what changed since the previous one.
+
+        The very first snapshot is a baseline, not news: events always mean "changed since the
+        snapshot line you got first", so a reader never sees a burst of None -> value events.
+        """
+        now = {finding_key(f): f for f in found}
+        states = node_states(snap)
+        if publish:
+            for change, f in finding_changes(self._findings, now):
+                self.bus.publish("finding", change=change, finding=f)
+            for body in state_changes(self._states, states):
+                self.bus.publish("state", **body)
+        self._findings, self._states = now, states
+        self._latest = (snap_json, found_json, self.bus.seq)
+
+    async def _snapshot_line(self) -> bytes:
+        """The reply to ``snapshot``, from the latest round (built now only before the first round)."""
+        if self._latest is None:
+            built = await self._in_thread(self._build)
+            self._adopt(*built, publish=self._latest is not None)
+        assert self._latest is not None
+        snap_json, found_json, seq = self._latest
+        return (f'{{"snapshot":{snap_json},"findings":{found_json},'
+                f'"marsd_pid":{os.getpid()},"seq":{seq}}}\n').encode()
+
+    # -- the socket ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen on ``control.sock``, replacing a stale one a killed marsd left behind.
+
+        The mode is set on the socket before ``bind`` (Linux takes the new file's mode from the
+        socket's inode), so the file never exists with a wider mode, not even for an instant,
+        and no process-wide umask is touched while executor threads may create files.
+        """
+        self.path.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            os.fchmod(sock.fileno(), 0o600)
+            sock.bind(str(self.path))
+            os.chmod(self.path, 0o600)  # for kernels that ignore the socket inode's mode
+            sock.listen(64)
+            sock.setblocking(False)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=REQUEST_LIMIT)
+        except BaseException:
+            sock.close()
+            raise
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, remove the socket file."""
+        if self._server is not None:
+            self._server.close()
+        for task, writer in list(self._conns.items()):
+            writer.transport.abort()
+            task.cancel()
+        if self._conns:
+            await asyncio.wait(list(self._conns), timeout=2)
+        self.path.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns[task] = writer
+        who = _peer(writer)
+        graceful = True
+        try:
+            _bound(writer)
+            req = await self._request(reader)  # first, so every client gets its reply after its request
+            if who[1] not in (0, os.geteuid()):
+                writer.write(_encode({"error": f"uid {who[1]} may not read marsd's status",
+                                      "remedy": "run the tool as root"}))
+            elif isinstance(req, str):
+                writer.write(_encode({"error": req, "remedy": USAGE}))
+            elif req.get("cmd") == "snapshot":
+                log.debug("control: snapshot for pid %s", who[0])
+                writer.write(await self._snapshot_line())
+            elif req.get("cmd") == "events":
+                log.debug("control: events for pid %s", who[0])
+                graceful = await self._events(reader, writer, who)
+            else:
+                writer.write(_encode({"error": f"unknown command {req.get('cmd')!r}", "remedy": USAGE}))
+        except (ConnectionError, OSError) as e:
+            log.debug("control: client pid %s: %s", who[0], e)
+            graceful = False
+        except Exception as e:  # a bug here must cost one reply, never marsd
+            log.exception("control: request of pid %s failed", who[0])
+            writer.write(_encode({"error": f"marsd could not answer: {e!r}", "remedy": "see marsd's log"}))
+        finally:
+            self._conns.pop(task, None)
+            await self._finish(writer, graceful)
+
+    async def _request(self, reader: asyncio.StreamReader) -> dict[str, Any] | str:
+        """The client's request, or why it is not one."""
+        try:
+            line = await asyncio.wait_for(reader.readline(), REQUEST_TIMEOUT)
+        except TimeoutError:
+            return f"no request line within {REQUEST_TIMEOUT:g} s"
+        except ValueError:
+            return f"request line longer than {REQUEST_LIMIT} bytes"
+        try:
+            req = json.loads(line)
+        except ValueError:
+            return f"request is not JSON: {line[:80]!r}"
+        return req if isinstance(req, dict) else "request is not a JSON object"
+
+    async def _events(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      who: tuple[int, int]) -> bool:
+        """Stream bus events until the client leaves or lags; True when it ended in order.
+
+        Subscribing before taking the snapshot line means no change falls between the two (at
+        worst one appears in both).
+        """
+        sub = self.bus.subscribe(self.queue_events)
+        try:
+            writer.write(await self._snapshot_line())
+            pump = asyncio.ensure_future(self._pump(sub, writer, who))
+            gone = asyncio.ensure_future(_until_hangup(reader, writer))
+            try:
+                await asyncio.wait([pump, gone], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (pump, gone):
+                    t.cancel()
+                await asyncio.gather(pump, gone, return_exceptions=True)
+            if not pump.cancelled() and pump.exception() is None:
+                return pump.result()
+            log.debug("control: events reader pid %s left", who[0])
+            return False
+        finally:
+            sub.close()
+
+    async def _pump(self, sub: Subscription, writer: asyncio.StreamWriter, who: tuple[int, int]) -> bool:
+        """Bus -> socket. False when the reader was dropped for not keeping up."""
+        while True:
+            if not await self._drained(writer):
+                log.warning("control: events reader pid %s did not read for %g s; dropped it",
+                            who[0], self.drain_timeout)
+                return False
+            ev = await sub.get()
+            if ev is None:
+                if not sub.lagged:
+                    return True
+                log.warning("control: events reader pid %s fell %d events behind; dropped it",
+                            who[0], sub.maxsize)
+                return self._say_lagged(writer)
+            writer.write(_encode(ev))
+
+    def _say_lagged(self, writer: asyncio.StreamWriter) -> bool:
+        """Tell a lagging reader why it is dropped, if its buffer has room; True if it was told."""
+        if writer.transport.get_write_buffer_size() < WRITE_HIGH:
+            writer.write(_encode({"kind": "lagged"}))
+            return True
+        return False
+
+    async def _drained(self, writer: asyncio.StreamWriter) -> bool:
+        """False when the reader left a full buffer unread too long; ConnectionError when it is gone."""
+        try:
+            await asyncio.wait_for(writer.drain(), self.drain_timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def _finish(self, writer: asyncio.StreamWriter, graceful: bool) -> None:
+        """Close after the reply is out; abort (discarding the buffer) when the reader will not read."""
+        if graceful and not writer.transport.is_closing():
+            writer.close()
+            try:
+                await asyncio.wait_for(writer.wait_closed(), self.drain_timeout)
+                return
+            except (TimeoutError, OSError):
+                pass
+        writer.transport.abort()
+
+
+def _bound(writer: asyncio.StreamWriter) -> None:
+    """Per-connection buffer limits: what a reader that stops reading can cost marsd."""
+    writer.transport.set_write_buffer_limits(high=WRITE_HIGH)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+
+
+def _peer(writer: asyncio.StreamWriter) -> tuple[int, int]:
+    """(pid, uid) of the connected process, from the kernel (SO_PEERCRED), not from the client."""
+    sock = writer.get_extra_info("socket")
+    try:
+        pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))
+        return pid, uid
+    except (OSError, AttributeError):
+        return -1, -1
+
+
+async def _until_hangup(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Returns when the client has closed its socket; anything it sends after the request is ignored.
+
+    End of input alone is not enough: ``socat``/``nc`` shut down their sending side after the
+    request and go on reading. Only a full close (POLLHUP) ends the stream here, so a dead reader
+    releases its subscription at once, not at the next event's failed write.
+    """
+    while await reader.read(4096):
+        pass
+    if not _hung_up(writer.get_extra_info("socket")):
+        # Half-closed: the client still reads. A later full close shows as a failed write.
+        await asyncio.get_running_loop().create_future()
+
+
+def _hung_up(sock: socket.socket | None) -> bool:
+    """Whether the peer closed both directions (POLLHUP), not just its sending side."""
+    if sock is None:
+        return True
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))
+
+
+# --- clients (blocking, for marsadm, mars-status and the exporters) ----------------------------
+
+def control_path(mars_dir: str | os.PathLike[str]) -> Path:
+    return Path(mars_dir) / CONTROL_NAME
+
+
+def _connect(mars_dir: str | os.PathLike[str], timeout: float | None) -> socket.socket:
+    """A connection to marsd's control socket; PermissionError becomes a MarsError with the remedy."""
+    path = control_path(mars_dir)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+    except PermissionError:
+        s.close()
+        raise MarsError(f"{path}: permission denied", "marsd's status is for root only; run the tool as root") from None
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0) -> dict[str, Any] | None:
+    """marsd's latest snapshot reply, or None when marsd does not answer (not running, no socket,
+    refused, no reply within ``timeout`` seconds, or a reply that is not one).
+
+    A tool then shows what the tree knows and says marsd is down; only "permission denied" raises
+    (MarsError), because then the tree is not readable either and the remedy is to be root.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        with _connect(mars_dir, timeout) as s:
+            s.sendall(b'{"cmd":"snapshot"}\n')
+            data = _read_to_eof(s, deadline)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        reply = json.loads(data.split(b"\n", 1)[0])
+    except ValueError:
+        return None
+    return reply if isinstance(reply, dict) and "snapshot" in reply else None
+
+
+def _read_to_eof(s: socket.socket, deadline: float) -> bytes:
+    chunks = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("marsd did not finish its reply in time")
+        s.settimeout(remaining)
+        chunk = s.recv(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def stream_events(mars_dir: str | os.PathLike[str], timeout: float | None = None) -> Iterator[dict[str, Any]]:
+    """The snapshot line, then every event marsd publishes, as dicts, until marsd closes the stream.
+
+    ``timeout`` bounds each wait for a line (TimeoutError ends the stream; None waits forever).
+    A ``{"kind": "lagged"}`` item means marsd dropped this reader; reconnect to resume. Raises
+    MarsError when marsd's control socket does not answer at all.
+    """
+    try:
+        s = _connect(mars_dir, timeout)
+    except OSError as e:
+        raise MarsError(f"marsd does not answer on {control_path(mars_dir)}: {e.strerror or e}",
+                        "start marsd (the tree can still be read without it)") from None
+    with s, s.makefile("rb") as f:
+        s.sendall(b'{"cmd":"events"}\n')
+        for line in f:
+            yield json.loads(line)
+
+
+def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 2.0) -> tuple[model.Snapshot, bool]:
+    """The snapshot a tool shows: built from the local tree, with marsd's debug lines when it answers.
+
+    The bool says whether this host's marsd answered, so a tool can say "marsd is down; showing
+    what the tree knows". A marsd that answers for another host (``--host <dead>`` on a survivor)
+    does not count: its lines are not that host's.
+    """
+    reply = request_snapshot(mars_dir, timeout)
+    snap_json = reply.get("snapshot") if reply else None
+    answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
+    lines = list(snap_json.get("debug_lines") or []) if answered else []
+    return model.build(mars_dir, host, debug_lines=lines), answered

@@ -1,0 +1,680 @@
+"""marsadm view: the original's status display and its macros, rendered from the one snapshot.
+
+Three spellings, one source of truth:
+
+* ``marsadm view [all|res[,res]]`` — for people: per resource the original's separator and status
+  line (``<res> [alive/members] <diskstate> <replstate> <flags> <role> <primarynode>``), the
+  sync and replay progress of this node, then one line per other member (the tree knows every
+  member's state, so the view shows it), then the findings.
+* ``marsadm view-<macro> <res>`` (or ``view --macro <macro> <res>``) — for scripts: exactly one
+  value on stdout, as the original's primitive macros; bools are 0/1, sizes bytes, rates bytes/s,
+  times seconds, and -1 means unknown.
+* ``marsadm view --json [res]`` — for programs: the snapshot plus its findings.
+
+Why nothing here reads the tree: the states below are renderings of :mod:`mars.engine.model`'s
+snapshot, and every verdict (WORK/TODO/HINT) comes from :mod:`mars.engine.findings`, so this
+view, mars-status and the exporters can never disagree. What this module does compute are the
+original's *state names* (§2.2 of the upstream reference: first-match rules over the snapshot's
+switches, actual state and positions) and its *position arithmetic* (§2.3: replay-size is the
+fetch position, work is fetch plus replay), because those are how MARS operators read a node.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .. import model
+from ..errors import MarsError, UsageError
+from ..logfiles import ReplayLink, parse_log_name
+from ..tree import check_name, require_cluster
+from .base import Ctx, command
+
+BAR_WIDTH = 20
+
+
+# --- the snapshot --------------------------------------------------------------------------
+
+def _snapshot(ctx: Ctx) -> tuple[model.Snapshot, bool]:
+    """The snapshot (with marsd's live lines when its control socket answers) and whether it answered.
+
+    ``--window`` changes who counts as alive; the snapshot is then built once more with it.
+    """
+    window = getattr(ctx.args, "window", None)
+    window_s = model.ALIVE_WINDOW_S if window is None else window
+    if window_s <= 0:
+        raise UsageError(f"--window {window:g} is not a positive number of seconds", "give e.g. --window 30")
+    try:
+        from ..control import live_snapshot  # the control socket, when this build has one
+    except ImportError:
+        live_snapshot = None
+    if live_snapshot is not None:
+        snap, answered = live_snapshot(ctx.tree.root, ctx.host)
+        if snap.local_host == ctx.host:
+            if snap.window_s != window_s:
+                snap = model.build(ctx.tree.root, ctx.host, window_s=window_s, debug_lines=snap.debug_lines)
+            return snap, bool(answered)
+    snap = model.build(ctx.tree.root, ctx.host, window_s=window_s)
+    return snap, snap.marsd_running
+
+
+def _findings(snap: model.Snapshot) -> list[Any]:
+    from ..findings import findings
+    return list(findings(snap))
+
+
+def _human_bytes(n: float | None) -> str:
+    from ..findings import human_bytes
+    return human_bytes(n)
+
+
+def _human_seconds(s: float | None) -> str:
+    from ..findings import human_seconds
+    return human_seconds(s)
+
+
+# --- one member of one resource, as the original's macros see it ----------------------------
+
+def _remain(rest: int, rate: float | None) -> float | None:
+    """Seconds left at the current rate: 0 when nothing is left, None when nothing moves."""
+    if rest <= 0:
+        return 0.0
+    if not rate:
+        return None
+    return rest / rate
+
+
+def _percent(pos: int, size: int) -> float:
+    return 100.0 if size <= 0 else min(100.0, 100.0 * pos / size)
+
+
+def _log_end_bytes(r: model.ResourceStatus) -> int:
+    """The primary's log end as an absolute position (every member's fetch target)."""
+    primary = r.nodes.get(r.primary or "")
+    if primary is not None and primary.fetch is not None:
+        return primary.fetch.size_bytes
+    return max((p.size_bytes for n in r.nodes.values() for p in (n.fetch, n.replay) if p is not None), default=0)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One host's part in one resource: positions as the original's macros define them.
+
+    The original's replay target is the *fetch position* (replay-size = fetch-pos), so the replay
+    rest is what is fetched but not yet replayed; the fetch target is the log end; *work* is both
+    (work-rest = log end − replay position). A host that is no member has zeros everywhere.
+    """
+
+    snap: model.Snapshot
+    r: model.ResourceStatus
+    host: str
+
+    @property
+    def n(self) -> model.NodeResource | None:
+        return self.r.nodes.get(self.host)
+
+    @property
+    def node(self) -> model.NodeStatus | None:
+        return self.snap.nodes.get(self.host)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.node and self.node.alive)
+
+    @property
+    def designated(self) -> bool:
+        return self.r.primary == self.host
+
+    @property
+    def primary_alive(self) -> bool:
+        p = self.snap.nodes.get(self.r.primary or "")
+        return bool(p and p.alive)
+
+    # sync
+    @property
+    def sync_size(self) -> int:
+        return self.r.size_bytes
+
+    @property
+    def sync_pos(self) -> int:
+        return self.n.sync.pos_bytes if self.n else 0
+
+    @property
+    def sync_rate(self) -> float | None:
+        return self.n.sync.rate_bytes_per_s if self.n else None
+
+    # fetch
+    @property
+    def fetch_size(self) -> int:
+        return self.n.fetch.size_bytes if self.n and self.n.fetch else _log_end_bytes(self.r)
+
+    @property
+    def fetch_pos(self) -> int:
+        """What was replayed was fetched (or written here): never below the replay position."""
+        known = self.n.fetch.pos_bytes if self.n and self.n.fetch else 0
+        return max(known, self.replay_pos)
+
+    @property
+    def fetch_rate(self) -> float | None:
+        return self.n.fetch.rate_bytes_per_s if self.n and self.n.fetch else None
+
+    # replay
+    @property
+    def replay_pos(self) -> int:
+        return self.n.replay.pos_bytes if self.n and self.n.replay else 0
+
+    @property
+    def replay_size(self) -> int:
+        return self.fetch_pos
+
+    @property
+    def replay_rate(self) -> float | None:
+        return self.n.replay.rate_bytes_per_s if self.n and self.n.replay else None
+
+    # work = fetch + replay
+    @property
+    def work_pos(self) -> int:
+        return self.replay_pos
+
+    @property
+    def work_size(self) -> int:
+        return max(self.fetch_size, self.replay_pos)
+
+    @property
+    def work_rate(self) -> float | None:
+        rates = [x for x in (self.fetch_rate, self.replay_rate) if x is not None]
+        return max(rates) if rates else None
+
+    def pos(self, what: str) -> int:
+        return getattr(self, f"{what}_pos")
+
+    def size(self, what: str) -> int:
+        return getattr(self, f"{what}_size")
+
+    def rest(self, what: str) -> int:
+        return max(0, self.size(what) - self.pos(what))
+
+    def reached(self, what: str) -> bool:
+        return self.rest(what) <= 0
+
+    def percent(self, what: str) -> float:
+        return _percent(self.pos(what), self.size(what))
+
+    def rate(self, what: str) -> float | None:
+        return getattr(self, f"{what}_rate")
+
+    def remain(self, what: str) -> float | None:
+        if what == "work":
+            parts = [self.remain("fetch"), self.remain("replay")]
+            return None if None in parts else sum(parts)  # type: ignore[arg-type]
+        return _remain(self.rest(what), self.rate(what))
+
+    def lognr(self, what: str) -> int | None:
+        """The log file number of the replay or fetch position (the original's replay/fetch-lognr)."""
+        n = self.n
+        if n is None:
+            return None
+        if what == "replay":
+            link = ReplayLink.parse(n.replay_link)
+            return link.seq if link else None
+        if self.designated and n.actual.primary and self.r.log_end:
+            p = parse_log_name(self.r.log_end.split(",")[0])
+        else:
+            p = parse_log_name((n.fetch_pos or "").split(",")[0])
+        return p[0] if p else None
+
+    # the original's complex macros (§2.2), first match wins
+
+    @property
+    def disk_present(self) -> bool:
+        """The data device is there as far as the tree knows: attached now, or its size was reported."""
+        n = self.n
+        return n is not None and (n.actual.attached or n.disk_bytes is not None)
+
+    def diskstate(self) -> str:
+        n = self.n
+        if n is None:
+            return "NotJoined"
+        if not n.switches.attach:
+            return "Detaching" if n.actual.attached else "Detached"
+        if n.replay_stopped:
+            return f"DefectiveLog[{_code_text(n.replay_code)}]"
+        if not n.actual.attached:
+            return "NoAttach"
+        if not n.consistent:
+            if not self.designated:
+                return "InConsistent"
+            return "WriteBack" if n.actual.primary else "Recovery"
+        if not self.reached("work"):
+            if not self.designated:
+                return f"OutDated[{self.outdated_flags()}]"
+            return "WriteBack" if n.actual.primary else "Recovery"
+        p = self.snap.nodes.get(self.r.primary or "")
+        if p is not None and p.emergency:
+            return "EmergencyMode"
+        return "UpToDate"
+
+    def outdated_flags(self) -> str:
+        return ("" if self.reached("fetch") else "F") + ("" if self.reached("replay") else "R")
+
+    def replstate(self) -> str:
+        n = self.n
+        if self.host == self.snap.local_host and not self.snap.marsd_running:
+            return "MarsdNotRunning"  # the original's ModuleNotLoaded
+        if not self.alive:
+            return "UnResponsive"
+        if n is None:
+            return "NotJoined"
+        if not n.switches.attach:
+            return "NotStarted"
+        if self.designated:
+            if self.node is not None and self.node.emergency:
+                return "EmergencyMode"
+            return "Replicating" if n.actual.primary else "NotYetPrimary"
+        if not self.reached("sync"):
+            return "Syncing" if n.switches.sync else "PausedSync"
+        if n.actual.syncing:
+            return "Syncing"
+        if not n.switches.fetch:
+            return "PausedFetch"
+        if not n.switches.replay:
+            return "PausedReplay"
+        if self.r.primary is None:
+            return "NoPrimaryDesignated"
+        if not self.primary_alive:
+            return "PrimaryUnreachable"
+        return "Replaying"
+
+    def flags(self) -> str:
+        """Six characters: disk D/d/-, consistency C/c/-, attach A/a/-, sync S/s/-, fetch F/f/-, replay R/r/-.
+
+        Capitals mean done (device served, consistent, attached, sync/fetch/replay reached),
+        small letters mean switched on but not there yet, ``-`` means off.
+        """
+        n = self.n
+        if n is None:
+            return "------"
+        disk = self.disk_present
+        sw = n.switches
+        return "".join((
+            ("D" if n.actual.primary and n.actual.attached else "d") if disk else "-",
+            "C" if n.consistent else ("c" if disk else "-"),
+            ("A" if sw.attach else "a") if n.actual.attached else ("a" if sw.attach else "-"),
+            "S" if self.reached("sync") else ("s" if sw.sync else "-"),
+            "F" if self.reached("fetch") else ("f" if sw.fetch else "-"),
+            "R" if self.reached("replay") else ("r" if sw.replay else "-"),
+        ))
+
+    def role(self) -> str:
+        n = self.n
+        if n is None:
+            return "None"
+        if self.designated:
+            return "Primary" if n.actual.primary else "NotYetPrimary"
+        return "RemainsPrimary" if n.actual.primary else "Secondary"
+
+    def todo_role(self) -> str:
+        if self.n is None:
+            return "None"
+        return "Primary" if self.designated else "Secondary"
+
+    def primarynode(self) -> str:
+        return self.host if self.designated else (self.r.primary or "(none)")
+
+
+def _code_text(code: str | None) -> str:
+    """``-1,<code>,<offset>`` (a stopped replay) reads ``<code>@<offset>``; other codes as they are."""
+    parts = (code or "").split(",")
+    if len(parts) >= 3:
+        return f"{parts[1]}@{parts[2]}"
+    return parts[-1] if len(parts) == 2 else parts[0]
+
+
+# --- macros ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Macro:
+    name: str
+    help: str
+    func: Callable[[model.Snapshot, Member | None, str], object]
+    per_resource: bool = True
+
+
+MACROS: dict[str, Macro] = {}
+
+
+def _macro(name: str, help: str, func: Callable[..., object], per_resource: bool = True) -> None:
+    MACROS[name] = Macro(name, help, func, per_resource)
+
+
+def _num(x: float | None) -> int:
+    """Integers for scripts: rounded up for time left (never 0 while something is left), -1 unknown."""
+    if x is None:
+        return -1
+    return math.ceil(x) if x > 0 else 0
+
+
+def _pct(x: float) -> str:
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def _tunable(snap: model.Snapshot, host: str, name: str) -> str | None:
+    node = snap.nodes.get(host)
+    for t in node.tunables if node else ():
+        if t.name == name:
+            return t.set_value if t.set_value is not None else t.actual_value
+    return None
+
+
+def _register() -> None:
+    _macro("get-primary", "the designated primary of the resource ('' when none)",
+           lambda s, m, h: m.r.primary or "")
+    _macro("todo-primary", "1 when this host is the designated primary", lambda s, m, h: m.designated)
+    _macro("todo-secondary", "1 when no primary is designated", lambda s, m, h: m.r.primary is None)
+    _macro("is-primary", "1 when this host actually serves as primary",
+           lambda s, m, h: bool(m.n and m.n.actual.primary))
+    _macro("is-secondary", "1 when this host is a member that does not serve as primary",
+           lambda s, m, h: bool(m.n and not m.n.actual.primary))
+    for sw, field_ in (("attach", "attach"), ("sync", "sync"), ("fetch", "fetch"), ("replay", "replay")):
+        _macro(f"todo-{sw}", f"1 when the {sw} switch of this host is on",
+               lambda s, m, h, f=field_: bool(m.n and getattr(m.n.switches, f)))
+    for sw, field_ in (("attach", "attached"), ("sync", "syncing"), ("fetch", "fetching"),
+                       ("replay", "replaying")):
+        _macro(f"is-{sw}", f"1 when this host reports {field_}",
+               lambda s, m, h, f=field_: bool(m.n and getattr(m.n.actual, f)))
+    _macro("is-alive", "1 when this host reported within the alive window (the original asked about "
+           "the primary by default; use --host for any node)",
+           lambda s, m, h: bool(s.nodes.get(h) and s.nodes[h].alive), per_resource=False)
+    _macro("is-module-loaded", "1 when marsd runs on this host (the original's kernel module)",
+           lambda s, m, h: s.marsd_running, per_resource=False)
+    _macro("is-split-brain", "1 when members hold different histories for the same log number",
+           lambda s, m, h: bool(m.r.split_brain))
+    _macro("is-emergency", "1 when this host is in emergency mode (/mars short of space)",
+           lambda s, m, h: bool(s.nodes.get(h) and s.nodes[h].emergency))
+    _macro("is-consistent", "1 when this host's data device holds a consistent state",
+           lambda s, m, h: bool(m.n and m.n.consistent))
+    _macro("is-orphan", "always 0: logs are deleted only after every member has replayed them",
+           lambda s, m, h: False)
+    _macro("is-member", "1 when this host is a member of the resource", lambda s, m, h: m.n is not None)
+    _macro("get-disk", "this host's data device or image", lambda s, m, h: m.n.disk if m.n else "")
+    _macro("disk-size", "bytes of this host's data device as it last reported (-1 unknown)",
+           lambda s, m, h: m.n.disk_bytes if m.n and m.n.disk_bytes is not None else -1)
+    _macro("resource-size", "bytes of the resource", lambda s, m, h: m.r.size_bytes)
+    _macro("device-opened", "NBD clients connected to this host's export",
+           lambda s, m, h: m.n.actual.open_count if m.n else 0)
+    for what, noun in (("sync", "full sync"), ("fetch", "log fetch"), ("replay", "log replay"),
+                       ("work", "fetch and replay together")):
+        _macro(f"{what}-pos", f"bytes done of the {noun}", lambda s, m, h, w=what: m.pos(w))
+        _macro(f"{what}-size", f"bytes to do for the {noun}", lambda s, m, h, w=what: m.size(w))
+        _macro(f"{what}-rest", f"bytes left of the {noun}", lambda s, m, h, w=what: m.rest(w))
+        _macro(f"{what}-reached", f"1 when the {noun} is complete", lambda s, m, h, w=what: m.reached(w))
+        _macro(f"{what}-percent", f"percent done of the {noun}", lambda s, m, h, w=what: _pct(m.percent(w)))
+        _macro(f"{what}-rate", f"bytes/s of the {noun} (0 when nothing moves)",
+               lambda s, m, h, w=what: _num(m.rate(w) or 0))
+        _macro(f"{what}-remain", f"seconds left of the {noun} at the current rate (-1 unknown)",
+               lambda s, m, h, w=what: _num(m.remain(w)))
+    _macro("replay-code", "this host's replay/attach code; negative (-1,<code>,<offset>) when replay "
+           "stopped at a damaged record; 0 when none",
+           lambda s, m, h: (m.n.replay_code if m.n and m.n.replay_code else 0))
+    _macro("deletable-size", "bytes of local log files every member has replayed",
+           lambda s, m, h: m.r.deletable_bytes)
+    _macro("rest-space", "bytes free in this host's /mars (the original: GiB, rounded down; -1 unknown)",
+           lambda s, m, h: _node_int(s, h, "rest_space_bytes"), per_resource=False)
+    _macro("total-space", "bytes of this host's /mars filesystem (the original: GiB; -1 unknown)",
+           lambda s, m, h: _node_int(s, h, "total_space_bytes"), per_resource=False)
+    _macro("fetch-age", "seconds since this host's fetch position last moved (-1 unknown)",
+           lambda s, m, h: _num(m.n.fetch_age_s if m.n else None))
+    _macro("replay-age", "seconds since this host's replay position last moved (-1 unknown)",
+           lambda s, m, h: _num(m.n.replay_age_s if m.n else None))
+    _macro("alive-age", "seconds since this host's last report (-1 never)",
+           lambda s, m, h: _num(s.nodes[h].seen_age_s if h in s.nodes else None), per_resource=False)
+    _macro("resource-peers", "the members of the resource, comma-separated",
+           lambda s, m, h: ",".join(m.r.members))
+    _macro("count-resource-peers", "the number of members of the resource",
+           lambda s, m, h: len(m.r.members))
+    _macro("cluster-peers", "the nodes of the cluster, comma-separated",
+           lambda s, m, h: ",".join(sorted(s.nodes)), per_resource=False)
+    _macro("count-cluster-peers", "the number of nodes of the cluster",
+           lambda s, m, h: len(s.nodes), per_resource=False)
+    _macro("global-sync-limit-value", "how many full syncs this host runs at once (0 = no limit)",
+           lambda s, m, h: _tunable(s, h, "sync-limit") or 0, per_resource=False)
+    _macro("uuid", "the cluster's uuid", lambda s, m, h: s.cluster_uuid or "", per_resource=False)
+    _macro("time", "the Lamport clock, seconds since the epoch", lambda s, m, h: f"{s.lamport_s:.9f}",
+           per_resource=False)
+    _macro("real-time", "the wall clock, whole seconds since the epoch", lambda s, m, h: int(s.taken_at_s),
+           per_resource=False)
+    _macro("diskstate", "the state of this host's data (UpToDate, OutDated[FR], InConsistent, ...)",
+           lambda s, m, h: m.diskstate())
+    _macro("replstate", "what this host's replication does (Replicating, Replaying, Syncing, Paused..., ...)",
+           lambda s, m, h: m.replstate())
+    _macro("flags", "six flags: disk D(device served)/d(disk only)/-, consistent C/c/-, attached A/a/-, "
+           "sync S/s/-, fetch F/f/-, replay R/r/- (capital: done; small: switched on, not there yet; -: off)",
+           lambda s, m, h: m.flags())
+    _macro("role", "None, Secondary, NotYetPrimary, Primary or RemainsPrimary", lambda s, m, h: m.role())
+    _macro("todo-role", "the designated role: None, Primary or Secondary", lambda s, m, h: m.todo_role())
+    _macro("primarynode", "this host when it is the designated primary, else the primary or (none)",
+           lambda s, m, h: m.primarynode())
+
+
+def _node_int(snap: model.Snapshot, host: str, attr: str) -> int:
+    node = snap.nodes.get(host)
+    v = getattr(node, attr) if node else None
+    return -1 if v is None else int(v)
+
+
+_register()
+
+
+def _value_text(v: object) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.2f}"
+    return str(v)
+
+
+def _help_text() -> str:
+    width = max(len(n) for n in MACROS)
+    lines = [("macros for 'marsadm view-<macro> <res>' (H is --host; bools 0/1, sizes bytes, rates bytes/s, "
+              "times seconds, -1 unknown):")]
+    for name in sorted(MACROS):
+        mac = MACROS[name]
+        lines.append(f"  {name:<{width}}  {mac.help}{'' if mac.per_resource else ' [no resource needed]'}")
+    return "\n".join(lines)
+
+
+# --- resources -------------------------------------------------------------------------------
+
+def _resources(ctx: Ctx, snap: model.Snapshot, spec: str) -> list[str]:
+    """``all``: the resources this host is a member of; else the named ones, which must exist."""
+    if spec == "all":
+        return [name for name, r in sorted(snap.resources.items()) if ctx.host in r.nodes]
+    names = [check_name("resource", x) for x in spec.split(",") if x]
+    if not names:
+        raise UsageError("no resource given", "name a resource or 'all'")
+    for name in names:
+        if name not in snap.resources:
+            known = ", ".join(sorted(snap.resources)) or "none"
+            raise MarsError(f"resource {name} does not exist", f"the resources are: {known}",
+                            subject=f"view {name}")
+    return names
+
+
+# --- the human view --------------------------------------------------------------------------
+
+def _bar(done: int, mid: int, total: int, width: int = BAR_WIDTH) -> str:
+    """``[=====+++....]``: '=' done, '+' on its way (fetched, not yet replayed), '.' still to come."""
+    if total <= 0:
+        return "[" + "=" * width + "]"
+    a = min(width, int(width * done / total))
+    b = min(width, max(a, int(width * mid / total)))
+    return "[" + "=" * a + "+" * (b - a) + "." * (width - b) + "]"
+
+
+def _rate_text(rate: float | None) -> str:
+    return "unknown" if rate is None else f"{_human_bytes(rate)}/s"
+
+
+def _sync_lines(m: Member) -> list[str]:
+    rem = _human_seconds(m.remain("sync"))
+    return [(f"     syncing: {_bar(m.sync_pos, m.sync_pos, m.sync_size)} {m.percent('sync'):6.2f}%  "
+             f"({_human_bytes(m.sync_pos)}/{_human_bytes(m.sync_size)})  rate: {_rate_text(m.sync_rate)}  "
+             f"remaining: {rem}")]
+
+
+def _repl_lines(m: Member, window_s: float) -> list[str]:
+    first, last = m.lognr("replay"), m.lognr("fetch")
+    logs = f"  logs: [{first if first is not None else '?'}..{last if last is not None else '?'}]"
+    out = [(f"     replaying: {_bar(m.replay_pos, m.fetch_pos, m.fetch_size)} {m.percent('work'):6.2f}%  "
+            f"({_human_bytes(m.replay_pos)}/{_human_bytes(m.fetch_size)}){logs}")]
+    n = m.n
+    for what, age in (("fetch", n.fetch_age_s if n else None), ("replay", n.replay_age_s if n else None)):
+        age_text = f" age: {_human_seconds(age)}" if (m.rest(what) and age is not None and age >= window_s) else ""
+        out.append(f"       > {what}: {_human_bytes(m.rest(what))}{age_text} rate: {_rate_text(m.rate(what))} "
+                   f"remaining: {_human_seconds(m.remain(what))}")
+    return out
+
+
+def _brief(label: str, p: model.Progress | None) -> str:
+    """The snapshot's own figures (the same the findings quote): done, or percent, rest, rate, time left."""
+    if p is None:
+        return f"{label}: unknown"
+    if p.reached:
+        return f"{label}: done"
+    pct = min(p.percent, 99.9)  # never 100 % while bytes are left
+    text = f"{label}: {pct:.1f}% rest {_human_bytes(p.rest_bytes)}"
+    if p.rate_bytes_per_s:
+        text += f" at {_human_bytes(p.rate_bytes_per_s)}/s, {_human_seconds(p.remaining_s)} left"
+    return text
+
+
+def _node_line(m: Member) -> str:
+    n = m.n
+    assert n is not None  # only members get a node line
+    line = (f"    node {m.host}: {m.diskstate()} {m.replstate()} {m.flags()} {m.role()}  "
+            f"{_brief('sync', n.sync)}  {_brief('fetch', n.fetch)}  {_brief('replay', n.replay)}")
+    if not m.alive:
+        age = m.node.seen_age_s if m.node else None
+        line += "  (never reported)" if age is None else f"  (last report {_human_seconds(age)} ago)"
+    return line
+
+
+def _log_lines(r: model.ResourceStatus) -> list[str]:
+    out = ["    logs:"]
+    if not r.logs:
+        out.append("      none")
+    for f in r.logs:
+        here = "not here" if f.local_bytes is None else _human_bytes(f.local_bytes)
+        vers = " ".join(f"{h}={v.digest[:8]}" for h, v in sorted(f.versions.items())) or "no versions yet"
+        mark = "  deletable" if f.name in r.deletable_logs else ""
+        out.append(f"      {f.name}  {here}  {vers}{mark}")
+    return out
+
+
+def render(snap: model.Snapshot, names: list[str], fs: list[Any], verbose: bool = False) -> str:
+    """The human view of the named resources, then the node-level findings: one pure function."""
+    lines: list[str] = []
+    host = snap.local_host
+    for name in names:
+        r = snap.resources[name]
+        members = r.members
+        alive = sum(1 for h in members if snap.nodes.get(h) and snap.nodes[h].alive)
+        peers = f"[{alive}/{len(members)}]"
+        lines.append(f"--------- resource {name} {_human_bytes(r.size_bytes)} {peers}")
+        me = Member(snap, r, host)
+        if me.n is not None:
+            lines.append(f"  {name} {peers} {me.diskstate()} {me.replstate()} {me.flags()} {me.role()} "
+                         f"{me.primarynode()}")
+            if not me.n.actual.primary and me.n.actual.attached:
+                if not me.reached("sync"):
+                    lines += _sync_lines(me)
+                if not me.reached("work"):
+                    lines += _repl_lines(me, snap.window_s)
+        else:
+            lines.append(f"  {name} {peers} host {host} is no member; primary {r.primary or '(none)'}")
+        for h in members:
+            if h != host:
+                lines.append(_node_line(Member(snap, r, h)))
+        if verbose:
+            lines += _log_lines(r)
+        lines += [f"  {f.line()}" for f in fs if f.res == name]
+    node_fs = [f for f in fs if f.res is None]
+    alive = sum(1 for n in snap.nodes.values() if n.alive)
+    lines.append(f"--------- cluster {snap.cluster_uuid or '(no uuid)'} [{alive}/{len(snap.nodes)} nodes alive]")
+    lines += [f"  {f.line()}" for f in node_fs]
+    return "\n".join(lines) + "\n"
+
+
+def _finding_json(f: Any) -> dict[str, Any]:
+    d = {k: getattr(f, k) for k in getattr(f, "__dataclass_fields__", {})}
+    return json.loads(json.dumps(d, default=str))
+
+
+def to_json(snap: model.Snapshot, names: list[str] | None, fs: list[Any]) -> dict[str, Any]:
+    doc = snap.to_json()
+    if names is not None:
+        doc["resources"] = {k: v for k, v in doc["resources"].items() if k in names}
+        fs = [f for f in fs if f.res is None or f.res in names]
+    doc["findings"] = [_finding_json(f) for f in fs]
+    return doc
+
+
+# --- the command -----------------------------------------------------------------------------
+
+@command("view", "show the state of resources, one macro's value (--macro, or view-<macro>), or JSON",
+         ("resource", {"nargs": "?", "default": None,
+                       "help": "resource name, comma-separated names, or 'all' (default: all)"}),
+         ("--macro", {"metavar": "NAME", "default": None,
+                      "help": "print one value, as 'marsadm view-NAME'; 'help' lists the macros"}),
+         ("--json", {"action": "store_true", "help": "the whole snapshot and its findings as JSON"}),
+         ("--verbose", {"action": "store_true", "help": "also list the log files with every node's versions"}))
+def view(ctx: Ctx) -> None:
+    args = ctx.args
+    if args.macro is not None:
+        _view_macro(ctx, args.macro, args.resource)
+        return
+    require_cluster(ctx.tree)
+    snap, answered = _snapshot(ctx)
+    spec = args.resource or "all"
+    names = _resources(ctx, snap, spec)
+    fs = _findings(snap)
+    if not answered:
+        why = "does not answer" if snap.marsd_running else "is not running"
+        ctx.say(f"marsd {why} on host {ctx.host}; showing what the tree knows")
+    if args.json:
+        json.dump(to_json(snap, None if spec == "all" else names, fs), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    if not names:
+        ctx.say(f"host {ctx.host} is a member of no resource; name one to view it")
+    sys.stdout.write(render(snap, names, fs, verbose=args.verbose))
+
+
+def _view_macro(ctx: Ctx, name: str, spec: str | None) -> None:
+    if ctx.args.json:
+        raise UsageError("--json and a macro exclude each other", "use one of them")
+    if name == "help":
+        print(_help_text())
+        return
+    mac = MACROS.get(name)
+    if mac is None:
+        raise UsageError(f"unknown macro {name!r}", "list the macros with 'marsadm view-help'")
+    require_cluster(ctx.tree)
+    snap, _ = _snapshot(ctx)
+    member: Member | None = None
+    names = _resources(ctx, snap, spec) if spec else []  # a named resource must exist, even if unused
+    if mac.per_resource:
+        if not spec:
+            raise UsageError(f"macro {name} needs a resource", f"run 'marsadm view-{name} <resource>'")
+        if len(names) != 1 or spec == "all":
+            raise UsageError(f"macro {name} prints one value and takes one resource, not {spec!r}",
+                             f"run 'marsadm view-{name} <resource>' once per resource")
+        member = Member(snap, snap.resources[names[0]], ctx.host)
+    print(_value_text(mac.func(snap, member, ctx.host)))
+
+
+__all__ = ["MACROS", "Member", "render", "to_json", "view"]
