@@ -6,7 +6,8 @@ joining it with the exported cluster credential; a resource created on node a an
 NBD export; nbdcopy writing 256 MiB of random data through it while b and c join the resource,
 their fast full sync running while the writes go on (a status line per node every second: what
 mars-status will show later); a log rotation and a few more writes; all three images identical
-once the secondaries have caught up; the log files every member has replayed deleted.
+once the secondaries have caught up; the log files every member has replayed deleted; `marsadm
+view all` on c showing every node's state and the findings.
 
 The three nodes run on 127.0.0.2, 127.0.0.3 and 127.0.0.4, each with its own mars dir and image
 under one demo directory; they share the peer port (7777, or a free one if 7777 is taken).
@@ -278,6 +279,10 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     first_logs = lambda: [p for n in nodes.values() for p in (n.mars_dir / "resource-demo").glob("log-000000001-*")]
     wait_for(lambda: not first_logs(), 30, "every node to delete log 1")
     show_logs(nodes)
+
+    say("8. the whole cluster as c sees it (every node's reports travel with the tree), and one macro")
+    sh(*c.adm("view", "all"))
+    sh(*c.adm("view-replay-rest", "demo"))
     return 0
 
 
@@ -318,7 +323,7 @@ def main() -> int:
                 text = n.log.read_text(errors="replace") if n.log.exists() else ""
                 for line in [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln][-3:]:
                     out(f"      marsd-{n.host}.log: {line}")
-        say("8. stop all three marsd with SIGTERM")
+        say("9. stop all three marsd with SIGTERM")
         for n in nodes.values():
             n.terminate()
         for n in nodes.values():

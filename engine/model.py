@@ -152,6 +152,8 @@ class NodeResource:
     replay_code: str | None
     fetch_age_s: float | None  # since the fetch position last moved
     replay_age_s: float | None  # since the replay position last moved
+    fetch_lag_s: float | None  # how much older its fetch position is than the primary's log end (0 when none left)
+    replay_lag_s: float | None  # how much older its replay position is than the primary's (0 when none left)
     messages: list[Message]
 
     @property
@@ -324,7 +326,7 @@ class _Entries:
 def _aged(name: str) -> bool:
     """Entries whose age the snapshot shows; ``time`` (every node's, every round) also keeps
     the Lamport clock current, since it is the newest stamp in any live tree."""
-    return name == "time" or name == "fetch-pos" or name.startswith(("replay-", "msg-"))
+    return name in ("time", "fetch-pos", "log-pos") or name.startswith(("replay-", "msg-"))
 
 
 def _float(v: str | None) -> float | None:
@@ -506,12 +508,23 @@ def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStat
         def age(path: str) -> float | None:
             s = e.stamps.get(path)
             return None if s is None else max(0.0, lamport - s)
+
+        def lag(p: Progress | None, mine: str, primary_path: str) -> float | None:
+            """As the original: the stamp of the primary's position minus ours, while behind."""
+            if p is not None and p.reached:
+                return 0.0
+            s_mine, s_primary = e.stamps.get(mine), e.stamps.get(primary_path)
+            if p is None or s_mine is None or s_primary is None:
+                return None
+            return max(0.0, s_primary - s_mine)
         nodes[h] = NodeResource(
             host=h, disk=e.get(f"{d}/data-{h}") or "", disk_bytes=e.int(f"{d}/actsize-{h}"),
             designated_primary=is_primary, switches=sw, actual=act,
             sync=sync, fetch=fetch, replay=replay, replay_link=replay_v, fetch_pos=fetch_v,
             fetch_source=e.get(f"{a}/fetch-source"), replay_code=e.get(f"{a}/replay-code"),
             fetch_age_s=age(f"{a}/fetch-pos"), replay_age_s=age(f"{d}/replay-{h}"),
+            fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{primary}/log-pos"),
+            replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{primary}"),
             messages=_messages(e, a, h, res, lamport))
 
     # Deletable logs: older than every member's replay position, never the newest. A member

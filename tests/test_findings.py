@@ -56,7 +56,7 @@ def healthy() -> Snapshot:
             sync=Progress(SIZE, SIZE, 0.0), fetch=Progress(LOG_END, LOG_END, 0.0),
             replay=Progress(LOG_END, LOG_END, 0.0), replay_link="log-000000003-a,1048576,0",
             fetch_pos=None if primary else "log-000000003-a,1048576", fetch_source=None if primary else "a",
-            replay_code="1", fetch_age_s=1.0, replay_age_s=1.0, messages=[])
+            replay_code="1", fetch_age_s=1.0, replay_age_s=1.0, fetch_lag_s=0.0, replay_lag_s=0.0, messages=[])
     res = ResourceStatus(name="r", size_bytes=SIZE, primary="a", nodes=members, logs=[],
                          log_end="log-000000003-a,1048576", split_brain=[], deletable_logs=[], deletable_bytes=0,
                          held_back_by=[], logs_deleted_below=3)

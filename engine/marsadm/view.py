@@ -430,6 +430,10 @@ def _register() -> None:
            lambda s, m, h: _num(m.n.fetch_age_s if m.n else None))
     _macro("replay-age", "seconds since this host's replay position last moved (-1 unknown)",
            lambda s, m, h: _num(m.n.replay_age_s if m.n else None))
+    _macro("fetch-lag", "seconds its fetch position is older than the primary's log end (0 caught up, -1 unknown)",
+           lambda s, m, h: _num(m.n.fetch_lag_s if m.n else None))
+    _macro("replay-lag", "seconds its replay position is older than the primary's (0 caught up, -1 unknown)",
+           lambda s, m, h: _num(m.n.replay_lag_s if m.n else None))
     _macro("alive-age", "seconds since this host's last report (-1 never)",
            lambda s, m, h: _num(s.nodes[h].seen_age_s if h in s.nodes else None), per_resource=False)
     _macro("resource-peers", "the members of the resource, comma-separated",
