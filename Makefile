@@ -39,6 +39,7 @@ demo: venv
 bench: venv
 	$(PY) bench/bench_write.py
 	$(PY) bench/bench_replication.py
+	$(PY) bench/bench_status.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
