@@ -462,7 +462,8 @@ def stream_events(mars_dir: str | os.PathLike[str], timeout: float | None = None
             yield json.loads(line)
 
 
-def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 2.0) -> tuple[model.Snapshot, bool]:
+def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 2.0,
+                  window_s: float | None = None) -> tuple[model.Snapshot, bool]:
     """The snapshot a tool shows: built from the local tree, with marsd's debug lines when it answers.
 
     The bool says whether this host's marsd answered, so a tool can say "marsd is down; showing
@@ -473,4 +474,5 @@ def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 
     snap_json = reply.get("snapshot") if reply else None
     answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
     lines = list(snap_json.get("debug_lines") or []) if answered else []
-    return model.build(mars_dir, host, debug_lines=lines), answered
+    window = model.ALIVE_WINDOW_S if window_s is None else window_s
+    return model.build(mars_dir, host, window_s=window, debug_lines=lines), answered

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from harness import Node, run, start_cluster, wait_until
-from test_replication import caught_up, log_end
+from test_replication import caught_up
 
 MiB = 1 << 20
 SIZE = "32M"
@@ -110,8 +110,8 @@ def test_fetch_paused(trio):
     b.marsadm("disconnect", "r")
     write(a, "write -P 0x22 1M 1M")
     wait_until(lambda: caught_up(a, c, "r"), 30, "c to catch up")
-    end = log_end(a, "r").rsplit(",", 1)[0]  # log-N-a,<bytes>: the log end as a publishes it
-    wait_until(lambda: b.tree_value("resource-r/actual-a/log-pos") == end, 20, "b to learn a's new log end")
+    # b learns a's new log end with the next exchange; then it knows it is behind.
+    wait_until(lambda: " OutDated" in res_line(view(b, "all")), 20, "b's view to say it is outdated")
     line = res_line(view(b, "all"))
     assert " PausedFetch " in line and line.split()[4][4] == "-", line  # flags: the F place is '-'
     assert " OutDated[FR] " in line or " OutDated[F] " in line, line

@@ -40,26 +40,13 @@ BAR_WIDTH = 20
 # --- the snapshot --------------------------------------------------------------------------
 
 def _snapshot(ctx: Ctx) -> tuple[model.Snapshot, bool]:
-    """The snapshot (with marsd's live lines when its control socket answers) and whether it answered.
-
-    ``--window`` changes who counts as alive; the snapshot is then built once more with it.
-    """
+    """The snapshot (with marsd's live lines when its control socket answers) and whether it answered."""
+    from ..control import live_snapshot
     window = getattr(ctx.args, "window", None)
     window_s = model.ALIVE_WINDOW_S if window is None else window
     if window_s <= 0:
         raise UsageError(f"--window {window:g} is not a positive number of seconds", "give e.g. --window 30")
-    try:
-        from ..control import live_snapshot  # the control socket, when this build has one
-    except ImportError:
-        live_snapshot = None
-    if live_snapshot is not None:
-        snap, answered = live_snapshot(ctx.tree.root, ctx.host)
-        if snap.local_host == ctx.host:
-            if snap.window_s != window_s:
-                snap = model.build(ctx.tree.root, ctx.host, window_s=window_s, debug_lines=snap.debug_lines)
-            return snap, bool(answered)
-    snap = model.build(ctx.tree.root, ctx.host, window_s=window_s)
-    return snap, snap.marsd_running
+    return live_snapshot(ctx.tree.root, ctx.host, window_s=window_s)
 
 
 def _findings(snap: model.Snapshot) -> list[Any]:
