@@ -1,4 +1,5 @@
-"""The status model against real three-node clusters: `marsadm view` and the findings in each state.
+"""The status model against real three-node clusters: `marsadm view`, the findings and the monitor's
+exit code (`mars-status --check`) in each state.
 
 Each test brings a cluster (a primary, b and c secondaries of resource r) into one state the
 operator must be told about, then reads it the way operators and monitors do: `marsadm view`
@@ -8,10 +9,11 @@ operator must be told about, then reads it the way operators and monitors do: `m
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from harness import Node, run, start_cluster, wait_until
+from harness import BIN, Node, run, start_cluster, wait_until
 from test_replication import caught_up
 
 MiB = 1 << 20
@@ -65,6 +67,14 @@ def res_line(text: str, res: str = "r") -> str:
     raise AssertionError(f"no resource line for {res} in:\n{text}")
 
 
+def monitor(node: Node, *args: str) -> int:
+    """``mars-status --check`` on ``node``: the Nagios exit code (0 OK, 1 HINT, 2 TODO, 3 unreadable)."""
+    cmd = [str(BIN / "mars-status"), "--mars-dir", str(node.mars_dir), "--host", node.host, *args, "--check"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=node.env(), check=False)
+    assert r.stdout.startswith("MARS ") and len(r.stdout.splitlines()) == 1, r.stdout + r.stderr
+    return r.returncode
+
+
 def has_finding(node: Node, code: str, on: str | None, *args: str) -> bool:
     return any(c == code and n == on for c, _, n in codes(snapshot(node, *args)))
 
@@ -81,6 +91,7 @@ def test_all_up_to_date(trio):
     assert " UpToDate " in line and " Replaying " in line and " dCASFR " in line and " Secondary " in line
     line = res_line(view(a, "all"))
     assert " UpToDate " in line and " Replicating " in line and " Primary " in line
+    assert [monitor(n) for n in (a, b, c)] == [0, 0, 0]
 
 
 def test_a_secondary_syncing_then_paused(workdir):
@@ -94,6 +105,7 @@ def test_a_secondary_syncing_then_paused(workdir):
     b.marsadm("join-resource", "r", str(base / "b.img"))
     wait_until(lambda: "Syncing" in res_line(view(b, "all")), 30, "b's view to show Syncing")
     wait_until(lambda: has_finding(a, "SYNC_RUNNING", "b"), 30, "a to report b's sync as WORK")
+    assert monitor(a) == 0  # work is not a problem
     b.marsadm("pause-sync", "r")
     line = res_line(view(b, "all"))
     assert " InConsistent " in line and " PausedSync " in line, line
@@ -101,6 +113,7 @@ def test_a_secondary_syncing_then_paused(workdir):
     # b's sync position reaches a with the next exchange: part way, not done.
     wait_until(lambda: 0 < snapshot(a)["resources"]["r"]["nodes"]["b"]["sync"]["pos_bytes"] < 8 << 40, 20,
                "a to see b's sync part way")
+    assert monitor(a) == 1  # a paused sync is a hint
     b.marsadm("resume-sync", "r")
     wait_until(lambda: " UpToDate " in res_line(view(b, "all")), 60, "b to finish the sync")
 
@@ -117,6 +130,7 @@ def test_fetch_paused(trio):
     assert " OutDated[FR] " in line or " OutDated[F] " in line, line
     for n in (a, c):
         wait_until(lambda: has_finding(n, "FETCH_PAUSED", "b"), 20, f"{n.host} to report b's paused fetch")
+    assert monitor(b) == 1
     b.marsadm("connect", "r")
     wait_until(lambda: caught_up(a, b, "r"), 30, "b to catch up")
     wait_until(lambda: not has_finding(a, "FETCH_PAUSED", "b"), 20, "the finding to clear")
@@ -134,6 +148,7 @@ def test_replay_paused_holds_back_logs(trio):
     doc = snapshot(a)
     assert ("REPLAY_PAUSED", "r", "c") in codes(doc, "HINT")
     wait_until(lambda: has_finding(a, "LOGS_HELD_BACK", "c"), 20, "a to say c holds back log deletion")
+    assert monitor(a) == 1 and monitor(c) == 1
 
 
 def test_node_down(trio):
@@ -142,6 +157,7 @@ def test_node_down(trio):
     wait_until(lambda: has_finding(a, "NODE_DOWN", "c", "--window", "2"), 30, "a to report c down")
     assert has_finding(b, "NODE_DOWN", "c", "--window", "2")
     assert not has_finding(a, "NODE_DOWN", "b", "--window", "2")
+    assert monitor(a, "--window", "2") == 2
     # c's own tools still work with marsd down, from the tree alone, and say so.
     r = c.marsadm("view", "r", check=False)
     assert r.returncode == 0 and "marsd is not running" in r.stderr, r.stderr
@@ -167,6 +183,7 @@ def test_corrupt_log_record_on_a_secondary(trio):
     doc = snapshot(b)
     f = next(f for f in doc["findings"] if f["code"] == "REPLAY_STOPPED")
     assert f["level"] == "TODO" and "invalidate" in f["remedy"]
+    assert monitor(a) == 2 and monitor(b) == 2
 
 
 def test_logs_deletable(trio):
@@ -181,6 +198,7 @@ def test_logs_deletable(trio):
     wait_until(lambda: has_finding(a, "LOGS_DELETABLE", None), 20, "a to hint at deletable logs")
     doc = snapshot(a)
     assert doc["resources"]["r"]["deletable_logs"]
+    assert monitor(a) == 1
     a.marsadm("log-delete-all", "r")
     wait_until(lambda: not has_finding(a, "LOGS_DELETABLE", None), 20, "the hint to clear")
 
@@ -200,3 +218,4 @@ def test_split_brain(trio):
     assert doc["resources"]["r"]["split_brain"][0]["seq"] == 1
     r = a.marsadm("view-is-split-brain", "r")
     assert r.stdout.strip() == "1"
+    assert [monitor(n) for n in (a, b, c)] == [2, 2, 2]
