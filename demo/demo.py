@@ -4,8 +4,8 @@
 What it shows, step by step: a cluster made with marsadm while marsd is down; two more nodes
 joining it with the exported cluster credential; a resource created on node a and served as an
 NBD export; nbdcopy writing 256 MiB of random data through it while b and c join the resource,
-their fast full sync running while the writes go on (a status line per node every second: what
-mars-status will show later); a log rotation and a few more writes; all three images identical
+their fast full sync running while the writes go on (mars-status's progress bars on c every two
+seconds); a log rotation and a few more writes; all three images identical
 once the secondaries have caught up; the log files every member has replayed deleted; `marsadm
 view all` on c showing every node's state and the findings.
 
@@ -195,9 +195,34 @@ def interrupted(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C: everything started gets stopped
 
 
+def status_bars(node: Node) -> list[str]:
+    """The progress bars of ``mars-status --status`` on ``node`` (its --status block alone)."""
+    r = subprocess.run([str(BIN / "mars-status"), "--mars-dir", str(node.mars_dir), "--host", node.host,
+                        "--status", "--ascii", "--once", "--resource", "demo"], text=True, capture_output=True)
+    lines = r.stdout.splitlines()
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("---> Status <---")), None)
+    if start is None:
+        return [f"(mars-status: {r.stdout.strip() or r.stderr.strip()})"]
+    block = []
+    for ln in lines[start:]:
+        if block and ln.startswith("---> "):
+            break
+        block.append(ln)
+    return block
+
+
 def watch(nodes: dict[str, Node], size: int, stop: threading.Event) -> None:
-    while not stop.wait(1):
-        status(nodes, size)
+    """What mars-status on c shows while the writes and syncs run, every 2 s."""
+    while True:
+        show_bars(nodes)
+        if stop.wait(2):
+            return
+
+
+def show_bars(nodes: dict[str, Node]) -> None:
+    bars = status_bars(nodes["c"])  # one out() call: the block is not interleaved with other output
+    out("\n".join(["    $ mars-status --mars-dir $D/c --host c --status --ascii --once --resource demo   # its bars:"]
+                  + ["      " + ln for ln in bars]))
 
 
 def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: list[subprocess.Popen]) -> int:
@@ -262,7 +287,8 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
 
     say("6. wait until b and c have synced everything and replayed up to a's position, then compare")
     wait_for(lambda: all(caught_up(a, n, size) for n in (b, c)), args.timeout,
-             "b and c to catch up with a", every=1, report=lambda: status(nodes, size))
+             "b and c to catch up with a", every=2, report=lambda: show_bars(nodes))
+    show_bars(nodes)
     status(nodes, size)
     sums = {h: sha256(base / f"{h}.img") for h in NODES}
     for h, s in sums.items():
@@ -280,9 +306,12 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     wait_for(lambda: not first_logs(), 30, "every node to delete log 1")
     show_logs(nodes)
 
-    say("8. the whole cluster as c sees it (every node's reports travel with the tree), and one macro")
+    say("8. the whole cluster as c sees it (every node's reports travel with the tree): marsadm view,"
+        " a macro, and mars-status with its monitor verdict")
     sh(*c.adm("view", "all"))
     sh(*c.adm("view-replay-rest", "demo"))
+    sh(str(BIN / "mars-status"), "--mars-dir", str(c.mars_dir), "--host", "c", "--once")
+    sh(str(BIN / "mars-status"), "--mars-dir", str(c.mars_dir), "--host", "c", "--check")
     return 0
 
 
