@@ -9,6 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from harness import Node, cleanup, short_tempdir  # noqa: E402
 
+TRIO_SIZE = "32M"
+
 
 @pytest.fixture
 def workdir():
@@ -36,3 +38,39 @@ def resource(node):
     img = node.base / "r.img"
     node.marsadm("create-resource", "r", str(img), "64M")
     return node, "r", img
+
+
+@pytest.fixture
+def trio(workdir):
+    """Three nodes on 127.0.0.2-4: a primary of resource r (32 MiB, rotating at 2 MiB), b and c
+    secondaries, 1 MiB written and both caught up."""
+    from harness import caught_up, run, start_cluster, wait_until, write
+    base, nodes = workdir
+    a, b, c = start_cluster(base, nodes, "abc")
+    for n in (a, b, c):
+        run(["truncate", "-s", TRIO_SIZE, str(base / f"{n.host}.img")])
+    a.stop()
+    a.extra_args = ["--logrot-auto", "2M"]
+    a.start()
+    a.marsadm("create-resource", "r", str(base / "a.img"), TRIO_SIZE)
+    for n in (b, c):
+        wait_until(lambda: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
+        n.marsadm("join-resource", "r", str(base / f"{n.host}.img"))
+    write(a, "write -P 0x11 0 1M")
+    for n in (b, c):
+        wait_until(lambda: caught_up(a, n, "r"), 30, f"{n.host} to catch up")
+    return a, b, c
+
+
+@pytest.fixture
+def sparse_8t(workdir):
+    """Three nodes; a is primary of resource r on an 8 TiB sparse image, b has one too and knows r
+    but has not joined: its join syncs for seconds (holes are skipped), long enough to watch."""
+    from harness import run, start_cluster, wait_until
+    base, nodes = workdir
+    a, b, c = start_cluster(base, nodes, "abc")
+    for n in (a, b):
+        run(["truncate", "-s", "8T", str(base / f"{n.host}.img")])
+    a.marsadm("create-resource", "r", str(base / "a.img"), "8T")
+    wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
+    return a, b, c

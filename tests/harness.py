@@ -142,6 +142,30 @@ def start_pair(base: Path, nodes: list[Node], size: str, a_args: tuple[str, ...]
     return a, b
 
 
+def log_end(primary: Node, res: str) -> str:
+    """Where the primary's log ends now, as a replay position: log-N-<host>,<size>,0.
+
+    Not the primary's own replay-<host>, which trails its log by up to a checkpoint interval.
+    """
+    d = primary.mars_dir / f"resource-{res}"
+    newest = max(p for p in d.glob(f"log-*-{primary.host}"))
+    return f"{newest.name},{newest.stat().st_size},0"
+
+
+def caught_up(primary: Node, sec: Node, res: str) -> bool:
+    want = log_end(primary, res)
+    return (sec.tree_value(f"resource-{res}/syncstatus-{sec.host}") == primary.tree_value(f"resource-{res}/size")
+            and sec.tree_value(f"resource-{res}/replay-{sec.host}") == want)
+
+
+def write(node: Node, *cmds: str, res: str = "r") -> None:
+    """qemu-io commands (e.g. ``write -P 0x11 0 1M``) against ``node``'s export of ``res``."""
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    run(args + [node.uri(res)])
+
+
 def sha256(path: Path) -> str:
     """sha256 of a file, read in 4 MiB pieces (images are up to GiBs)."""
     import hashlib

@@ -18,8 +18,7 @@ import time
 
 import pytest
 
-from harness import Node, run, start_pair, wait_until
-from test_replication import caught_up
+from harness import Node, caught_up, run, start_pair, wait_until
 
 from mars.engine import model
 from mars.engine.bus import Bus

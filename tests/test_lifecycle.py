@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from harness import run, start_cluster, start_pair, wait_until
-from test_replication import caught_up, sha
+from harness import caught_up, run, start_cluster, start_pair, wait_until, write
+from harness import sha256 as sha
 
 MiB = 1 << 20
 
@@ -16,12 +16,6 @@ MiB = 1 << 20
 def pair(workdir):
     return start_pair(*workdir, "32M", ("--logrot-auto", "2M"))
 
-
-def write(node, *cmds):
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    run(args + [node.uri("r")])
 
 
 def test_invalidate_repairs_a_damaged_secondary(pair):

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from harness import Node, run, start_cluster, wait_until
+from harness import Node, caught_up, run, start_cluster, wait_until
 from harness import sha256 as sha
 
 SIZE = 64 << 20
@@ -18,22 +18,6 @@ SIZE = 64 << 20
 @pytest.fixture
 def cluster(workdir):
     return start_cluster(*workdir, "abc")
-
-
-def log_end(primary: Node, res: str) -> str:
-    """Where the primary's log ends now, as a replay position: log-N-<host>,<size>,0.
-
-    Not the primary's own replay-<host>, which trails its log by up to a checkpoint interval.
-    """
-    d = primary.mars_dir / f"resource-{res}"
-    newest = max(p for p in d.glob(f"log-*-{primary.host}"))
-    return f"{newest.name},{newest.stat().st_size},0"
-
-
-def caught_up(primary: Node, sec: Node, res: str) -> bool:
-    want = log_end(primary, res)
-    return (sec.tree_value(f"resource-{res}/syncstatus-{sec.host}") == primary.tree_value(f"resource-{res}/size")
-            and sec.tree_value(f"resource-{res}/replay-{sec.host}") == want)
 
 
 def test_join_cluster_shares_the_tree(cluster):

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Node, run, start_cluster, wait_until
-from test_status_states import trio  # noqa: F401 - a fixture: a primary, b and c secondaries of r
+from harness import Node, run, wait_until
 
 from mars.engine import model
 from mars.engine.tree import Tree
@@ -463,15 +462,11 @@ def _tmux(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
-def test_sync_progress_advances_in_a_tmux_pane(workdir):
+def test_sync_progress_advances_in_a_tmux_pane(sparse_8t):
     """mars-status in a real terminal on b while b syncs an 8 TiB sparse image: the percentage
     shown for b's sync moves forward between two captures of the pane."""
-    base, nodes = workdir
-    a, b, _ = start_cluster(base, nodes, "abc")
-    for n in (a, b):
-        run(["truncate", "-s", "8T", str(base / f"{n.host}.img")])
-    a.marsadm("create-resource", "r", str(base / "a.img"), "8T")
-    wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
+    a, b, _ = sparse_8t
+    base = a.base
     sock = f"mars-status-test-{uuid.uuid4().hex[:8]}"  # a private tmux server: nothing else is touched
     # The app draws on the terminal (Textual writes to stderr: no redirection). Its exit code goes
     # to a file (tmux's pane_dead_status is not always filled in); the pane stays after an exit.

@@ -11,39 +11,11 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
-from harness import BIN, Node, run, start_cluster, wait_until
-from test_replication import caught_up
+from harness import BIN, Node, caught_up, wait_until, write
 
 MiB = 1 << 20
-SIZE = "32M"
 
-
-@pytest.fixture
-def trio(workdir):
-    base, nodes = workdir
-    a, b, c = start_cluster(base, nodes, "abc")
-    for n in (a, b, c):
-        run(["truncate", "-s", SIZE, str(base / f"{n.host}.img")])
-    a.stop()
-    a.extra_args = ["--logrot-auto", "2M"]
-    a.start()
-    a.marsadm("create-resource", "r", str(base / "a.img"), SIZE)
-    for n in (b, c):
-        wait_until(lambda: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
-        n.marsadm("join-resource", "r", str(base / f"{n.host}.img"))
-    write(a, "write -P 0x11 0 1M")
-    for n in (b, c):
-        wait_until(lambda: caught_up(a, n, "r"), 30, f"{n.host} to catch up")
-    return a, b, c
-
-
-def write(node: Node, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    run(args + [node.uri("r")])
 
 
 def view(node: Node, *args: str) -> str:
@@ -94,14 +66,10 @@ def test_all_up_to_date(trio):
     assert [monitor(n) for n in (a, b, c)] == [0, 0, 0]
 
 
-def test_a_secondary_syncing_then_paused(workdir):
+def test_a_secondary_syncing_then_paused(sparse_8t):
     """An 8 TiB sparse image syncs for seconds: long enough to see it happen, from every node."""
-    base, nodes = workdir
-    a, b, _ = start_cluster(base, nodes, "abc")
-    for n in (a, b):
-        run(["truncate", "-s", "8T", str(base / f"{n.host}.img")])
-    a.marsadm("create-resource", "r", str(base / "a.img"), "8T")
-    wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
+    a, b, _ = sparse_8t
+    base = a.base
     b.marsadm("join-resource", "r", str(base / "b.img"))
     wait_until(lambda: "Syncing" in res_line(view(b, "all")), 30, "b's view to show Syncing")
     wait_until(lambda: has_finding(a, "SYNC_RUNNING", "b"), 30, "a to report b's sync as WORK")

@@ -15,18 +15,14 @@ import subprocess
 import time
 
 import pytest
-import test_status_states as states
-from harness import BIN, Node, run, start_cluster, wait_until
+from harness import BIN, Node, caught_up, run, wait_until, write
 from mars.engine.findings import findings
 from mars.engine.model import build
 from mars.engine.tree import Tree
 from mars.engine.trigger import take_lock
-from mars.status.render import VIEWS, Options, Span, bar, check, plain, render
-from test_replication import caught_up
+from mars.status.render import STYLES, VIEWS, Options, Span, bar, check, plain, render
 
 TiB = 1 << 40
-trio = states.trio  # the three-node fixture: a primary of r, b and c secondaries, all caught up
-write = states.write
 
 
 def status(node: Node, *args: str, host: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -43,15 +39,11 @@ def lines_with(text: str, prefix: str | tuple[str, ...]) -> list[str]:
 
 # --- the default display, against a cluster with a running sync ------------------------------------
 
-def test_plain_text_shows_every_field_of_the_seed_example(workdir):
+def test_plain_text_shows_every_field_of_the_seed_example(sparse_8t):
     """Seed §4.3 a): header, cluster line, resource line, local and remote node blocks with Device,
     Sync, Fetch, Replay, Actual and Switches, the modus line, and a WORK line for the sync."""
-    base, nodes = workdir
-    a, b, _ = start_cluster(base, nodes, "abc")
-    for n in (a, b):
-        run(["truncate", "-s", "8T", str(base / f"{n.host}.img")])
-    a.marsadm("create-resource", "r", str(base / "a.img"), "8T")
-    wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
+    a, b, _ = sparse_8t
+    base = a.base
     b.marsadm("join-resource", "r", str(base / "b.img"))
 
     def syncing() -> str | None:
@@ -358,14 +350,12 @@ def test_render_styles_and_unknown_resource(tree):
     snap = build(tree.root, "a")
     fs = findings(snap)
     lines = render(snap, fs, Options())
-    assert all(isinstance(s, Span) for line in lines for s in line)
+    assert all(isinstance(s, Span) and s.style in STYLES for line in lines for s in line)
     todo = [line for line in lines if any(s.style == "todo" and s.text.startswith("---> TODO: ") for s in line)]
     assert todo
     lines = render(snap, fs, Options(resource="nosuch"))
     text = plain(lines)
     assert "-> resource nosuch does not exist; the resources are: r" in text and "check resource" not in text
-    with pytest.raises(ValueError):
-        Span("x", "red")
     with pytest.raises(ValueError):
         Options(views=frozenset({"bogus"}))
 

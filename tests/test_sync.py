@@ -10,7 +10,8 @@ import time
 import pytest
 
 from harness import run, start_cluster, wait_until
-from test_replication import caught_up, sha
+from harness import caught_up
+from harness import sha256 as sha
 
 MiB = 1 << 20
 
