@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             return code
         width = shutil.get_terminal_size((100, 24)).columns if tty else 100
         sys.stdout.write(plain(render(snap, fs, options_from(args, width))))
+        print(line)  # the monitor's verdict last (seed §4.2): a mail report or cron log ends with it
         return code
     except MarsError as e:
         code, line = check(None, [], str(e))

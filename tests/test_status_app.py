@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -217,8 +216,7 @@ def test_readme_screenshot_is_the_snapshot(view):
     in the same run; after 'pytest --snapshot-update' copy them as the message says.
     """
     svg = SNAPSHOTS / f"test_view_snapshot[{view}].svg"
-    if not svg.exists():
-        pytest.skip("no snapshot yet (pytest --snapshot-update makes it)")
+    assert svg.exists(), f"{svg} is missing: 'pytest --snapshot-update tests/test_status_app.py' makes it"
     shot = SCREENSHOTS / f"{view}.svg"
     assert shot.exists() and shot.read_bytes() == svg.read_bytes(), \
         f"{shot} is not the snapshot; run: cp '{svg}' {shot}"
@@ -227,8 +225,7 @@ def test_readme_screenshot_is_the_snapshot(view):
 def test_ascii_snapshot_has_no_box_drawing():
     """The checked-in --ascii picture: every character on the screen is ASCII."""
     svg = SNAPSHOTS / "test_view_snapshot[ascii].svg"
-    if not svg.exists():
-        pytest.skip("no ascii snapshot yet (pytest --snapshot-update makes it)")
+    assert svg.exists(), f"{svg} is missing: 'pytest --snapshot-update tests/test_status_app.py' makes it"
     text = svg.read_text()
     shown = re.findall(r"<text [^>]*>([^<]*)</text>", text)
     assert shown, "no text in the SVG"
@@ -461,7 +458,6 @@ def _tmux(sock: str, *args: str) -> subprocess.CompletedProcess[str]:
     return run(["tmux", "-L", sock, *args], timeout=30, env=env)
 
 
-@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_sync_progress_advances_in_a_tmux_pane(sparse_8t):
     """mars-status in a real terminal on b while b syncs an 8 TiB sparse image: the percentage
     shown for b's sync moves forward between two captures of the pane."""

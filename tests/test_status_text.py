@@ -123,6 +123,7 @@ def test_exit_codes_and_check_line_in_each_state(trio):
     out = status(a)
     assert out.returncode == 1
     assert "---> HINT: replay of r on c is paused" in out.stdout and "'marsadm resume-replay r' on c" in out.stdout
+    assert out.stdout.splitlines()[-1].startswith("MARS WARNING - ")  # the plain display ends with the verdict
     c.marsadm("resume-replay", "r")
     wait_until(lambda: caught_up(a, c, "r"), 30, "c to catch up")
     wait_until(lambda: status(a, "--check").returncode == 0, 30, "a's check to turn OK again")
