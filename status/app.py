@@ -40,7 +40,7 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 from textual import on
-from textual.app import App, ComposeResult
+from textual.app import App, ComposeResult, ScreenStackError
 from textual.binding import Binding
 from textual.cache import LRUCache
 from textual.content import Content
@@ -401,7 +401,8 @@ class MarsStatusApp(App[None]):
                         group="refresh", name="mars-status refresh", exit_on_error=False)
 
     def _render_options(self) -> Options:
-        width = self.query_one(StatusView).scrollable_content_region.width
+        # A tick can land while the screen is not (or no longer) mounted, at start-up or exit.
+        width = self.query_one(StatusView).scrollable_content_region.width if self._mounted() else 0
         return dataclasses.replace(self.options, width=max(MIN_WIDTH, width or self.size.width or 100))
 
     def _produce(self, fetch: bool, opts: Options, cache: tuple[Snapshot, bool, tuple[Finding, ...]] | None) -> None:
@@ -426,11 +427,21 @@ class MarsStatusApp(App[None]):
         """This host's snapshot: the tree, with marsd's debug lines when it answers."""
         return control.live_snapshot(self.mars_dir, self.host, window_s=self.window_s)
 
+    def _mounted(self) -> bool:
+        """Whether the screen with the status view is up: a tick or a finished refresh can land
+        while it is not, at start-up or while the app exits."""
+        try:
+            return bool(self.query(StatusView))
+        except ScreenStackError:
+            return False
+
     @on(Refreshed)
     def _show(self, message: Refreshed) -> None:
         t0 = time.perf_counter()
         o = message.outcome
         self._busy = False
+        if not self._mounted():
+            return
         if o.error is not None:
             if o.fetched:
                 self.fetch_error = o.error
