@@ -66,19 +66,6 @@ def _human_seconds(s: float | None) -> str:
 
 # --- one member of one resource, as the original's macros see it ----------------------------
 
-def _remain(rest: int, rate: float | None) -> float | None:
-    """Seconds left at the current rate: 0 when nothing is left, None when nothing moves."""
-    if rest <= 0:
-        return 0.0
-    if not rate:
-        return None
-    return rest / rate
-
-
-def _percent(pos: int, size: int) -> float:
-    return 100.0 if size <= 0 else min(100.0, 100.0 * pos / size)
-
-
 def _log_end_bytes(r: model.ResourceStatus) -> int:
     """The primary's log end as an absolute position (every member's fetch target)."""
     primary = r.nodes.get(r.primary or "")
@@ -182,14 +169,18 @@ class Member:
     def size(self, what: str) -> int:
         return getattr(self, f"{what}_size")
 
+    def progress(self, what: str) -> model.Progress:
+        """The macro's position as the model's Progress: rest, percent and time left computed there."""
+        return model.Progress(self.pos(what), self.size(what), self.rate(what))
+
     def rest(self, what: str) -> int:
-        return max(0, self.size(what) - self.pos(what))
+        return self.progress(what).rest_bytes
 
     def reached(self, what: str) -> bool:
-        return self.rest(what) <= 0
+        return self.progress(what).reached
 
     def percent(self, what: str) -> float:
-        return _percent(self.pos(what), self.size(what))
+        return self.progress(what).percent
 
     def rate(self, what: str) -> float | None:
         return getattr(self, f"{what}_rate")
@@ -198,7 +189,7 @@ class Member:
         if what == "work":
             parts = [self.remain("fetch"), self.remain("replay")]
             return None if None in parts else sum(parts)  # type: ignore[arg-type]
-        return _remain(self.rest(what), self.rate(what))
+        return self.progress(what).remaining_s
 
     def lognr(self, what: str) -> int | None:
         """The log file number of the replay or fetch position (the original's replay/fetch-lognr)."""
