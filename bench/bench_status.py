@@ -94,6 +94,35 @@ def make_tree(root: Path, nodes: list[str], resources: int, logs: int) -> int:
     return n
 
 
+def tree_args(description: str, rounds: int) -> argparse.Namespace:
+    """The synthetic tree's options, shared with bench_tui.py."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--nodes", type=int, default=8)
+    ap.add_argument("--resources", type=int, default=50)
+    ap.add_argument("--logs", type=int, default=3, help="log files (and version entries per member) per resource")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--dir", default="/var/tmp", help="where to make the temporary tree")
+    ap.add_argument("--keep", action="store_true")
+    return ap.parse_args()
+
+
+def setup_tree(a: argparse.Namespace, base: Path, title: str) -> tuple[Path, list[str]]:
+    """Write the synthetic tree under ``base`` and print the header: machine, file system, tree."""
+    nodes = [f"n{i:02d}" for i in range(a.nodes)]
+    root = base / "mars"
+    root.mkdir(mode=0o700)
+    t0 = time.perf_counter()
+    entries = make_tree(root, nodes, a.resources, a.logs)
+    setup_s = time.perf_counter() - t0
+    print(f"{title}  {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+    m = machine_facts(base)
+    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, kernel {m['kernel']}, python {m['python']}")
+    print(f"fs:      {m['df_T']}")
+    print(f"tree:    {a.nodes} nodes x {a.resources} resources (every node a member of every resource), "
+          f"{a.logs} logs each: {entries:,} entries, written in {setup_s:.1f} s under {root}")
+    return root, nodes
+
+
 def timed(fn, rounds: int) -> tuple[list[float], object]:
     out = []
     result = None
@@ -109,28 +138,10 @@ def fmt(ms: list[float]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nodes", type=int, default=8)
-    ap.add_argument("--resources", type=int, default=50)
-    ap.add_argument("--logs", type=int, default=3, help="log files (and version entries per member) per resource")
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--dir", default="/var/tmp", help="where to make the temporary tree")
-    ap.add_argument("--keep", action="store_true")
-    a = ap.parse_args()
-    nodes = [f"n{i:02d}" for i in range(a.nodes)]
+    a = tree_args(__doc__.split("\n\n")[0], rounds=30)
     base = Path(tempfile.mkdtemp(prefix="mars-status-bench-", dir=a.dir))
     try:
-        root = base / "mars"
-        root.mkdir(mode=0o700)
-        t0 = time.perf_counter()
-        entries = make_tree(root, nodes, a.resources, a.logs)
-        setup_s = time.perf_counter() - t0
-        print(f"MARS status model benchmark  {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
-        m = machine_facts(base)
-        print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, kernel {m['kernel']}, python {m['python']}")
-        print(f"fs:      {m['df_T']}")
-        print(f"tree:    {a.nodes} nodes x {a.resources} resources (every node a member of every resource), "
-              f"{a.logs} logs each: {entries:,} entries, written in {setup_s:.1f} s under {root}")
+        root, nodes = setup_tree(a, base, "MARS status model benchmark")
         rows = []
         build_ms, snap = timed(lambda: model.build(root, nodes[0]), a.rounds)
         rows.append(("model.build (tree -> Snapshot)", build_ms))

@@ -19,7 +19,6 @@ The parts in the worker do not block the keys; "loop" is what a person would fee
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import shutil
 import statistics
@@ -30,8 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_status import make_tree  # noqa: E402
-from bench_write import machine_facts  # noqa: E402
+from bench_status import setup_tree, tree_args  # noqa: E402
 
 from mars.status.app import MarsStatusApp, Refreshed, StatusView  # noqa: E402
 from mars.status.render import VIEWS, Options  # noqa: E402
@@ -88,26 +86,10 @@ def fmt(ms: list[float]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--nodes", type=int, default=8)
-    ap.add_argument("--resources", type=int, default=50)
-    ap.add_argument("--logs", type=int, default=3, help="log files (and version entries per member) per resource")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--dir", default="/var/tmp", help="where to make the temporary tree")
-    a = ap.parse_args()
-    nodes = [f"n{i:02d}" for i in range(a.nodes)]
+    a = tree_args(__doc__.split("\n\n")[0], rounds=20)
     base = Path(tempfile.mkdtemp(prefix="mars-tui-bench-", dir=a.dir))
     try:
-        root = base / "mars"
-        root.mkdir(mode=0o700)
-        t0 = time.perf_counter()
-        entries = make_tree(root, nodes, a.resources, a.logs)
-        setup_s = time.perf_counter() - t0
-        print(f"MARS status TUI benchmark  {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
-        m = machine_facts(base)
-        print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, kernel {m['kernel']}, python {m['python']}")
-        print(f"tree:    {a.nodes} nodes x {a.resources} resources (every node a member of every resource), "
-              f"{a.logs} logs each: {entries:,} entries, written in {setup_s:.1f} s under {root}")
+        root, nodes = setup_tree(a, base, "MARS status TUI benchmark")
         print(f"app:     MarsStatusApp headless at {SIZE[0]}x{SIZE[1]}, production snapshot source (no marsd)")
         print()
         print(f"  {'view':<28} {'lines':>6} {'min ms':>8} {'median':>8} {'max ms':>8}   "
@@ -129,7 +111,8 @@ def main() -> int:
         print(f"\ncommand: {sys.executable} {' '.join(sys.argv)}")
         return 0
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        if not a.keep:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
