@@ -747,8 +747,8 @@ class Bench:
         TLS record overhead (~0.2 %) is not counted.
         """
         try:
-            from mars.engine import peer as P
-            from mars.engine import syncer as S
+            from mars.engine.peer import protocol as P
+            from mars.engine.roles import syncer as S
         except ImportError:
             return None
         try:

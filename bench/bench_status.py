@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_write import machine_facts  # noqa: E402
 
-from mars.engine import model  # noqa: E402
+from mars.engine.model import snapshot as model  # noqa: E402
 from mars.engine.tree import Tree  # noqa: E402
 
 GOAL_MS = 100.0
@@ -146,7 +146,7 @@ def main() -> int:
         build_ms, snap = timed(lambda: model.build(root, nodes[0]), a.rounds)
         rows.append(("model.build (tree -> Snapshot)", build_ms))
         try:
-            from mars.engine.findings import findings
+            from mars.engine.model.findings import findings
         except ImportError:
             findings = None
         if findings is not None:

@@ -51,9 +51,9 @@ from textual.scrollbar import ScrollBarRender
 from textual.strip import Strip
 from textual.widgets import Footer, Header, Input, Static
 
-from ..engine import control
-from ..engine.findings import LEVELS, Finding, findings, worst
-from ..engine.model import Snapshot
+from ..engine.daemon import control as control
+from ..engine.model.findings import LEVELS, Finding, findings, worst
+from ..engine.model.snapshot import Snapshot
 from .render import STYLES, VIEWS, Line, Options, Span, check, relevant, render
 
 __all__ = ["MarsStatusApp", "SnapshotSource", "wrap_lines"]

@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..engine import model
+from ..engine.model import snapshot as model
 from ..engine.errors import MarsError, UsageError
-from ..engine.findings import Finding, findings
+from ..engine.model.findings import Finding, findings
 from ..engine.tree import Tree, check_name, mars_dir_from, require_cluster
 from .render import VIEWS, Options, check, plain, relevant, render
 
@@ -102,7 +102,7 @@ def snapshot(mars_dir: Path, host: str, window_s: float | None) -> model.Snapsho
 
     Raises MarsError when the state cannot be read; any OSError underneath becomes one too.
     """
-    from ..engine.control import live_snapshot
+    from ..engine.daemon.control import live_snapshot
 
     readable_tree(mars_dir, host)
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import __version__
-from ..engine.findings import (
+from ..engine.model.findings import (
     DEFAULT_PEER_PORT,
     LEVELS,
     Finding,
@@ -34,9 +34,9 @@ from ..engine.findings import (
     human_seconds,
     worst,
 )
-from ..engine.logfiles import ReplayLink, parse_log_name
+from ..engine.log.files import ReplayLink, parse_log_name
 from ..engine.marsadm.view import Member
-from ..engine.model import (
+from ..engine.model.snapshot import (
     LogFileStatus,
     NodeResource,
     Progress,

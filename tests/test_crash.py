@@ -43,9 +43,9 @@ import nbd  # python3-libnbd, a real NBD client (Debian package; the Makefile in
 import pytest
 
 from harness import BIN, Node, start_cluster, wait_until
-from mars.engine.logfiles import parse_log_name
-from mars.engine.logformat import HEADER_SIZE, Decoded, Kind, LogRecord, encode_record_bytes, scan_file
-from mars.engine.logger import first_record
+from mars.engine.log.files import parse_log_name
+from mars.engine.log.format import HEADER_SIZE, Decoded, Kind, LogRecord, encode_record_bytes, scan_file
+from mars.engine.log.writer import first_record
 
 SECTOR = 512
 DEV_SIZE = 16 * 2**20

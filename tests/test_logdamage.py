@@ -6,8 +6,8 @@ import os
 
 from harness import run, wait_until
 
-from mars.engine import logformat as lf
-from mars.engine.logger import first_record
+from mars.engine.log import format as lf
+from mars.engine.log.writer import first_record
 
 
 def _records(path):

@@ -1,4 +1,4 @@
-"""Tests for the transaction log record format (mars.engine.logformat).
+"""Tests for the transaction log record format (mars.engine.log.format).
 
 The properties that matter for replication safety: what is encoded decodes back
 unchanged however the bytes are split; no single damaged byte is ever replayed;
@@ -17,7 +17,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mars.engine.logformat import (
+from mars.engine.log.format import (
     END,
     END_MAGIC,
     FLAG_FUA,

@@ -1,4 +1,4 @@
-"""Tests for the sans-I/O NBD server core (mars.engine.nbd).
+"""Tests for the sans-I/O NBD server core (mars.engine.nbd.protocol).
 
 The client side is a few struct.pack lines written from the spec here, independently of the
 module's own Struct objects, so a wrong constant in the module shows up as a failing test rather
@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mars.engine import nbd, recvbuf
-from mars.engine.nbd import (
+from mars.engine import sansio
+from mars.engine.nbd import protocol as nbd
+from mars.engine.nbd.protocol import (
     CMD_FLAG_FUA,
     CMD_FLAG_NO_HOLE,
     NEED_DATA,
@@ -635,7 +636,7 @@ def test_chunking_does_not_change_events(session, data):
     assert split_out == whole_out
     # Small reads are normally merged into one buffer; without merging, every cut becomes a
     # chunk boundary that headers and payloads straddle.
-    with mock.patch.object(recvbuf, "_COALESCE_BELOW", 1):
+    with mock.patch.object(sansio, "_COALESCE_BELOW", 1):
         assert run_chunks(chunks) == (whole_events, whole_out)
     bytewise_events, _ = run_chunks([session[i : i + 1] for i in range(len(session))])
     assert bytewise_events == whole_events

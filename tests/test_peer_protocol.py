@@ -1,4 +1,4 @@
-"""Tests for the sans-I/O peer protocol core (mars.engine.peer).
+"""Tests for the sans-I/O peer protocol core (mars.engine.peer.protocol).
 
 Frames for the negative cases are built here with struct and json straight from the wire format
 in the module docstring, independently of the module's own encoder, so a wrong constant in the
@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mars.engine import peer as P
-from mars.engine.peer import (
+from mars.engine.peer import protocol as P
+from mars.engine.peer.protocol import (
     MAX_DATA,
     MAX_FRAME,
     MAX_INT,

@@ -33,7 +33,7 @@ def test_join_cluster_shares_the_tree(cluster):
 
 def test_a_tree_larger_than_one_frame_is_exchanged(cluster):
     """A listing over the 4 MiB frame limit arrives whole, in several frames."""
-    from mars.engine import peer as P
+    from mars.engine.peer import protocol as P
     from mars.engine.tree import Tree
     a, b, _ = cluster
     t = Tree(a.mars_dir, "a")

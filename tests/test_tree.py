@@ -7,7 +7,7 @@ import os
 import pytest
 
 from mars.engine.errors import UsageError
-from mars.engine.logfiles import (LogPos, ReplayLink, VersionHasher, deletable_logs, list_logs, log_name,
+from mars.engine.log.files import (LogPos, ReplayLink, VersionHasher, deletable_logs, list_logs, log_name,
                                   parse_log_name, version_value)
 from mars.engine.tree import DELETED, LamportClock, Tree, check_name
 

@@ -7,11 +7,11 @@ import ipaddress
 import os
 import sys
 
-from .. import peer as P
+from ..peer import protocol as P
 from ..credentials import (client_context, create_cluster_credential, ensure_node_cert, export_secret,
                            install_secret, secret_to_token, token_to_secret)
 from ..errors import UsageError
-from ..peerlink import DEFAULT_PORT, PeerClient, PeerError
+from ..peer.link import DEFAULT_PORT, PeerClient, PeerError
 from ..tree import NONE
 from .base import Ctx, command
 

@@ -6,11 +6,11 @@ import os
 import shutil
 import time
 
-from ..logfiles import list_logs, log_name, read_replay, replay_path, version_path
-from ..logformat import scan_file
-from ..logger import first_record
+from ..log.files import list_logs, log_name, read_replay, replay_path, version_path
+from ..log.format import scan_file
+from ..log.writer import first_record
 from ..tree import actual, res_dir
-from ..logfiles import deletable_logs, ReplayLink
+from ..log.files import deletable_logs, ReplayLink
 from .base import RES_ARG, Ctx, command, fmt_bytes
 from .switches import _attached
 

@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 from ..device import device_size
-from ..logfiles import ReplayLink, list_logs, log_name, replay_path
+from ..log.files import ReplayLink, list_logs, log_name, replay_path
 from ..tree import DELETED, check_name, require_cluster, res_dir, todo
 from .base import RES_ARG, Ctx, command, fmt_bytes, parse_size
 from .switches import SWITCHES, _attached, _refuse_if_open

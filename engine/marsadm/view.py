@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .. import model
+from ..model import snapshot as model
 from ..errors import MarsError, UsageError
-from ..logfiles import ReplayLink, parse_log_name
+from ..log.files import ReplayLink, parse_log_name
 from ..tree import check_name, require_cluster
 from .base import Ctx, command
 
@@ -41,7 +41,7 @@ BAR_WIDTH = 20
 
 def _snapshot(ctx: Ctx) -> tuple[model.Snapshot, bool]:
     """The snapshot (with marsd's live lines when its control socket answers) and whether it answered."""
-    from ..control import live_snapshot
+    from ..daemon.control import live_snapshot
     window = getattr(ctx.args, "window", None)
     window_s = model.ALIVE_WINDOW_S if window is None else window
     if window_s <= 0:
@@ -50,17 +50,17 @@ def _snapshot(ctx: Ctx) -> tuple[model.Snapshot, bool]:
 
 
 def _findings(snap: model.Snapshot) -> list[Any]:
-    from ..findings import findings
+    from ..model.findings import findings
     return list(findings(snap))
 
 
 def _human_bytes(n: float | None) -> str:
-    from ..findings import human_bytes
+    from ..model.findings import human_bytes
     return human_bytes(n)
 
 
 def _human_seconds(s: float | None) -> str:
-    from ..findings import human_seconds
+    from ..model.findings import human_seconds
     return human_seconds(s)
 
 

@@ -25,10 +25,10 @@ from concurrent.futures import Executor
 
 from blake3 import blake3
 
-from . import peer as P
-from .device import DataDevice
-from .peerlink import PeerClient, PeerError
-from .tree import Tree, res_dir
+from ..peer import protocol as P
+from ..device import DataDevice
+from ..peer.link import PeerClient, PeerError
+from ..tree import Tree, res_dir
 
 log = logging.getLogger("mars.syncer")
 

@@ -16,9 +16,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from . import peer as P
-from .credentials import peer_host
-from .errors import MarsError
+from . import protocol as P
+from ..credentials import peer_host
+from ..errors import MarsError
 
 log = logging.getLogger("mars.peer")
 

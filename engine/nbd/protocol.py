@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable
 
-from .recvbuf import ReceiveBuffer
+from ..sansio import ReceiveBuffer
 
 __all__ = [
     "NEED_DATA",

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .logfiles import ReplayLink, parse_log_name
-from .trigger import marsd_running
-from .tree import DELETED, LOCAL_DIRS, NONE
+from ... import __version__
+from ..log.files import ReplayLink, parse_log_name
+from ..trigger import marsd_running
+from ..tree import DELETED, LOCAL_DIRS, NONE
 
 ALIVE_WINDOW_S = 30.0  # a node whose last report is older than this is not alive (the original: 30 s in mars-status)
 ALMOST_EMPTY = 0  # rests at or below this many bytes count as reached

@@ -18,14 +18,14 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-from . import logformat as lf
-from . import peer as P
-from .device import start_writeout
-from .logfiles import ReplayLink, list_logs, log_name, read_replay
-from .logger import first_record
-from .peerlink import PeerClient, PeerError
-from .replayer import finished_length
-from .tree import Tree, res_dir
+from ..log import format as lf
+from ..peer import protocol as P
+from ..device import start_writeout
+from ..log.files import ReplayLink, list_logs, log_name, read_replay
+from ..log.writer import first_record
+from ..peer.link import PeerClient, PeerError
+from ..log.replayer import finished_length
+from ..tree import Tree, res_dir
 
 log = logging.getLogger("mars.fetcher")
 

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tree import Tree, res_dir
+from ..tree import Tree, res_dir
 
 LOG_RE = re.compile(r"^log-(\d{9})-([A-Za-z0-9_][-A-Za-z0-9_]*)$")
 ZERO_DIGEST = "0" * 32

@@ -14,12 +14,12 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 
-from .device import DataDevice
+from ..device import DataDevice
 from .fetcher import Fetcher
-from .peerlink import PeerClient
-from .replayer import Replayer
+from ..peer.link import PeerClient
+from ..log.replayer import Replayer
 from .syncer import Syncer
-from .tree import Tree, actual, res_dir
+from ..tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.secondary")
 

@@ -40,9 +40,9 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
-from . import model
+from ..model import snapshot as model
 from .bus import Bus, Subscription
-from .errors import MarsError
+from ..errors import MarsError
 
 log = logging.getLogger("mars.control")
 
@@ -111,7 +111,7 @@ def state_changes(old: dict[StateKey, Any], new: dict[StateKey, Any]) -> list[di
 def _findings(snap: model.Snapshot) -> list[dict[str, Any]]:
     """The findings of ``snap``; none while the findings module is not there (imported late on purpose)."""
     try:
-        from .findings import findings
+        from ..model.findings import findings
     except ImportError:
         return []
     return [finding_dict(f) for f in findings(snap)]

@@ -12,15 +12,15 @@ import asyncio
 import os
 from typing import TYPE_CHECKING, Any
 
-from . import peer as P
-from .errors import MarsError
-from .logfiles import parse_log_name
-from .replayer import finished_length
-from .syncer import chunk_digests
-from .tree import check_name, res_dir
+from . import protocol as P
+from ..errors import MarsError
+from ..log.files import parse_log_name
+from ..log.replayer import finished_length
+from ..roles.syncer import chunk_digests
+from ..tree import check_name, res_dir
 
 if TYPE_CHECKING:
-    from .marsd import Daemon
+    from ..daemon.marsd import Daemon
 
 MAX_FETCH = 16 << 20
 MAX_READ = 32 << 20

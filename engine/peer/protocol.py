@@ -56,8 +56,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .recvbuf import ReceiveBuffer
-from .tree import Entry
+from ..sansio import ReceiveBuffer
+from ..tree import Entry
 
 __all__ = [
     "PROTO_VERSION",

@@ -19,12 +19,12 @@ import os
 from concurrent.futures import Executor
 from pathlib import Path
 
-from . import logformat as lf
-from .device import DataDevice, drop_behind
-from .logfiles import (ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path, version_digest,
+from . import format as lf
+from ..device import DataDevice, drop_behind
+from .files import (ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path, version_digest,
                        version_path, version_value)
-from .logger import apply_records, first_record
-from .tree import Tree, actual, res_dir
+from .writer import apply_records, first_record
+from ..tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.replayer")
 

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from . import nbd
+from . import protocol as nbd
 
 log = logging.getLogger("mars.nbd")
 

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import logformat as lf
-from .device import DataDevice
-from .logfiles import LogPos, VersionHasher, log_name, version_path, version_value
-from .tree import Tree
+from . import format as lf
+from ..device import DataDevice
+from .files import LogPos, VersionHasher, log_name, version_path, version_value
+from ..tree import Tree
 
 log = logging.getLogger("mars.logger")
 

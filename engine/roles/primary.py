@@ -16,14 +16,14 @@ import errno
 import logging
 from concurrent.futures import Executor
 
-from . import logformat as lf
-from . import nbd
-from .device import DataDevice
-from .logfiles import LogPos, ReplayLink, list_logs, log_name, replay_path
-from .logger import Logger, LogWriteError
-from .nbdserver import NbdSession
-from .recovery import recover
-from .tree import Tree, actual, res_dir
+from ..log import format as lf
+from ..nbd import protocol as nbd
+from ..device import DataDevice
+from ..log.files import LogPos, ReplayLink, list_logs, log_name, replay_path
+from ..log.writer import Logger, LogWriteError
+from ..nbd.server import NbdSession
+from ..log.recovery import recover
+from ..tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.resource")
 

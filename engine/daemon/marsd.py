@@ -18,22 +18,22 @@ import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import __version__
-from . import peer as P
+from ... import __version__
+from ..peer import protocol as P
 from .bus import Bus
 from .control import ControlServer
-from .credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
-from .errors import MarsError
-from .marsadm.base import parse_size
-from .logfiles import list_logs, log_name, read_replay
-from .nbdserver import NbdSession
-from .peerlink import DEFAULT_PORT, PeerClient, PeerError, PeerServer
-from .peerservices import PeerServices
-from .secondary import SecondaryRuntime
-from .recovery import LogDamage
-from .resource import ResourceRuntime
-from .tree import Tree, actual, check_name, mars_dir_from, node_actual, res_dir, todo
-from .trigger import TRIGGER_NAME, take_lock
+from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
+from ..errors import MarsError
+from ..marsadm.base import parse_size
+from ..log.files import list_logs, log_name, read_replay
+from ..nbd.server import NbdSession
+from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer
+from ..peer.services import PeerServices
+from ..roles.secondary import SecondaryRuntime
+from ..log.recovery import LogDamage
+from ..roles.primary import ResourceRuntime
+from ..tree import Tree, actual, check_name, mars_dir_from, node_actual, res_dir, todo
+from ..trigger import TRIGGER_NAME, take_lock
 
 log = logging.getLogger("mars.marsd")
 

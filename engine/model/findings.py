@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .model import ALMOST_EMPTY, Snapshot
+from .snapshot import ALMOST_EMPTY, Snapshot
 
 __all__ = ["Finding", "CODES", "LEVELS", "findings", "worst", "human_bytes", "human_seconds"]
 

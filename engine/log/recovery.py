@@ -17,13 +17,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-from . import logformat as lf
-from .device import DataDevice
-from .errors import MarsError
-from .logfiles import (LogFile, ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path,
+from . import format as lf
+from ..device import DataDevice
+from ..errors import MarsError
+from .files import (LogFile, ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path,
                        version_digest, version_path, version_value)
-from .logger import LogState, apply_record, first_record
-from .tree import Tree
+from .writer import LogState, apply_record, first_record
+from ..tree import Tree
 
 log = logging.getLogger("mars.recovery")
 

@@ -1,0 +1,1 @@
+"""marsd: the reconcile loop, the event bus and the control socket's server."""
