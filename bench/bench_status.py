@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_write import machine_facts  # noqa: E402
 
-from mars.engine.model import snapshot as model  # noqa: E402
+from mars.engine import model  # noqa: E402
 from mars.engine.tree import Tree  # noqa: E402
 
 GOAL_MS = 100.0

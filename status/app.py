@@ -51,9 +51,8 @@ from textual.scrollbar import ScrollBarRender
 from textual.strip import Strip
 from textual.widgets import Footer, Header, Input, Static
 
-from ..engine.daemon import control as control
-from ..engine.model.findings import LEVELS, Finding, findings, worst
-from ..engine.model.snapshot import Snapshot
+from ..engine import model
+from ..engine.model import LEVELS, Finding, Snapshot, findings, worst
 from .render import STYLES, VIEWS, Line, Options, Span, check, relevant, render
 
 __all__ = ["MarsStatusApp", "SnapshotSource", "wrap_lines"]
@@ -425,7 +424,7 @@ class MarsStatusApp(App[None]):
 
     def _live(self) -> tuple[Snapshot, bool]:
         """This host's snapshot: the tree, with marsd's debug lines when it answers."""
-        return control.live_snapshot(self.mars_dir, self.host, window_s=self.window_s)
+        return model.read_snapshot(self.mars_dir, self.host, window_s=self.window_s)
 
     def _mounted(self) -> bool:
         """Whether the screen with the status view is up: a tick or a finished refresh can land
@@ -470,7 +469,7 @@ class MarsStatusApp(App[None]):
         """In a daemon thread: poke a refresh on every finding or state event; reconnect quietly."""
         while not self._stop.is_set():
             try:
-                for ev in control.stream_events(self.mars_dir):
+                for ev in model.stream_events(self.mars_dir):
                     if self._stop.is_set():
                         return
                     kind = ev.get("kind")

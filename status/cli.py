@@ -13,8 +13,7 @@ Three ways to run, one rendering (:mod:`.render`):
 
 * ``--check``: only the one-line verdict, then exit with its code;
 * not a terminal, or ``--once``: the whole display as plain text, once, exit code as above;
-* a terminal: the Textual app, refreshed every ``--interval`` seconds (plain text, once, when the
-  app is not installed).
+* a terminal: the Textual app, refreshed every ``--interval`` seconds.
 
 Only :func:`main` prints errors and chooses exit codes; it never shows a traceback for an
 operator's or the environment's failure.
@@ -29,10 +28,8 @@ import sys
 from pathlib import Path
 
 from .. import __version__
-from ..engine.model import snapshot as model
-from ..engine.errors import MarsError, UsageError
-from ..engine.model.findings import Finding, findings
-from ..engine.tree import Tree, check_name, mars_dir_from, require_cluster
+from ..engine import model
+from ..engine.model import Finding, MarsError, UsageError, check_name, findings, mars_dir_from
 from .render import VIEWS, Options, check, plain, relevant, render
 
 EXIT_UNKNOWN = 3
@@ -84,46 +81,10 @@ def options_from(args: argparse.Namespace, width: int = 100) -> Options:
                    ascii=args.ascii, width=width)
 
 
-def readable_tree(mars_dir: Path, host: str) -> None:
-    """Raise MarsError unless ``mars_dir`` holds a cluster this user may read."""
-    if not mars_dir.exists():
-        raise MarsError(f"{mars_dir} does not exist",
-                        f"give the state tree with --mars-dir (or MARS_DIR), or create a cluster: "
-                        f"'marsadm --mars-dir {mars_dir} create-cluster'")
-    if not mars_dir.is_dir():
-        raise MarsError(f"{mars_dir} is not a directory", "give the state tree with --mars-dir (or MARS_DIR)")
-    if not os.access(mars_dir, os.R_OK | os.X_OK):
-        raise MarsError(f"{mars_dir}: permission denied", "the state tree is for root only; run mars-status as root")
-    require_cluster(Tree(mars_dir, host))
+def _run_app(mars_dir: Path, host: str, opts: Options, interval: float, window_s: float | None) -> int:
+    """The Textual app on a terminal (imported here: ``--check`` and plain text need no Textual)."""
+    from .app import MarsStatusApp
 
-
-def snapshot(mars_dir: Path, host: str, window_s: float | None) -> model.Snapshot:
-    """The snapshot to show: the local tree, with marsd's debug lines when it answers.
-
-    Raises MarsError when the state cannot be read; any OSError underneath becomes one too.
-    """
-    from ..engine.daemon.control import live_snapshot
-
-    readable_tree(mars_dir, host)
-    try:
-        snap, _answered = live_snapshot(mars_dir, host, window_s=window_s)
-    except OSError as e:
-        raise MarsError(f"{mars_dir}: cannot read the state tree: {e.strerror or e}",
-                        "check the path and its permissions (run as root)") from None
-    return snap
-
-
-def _unknown_resource(snap: model.Snapshot, name: str) -> MarsError:
-    known = ", ".join(sorted(snap.resources)) or "none"
-    return MarsError(f"resource {name} does not exist", f"the resources are: {known}")
-
-
-def _run_app(mars_dir: Path, host: str, opts: Options, interval: float, window_s: float | None) -> int | None:
-    """The Textual app on a terminal; None when it is not installed (the caller prints plain text)."""
-    try:
-        from .app import MarsStatusApp
-    except ImportError:
-        return None
     app = MarsStatusApp(mars_dir, host, options=opts, interval=interval, window_s=window_s)
     app.run()
     code = getattr(app, "return_code", 0)
@@ -140,14 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         mars_dir = mars_dir_from(args.mars_dir)
         tty = sys.stdout.isatty()
         # Read once before anything else: an unreadable state is UNKNOWN on a terminal too.
-        snap = snapshot(mars_dir, host, args.window)
-        if args.resource is not None and args.resource not in snap.resources:
-            raise _unknown_resource(snap, args.resource)
+        snap, _answered = model.read_snapshot(mars_dir, host, args.window)
+        if args.resource is not None:
+            snap.require_resource(args.resource)
         if tty and not (args.once or args.check):
             width = shutil.get_terminal_size((100, 24)).columns
-            code = _run_app(mars_dir, host, options_from(args, width), args.interval, args.window)
-            if code is not None:
-                return code
+            return _run_app(mars_dir, host, options_from(args, width), args.interval, args.window)
         fs: list[Finding] = relevant(findings(snap), args.resource)
         code, line = check(snap, fs)
         if args.check:
@@ -170,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-__all__ = ["EXIT_UNKNOWN", "build_parser", "main", "options_from", "readable_tree", "snapshot"]
+__all__ = ["EXIT_UNKNOWN", "build_parser", "main", "options_from"]

@@ -26,22 +26,21 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .. import __version__
-from ..engine.model.findings import (
+from ..engine.model import (
     DEFAULT_PEER_PORT,
     LEVELS,
     Finding,
-    human_bytes,
-    human_seconds,
-    worst,
-)
-from ..engine.log.files import ReplayLink, parse_log_name
-from ..engine.marsadm.view import Member
-from ..engine.model.snapshot import (
     LogFileStatus,
+    Member,
     NodeResource,
     Progress,
+    ReplayLink,
     ResourceStatus,
     Snapshot,
+    human_bytes,
+    human_seconds,
+    parse_log_name,
+    worst,
 )
 
 __all__ = [
@@ -362,8 +361,7 @@ def _resource_block(snap: Snapshot, r: ResourceStatus, fs: list[Finding]) -> lis
 
 
 def _unknown_resource(snap: Snapshot, name: str) -> Line:
-    known = ", ".join(sorted(snap.resources)) or "none"
-    return (Span(f"-> resource {name} does not exist; the resources are: {known}", "todo"),)
+    return (Span(f"-> {snap.unknown_resource(name)}", "todo"),)
 
 
 # --- --system ------------------------------------------------------------------------------------

@@ -20,11 +20,10 @@ import pytest
 
 from harness import Node, caught_up, run, start_pair, wait_until
 
-from mars.engine.model import snapshot as model
+from mars.engine import model
 from mars.engine.daemon.bus import Bus
-from mars.engine.daemon.control import (CONTROL_NAME, finding_changes, live_snapshot, request_snapshot, state_changes,
-                                 stream_events)
-from mars.engine.errors import MarsError
+from mars.engine.daemon.control import finding_changes, state_changes
+from mars.engine.model import CONTROL_NAME, MarsError, live_snapshot, request_snapshot, stream_events
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 CONNECT_AS_NOBODY = """
@@ -140,7 +139,7 @@ def test_only_root_may_read(node):
     # The tree is 0700: nobody cannot even reach the socket.
     assert as_nobody(sys.executable, "-c", CONNECT_AS_NOBODY, path) == "EACCES"
     # The tool's helper says so with a remedy instead of claiming marsd is down.
-    out = as_nobody(sys.executable, "-c", "import sys\nfrom mars.engine.daemon.control import request_snapshot\n"
+    out = as_nobody(sys.executable, "-c", "import sys\nfrom mars.engine.model import request_snapshot\n"
                     "from mars.engine.errors import MarsError\n"
                     "try:\n    request_snapshot(sys.argv[1])\nexcept MarsError as e:\n    print(e)\n",
                     str(node.mars_dir))

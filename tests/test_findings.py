@@ -17,8 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mars.engine.model.findings import CODES, LEVELS, Finding, findings, human_bytes, human_seconds, worst
-from mars.engine.model.snapshot import (
+from mars.engine.model import (
+    CODES,
+    LEVELS,
+    Finding,
+    findings,
+    human_bytes,
+    human_seconds,
+    worst,
     Actual,
     Message,
     NodeResource,
@@ -604,6 +610,6 @@ def test_several_split_logs_in_one_finding():
 
 
 def test_a_snapshot_built_from_an_empty_tree(tmp_path):
-    from mars.engine.model.snapshot import build
+    from mars.engine.model import build
     fs = findings(build(tmp_path, "a", now_s=1_700_000_000.0))
     assert keys(fs) == {("TODO", "MARSD_DOWN", None, "a")}

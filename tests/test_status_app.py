@@ -25,7 +25,7 @@ import pytest
 
 from harness import Node, run, wait_until
 
-from mars.engine.model import snapshot as model
+from mars.engine import model
 from mars.engine.tree import Tree
 from mars.status.app import MarsStatusApp, StatusView, wrap_lines
 from mars.status.render import Options, Span

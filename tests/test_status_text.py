@@ -16,8 +16,7 @@ import time
 
 import pytest
 from harness import BIN, Node, caught_up, run, wait_until, write
-from mars.engine.model.findings import findings
-from mars.engine.model.snapshot import build
+from mars.engine.model import build, findings
 from mars.engine.tree import Tree
 from mars.engine.trigger import take_lock
 from mars.status.render import STYLES, VIEWS, Options, Span, bar, check, plain, render

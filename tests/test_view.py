@@ -258,9 +258,8 @@ def test_marsd_down_is_said_once_and_the_view_still_prints(tmp_path, capsys):
 
 
 def test_marsd_answering_means_no_notice(tree, capsys, monkeypatch):
-    from mars.engine.daemon import control
-    from mars.engine.model import snapshot as model
-    monkeypatch.setattr(control, "live_snapshot", lambda d, h, **kw: (model.build(d, h), True))
+    from mars.engine import model
+    monkeypatch.setattr(model, "live_snapshot", lambda d, h, **kw: (model.build(d, h), True))
     code, out, err = tree.run(capsys, "a", "view")
     assert code == 0 and err == ""
 

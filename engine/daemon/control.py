@@ -1,4 +1,5 @@
-"""The control socket: marsd's status, live, for local tools (marsadm view, mars-status, exporters).
+"""The control socket's server: marsd's status, live, for local tools (marsadm view, mars-status,
+exporters; their half is :mod:`mars.engine.model.client`).
 
 ``<mars-dir>/control.sock`` is a unix stream socket, mode 0600 inside the 0700 tree: status can
 name devices, hosts and errors, so only root (the tree's owner) may read it. It is read-only;
@@ -26,7 +27,6 @@ tree scan.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import math
@@ -34,19 +34,18 @@ import os
 import select
 import socket
 import struct
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 from ..model import snapshot as model
+from ..model.client import CONTROL_NAME
+from ..model.findings import findings
 from .bus import Bus, Subscription
-from ..errors import MarsError
 
 log = logging.getLogger("mars.control")
 
-CONTROL_NAME = "control.sock"
 REQUEST_LIMIT = 64 << 10  # bytes in one request line
 REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request line
 DRAIN_TIMEOUT = 5.0  # seconds a reader may leave a full buffer unread before it is dropped
@@ -59,15 +58,6 @@ StateKey = tuple[str | None, str, str]  # (resource or None for the node itself,
 
 
 # --- what changed between two rounds (pure) -----------------------------------------------------
-
-def finding_dict(f: Any) -> dict[str, Any]:
-    """A finding as plain JSON types, whatever its Python type."""
-    if hasattr(f, "to_json"):
-        return dict(f.to_json())
-    if dataclasses.is_dataclass(f):
-        return dataclasses.asdict(f)
-    return dict(f)
-
 
 def finding_key(f: dict[str, Any]) -> tuple[Any, Any, Any]:
     """A finding's identity across rounds: its text may change (a percentage), its key does not."""
@@ -106,15 +96,6 @@ def state_changes(old: dict[StateKey, Any], new: dict[StateKey, Any]) -> list[di
     keys = sorted(old.keys() | new.keys(), key=lambda k: (k[0] or "", k[1], k[2]))
     return [{"res": k[0], "node": k[1], "field": k[2], "old": old.get(k), "new": new.get(k)}
             for k in keys if old.get(k) != new.get(k)]
-
-
-def _findings(snap: model.Snapshot) -> list[dict[str, Any]]:
-    """The findings of ``snap``; none while the findings module is not there (imported late on purpose)."""
-    try:
-        from ..model.findings import findings
-    except ImportError:
-        return []
-    return [finding_dict(f) for f in findings(snap)]
 
 
 def _encode(obj: Any) -> bytes:
@@ -163,7 +144,7 @@ class ControlServer:
     def _build(self) -> tuple[model.Snapshot, list[dict], str, str]:
         """Disk-bound (one pass over the tree) and JSON-heavy: runs in the executor."""
         snap = model.build(self.mars_dir, self.host, debug_lines=self.bus.recent_lines())
-        found = _findings(snap)
+        found = [f.to_json() for f in findings(snap)]
         return snap, found, json.dumps(snap.to_json(), separators=(",", ":"), default=str), \
             json.dumps(found, separators=(",", ":"), default=str)
 
@@ -386,93 +367,3 @@ def _hung_up(sock: socket.socket | None) -> bool:
     p = select.poll()
     p.register(sock.fileno(), select.POLLIN)
     return any(ev & select.POLLHUP for _, ev in p.poll(0))
-
-
-# --- clients (blocking, for marsadm, mars-status and the exporters) ----------------------------
-
-def control_path(mars_dir: str | os.PathLike[str]) -> Path:
-    return Path(mars_dir) / CONTROL_NAME
-
-
-def _connect(mars_dir: str | os.PathLike[str], timeout: float | None) -> socket.socket:
-    """A connection to marsd's control socket; PermissionError becomes a MarsError with the remedy."""
-    path = control_path(mars_dir)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(str(path))
-    except PermissionError:
-        s.close()
-        raise MarsError(f"{path}: permission denied", "marsd's status is for root only; run the tool as root") from None
-    except BaseException:
-        s.close()
-        raise
-    return s
-
-
-def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0) -> dict[str, Any] | None:
-    """marsd's latest snapshot reply, or None when marsd does not answer (not running, no socket,
-    refused, no reply within ``timeout`` seconds, or a reply that is not one).
-
-    A tool then shows what the tree knows and says marsd is down; only "permission denied" raises
-    (MarsError), because then the tree is not readable either and the remedy is to be root.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        with _connect(mars_dir, timeout) as s:
-            s.sendall(b'{"cmd":"snapshot"}\n')
-            data = _read_to_eof(s, deadline)
-    except (OSError, TimeoutError):
-        return None
-    try:
-        reply = json.loads(data.split(b"\n", 1)[0])
-    except ValueError:
-        return None
-    return reply if isinstance(reply, dict) and "snapshot" in reply else None
-
-
-def _read_to_eof(s: socket.socket, deadline: float) -> bytes:
-    chunks = []
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("marsd did not finish its reply in time")
-        s.settimeout(remaining)
-        chunk = s.recv(1 << 20)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
-def stream_events(mars_dir: str | os.PathLike[str], timeout: float | None = None) -> Iterator[dict[str, Any]]:
-    """The snapshot line, then every event marsd publishes, as dicts, until marsd closes the stream.
-
-    ``timeout`` bounds each wait for a line (TimeoutError ends the stream; None waits forever).
-    A ``{"kind": "lagged"}`` item means marsd dropped this reader; reconnect to resume. Raises
-    MarsError when marsd's control socket does not answer at all.
-    """
-    try:
-        s = _connect(mars_dir, timeout)
-    except OSError as e:
-        raise MarsError(f"marsd does not answer on {control_path(mars_dir)}: {e.strerror or e}",
-                        "start marsd (the tree can still be read without it)") from None
-    with s, s.makefile("rb") as f:
-        s.sendall(b'{"cmd":"events"}\n')
-        for line in f:
-            yield json.loads(line)
-
-
-def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 2.0,
-                  window_s: float | None = None) -> tuple[model.Snapshot, bool]:
-    """The snapshot a tool shows: built from the local tree, with marsd's debug lines when it answers.
-
-    The bool says whether this host's marsd answered, so a tool can say "marsd is down; showing
-    what the tree knows". A marsd that answers for another host (``--host <dead>`` on a survivor)
-    does not count: its lines are not that host's.
-    """
-    reply = request_snapshot(mars_dir, timeout)
-    snap_json = reply.get("snapshot") if reply else None
-    answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
-    lines = list(snap_json.get("debug_lines") or []) if answered else []
-    window = model.ALIVE_WINDOW_S if window_s is None else window_s
-    return model.build(mars_dir, host, window_s=window, debug_lines=lines), answered

@@ -24,7 +24,7 @@ from .bus import Bus
 from .control import ControlServer
 from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from ..errors import MarsError
-from ..marsadm.base import parse_size
+from ..model.units import parse_size
 from ..log.files import list_logs, log_name, read_replay
 from ..nbd.server import NbdSession
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer

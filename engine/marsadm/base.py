@@ -8,7 +8,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from ... import __version__
 from ..errors import MarsError, UsageError
@@ -211,30 +210,6 @@ class Ctx:
         return self.actual("msg-err-attach")
 
 
-def parse_size(text: str) -> int:
-    """Bytes from ``123``, ``4k``/``4K``/``4KiB``, ``1G``/``1GiB``, ``2T`` (binary multiples)."""
-    t = text.strip()
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-    low = t.lower().removesuffix("ib").removesuffix("b")
-    num, unit = low, ""
-    if low and low[-1] in "kmgtp":
-        num, unit = low[:-1], low[-1]
-    try:
-        value = int(num) * units[unit]
-    except (ValueError, KeyError):
-        raise UsageError(f"size {text!r} is not a size", "give bytes or a number with K, M, G, T (binary multiples)") from None
-    if value <= 0:
-        raise UsageError(f"size {text!r} must be positive", "give a size above 0")
-    return value
-
-
-def fmt_bytes(n: int) -> str:
-    for unit, div in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
-
-
 RES_ARG = ("resource", {"help": "resource name, comma-separated names, or 'all'"})
 
-__all__ = ["command", "Ctx", "COMMANDS", "parse_size", "fmt_bytes", "RES_ARG", "Path"]
+__all__ = ["command", "Ctx", "COMMANDS", "RES_ARG"]

@@ -11,7 +11,8 @@ from ..log.format import scan_file
 from ..log.writer import first_record
 from ..tree import actual, res_dir
 from ..log.files import deletable_logs, ReplayLink
-from .base import RES_ARG, Ctx, command, fmt_bytes
+from ..model.units import human_bytes
+from .base import RES_ARG, Ctx, command
 from .switches import _attached
 
 
@@ -31,7 +32,7 @@ def log_rotate(ctx: Ctx) -> None:
     nxt = cur.seq + 1
     (tree.root / res_dir(ctx.res) / log_name(nxt, ctx.host)).touch(mode=0o600)
     tree.set(f"{res_dir(ctx.res)}/maxnr", nxt)
-    ctx.say(f"{ctx.res}: rotating {cur.name} ({fmt_bytes(cur.size())}) -> {log_name(nxt, ctx.host)}")
+    ctx.say(f"{ctx.res}: rotating {cur.name} ({human_bytes(cur.size())}) -> {log_name(nxt, ctx.host)}")
     if _attached(ctx):
         ctx.wait(f"switch {ctx.res} to {log_name(nxt, ctx.host)}",
                  lambda: tree.get(version_path(ctx.res, cur.seq, ctx.host)) is not None)
@@ -58,7 +59,7 @@ def _delete(ctx: Ctx, only_oldest: bool) -> None:
     if below > tree.get_int(f"{res_dir(ctx.res)}/logs-deleted-below"):
         tree.set(f"{res_dir(ctx.res)}/logs-deleted-below", below)
     ctx.poke()
-    ctx.say(f"{ctx.res}: {len(files)} log file(s) deleted, {fmt_bytes(total)} freed")
+    ctx.say(f"{ctx.res}: {len(files)} log file(s) deleted, {human_bytes(total)} freed")
 
 
 @command("log-delete", "delete the log files every member has replayed", RES_ARG, per_resource=True)
@@ -100,7 +101,7 @@ def log_truncate(ctx: Ctx) -> None:
     later = [g for g in logs if g.seq > f.seq]
     lost = f.size() - r.end + sum(g.size() for g in later)
     if not ctx.force:
-        raise ctx.fail(f"{r.error}; cutting there loses {fmt_bytes(lost)} of log after offset {r.end}"
+        raise ctx.fail(f"{r.error}; cutting there loses {human_bytes(lost)} of log after offset {r.end}"
                        + (f" and {len(later)} later log file(s)" if later else ""),
                        "pass --force to cut (the cut-off part is kept in a damaged-* directory)")
     keep = tree.root / res_dir(ctx.res) / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -116,7 +117,7 @@ def log_truncate(ctx: Ctx) -> None:
     if link is not None and link.seq > f.seq:
         tree.set(replay_path(ctx.res, ctx.host), ReplayLink(f.seq, f.origin, r.end, 0))
     tree.delete(actual(ctx.res, ctx.host, "msg-err-attach"))
-    ctx.say(f"{ctx.res}: cut {f.name} at offset {r.end}; {fmt_bytes(lost)} set aside in {keep}")
+    ctx.say(f"{ctx.res}: cut {f.name} at offset {r.end}; {human_bytes(lost)} set aside in {keep}")
     if tree.get(f"{res_dir(ctx.res)}/todo-{ctx.host}/attach") == "1":
         tree.set(f"{res_dir(ctx.res)}/todo-{ctx.host}/attach", 1, restamp=True)
         ctx.wait(f"attach resource {ctx.res}", lambda: _attached(ctx), ctx.attach_error)

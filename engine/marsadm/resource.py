@@ -9,7 +9,8 @@ from pathlib import Path
 from ..device import device_size
 from ..log.files import ReplayLink, list_logs, log_name, replay_path
 from ..tree import DELETED, check_name, require_cluster, res_dir, todo
-from .base import RES_ARG, Ctx, command, fmt_bytes, parse_size
+from ..model.units import human_bytes, parse_size
+from .base import RES_ARG, Ctx, command
 from .switches import SWITCHES, _attached, _refuse_if_open
 
 MIN_SIZE = 64 * 1024
@@ -51,7 +52,7 @@ def create_resource(ctx: Ctx) -> None:
     if size is None:
         size = have // 4096 * 4096
     if size > have:
-        raise ctx.fail(f"device {dev} has {have} B ({fmt_bytes(have)}), less than the size {size} B",
+        raise ctx.fail(f"device {dev} has {have} B ({human_bytes(have)}), less than the size {size} B",
                        "grow the device (for an image: truncate -s) or give a smaller size")
     if size < MIN_SIZE:
         raise ctx.fail(f"size {size} B is below the minimum of {MIN_SIZE} B", "give a larger device or size")
@@ -72,7 +73,7 @@ def create_resource(ctx: Ctx) -> None:
         tree.set(todo(res, ctx.host, s), 1)
     tree.set(f"{d}/primary", ctx.host)
     tree.set(f"{d}/size", size)  # last: a resource exists for readers once it has a size
-    ctx.say(f"created resource {res}: {fmt_bytes(size)} on {dev}{' (new sparse image)' if created else ''}, "
+    ctx.say(f"created resource {res}: {human_bytes(size)} on {dev}{' (new sparse image)' if created else ''}, "
             f"primary {ctx.host}")
     ctx.wait(f"attach resource {res} and serve it", lambda: _attached(ctx), ctx.attach_error)
 
@@ -111,7 +112,7 @@ def delete_resource(ctx: Ctx) -> None:
                 tree.delete(str(p.relative_to(tree.root)), durable=False)
     tree.set(f"{d}/maxnr", tree.get(f"{d}/maxnr") or 0)
     ctx.poke()
-    ctx.say(f"deleted resource {res} ({fmt_bytes(removed)} of log files removed; the data device is untouched)")
+    ctx.say(f"deleted resource {res} ({human_bytes(removed)} of log files removed; the data device is untouched)")
 
 
 @command("join-resource", "become a secondary of a resource: register the data device and start a fast full sync",
@@ -143,7 +144,7 @@ def join_resource(ctx: Ctx) -> None:
         created = True
     have = device_size(dev)
     if have < size and not ctx.force:
-        raise ctx.fail(f"device {dev} has {have} B ({fmt_bytes(have)}), less than the resource's {size} B",
+        raise ctx.fail(f"device {dev} has {have} B ({human_bytes(have)}), less than the resource's {size} B",
                        "give a device at least as large as the resource")
     link = ReplayLink.parse(tree.get(replay_path(res, primary)))
     if link is None:
@@ -157,7 +158,7 @@ def join_resource(ctx: Ctx) -> None:
     for s in SWITCHES:
         tree.set(todo(res, ctx.host, s), 1)
     tree.set(f"{d}/data-{ctx.host}", str(dev))  # last: from now on this host is a member
-    ctx.say(f"joined resource {res} as secondary of {primary}: {fmt_bytes(size)} on {dev}"
+    ctx.say(f"joined resource {res} as secondary of {primary}: {human_bytes(size)} on {dev}"
             f"{' (new sparse image)' if created else ''}; fast full sync starts")
     ctx.wait(f"attach resource {res}", lambda: _attached(ctx), ctx.attach_error)
 

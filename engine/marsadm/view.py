@@ -11,12 +11,11 @@ Three spellings, one source of truth:
   times seconds, and -1 means unknown.
 * ``marsadm view --json [res]`` — for programs: the snapshot plus its findings.
 
-Why nothing here reads the tree: the states below are renderings of :mod:`mars.engine.model`'s
-snapshot, and every verdict (WORK/TODO/HINT) comes from :mod:`mars.engine.findings`, so this
-view, mars-status and the exporters can never disagree. What this module does compute are the
-original's *state names* (§2.2 of the upstream reference: first-match rules over the snapshot's
-switches, actual state and positions) and its *position arithmetic* (§2.3: replay-size is the
-fetch position, work is fetch plus replay), because those are how MARS operators read a node.
+Why nothing here reads the tree or judges: this is a face of :mod:`mars.engine.model`, like
+mars-status and the exporters. The snapshot, the original's state names (the model's
+:class:`~mars.engine.model.Member`) and every verdict (WORK/TODO/HINT) come from there, so
+this view and the other faces can never disagree. What is left here is layout and the macro
+table.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..model import snapshot as model
-from ..errors import MarsError, UsageError
-from ..log.files import ReplayLink, parse_log_name
+from .. import model
+from ..errors import UsageError
+from ..model import Finding, Member, findings, human_bytes, human_seconds
 from ..tree import check_name, require_cluster
 from .base import Ctx, command
 
@@ -41,275 +40,11 @@ BAR_WIDTH = 20
 
 def _snapshot(ctx: Ctx) -> tuple[model.Snapshot, bool]:
     """The snapshot (with marsd's live lines when its control socket answers) and whether it answered."""
-    from ..daemon.control import live_snapshot
     window = getattr(ctx.args, "window", None)
     window_s = model.ALIVE_WINDOW_S if window is None else window
     if window_s <= 0:
         raise UsageError(f"--window {window:g} is not a positive number of seconds", "give e.g. --window 30")
-    return live_snapshot(ctx.tree.root, ctx.host, window_s=window_s)
-
-
-def _findings(snap: model.Snapshot) -> list[Any]:
-    from ..model.findings import findings
-    return list(findings(snap))
-
-
-def _human_bytes(n: float | None) -> str:
-    from ..model.findings import human_bytes
-    return human_bytes(n)
-
-
-def _human_seconds(s: float | None) -> str:
-    from ..model.findings import human_seconds
-    return human_seconds(s)
-
-
-# --- one member of one resource, as the original's macros see it ----------------------------
-
-def _log_end_bytes(r: model.ResourceStatus) -> int:
-    """The primary's log end as an absolute position (every member's fetch target)."""
-    primary = r.nodes.get(r.primary or "")
-    if primary is not None and primary.fetch is not None:
-        return primary.fetch.size_bytes
-    return max((p.size_bytes for n in r.nodes.values() for p in (n.fetch, n.replay) if p is not None), default=0)
-
-
-@dataclass(frozen=True)
-class Member:
-    """One host's part in one resource: positions as the original's macros define them.
-
-    The original's replay target is the *fetch position* (replay-size = fetch-pos), so the replay
-    rest is what is fetched but not yet replayed; the fetch target is the log end; *work* is both
-    (work-rest = log end − replay position). A host that is no member has zeros everywhere.
-    """
-
-    snap: model.Snapshot
-    r: model.ResourceStatus
-    host: str
-
-    @property
-    def n(self) -> model.NodeResource | None:
-        return self.r.nodes.get(self.host)
-
-    @property
-    def node(self) -> model.NodeStatus | None:
-        return self.snap.nodes.get(self.host)
-
-    @property
-    def alive(self) -> bool:
-        return bool(self.node and self.node.alive)
-
-    @property
-    def designated(self) -> bool:
-        return self.r.primary == self.host
-
-    @property
-    def primary_alive(self) -> bool:
-        p = self.snap.nodes.get(self.r.primary or "")
-        return bool(p and p.alive)
-
-    # sync
-    @property
-    def sync_size(self) -> int:
-        return self.r.size_bytes
-
-    @property
-    def sync_pos(self) -> int:
-        return self.n.sync.pos_bytes if self.n else 0
-
-    @property
-    def sync_rate(self) -> float | None:
-        return self.n.sync.rate_bytes_per_s if self.n else None
-
-    # fetch
-    @property
-    def fetch_size(self) -> int:
-        return self.n.fetch.size_bytes if self.n and self.n.fetch else _log_end_bytes(self.r)
-
-    @property
-    def fetch_pos(self) -> int:
-        """What was replayed was fetched (or written here): never below the replay position."""
-        known = self.n.fetch.pos_bytes if self.n and self.n.fetch else 0
-        return max(known, self.replay_pos)
-
-    @property
-    def fetch_rate(self) -> float | None:
-        return self.n.fetch.rate_bytes_per_s if self.n and self.n.fetch else None
-
-    # replay
-    @property
-    def replay_pos(self) -> int:
-        return self.n.replay.pos_bytes if self.n and self.n.replay else 0
-
-    @property
-    def replay_size(self) -> int:
-        return self.fetch_pos
-
-    @property
-    def replay_rate(self) -> float | None:
-        return self.n.replay.rate_bytes_per_s if self.n and self.n.replay else None
-
-    # work = fetch + replay
-    @property
-    def work_pos(self) -> int:
-        return self.replay_pos
-
-    @property
-    def work_size(self) -> int:
-        return max(self.fetch_size, self.replay_pos)
-
-    @property
-    def work_rate(self) -> float | None:
-        rates = [x for x in (self.fetch_rate, self.replay_rate) if x is not None]
-        return max(rates) if rates else None
-
-    def pos(self, what: str) -> int:
-        return getattr(self, f"{what}_pos")
-
-    def size(self, what: str) -> int:
-        return getattr(self, f"{what}_size")
-
-    def progress(self, what: str) -> model.Progress:
-        """The macro's position as the model's Progress: rest, percent and time left computed there."""
-        return model.Progress(self.pos(what), self.size(what), self.rate(what))
-
-    def rest(self, what: str) -> int:
-        return self.progress(what).rest_bytes
-
-    def reached(self, what: str) -> bool:
-        return self.progress(what).reached
-
-    def percent(self, what: str) -> float:
-        return self.progress(what).percent
-
-    def rate(self, what: str) -> float | None:
-        return getattr(self, f"{what}_rate")
-
-    def remain(self, what: str) -> float | None:
-        if what == "work":
-            parts = [self.remain("fetch"), self.remain("replay")]
-            return None if None in parts else sum(parts)  # type: ignore[arg-type]
-        return self.progress(what).remaining_s
-
-    def lognr(self, what: str) -> int | None:
-        """The log file number of the replay or fetch position (the original's replay/fetch-lognr)."""
-        n = self.n
-        if n is None:
-            return None
-        if what == "replay":
-            link = ReplayLink.parse(n.replay_link)
-            return link.seq if link else None
-        if self.designated and n.actual.primary and self.r.log_end:
-            p = parse_log_name(self.r.log_end.split(",")[0])
-        else:
-            p = parse_log_name((n.fetch_pos or "").split(",")[0])
-        return p[0] if p else None
-
-    # the original's complex macros (§2.2), first match wins
-
-    @property
-    def disk_present(self) -> bool:
-        """The data device is there as far as the tree knows: attached now, or its size was reported."""
-        n = self.n
-        return n is not None and (n.actual.attached or n.disk_bytes is not None)
-
-    def diskstate(self) -> str:
-        n = self.n
-        if n is None:
-            return "NotJoined"
-        if not n.switches.attach:
-            return "Detaching" if n.actual.attached else "Detached"
-        if n.replay_stopped:
-            return f"DefectiveLog[{_code_text(n.replay_code)}]"
-        if not n.actual.attached:
-            return "NoAttach"
-        if not n.consistent:
-            if not self.designated:
-                return "InConsistent"
-            return "WriteBack" if n.actual.primary else "Recovery"
-        if not self.reached("work"):
-            if not self.designated:
-                return f"OutDated[{self.outdated_flags()}]"
-            return "WriteBack" if n.actual.primary else "Recovery"
-        p = self.snap.nodes.get(self.r.primary or "")
-        if p is not None and p.emergency:
-            return "EmergencyMode"
-        return "UpToDate"
-
-    def outdated_flags(self) -> str:
-        return ("" if self.reached("fetch") else "F") + ("" if self.reached("replay") else "R")
-
-    def replstate(self) -> str:
-        n = self.n
-        if self.host == self.snap.local_host and not self.snap.marsd_running:
-            return "MarsdNotRunning"  # the original's ModuleNotLoaded
-        if not self.alive:
-            return "UnResponsive"
-        if n is None:
-            return "NotJoined"
-        if not n.switches.attach:
-            return "NotStarted"
-        if self.designated:
-            if self.node is not None and self.node.emergency:
-                return "EmergencyMode"
-            return "Replicating" if n.actual.primary else "NotYetPrimary"
-        if not self.reached("sync"):
-            return "Syncing" if n.switches.sync else "PausedSync"
-        if n.actual.syncing:
-            return "Syncing"
-        if not n.switches.fetch:
-            return "PausedFetch"
-        if not n.switches.replay:
-            return "PausedReplay"
-        if self.r.primary is None:
-            return "NoPrimaryDesignated"
-        if not self.primary_alive:
-            return "PrimaryUnreachable"
-        return "Replaying"
-
-    def flags(self) -> str:
-        """Six characters: disk D/d/-, consistency C/c/-, attach A/a/-, sync S/s/-, fetch F/f/-, replay R/r/-.
-
-        Capitals mean done (device served, consistent, attached, sync/fetch/replay reached),
-        small letters mean switched on but not there yet, ``-`` means off.
-        """
-        n = self.n
-        if n is None:
-            return "------"
-        disk = self.disk_present
-        sw = n.switches
-        return "".join((
-            ("D" if n.actual.primary and n.actual.attached else "d") if disk else "-",
-            "C" if n.consistent else ("c" if disk else "-"),
-            ("A" if sw.attach else "a") if n.actual.attached else ("a" if sw.attach else "-"),
-            "S" if self.reached("sync") else ("s" if sw.sync else "-"),
-            "F" if self.reached("fetch") else ("f" if sw.fetch else "-"),
-            "R" if self.reached("replay") else ("r" if sw.replay else "-"),
-        ))
-
-    def role(self) -> str:
-        n = self.n
-        if n is None:
-            return "None"
-        if self.designated:
-            return "Primary" if n.actual.primary else "NotYetPrimary"
-        return "RemainsPrimary" if n.actual.primary else "Secondary"
-
-    def todo_role(self) -> str:
-        if self.n is None:
-            return "None"
-        return "Primary" if self.designated else "Secondary"
-
-    def primarynode(self) -> str:
-        return self.host if self.designated else (self.r.primary or "(none)")
-
-
-def _code_text(code: str | None) -> str:
-    """``-1,<code>,<offset>`` (a stopped replay) reads ``<code>@<offset>``; other codes as they are."""
-    parts = (code or "").split(",")
-    if len(parts) >= 3:
-        return f"{parts[1]}@{parts[2]}"
-    return parts[-1] if len(parts) == 2 else parts[0]
+    return model.live_snapshot(ctx.tree.root, ctx.host, window_s=window_s)
 
 
 # --- macros ----------------------------------------------------------------------------------
@@ -480,9 +215,9 @@ def _resources(ctx: Ctx, snap: model.Snapshot, spec: str) -> list[str]:
         raise UsageError("no resource given", "name a resource or 'all'")
     for name in names:
         if name not in snap.resources:
-            known = ", ".join(sorted(snap.resources)) or "none"
-            raise MarsError(f"resource {name} does not exist", f"the resources are: {known}",
-                            subject=f"view {name}")
+            e = snap.unknown_resource(name)
+            e.subject = f"view {name}"
+            raise e
     return names
 
 
@@ -498,13 +233,13 @@ def _bar(done: int, mid: int, total: int, width: int = BAR_WIDTH) -> str:
 
 
 def _rate_text(rate: float | None) -> str:
-    return "unknown" if rate is None else f"{_human_bytes(rate)}/s"
+    return "unknown" if rate is None else f"{human_bytes(rate)}/s"
 
 
 def _sync_lines(m: Member) -> list[str]:
-    rem = _human_seconds(m.remain("sync"))
+    rem = human_seconds(m.remain("sync"))
     return [(f"     syncing: {_bar(m.sync_pos, m.sync_pos, m.sync_size)} {m.percent('sync'):6.2f}%  "
-             f"({_human_bytes(m.sync_pos)}/{_human_bytes(m.sync_size)})  rate: {_rate_text(m.sync_rate)}  "
+             f"({human_bytes(m.sync_pos)}/{human_bytes(m.sync_size)})  rate: {_rate_text(m.sync_rate)}  "
              f"remaining: {rem}")]
 
 
@@ -512,12 +247,12 @@ def _repl_lines(m: Member, window_s: float) -> list[str]:
     first, last = m.lognr("replay"), m.lognr("fetch")
     logs = f"  logs: [{first if first is not None else '?'}..{last if last is not None else '?'}]"
     out = [(f"     replaying: {_bar(m.replay_pos, m.fetch_pos, m.fetch_size)} {m.percent('work'):6.2f}%  "
-            f"({_human_bytes(m.replay_pos)}/{_human_bytes(m.fetch_size)}){logs}")]
+            f"({human_bytes(m.replay_pos)}/{human_bytes(m.fetch_size)}){logs}")]
     n = m.n
     for what, age in (("fetch", n.fetch_age_s if n else None), ("replay", n.replay_age_s if n else None)):
-        age_text = f" age: {_human_seconds(age)}" if (m.rest(what) and age is not None and age >= window_s) else ""
-        out.append(f"       > {what}: {_human_bytes(m.rest(what))}{age_text} rate: {_rate_text(m.rate(what))} "
-                   f"remaining: {_human_seconds(m.remain(what))}")
+        age_text = f" age: {human_seconds(age)}" if (m.rest(what) and age is not None and age >= window_s) else ""
+        out.append(f"       > {what}: {human_bytes(m.rest(what))}{age_text} rate: {_rate_text(m.rate(what))} "
+                   f"remaining: {human_seconds(m.remain(what))}")
     return out
 
 
@@ -528,9 +263,9 @@ def _brief(label: str, p: model.Progress | None) -> str:
     if p.reached:
         return f"{label}: done"
     pct = min(p.percent, 99.9)  # never 100 % while bytes are left
-    text = f"{label}: {pct:.1f}% rest {_human_bytes(p.rest_bytes)}"
+    text = f"{label}: {pct:.1f}% rest {human_bytes(p.rest_bytes)}"
     if p.rate_bytes_per_s:
-        text += f" at {_human_bytes(p.rate_bytes_per_s)}/s, {_human_seconds(p.remaining_s)} left"
+        text += f" at {human_bytes(p.rate_bytes_per_s)}/s, {human_seconds(p.remaining_s)} left"
     return text
 
 
@@ -541,7 +276,7 @@ def _node_line(m: Member) -> str:
             f"{_brief('sync', n.sync)}  {_brief('fetch', n.fetch)}  {_brief('replay', n.replay)}")
     if not m.alive:
         age = m.node.seen_age_s if m.node else None
-        line += "  (never reported)" if age is None else f"  (last report {_human_seconds(age)} ago)"
+        line += "  (never reported)" if age is None else f"  (last report {human_seconds(age)} ago)"
     return line
 
 
@@ -550,14 +285,14 @@ def _log_lines(r: model.ResourceStatus) -> list[str]:
     if not r.logs:
         out.append("      none")
     for f in r.logs:
-        here = "not here" if f.local_bytes is None else _human_bytes(f.local_bytes)
+        here = "not here" if f.local_bytes is None else human_bytes(f.local_bytes)
         vers = " ".join(f"{h}={v.digest[:8]}" for h, v in sorted(f.versions.items())) or "no versions yet"
         mark = "  deletable" if f.name in r.deletable_logs else ""
         out.append(f"      {f.name}  {here}  {vers}{mark}")
     return out
 
 
-def render(snap: model.Snapshot, names: list[str], fs: list[Any], verbose: bool = False) -> str:
+def render(snap: model.Snapshot, names: list[str], fs: list[Finding], verbose: bool = False) -> str:
     """The human view of the named resources, then the node-level findings: one pure function."""
     lines: list[str] = []
     host = snap.local_host
@@ -566,7 +301,7 @@ def render(snap: model.Snapshot, names: list[str], fs: list[Any], verbose: bool 
         members = r.members
         alive = sum(1 for h in members if snap.nodes.get(h) and snap.nodes[h].alive)
         peers = f"[{alive}/{len(members)}]"
-        lines.append(f"--------- resource {name} {_human_bytes(r.size_bytes)} {peers}")
+        lines.append(f"--------- resource {name} {human_bytes(r.size_bytes)} {peers}")
         me = Member(snap, r, host)
         if me.n is not None:
             lines.append(f"  {name} {peers} {me.diskstate()} {me.replstate()} {me.flags()} {me.role()} "
@@ -591,17 +326,12 @@ def render(snap: model.Snapshot, names: list[str], fs: list[Any], verbose: bool 
     return "\n".join(lines) + "\n"
 
 
-def _finding_json(f: Any) -> dict[str, Any]:
-    d = {k: getattr(f, k) for k in getattr(f, "__dataclass_fields__", {})}
-    return json.loads(json.dumps(d, default=str))
-
-
-def to_json(snap: model.Snapshot, names: list[str] | None, fs: list[Any]) -> dict[str, Any]:
+def to_json(snap: model.Snapshot, names: list[str] | None, fs: list[Finding]) -> dict[str, Any]:
     doc = snap.to_json()
     if names is not None:
         doc["resources"] = {k: v for k, v in doc["resources"].items() if k in names}
         fs = [f for f in fs if f.res is None or f.res in names]
-    doc["findings"] = [_finding_json(f) for f in fs]
+    doc["findings"] = [f.to_json() for f in fs]
     return doc
 
 
@@ -623,7 +353,7 @@ def view(ctx: Ctx) -> None:
     snap, answered = _snapshot(ctx)
     spec = args.resource or "all"
     names = _resources(ctx, snap, spec)
-    fs = _findings(snap)
+    fs = findings(snap)
     if not answered:
         why = "does not answer" if snap.marsd_running else "is not running"
         ctx.say(f"marsd {why} on host {ctx.host}; showing what the tree knows")

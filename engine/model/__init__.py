@@ -1,1 +1,39 @@
-"""The public status model: the one snapshot, its findings, and what the faces need to show them."""
+"""The public status model: the one snapshot of the cluster, its findings, and what a face needs
+to show them. A face (mars-status, ``marsadm view``, the exporters) imports this package and
+nothing else of the engine; a test over the import graph holds that rule
+(``tests/test_layers.py``).
+
+What is here, by module:
+
+* :mod:`.snapshot` — :func:`build` turns the tree into one typed, frozen :class:`Snapshot`;
+  :meth:`Snapshot.to_json` and :meth:`Snapshot.from_json` are its wire form.
+* :mod:`.findings` — :func:`findings`, the one verdict (WORK / TODO / HINT) on a snapshot.
+* :mod:`.states` — the original's state names (diskstate, replstate, flags, role) of a
+  :class:`Member`.
+* :mod:`.units` — bytes, seconds and percentages as every face prints them; sizes as typed.
+* :mod:`.client` — marsd's control socket, and :func:`read_snapshot`: the snapshot a face shows,
+  also while marsd is down.
+* the typed values of tree entries that the snapshot carries (log positions, versions, replay
+  codes) and the few engine facts a face names (errors, the default port and state tree).
+"""
+
+from ..errors import MarsError, UsageError
+from ..log.files import ReplayLink, parse_log_name
+from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
+from ..tree import DEFAULT_MARS_DIR, check_name, mars_dir_from
+from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
+                     stream_events)
+from .findings import CODES, LEVELS, Finding, findings, worst
+from .snapshot import (ALIVE_WINDOW_S, Actual, LogFileStatus, LogVersion, Message, NodeResource, NodeStatus, Progress,
+                       ResourceStatus, Snapshot, SplitBrain, Switches, Tunable, build)
+from .states import Member, code_text
+from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
+
+__all__ = [
+    "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "LEVELS",
+    "Actual", "Finding", "LogFileStatus", "LogVersion", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
+    "Progress", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable", "UsageError",
+    "build", "check_name", "check_readable", "code_text", "control_path", "figure", "findings", "human_bytes",
+    "human_seconds", "live_snapshot", "mars_dir_from", "parse_log_name", "parse_size", "percent_shown", "read_snapshot",
+    "request_snapshot", "stream_events", "worst",
+]

@@ -27,14 +27,16 @@ Rules of this module:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
 from .snapshot import ALMOST_EMPTY, Snapshot
+from .units import figure as _num
+from .units import human_bytes, human_seconds
 
-__all__ = ["Finding", "CODES", "LEVELS", "findings", "worst", "human_bytes", "human_seconds"]
+__all__ = ["Finding", "CODES", "LEVELS", "findings", "worst"]
 
 LEVELS = ("TODO", "HINT", "WORK")  # severity order: what sorts first is the most urgent
 
@@ -42,7 +44,6 @@ GiB = 1 << 30
 SPACE_LOW_FRACTION = 0.10  # below this share of /mars free (or below SPACE_LOW_BYTES): TODO
 SPACE_LOW_BYTES = 1 * GiB
 SPACE_WARN_FRACTION = 0.20  # below this share free: HINT
-DEFAULT_PEER_PORT = 7777
 
 CODES: dict[str, tuple[str, str]] = {
     # WORK: in progress, finishes by itself.
@@ -103,6 +104,11 @@ class Finding:
             return f"{self.res}@{self.node}" if self.node is not None else self.res
         return f"@{self.node}" if self.node is not None else "cluster"
 
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types: the control socket's, ``marsadm view --json``'s and the exporters' form."""
+        return {"level": self.level, "code": self.code, "res": self.res, "node": self.node, "text": self.text,
+                "remedy": self.remedy}
+
     def line(self) -> str:
         """One line, readable without colour: ``TODO REPLAY_STOPPED r@b: <text>; <remedy>``."""
         head = f"{self.level} {self.code} {self.where}: {self.text}"
@@ -116,51 +122,6 @@ def worst(fs: Iterable[Finding]) -> str | None:
 
 
 # --- figures ---------------------------------------------------------------------------------
-
-def _num(v: Any) -> float | None:
-    """A finite number, or None (bools, None, NaN and other types are not figures)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return v
-
-
-def human_bytes(n: float | None) -> str:
-    """Binary units, one decimal above 1 KiB: ``512 B``, ``1.5 GiB``; ``unknown`` for no figure."""
-    v = _num(n)
-    if v is None:
-        return "unknown"
-    if v < 0:
-        return "-" + human_bytes(-v)
-    if v < 1024:
-        return f"{v:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        v /= 1024
-        if round(v, 1) < 1024:
-            return f"{v:.1f} {unit}"
-    return f"{v:.1f} PiB"
-
-
-def human_seconds(s: float | None) -> str:
-    """``36 s``, ``5 min 3 s``, ``2 h 5 min``, ``3 d 4 h``; ``unknown`` for no figure."""
-    v = _num(s)
-    if v is None:
-        return "unknown"
-    if v < 0:
-        return "-" + human_seconds(-v)
-    t = round(v)
-    if t < 60:
-        return f"{t} s"
-    if t < 3600:
-        m, sec = divmod(t, 60)
-        return f"{m} min {sec} s" if sec else f"{m} min"
-    if t < 86400:
-        h, rest = divmod(t, 3600)
-        m = rest // 60
-        return f"{h} h {m} min" if m else f"{h} h"
-    d, rest = divmod(t, 86400)
-    h = rest // 3600
-    return f"{d} d {h} h" if h else f"{d} d"
-
 
 def _percent(pos: float, size: float, rest: float) -> str:
     """As Progress.percent, but never shows 100.0 % while bytes are left (or 0.0 % with some done)."""

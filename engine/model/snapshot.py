@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ... import __version__
+from ..errors import MarsError
 from ..log.files import ReplayLink, parse_log_name
 from ..trigger import marsd_running
 from ..tree import DELETED, LOCAL_DIRS, NONE
@@ -233,6 +234,17 @@ class Snapshot:
 
     def resource(self, name: str) -> ResourceStatus | None:
         return self.resources.get(name)
+
+    def unknown_resource(self, name: str) -> MarsError:
+        """The error for a resource this snapshot does not have, naming the ones it has."""
+        known = ", ".join(sorted(self.resources)) or "none"
+        return MarsError(f"resource {name} does not exist", f"the resources are: {known}")
+
+    def require_resource(self, name: str) -> ResourceStatus:
+        r = self.resources.get(name)
+        if r is None:
+            raise self.unknown_resource(name)
+        return r
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON types; progress objects with their derived figures (percent, rest, time left)."""
@@ -550,8 +562,3 @@ def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStat
         logs=[logs[k] for k in sorted(logs)], log_end=log_end_v, split_brain=split,
         deletable_logs=deletable, deletable_bytes=deletable_bytes, held_back_by=held,
         logs_deleted_below=e.int(f"{d}/logs-deleted-below", 0) or 0)
-
-
-def as_dict(obj: Any) -> Any:
-    """dataclasses.asdict for any part of the snapshot (tests and debugging)."""
-    return asdict(obj)

@@ -22,7 +22,7 @@ from ..errors import MarsError
 
 log = logging.getLogger("mars.peer")
 
-DEFAULT_PORT = 7777
+DEFAULT_PORT = P.DEFAULT_PORT
 READ_CHUNK = 4 << 20
 CONNECT_TIMEOUT = 5.0
 

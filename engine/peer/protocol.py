@@ -61,6 +61,7 @@ from ..tree import Entry
 
 __all__ = [
     "PROTO_VERSION",
+    "DEFAULT_PORT",
     "MAX_FRAME",
     "MAX_META",
     "MAX_DATA",
@@ -95,6 +96,8 @@ __all__ = [
 ]
 
 PROTO_VERSION = 1
+#: The TCP port of peer links unless ``marsd --port`` says otherwise: the original's 7777.
+DEFAULT_PORT = 7777
 
 #: Largest payload of a LogData or ReadReply, and largest read or fetch one may ask for.
 MAX_DATA = 64 * 2**20
