@@ -1,1 +1,1 @@
-"""mars-status: renders the one status model (built in later issues)."""
+"""mars-status: the Textual TUI, the plain text and the monitor exit codes, all from the one snapshot."""

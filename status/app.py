@@ -3,7 +3,8 @@
 What it shows is exactly :func:`mars.status.render.render`'s lines, the same lines the plain
 output prints; this module adds only the chrome (a header with the options in effect, a summary
 bar with the worst finding level, a footer with the keys) and the loop that keeps it current.
-It judges nothing itself: levels and counts come from :func:`mars.engine.findings.findings`.
+It judges nothing itself: levels and counts come from :func:`mars.engine.model.findings`. Its
+looks are in ``mars_status.tcss``, next to this file.
 
 Why the work happens where it does (STYLE.md §2, after dolphie's worker manager):
 
@@ -18,7 +19,8 @@ Why the work happens where it does (STYLE.md §2, after dolphie's worker manager
 * A failed read is a state, not a crash: the summary says ``MARS UNKNOWN - <why>`` (the
   monitor's wording, :func:`~mars.status.render.check`) and the last good screen stays.
 * Read-only, as the original (seed §4): no key changes MARS state; keys change only what this
-  process shows.
+  process shows. What they change, the options in effect and whether it is paused, are reactives:
+  their watchers keep the subtitle and the screen in step, whoever sets them (a key, a test).
 
 marsd's event stream is followed by a daemon thread of its own, not a Textual worker: workers
 run in the event loop's executor, which ``asyncio.run`` joins at exit, so a read blocked on an
@@ -46,6 +48,7 @@ from textual.cache import LRUCache
 from textual.content import Content
 from textual.geometry import Size
 from textual.message import Message
+from textual.reactive import var
 from textual.scroll_view import ScrollView
 from textual.scrollbar import ScrollBarRender
 from textual.strip import Strip
@@ -155,30 +158,11 @@ class SummaryBar(Static):
     """The verdict in one line, coloured and worded: the worst level, the counts, the top finding.
 
     The words carry the meaning (``TODO 1 / HINT 0 / WORK 2``); the colours, component classes
-    like the body's, only repeat it.
+    like the body's (styled in mars_status.tcss), only repeat it.
     """
 
     COMPONENT_CLASSES: ClassVar[set[str]] = {"summary--badge-todo", "summary--badge-hint", "summary--badge-work", "summary--badge-ok",
                          "summary--badge-unknown", "summary--todo", "summary--hint", "summary--work", "summary--none"}
-
-    DEFAULT_CSS = """
-    SummaryBar {
-        height: 1;
-        padding: 0 1;
-        background: $panel;
-        text-wrap: nowrap;
-        text-overflow: clip;
-    }
-    SummaryBar > .summary--badge-todo { background: $error; color: $text; text-style: bold; }
-    SummaryBar > .summary--badge-hint { background: #c678dd; color: black; text-style: bold; }
-    SummaryBar > .summary--badge-work { background: #56b6c2; color: black; text-style: bold; }
-    SummaryBar > .summary--badge-ok { background: $success; color: black; text-style: bold; }
-    SummaryBar > .summary--badge-unknown { background: $warning; color: black; text-style: bold; }
-    SummaryBar > .summary--todo { color: $text-error; text-style: bold; }
-    SummaryBar > .summary--hint { color: #c678dd; text-style: bold; }
-    SummaryBar > .summary--work { color: #56b6c2; text-style: bold; }
-    SummaryBar > .summary--none { color: $text-muted; }
-    """
 
     def _style(self, name: str) -> Style:
         return self.get_component_rich_style(f"summary--{name}", partial=True)
@@ -209,28 +193,10 @@ class StatusView(ScrollView, can_focus=True):
     """The rendered lines, one row each (Line API): only the rows on screen are ever painted.
 
     A span's style is a meaning (render.STYLES); the colours for the meanings are this widget's
-    component classes, so they live in CSS and follow the theme.
+    component classes, so they live in mars_status.tcss and follow the theme.
     """
 
     COMPONENT_CLASSES: ClassVar[set[str]] = {f"status--{s}" for s in STYLES if s}
-
-    DEFAULT_CSS = """
-    StatusView {
-        height: 1fr;
-        scrollbar-gutter: stable;
-        scrollbar-size-vertical: 1;
-        overflow-x: hidden;
-    }
-    StatusView > .status--head { text-style: bold; }
-    StatusView > .status--ok { color: $text-success; }
-    StatusView > .status--off { color: $text-warning; }
-    StatusView > .status--work { color: #56b6c2; }
-    StatusView > .status--todo { color: $text-error; text-style: bold; }
-    StatusView > .status--hint { color: #c678dd; }
-    StatusView > .status--dim { color: $text-muted; }
-    StatusView > .status--bar { color: $text-primary; }
-    StatusView > .status--value { text-style: bold; }
-    """
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
@@ -273,21 +239,25 @@ class StatusView(ScrollView, can_focus=True):
 # --- the app --------------------------------------------------------------------------------------------
 
 class MarsStatusApp(App[None]):
-    """mars-status: ``MarsStatusApp(mars_dir, host, options, interval, window_s).run()``.
-
-    ``snapshot_source`` replaces the live read (marsd's control socket, else the tree), for
-    tests and recordings: with it the app follows no event stream and needs no marsd.
+    """mars-status live. ``snapshot_source`` replaces the live read (marsd's control socket, else
+    the tree) so that tests and recordings need no marsd: with it the app follows no event stream.
     """
 
     TITLE = "MARS Status"
     ENABLE_COMMAND_PALETTE = False  # a read-only monitor: the keys below are all there is
 
-    CSS = """
-    Screen { layout: vertical; }
-    HeaderTitle { text-overflow: clip; }
-    #filter { dock: bottom; height: 1; border: none; padding: 0 1; margin-bottom: 1; display: none; }
-    #filter.-open { display: block; }
-    """
+    CSS_PATH = "mars_status.tcss"  # next to this module; pyproject ships it as package data
+
+    options: var[Options] = var(Options, init=False)
+    """What is shown. A reactive so that whoever changes it (a key, a test) gets the held snapshot
+    re-rendered, without a read, and the subtitle that names it."""
+
+    paused: var[bool] = var(False, init=False)
+    """Reads stop while set; clearing it reads at once, so the screen is not as old as the pause."""
+
+    tree_only: var[bool] = var(False, init=False)
+    """This host's marsd did not answer the last good live read: the subtitle warns that the
+    screen shows what the tree knows, without marsd's debug lines."""
 
     BINDINGS: ClassVar[list[Binding]] = [
         Binding("d", "default_view", "default"),
@@ -310,12 +280,11 @@ class MarsStatusApp(App[None]):
             raise ValueError(f"refresh interval {interval:g} s is not a positive number of seconds")
         self.mars_dir = Path(mars_dir)
         self.host = host
-        self.options = options or Options()
+        self.set_reactive(MarsStatusApp.options, options or Options())  # no watcher: nothing is up yet
         self.interval = interval
         self.window_s = window_s
         self._source = snapshot_source or self._live
         self._follow = snapshot_source is None
-        self.paused = False
         # What the tests and the bench look at: counters move only forward.
         self.refreshes = 0  # outcomes applied to the screen
         self.ticks = 0  # interval timer firings (also while paused)
@@ -352,6 +321,11 @@ class MarsStatusApp(App[None]):
 
     def on_resize(self) -> None:
         self.request_refresh(fetch=False)  # rows are wrapped for the width
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        """$mars-hint and $mars-work: the two colours mars_status.tcss needs that Textual's themes
+        do not have, defined here once so that a theme can still set its own."""
+        return {**super().get_theme_variable_defaults(), "mars-hint": "#c678dd", "mars-work": "#56b6c2"}
 
     def format_title(self, title: str, sub_title: str) -> Content:
         """As Textual's, with an ASCII dash: the chrome follows --ascii too."""
@@ -450,6 +424,7 @@ class MarsStatusApp(App[None]):
             if o.fetched:
                 self._held = (o.snap, o.answered, o.fs)
                 self.fetch_error = None
+                self.tree_only = self._follow and not o.answered
             self.last = o
             self.query_one(StatusView).show(o.rows)
             if self.fetch_error is not None:
@@ -458,7 +433,6 @@ class MarsStatusApp(App[None]):
                 # The verdict of what is shown: with a resource filter, as 'mars-status --resource'.
                 self.query_one(SummaryBar).show_findings(relevant(list(o.fs), o.opts.resource))
         self.refreshes += 1
-        self._update_subtitle()
         self.ui_ms = (time.perf_counter() - t0) * 1e3
         if self._want or (o.error is None and o.opts != self._render_options()):
             self._launch()
@@ -487,12 +461,28 @@ class MarsStatusApp(App[None]):
         if not self.paused:
             self.request_refresh(fetch=True)
 
+    # -- state: the watchers keep the subtitle and the screen in step with it -----------------------
+
+    def watch_options(self, old: Options, new: Options) -> None:
+        self._update_subtitle()
+        if not self._mounted():
+            return  # set before start-up or during exit: on_mount applies it, or nothing is left to show
+        if new.ascii != old.ascii:
+            self._apply_ascii()
+        self.request_refresh(fetch=False)
+
+    def watch_paused(self, paused: bool) -> None:
+        self._update_subtitle()
+        if not paused and self._mounted():
+            self.request_refresh(fetch=True)
+
+    def watch_tree_only(self) -> None:
+        self._update_subtitle()
+
     # -- keys ------------------------------------------------------------------------------------------
 
     def _set_options(self, **changes: object) -> None:
         self.options = dataclasses.replace(self.options, **changes)
-        self._update_subtitle()
-        self.request_refresh(fetch=False)
 
     def action_default_view(self) -> None:
         self._set_options(views=frozenset())
@@ -514,13 +504,9 @@ class MarsStatusApp(App[None]):
 
     def action_pause(self) -> None:
         self.paused = not self.paused
-        self._update_subtitle()
-        if not self.paused:
-            self.request_refresh(fetch=True)
 
     def action_toggle_ascii(self) -> None:
         self._set_options(ascii=not self.options.ascii)
-        self._apply_ascii()
 
     def action_filter(self) -> None:
         box = self.query_one("#filter", Input)
@@ -566,7 +552,7 @@ class MarsStatusApp(App[None]):
     def _subtitle_parts(self) -> list[str]:
         o = self.options
         parts = [self.host, "paused" if self.paused else f"every {self.interval:g} s"]
-        if self._held is not None and not self._held[1] and self._follow:
+        if self.tree_only:
             parts.append("marsd does not answer: tree only")
         parts.append("views: " + ", ".join(v for v in VIEWS if v in o.views) if o.views else "default view")
         parts.append(f"resource {o.resource}" if o.resource else "all resources")

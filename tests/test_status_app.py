@@ -4,8 +4,10 @@ clusters; SVG snapshots of every view on a fixed tree; a live sync watched in a 
 The snapshots need the same picture on every run, so they use a tree written by hand with fixed
 Lamport stamps and a snapshot built for a fixed clock (the app's ``snapshot_source``); the
 machine-dependent header facts (state tree path, marsd pid, Python version) are pinned too. The
-pilot tests never sleep: they poll the app's state with a deadline, yielding to the app with
-``pilot.pause`` while they wait.
+pilot tests never sleep: a wait for a refresh awaits the refresh worker
+(``workers.wait_for_complete``) and lets the app apply its result (``pilot.pause``); a wait for
+anything else (the cluster, a timer) polls the app's state with a deadline, yielding to the app
+with ``pilot.pause`` in between.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -154,24 +157,49 @@ def fixed_app(root: Path, **opts) -> MarsStatusApp:
     return MarsStatusApp(root, "a", Options(**opts), interval=3600, snapshot_source=fixed_source(root))
 
 
-async def settled(pilot) -> None:
-    """Until the app has shown a refresh and no other is pending or running."""
+async def settled(pilot, timeout: float = 30.0) -> None:
+    """Until the app has shown a refresh and no other is pending or running.
+
+    Each round awaits the refresh worker, then lets the app apply what it posted; applying it may
+    start the one refresh asked for meanwhile (a key, a tick), which the next round awaits.
+    """
     app = pilot.app
-    await until(pilot, lambda: app.refreshes > 0 and app.idle, what="a refresh")
+    deadline = time.monotonic() + timeout
+    while not (app.refreshes > 0 and app.idle):
+        try:
+            await asyncio.wait_for(app.workers.wait_for_complete(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            pass
+        if time.monotonic() > deadline:
+            _timed_out(pilot, timeout, "a refresh")
+        await pilot.pause()
     await pilot.pause()
 
 
+async def refreshed(pilot, cond: Callable[[], object], what: str) -> None:
+    """After a key or a request: once its refresh is on the screen, ``cond`` holds."""
+    await settled(pilot)
+    if not cond():
+        raise AssertionError(f"not shown after the refresh: {what}; summary: "
+                             f"{pilot.app.summary_text!r}\n{pilot.app.screen_text}")
+
+
 async def until(pilot, cond: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> object:
-    """Poll ``cond`` with a deadline, letting the app run in between (no sleep stands in for a state)."""
+    """Poll ``cond`` with a deadline, letting the app run in between (no sleep stands in for a state):
+    for what no worker of the app decides, such as the cluster's state or the interval timer."""
     deadline = time.monotonic() + timeout
     while True:
         v = cond()
         if v:
             return v
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; summary: "
-                                 f"{pilot.app.summary_text!r}\n{pilot.app.screen_text}")
+            _timed_out(pilot, timeout, what)
         await pilot.pause(0.02)
+
+
+def _timed_out(pilot, timeout: float, what: str) -> NoReturn:
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}; summary: "
+                         f"{pilot.app.summary_text!r}\n{pilot.app.screen_text}")
 
 
 # --- snapshots: one picture per view --------------------------------------------------------------
@@ -194,9 +222,8 @@ def test_view_snapshot(view, fixed, snap_compare):
         await settled(pilot)
         if keys:
             await pilot.press(keys)
-            await until(pilot, lambda: pilot.app.last.opts.views == pilot.app.options.views
-                        and pilot.app.last.opts.ascii == pilot.app.options.ascii, what=f"the {view} view")
-            await settled(pilot)
+            await refreshed(pilot, lambda: pilot.app.last.opts.views == pilot.app.options.views
+                            and pilot.app.last.opts.ascii == pilot.app.options.ascii, what=f"the {view} view")
         if view in ("history", "system", "status", "debug"):
             body = pilot.app.query_one(StatusView)
             heading = {"history": "---> History <---", "system": "---> Systemdata <---",
@@ -267,16 +294,16 @@ async def test_a_failing_read_says_unknown_and_recovers(fixed):
         shown = app.screen_text
         fail["on"] = True
         app.request_refresh()
-        await until(pilot, lambda: "UNKNOWN" in app.summary_text, what="the UNKNOWN summary")
+        await refreshed(pilot, lambda: "UNKNOWN" in app.summary_text, what="the UNKNOWN summary")
         assert f"MARS UNKNOWN - {fixed}/resource-data: permission denied; run mars-status as root" \
             in app.summary_text
         assert app.screen_text == shown and app.is_running
         await pilot.press("h")  # re-rendering the last good snapshot keeps saying UNKNOWN
-        await until(pilot, lambda: "---> History <---" in app.screen_text, what="the history view")
+        await refreshed(pilot, lambda: "---> History <---" in app.screen_text, what="the history view")
         assert "UNKNOWN" in app.summary_text
         fail["on"] = False
         app.request_refresh()
-        await until(pilot, lambda: "HINT 2" in app.summary_text, what="the verdict to come back")
+        await refreshed(pilot, lambda: "HINT 2" in app.summary_text, what="the verdict to come back")
 
 
 @pytest.mark.asyncio
@@ -302,8 +329,8 @@ async def test_a_slow_read_does_not_block_the_keys(fixed):
         assert "views: system" in app.sub_title and "paused" in app.sub_title
         assert not app.idle and "Systemdata" not in app.screen_text
         gate.set()
-        await until(pilot, lambda: "---> Systemdata <---" in app.screen_text and app.idle,
-                    what="the system view after the read")
+        await refreshed(pilot, lambda: "---> Systemdata <---" in app.screen_text and app.idle,
+                        what="the system view after the read")
     gate.set()  # also when the test failed: the worker thread must end
 
 
@@ -343,20 +370,20 @@ async def test_keys_switch_views_and_change_nothing(trio):
         assert "default view" in app.sub_title
         for key, heading in HEADINGS.items():
             await pilot.press(key)
-            await until(pilot, lambda h=heading: h in app.screen_text, what=f"{heading} after '{key}'")
+            await refreshed(pilot, lambda h=heading: h in app.screen_text, what=f"{heading} after '{key}'")
         assert app.options.views == {"history", "system", "status", "debug"}
         assert "views: history, system, status, debug" in app.sub_title
         bars = [s.text for line in app.lines for s in line if s.style == "bar"]
         assert bars and all(b_.startswith("[") and "\u2588" in b_ for b_ in bars), bars  # full bars: all synced
         await pilot.press("a")  # ascii: the history tree and the bars without box drawing
-        await until(pilot, lambda: app.last.opts.ascii, what="the ascii rendering")
+        await refreshed(pilot, lambda: app.last.opts.ascii, what="the ascii rendering")
         assert app.screen_text.isascii() and "`-->" in app.screen_text and "[####" in app.screen_text
         assert "ascii" in app.sub_title
         await pilot.press("h")  # a toggle: off again
-        await until(pilot, lambda: HEADINGS["h"] not in app.screen_text, what="history off")
+        await refreshed(pilot, lambda: HEADINGS["h"] not in app.screen_text, what="history off")
         assert HEADINGS["s"] in app.screen_text
         await pilot.press("d")
-        await until(pilot, lambda: not any(h in app.screen_text for h in HEADINGS.values()), what="the default view")
+        await refreshed(pilot, lambda: not any(h in app.screen_text for h in HEADINGS.values()), what="the default view")
         assert app.options.views == frozenset() and "default view" in app.sub_title
     assert desired_state([a, b, c]) == before
 
@@ -373,20 +400,20 @@ async def test_resource_filter(trio):
         shown = []
         for _ in range(3):
             await pilot.press("r")
-            await until(pilot, lambda: app.idle and app.last.opts.resource == app.options.resource,
-                        what="the filtered view")
+            await refreshed(pilot, lambda: app.idle and app.last.opts.resource == app.options.resource,
+                            what="the filtered view")
             shown.append((app.options.resource, "-> check resource r," in app.screen_text,
                           "-> check resource s," in app.screen_text))
         assert shown == [("r", True, False), ("s", False, True), (None, True, True)]
         assert "all resources" in app.sub_title
         await pilot.press("slash", "s", "enter")  # type a name
-        await until(pilot, lambda: app.last.opts.resource == "s" and app.idle, what="the typed filter")
+        await refreshed(pilot, lambda: app.last.opts.resource == "s" and app.idle, what="the typed filter")
         assert "resource s" in app.sub_title and "-> check resource r," not in app.screen_text
         await pilot.press("slash", "n", "o", "p", "e", "enter")  # an unknown name: the screen says so
-        await until(pilot, lambda: "resource nope does not exist" in app.screen_text, what="the unknown name")
+        await refreshed(pilot, lambda: "resource nope does not exist" in app.screen_text, what="the unknown name")
         assert "the resources are: r, s" in app.screen_text
         await pilot.press("slash", "ctrl+u", "enter")  # empty: all again
-        await until(pilot, lambda: app.last.opts.resource is None and app.idle, what="all resources again")
+        await refreshed(pilot, lambda: app.last.opts.resource is None and app.idle, what="all resources again")
 
 
 @pytest.mark.asyncio
@@ -398,7 +425,7 @@ async def test_pause_stops_refreshes(trio):
         assert ("REPLAY_PAUSED", "r", "c") not in codes(app)
         await pilot.press("p")
         assert "paused" in app.sub_title
-        await until(pilot, lambda: app.idle, what="the last refresh to land")
+        await settled(pilot)  # the last refresh lands
         shown, refreshes = app.screen_text, app.refreshes
         await asyncio.to_thread(c.marsadm, "pause-replay", "r")
         await until(pilot, lambda: b.tree_value("resource-r/todo-c/allow-replay") == "0", what="b to learn it")
