@@ -124,13 +124,8 @@ class Tree:
         return e.value
 
     def get_int(self, path: str, default: int = 0) -> int:
-        v = self.get(path)
-        if v is None:
-            return default
-        try:
-            return int(v)
-        except ValueError:
-            return default
+        v = parse_int(self.get(path))
+        return default if v is None else v
 
     def exists(self, path: str) -> bool:
         return self.get(path) is not None
@@ -256,6 +251,16 @@ class Tree:
         """Hosts with a live ``data-<host>`` entry in the resource: its members."""
         d = res_dir(res)
         return sorted(n[len("data-"):] for n in self.names(d) if n.startswith("data-") and self.exists(f"{d}/{n}"))
+
+
+def parse_int(value: str | None) -> int | None:
+    """An integer entry's value; None when there is none or it is not an integer."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def fsync_dir(path: Path) -> None:

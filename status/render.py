@@ -6,12 +6,12 @@ so both are renderings of :func:`render`'s result. A span's style names a meanin
 "ok", "bar"), never a colour; the TUI maps meanings to colours in its stylesheet, and the plain
 text drops them. Every WORK/TODO/HINT line carries its word, so nothing depends on colour.
 
-What this module must not do (DESIGN.md, "One status model, many faces"): read the tree, ask
-marsd, or decide whether something is wrong. Figures come from :mod:`mars.engine.model`'s
-snapshot, every verdict from :mod:`mars.engine.findings`, and the original's state names
-(diskstate, replstate, flags, role) from ``marsadm view``'s :class:`Member`. The only
-judgement here is *where* a finding is shown (which node, which resource) and which findings
-make up the four words of the cluster line.
+What this module must not do (one status model, many faces): read the tree, ask marsd, or
+decide whether something is wrong. It imports :mod:`mars.engine.model` and nothing else of the
+engine: figures come from its snapshot, every verdict from its findings, and the original's
+state names (diskstate, replstate, flags, role) from its :class:`Member`. The only judgement
+here is *where* a finding is shown (which node, which resource) and which findings make up the
+four words of the cluster line.
 
 Layout, after the original's mars-status (the seed's chapter 4.3): header, cluster line,
 ``--system`` block, resources (per node Device/Sync/Fetch/Replay/Actual/Switches and the
@@ -34,12 +34,10 @@ from ..engine.model import (
     Member,
     NodeResource,
     Progress,
-    ReplayLink,
     ResourceStatus,
     Snapshot,
     human_bytes,
     human_seconds,
-    parse_log_name,
     worst,
 )
 
@@ -139,10 +137,7 @@ def _bytes(n: int) -> list[Span]:
 
 def _pct(p: Progress) -> str:
     """Two decimals, never 100.00 % while bytes are left."""
-    pct = p.percent
-    if p.rest_bytes > 0 and pct >= 99.995:
-        pct = 99.99
-    return f"{pct:.2f}%"
+    return f"{p.percent_text(2)}%"
 
 
 def _rate_left(p: Progress, stalled: str = "") -> list[Span]:
@@ -278,25 +273,24 @@ def _sync(snap: Snapshot, n: NodeResource) -> Line:
                  *_rate_left(n.sync, _stalled(snap, n, "sync")))
 
 
-def _log_of(r: ResourceStatus, n: NodeResource) -> str:
+def _log_of(m: Member) -> str:
     """The log file the node fetches into (the primary: the one it writes)."""
-    pos = r.log_end if n.designated_primary and n.actual.primary else n.fetch_pos
-    name = (pos or "").split(",")[0]
-    return name if parse_log_name(name) else "no log file yet"
+    pos = m.fetch_log()
+    return pos.name if pos is not None and pos.origin else "no log file yet"
 
 
 def _lag(seconds: float | None) -> list[Span]:
     return [] if not seconds else [Span(", lag "), _v(human_seconds(seconds))]
 
 
-def _fetch(snap: Snapshot, r: ResourceStatus, n: NodeResource) -> Line:
+def _fetch(snap: Snapshot, m: Member, n: NodeResource) -> Line:
     if n.fetch is None:
         return _line("Fetch   : ", Span("no fetch position yet", "dim"))
     if n.designated_primary:
         state = Span("active", "ok") if n.actual.primary else Span("inactive", "off")
     else:
         state = Span("active", "ok") if n.switches.fetch else Span("paused", "off")
-    return _line("Fetch   : ", *_bytes(n.fetch.pos_bytes), " in ", _v(_log_of(r, n)), " ", state,
+    return _line("Fetch   : ", *_bytes(n.fetch.pos_bytes), " in ", _v(_log_of(m)), " ", state,
                  *_rate_left(n.fetch, _stalled(snap, n, "fetch")), *_lag(n.fetch_lag_s))
 
 
@@ -340,7 +334,7 @@ def _node_block(snap: Snapshot, r: ResourceStatus, host: str, fs: list[Finding])
     ip = f" [{ns.ip}]" if ns is not None and ns.ip else ""
     role = "Primary" if n.designated_primary else "Secondary"
     out = [_line(Span(f"   -> {where} Node ({host}{ip}) as {role}", "head"), ", ", _alive_text(snap, host)),
-           _device(r, n), _sync(snap, n), _fetch(snap, r, n), _replay(snap, n)]
+           _device(r, n), _sync(snap, n), _fetch(snap, m, n), _replay(snap, n)]
     out += [_finding_line(f) for f in fs if f.res == r.name and f.node == host]
     out += [_state(m), _actual(m, n), _switches(n)]
     return out
@@ -379,7 +373,7 @@ def _system_block(snap: Snapshot, opts: Options) -> list[Line]:
                              ", actually ", _v(t.actual_value) if t.actual_value is not None else Span("unknown", "dim")))
         if not ns.tunables:
             out.append(_line("-> ", Span("no tunables reported", "dim")))
-        port = next((t.actual_value for t in ns.tunables if t.name == "port" and t.actual_value), None)
+        port = ns.peer_port
         slip = ["-> "] if h != snap.local_host else ["-> LamportClockDifference ", _v(f"{snap.clock_slip_s:.2f} sec"),
                                                      ", "]
         out.append(_line(*slip, "Mars Port is set to ", _v(port or f"{DEFAULT_PEER_PORT} (default)")))
@@ -480,20 +474,15 @@ class _Tree:
 def _replay_state(r: ResourceStatus, f: LogFileStatus, host: str) -> Span:
     """Replay OK when the node's replay position is past this file (or at its end)."""
     n = r.nodes.get(host)
-    link = ReplayLink.parse(n.replay_link) if n is not None else None
+    link = n.replay_link if n is not None else None
     if link is None:
         return Span("replay unknown", "dim")
-    length = _length(f)
+    length = f.length_bytes
     if link.seq > f.seq or (link.seq == f.seq and length is not None and link.pos >= length):
         return Span("replay OK", "ok")
     if link.seq == f.seq:
         return Span(f"replay at {link.pos} bytes", "work")
     return Span("replay pending", "work")
-
-
-def _length(f: LogFileStatus) -> int | None:
-    ver = f.versions.get(f.origin) or next(iter(f.versions.values()), None)
-    return ver.length_bytes if ver is not None else f.local_bytes
 
 
 def _verify_state(f: LogFileStatus, host: str) -> Span:
@@ -525,7 +514,7 @@ def _history_block(snap: Snapshot, rs: list[ResourceStatus], opts: Options) -> l
 
 
 def _history_file(snap: Snapshot, r: ResourceStatus, f: LogFileStatus, last: bool, d: _Tree) -> list[Line]:
-    length = _length(f)
+    length = f.length_bytes
     head: list[str | Span] = [d.last if last else d.branch, " ", Span(f"Vers.{f.seq:09d}", "head"), " ",
                               d.branch[1:], " "]
     if f.local_bytes is None:

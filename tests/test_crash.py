@@ -43,9 +43,9 @@ import nbd  # python3-libnbd, a real NBD client (Debian package; the Makefile in
 import pytest
 
 from harness import BIN, Node, start_cluster, wait_until
-from mars.engine.log.files import parse_log_name
-from mars.engine.log.format import HEADER_SIZE, Decoded, Kind, LogRecord, encode_record_bytes, scan_file
-from mars.engine.log.writer import first_record
+from mars.engine.log.files import scan_file
+from mars.engine.log.format import HEADER_SIZE, Decoded, Kind, LogRecord, encode_record_bytes
+from mars.engine.log.values import first_record, parse_log_name
 
 SECTOR = 512
 DEV_SIZE = 16 * 2**20

@@ -20,21 +20,25 @@ from hypothesis import strategies as st
 from mars.engine.model import (
     CODES,
     LEVELS,
-    Finding,
-    findings,
-    human_bytes,
-    human_seconds,
-    worst,
     Actual,
+    Finding,
+    LogPos,
+    MarsError,
     Message,
     NodeResource,
     NodeStatus,
     Progress,
+    ReplayCode,
+    ReplayLink,
     ResourceStatus,
     Snapshot,
     SplitBrain,
     Switches,
     Tunable,
+    findings,
+    human_bytes,
+    human_seconds,
+    worst,
 )
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -60,11 +64,11 @@ def healthy() -> Snapshot:
             actual=Actual(attached=True, primary=primary, syncing=False, fetching=not primary,
                           replaying=not primary, open_count=1 if primary else 0),
             sync=Progress(SIZE, SIZE, 0.0), fetch=Progress(LOG_END, LOG_END, 0.0),
-            replay=Progress(LOG_END, LOG_END, 0.0), replay_link="log-000000003-a,1048576,0",
-            fetch_pos=None if primary else "log-000000003-a,1048576", fetch_source=None if primary else "a",
-            replay_code="1", fetch_age_s=1.0, replay_age_s=1.0, fetch_lag_s=0.0, replay_lag_s=0.0, messages=[])
+            replay=Progress(LOG_END, LOG_END, 0.0), replay_link=ReplayLink.parse("log-000000003-a,1048576,0"),
+            fetch_pos=None if primary else LogPos.parse("log-000000003-a,1048576"),
+            fetch_source=None if primary else "a", replay_code=ReplayCode(1), fetch_age_s=1.0, replay_age_s=1.0, fetch_lag_s=0.0, replay_lag_s=0.0, messages=[])
     res = ResourceStatus(name="r", size_bytes=SIZE, primary="a", nodes=members, logs=[],
-                         log_end="log-000000003-a,1048576", split_brain=[], deletable_logs=[], deletable_bytes=0,
+                         log_end=LogPos.parse("log-000000003-a,1048576"), split_brain=[], deletable_logs=[], deletable_bytes=0,
                          held_back_by=[], logs_deleted_below=3)
     return Snapshot(local_host="a", mars_dir="/mars", taken_at_s=1_700_000_000.0, lamport_s=1_700_000_000.0,
                     clock_slip_s=0.0, tool_version="0.1.0", marsd_running=True, marsd_pid=1234,
@@ -72,11 +76,14 @@ def healthy() -> Snapshot:
 
 
 def member(s: Snapshot, h: str, **changes) -> None:
-    """Change fields of r's member h (switches/actual given as dicts of their own fields)."""
+    """Change fields of r's member h (switches/actual given as dicts of their own fields, a
+    replay code as the tree's text)."""
     nr = s.resources["r"].nodes[h]
     for name in ("switches", "actual"):
         if isinstance(changes.get(name), dict):
             changes[name] = dataclasses.replace(getattr(nr, name), **changes[name])
+    if isinstance(changes.get("replay_code"), str):
+        changes["replay_code"] = ReplayCode.parse(changes["replay_code"])
     s.resources["r"].nodes[h] = dataclasses.replace(nr, **changes)
 
 
@@ -88,10 +95,10 @@ def resource(s: Snapshot, **changes) -> None:
     s.resources["r"] = dataclasses.replace(s.resources["r"], **changes)
 
 
-def snap(**changes) -> Callable[[Snapshot], None]:
-    def mutate(s: Snapshot) -> None:
-        for k, v in changes.items():
-            setattr(s, k, v)
+def snap(**changes) -> Callable[[Snapshot], Snapshot]:
+    """A mutator of the snapshot's own fields: snapshots are frozen, so it returns a new one."""
+    def mutate(s: Snapshot) -> Snapshot:
+        return dataclasses.replace(s, **changes)
     return mutate
 
 
@@ -118,7 +125,7 @@ def attach_failed(s: Snapshot) -> None:
 
 class Row(NamedTuple):
     code: str
-    mutate: Callable[[Snapshot], None]
+    mutate: Callable[[Snapshot], Snapshot | None]
     expect: tuple[str, str, str | None, str | None]  # level, code, res, node
     also: frozenset[str] = frozenset()  # other codes this one change must produce, and no more
 
@@ -174,10 +181,16 @@ ROWS = [
 ]
 
 
-def run(mutate: Callable[[Snapshot], None]) -> list[Finding]:
+def run(mutate: Callable[[Snapshot], Snapshot | None]) -> list[Finding]:
+    """The findings of the healthy snapshot after ``mutate`` (which edits its dicts in place, or
+    returns a new snapshot for changes of the frozen snapshot's own fields)."""
     s = healthy()
-    mutate(s)
-    return findings(s)
+    return findings(after(mutate, s))
+
+
+def after(mutate: Callable[[Snapshot], object], s: Snapshot) -> Snapshot:
+    new = mutate(s)
+    return new if isinstance(new, Snapshot) else s
 
 
 def keys(fs: list[Finding]) -> set[tuple[str, str, str | None, str | None]]:
@@ -276,9 +289,9 @@ def test_primary_does_no_fetch_or_replay_work_nor_pause_hints():
 
 def test_marsd_down_covers_the_local_node_only():
     def down(s):
-        s.marsd_running = False
         node(s, "a", alive=False, seen_age_s=90.0)
         node(s, "b", alive=False, seen_age_s=None)
+        return dataclasses.replace(s, marsd_running=False)
     fs = findings(healthy()) + run(down)
     assert keys(fs) == {("TODO", "MARSD_DOWN", None, "a"), ("TODO", "NODE_DOWN", None, "b")}
     f = one(fs, "MARSD_DOWN")
@@ -444,10 +457,11 @@ def test_clock_slip_and_versions_texts():
 
 # --- order, worst, line ----------------------------------------------------------------------
 
-def everything(s: Snapshot) -> None:
+def everything(s: Snapshot) -> Snapshot:
     for r in ROWS:
         if r.code not in ("NO_PRIMARY", "PRIMARY_NOT_MEMBER", "NODE_DOWN", "SPACE_WARN"):
-            r.mutate(s)
+            s = after(r.mutate, s)
+    return s
 
 
 def test_sorted_by_level_then_res_node_code():
@@ -524,69 +538,107 @@ def test_human_seconds(s, text):
     assert human_seconds(s) == text
 
 
-# --- robustness: missing parts never raise ---------------------------------------------------
+# --- robustness: unknown values never raise; ill-typed snapshots cannot reach the rules --------
 
-def test_none_progress_fields_do_not_raise():
+def test_unknown_values_do_not_raise():
+    """Every value the snapshot's types allow to be unknown, unknown at once: fewer findings."""
     def holes(s):
-        member(s, "b", sync=Progress(None, None), fetch=None, replay=None)  # type: ignore[arg-type]
-        member(s, "c", sync=None, fetch=Progress(None, LOG_END),  # type: ignore[arg-type]
-               replay=Progress(3, None, None),  # type: ignore[arg-type]
-               switches=None, actual=None, messages=None, replay_code=None, disk_bytes=None)
-        node(s, "b", rest_space_bytes=None, total_space_bytes=None, seen_age_s=None, version=None,
-             link_errors=None, tunables=None, alive=None)
-        resource(s, split_brain=None, deletable_logs=None, deletable_bytes=None, held_back_by=None, primary=None)
+        member(s, "b", sync=Progress(SIZE, SIZE, math.nan), fetch=None, replay=None, fetch_pos=None,
+               replay_link=None, fetch_source=None, fetch_age_s=None, replay_age_s=None, fetch_lag_s=None,
+               replay_lag_s=None)
+        member(s, "c", replay=Progress(LOG_END, LOG_END, None), replay_code=None, disk_bytes=None)
+        node(s, "b", rest_space_bytes=None, total_space_bytes=None, seen_age_s=None, version=None, ip=None)
+        resource(s, primary=None, log_end=None)
+        return dataclasses.replace(s, clock_slip_s=math.nan, window_s=math.inf)
     fs = run(holes)
     assert {f.code for f in fs} == {"NO_PRIMARY"}  # unknown values trigger nothing
 
 
-def test_a_bare_snapshot_does_not_raise():
-    nothing: dict = dict.fromkeys(["local_host", "mars_dir", "taken_at_s", "lamport_s", "clock_slip_s", "tool_version",
-                                   "marsd_running", "marsd_pid", "cluster_uuid", "window_s", "nodes", "resources"])
-    bare = Snapshot(**nothing)
-    assert findings(bare) == []
-    bare.marsd_running = False
-    assert keys(findings(bare)) == {("TODO", "MARSD_DOWN", None, None)}
-    bare.resources = {"r": None, "s": ResourceStatus("s", None, "a", {"a": None},  # type: ignore[arg-type]
-                                                     *[None] * 7)}
-    bare.nodes = {"a": None}
-    assert {f.code for f in findings(bare)} == {"MARSD_DOWN", "NODE_DOWN"}
+def test_an_empty_snapshot():
+    empty = Snapshot(local_host="", mars_dir="", taken_at_s=0.0, lamport_s=0.0, clock_slip_s=0.0, tool_version="",
+                     marsd_running=True, marsd_pid=None, cluster_uuid=None, window_s=30.0, nodes={}, resources={})
+    assert findings(empty) == []
+    down = dataclasses.replace(empty, marsd_running=False)
+    assert keys(findings(down)) == {("TODO", "MARSD_DOWN", None, None)}
+    lone = ResourceStatus("s", SIZE, "a", {"a": healthy().resources["r"].nodes["a"]}, [], None, [], [], 0, [], 0)
+    assert {f.code for f in findings(dataclasses.replace(down, resources={"s": lone}))} == {"MARSD_DOWN", "NODE_DOWN"}
 
 
-maybe_int = st.one_of(st.none(), st.integers(-(1 << 40), 1 << 44))
-maybe_rate = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
-maybe_bool = st.one_of(st.none(), st.booleans())
-progresses = st.one_of(st.none(), st.builds(Progress, maybe_int, maybe_int, maybe_rate))
+def test_snapshot_json_round_trip():
+    s = healthy()
+    member(s, "c", replay_code="-1,bad-check,4096", messages=[msg("c", "err-replay-stop", "bad check")])
+    doc = s.to_json()
+    assert doc["resources"]["r"]["nodes"]["c"]["replay_code"] == "-1,bad-check,4096"  # the tree's own text
+    assert doc["resources"]["r"]["nodes"]["c"]["role"] == "Secondary"  # derived figures ride along
+    assert Snapshot.from_json(doc) == s
+    assert findings(Snapshot.from_json(doc)) == findings(s)
+
+
+@pytest.mark.parametrize("path, bad", [
+    (("resources", "r", "nodes", "b", "sync"), None),
+    (("resources", "r", "nodes", "b", "sync", "pos_bytes"), None),
+    (("resources", "r", "nodes", "c", "switches"), None),
+    (("resources", "r", "nodes", "c", "actual", "primary"), 1),
+    (("resources", "r", "nodes", "c", "messages"), None),
+    (("resources", "r", "nodes", "c", "replay_code"), "-"),
+    (("resources", "r", "nodes", "c", "replay_link"), "x"),
+    (("nodes", "b", "link_errors"), None),
+    (("nodes", "b", "tunables"), None),
+    (("nodes", "b", "alive"), None),
+    (("resources", "r", "deletable_bytes"), None),
+    (("resources", "r", "split_brain"), None),
+    (("marsd_running",), None),
+    (("nodes",), None),
+])
+def test_ill_typed_snapshots_are_refused_at_the_boundary(path, bad):
+    """What the old defensive getattr layer tolerated can no longer reach the rules: the JSON
+    boundary refuses it, naming the field (build() only makes typed values)."""
+    doc = healthy().to_json()
+    at = doc
+    for k in path[:-1]:
+        at = at[k]
+    at[path[-1]] = bad
+    with pytest.raises(MarsError) as e:
+        Snapshot.from_json(doc)
+    assert ".".join(path) in str(e.value).replace("['", ".").replace("']", "") or path[-1] in str(e.value)
+
+
+ints = st.integers(-(1 << 40), 1 << 44)
+maybe_int = st.one_of(st.none(), ints)
+rates = st.floats(allow_nan=True, allow_infinity=True)
+maybe_rate = st.one_of(st.none(), rates)
+progress = st.builds(Progress, ints, ints, maybe_rate)
+maybe_progress = st.one_of(st.none(), progress)
 messages = st.lists(st.builds(Message, st.sampled_from(HOSTS), st.just("r"), st.sampled_from(["err", "warn"]),
                               st.sampled_from(["err-attach", "warn-fetch", "err-replay-stop", "warn-torn-tail"]),
-                              st.one_of(st.none(), st.text(max_size=20)), st.floats(0, 100)), max_size=3)
+                              st.text(max_size=20), st.floats(0, 100)), max_size=3)
+codes = st.sampled_from([None, ReplayCode(1), ReplayCode(-1), ReplayCode(-1, "bad-check", 12), ReplayCode(-1, None, 7),
+                         ReplayCode(0)])
 
 
 @st.composite
 def snapshots(draw) -> Snapshot:
     s = healthy()
-    s.marsd_running = draw(maybe_bool)
-    s.clock_slip_s = draw(maybe_rate)
-    s.window_s = draw(st.one_of(st.none(), st.floats(0, 100)))
     for h in HOSTS:
         if draw(st.booleans()):
-            node(s, h, alive=draw(maybe_bool), seen_age_s=draw(maybe_rate),
+            node(s, h, alive=draw(st.booleans()), seen_age_s=draw(maybe_rate),
                  version=draw(st.sampled_from([None, "1", "2"])),
-                 rest_space_bytes=draw(maybe_int), total_space_bytes=draw(maybe_int), emergency=draw(maybe_bool),
-                 link_errors=draw(st.one_of(st.none(), st.dictionaries(st.sampled_from(HOSTS), st.text(max_size=8)))))
+                 rest_space_bytes=draw(maybe_int), total_space_bytes=draw(maybe_int), emergency=draw(st.booleans()),
+                 link_errors=draw(st.dictionaries(st.sampled_from(HOSTS), st.text(max_size=8))))
         if draw(st.booleans()):
-            member(s, h, sync=draw(progresses), fetch=draw(progresses), replay=draw(progresses),
-                   switches=draw(st.one_of(st.none(), st.builds(Switches, *[maybe_bool] * 4))),
-                   actual=draw(st.one_of(st.none(), st.builds(Actual, maybe_bool, maybe_bool, maybe_bool, maybe_bool,
-                                                                maybe_bool, st.integers(0, 3)))),
-                   replay_code=draw(st.sampled_from([None, "", "1", "-1", "-1,bad-check,12", "-1,,", "-"])),
-                   messages=draw(messages), disk_bytes=draw(maybe_int), replay_link=draw(st.sampled_from([None, "x"])),
-                   designated_primary=draw(maybe_bool))
-    resource(s, primary=draw(st.sampled_from([None, "", "a", "b", "x"])), size_bytes=draw(maybe_int),
-             split_brain=draw(st.lists(st.builds(SplitBrain, maybe_int, st.dictionaries(
+            member(s, h, sync=draw(progress), fetch=draw(maybe_progress), replay=draw(maybe_progress),
+                   switches=draw(st.builds(Switches, *[st.booleans()] * 4)),
+                   actual=draw(st.builds(Actual, *[st.booleans()] * 5, st.integers(0, 3))),
+                   replay_code=draw(codes), messages=draw(messages), disk_bytes=draw(maybe_int),
+                   replay_link=draw(st.sampled_from([None, ReplayLink(3, "a", 4096)])),
+                   designated_primary=draw(st.booleans()))
+    resource(s, primary=draw(st.sampled_from([None, "a", "b", "x"])), size_bytes=draw(ints),
+             split_brain=draw(st.lists(st.builds(SplitBrain, ints, st.dictionaries(
                  st.sampled_from(HOSTS), st.sampled_from(["a:1", "b:2", "a:log file"]))), max_size=2)),
-             deletable_logs=draw(st.lists(st.text(max_size=5), max_size=3)), deletable_bytes=draw(maybe_int),
+             deletable_logs=draw(st.lists(st.text(max_size=5), max_size=3)), deletable_bytes=draw(ints),
              held_back_by=draw(st.lists(st.sampled_from([*HOSTS, "x"]), max_size=3)))
-    return s
+    return dataclasses.replace(s, marsd_running=draw(st.booleans()), clock_slip_s=draw(rates),
+                               window_s=draw(st.floats(0, 100)))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -7,12 +7,13 @@ import os
 from harness import run, wait_until
 
 from mars.engine.log import format as lf
-from mars.engine.log.writer import first_record
+from mars.engine.log.files import scan_file
+from mars.engine.log.values import first_record
 
 
 def _records(path):
     out = []
-    lf.scan_file(path, 0, first_record(1), out.append)
+    scan_file(path, 0, first_record(1), out.append)
     return out
 
 

@@ -33,13 +33,12 @@ from mars.engine.log.format import (
     LogCorruption,
     LogRecord,
     RecordReader,
-    ScanResult,
     encode_record,
     encode_record_bytes,
     header_check,
     record_size,
-    scan_file,
 )
+from mars.engine.log.files import ScanResult, scan_file
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -28,7 +28,8 @@ import pytest
 
 from harness import Node, run, start_cluster, wait_until
 
-from mars.engine.log.files import list_logs, parse_log_name
+from mars.engine.log.files import list_logs
+from mars.engine.log.values import parse_log_name
 from mars.engine.tree import Tree
 
 MiB = 1 << 20

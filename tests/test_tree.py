@@ -7,8 +7,8 @@ import os
 import pytest
 
 from mars.engine.errors import UsageError
-from mars.engine.log.files import (LogPos, ReplayLink, VersionHasher, deletable_logs, list_logs, log_name,
-                                  parse_log_name, version_value)
+from mars.engine.log.files import VersionHasher, deletable_logs, list_logs
+from mars.engine.log.values import LogPos, ReplayLink, Version, log_name, parse_log_name
 from mars.engine.tree import DELETED, LamportClock, Tree, check_name
 
 
@@ -99,8 +99,8 @@ def test_version_chain_depends_on_the_whole_history():
     assert d1 == digest(zero, [1, 2, 3])
     assert d1 != digest(zero, [1, 2, 4]) and d1 != digest(zero, [1, 3, 2])
     assert digest(d1, [5]) != digest(digest(zero, [1, 2, 4]), [5])  # same last file, different past
-    v1 = version_value(d1, 1, "a", 100, None)
-    v2 = version_value(digest(d1, [5]), 2, "a", 50, v1)
+    v1 = str(Version.of(d1, 1, "a", 100, None))
+    v2 = str(Version.of(digest(d1, [5]), 2, "a", 50, Version.parse(v1)))
     assert v2.split(":")[1] == v1.split(":")[0]
 
 

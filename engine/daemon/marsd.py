@@ -19,55 +19,73 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ... import __version__
-from ..peer import protocol as P
-from .bus import Bus
-from .control import ControlServer
 from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from ..errors import MarsError
+from ..log.files import list_logs, read_replay
+from ..log.recovery import LogDamage
+from ..log.values import ReplayCode
 from ..model.units import parse_size
-from ..log.files import list_logs, log_name, read_replay
-from ..nbd.server import NbdSession
+from ..nbd.server import Export, NbdSession
+from ..peer import protocol as P
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer
 from ..peer.services import PeerServices
+from ..roles.primary import PrimaryRuntime
+from ..roles.runtime import LogPulse, Runtime, RuntimeDeps, Wanted
 from ..roles.secondary import SecondaryRuntime
-from ..log.recovery import LogDamage
-from ..roles.primary import ResourceRuntime
 from ..tree import Tree, actual, check_name, mars_dir_from, node_actual, res_dir, todo
 from ..trigger import TRIGGER_NAME, take_lock
+from .bus import Bus
+from .control import ControlServer
 
 log = logging.getLogger("mars.marsd")
 
 NBD_SOCKET = "nbd.sock"
+#: The runtime for each role a member can have; ``reconcile`` starts the one the tree asks for.
+RUNTIMES: dict[str, type[PrimaryRuntime] | type[SecondaryRuntime]] = {"primary": PrimaryRuntime,
+                                                                      "secondary": SecondaryRuntime}
 
 
 class Daemon:
+    """One host's marsd: the reconcile loop over every resource of the tree, and the sockets.
+
+    It owns the runtimes (one per attached resource, in the role the tree asks for), the peer
+    links, the NBD server and the control socket, and it is the only one that starts or stops a
+    runtime. Everything a runtime or the peer services need from it is passed explicitly
+    (:class:`~mars.engine.roles.runtime.RuntimeDeps`, the services' callbacks).
+    """
+
     def __init__(self, tree: Tree, nbd_listen: list[tuple[str, int]], interval: float,
-                 checkpoint_interval: float, port: int = DEFAULT_PORT, ip: str | None = None) -> None:
+                 checkpoint_interval: float, port: int = DEFAULT_PORT, ip: str | None = None,
+                 logrot_auto: int = 0) -> None:
         self.tree = tree
         self.host = tree.host
         self.port = port
         self.ip = ip or tree.get(f"ips/ip-{tree.host}") or "127.0.0.1"
         self.peer_server: PeerServer | None = None
         self.peer_clients: dict[str, PeerClient] = {}
-        self.services = PeerServices(self)
         self._pulls: dict[str, asyncio.Task[None]] = {}
-        self.logrot_auto = 0
+        self.logrot_auto = logrot_auto
         self.nbd_listen = nbd_listen
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="marsd-io")
-        self.runtimes: dict[str, ResourceRuntime | SecondaryRuntime] = {}
+        self.runtimes: dict[str, Runtime] = {}
+        self.pulses: dict[str, LogPulse] = {}  # per resource; outlives its runtimes (see LogPulse)
         # A resource whose start failed is not retried until its attach entry changes (a new
         # 'marsadm attach/up'): retrying a damaged log every round would only repeat the error.
         self.failed: dict[str, tuple[int, str]] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
+        self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self._wake.set)
         self.bus = Bus()
         self.control = ControlServer(tree.root, self.host, self.bus, self.executor)
 
-    def exports(self) -> dict[str, ResourceRuntime]:
-        return {name: rt for name, rt in self.runtimes.items() if isinstance(rt, ResourceRuntime) and rt.serving}
+    def exports(self) -> dict[str, Export]:
+        return {name: export for name, rt in self.runtimes.items() if (export := rt.export) is not None}
+
+    def log_pulse(self, res: str) -> LogPulse:
+        return self.pulses.setdefault(res, LogPulse())
 
     def hello(self) -> P.Hello:
         return P.Hello(host=self.host, cluster=self.tree.get("uuid") or "", proto=P.PROTO_VERSION,
@@ -123,6 +141,7 @@ class Daemon:
             await c.close()
         for name in list(self.runtimes):
             await self._stop_resource(name)
+        self.services.close()
         self.tree.set(node_actual(self.host, "alive"), 0, durable=False)
         for n in (NBD_SOCKET, TRIGGER_NAME):
             try:
@@ -244,11 +263,9 @@ class Daemon:
             if rt is None:
                 await self._start_resource(res, data, size, role)
                 rt = self.runtimes.get(res)
-            if isinstance(rt, ResourceRuntime):
-                rt.rotate_if_requested(self.logrot_auto)
-            elif isinstance(rt, SecondaryRuntime):
-                sw = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
-                rt.update(sw["sync"], sw["connect"], sw["allow-replay"])
+            if rt is not None:
+                on = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
+                rt.follow(Wanted(sync=on["sync"], fetch=on["connect"], replay=on["allow-replay"]))
         for res in tree.resources():
             if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
@@ -271,19 +288,17 @@ class Daemon:
                     pass
 
     async def _start_resource(self, res: str, data: str, size: int, role: str) -> None:
-        rt: ResourceRuntime | SecondaryRuntime
-        if role == "primary":
-            rt = ResourceRuntime(self.tree, res, data, size, self.executor, self.checkpoint_interval)
-        else:
-            rt = SecondaryRuntime(self.tree, res, data, size, self.executor, self.client_for,
-                                  self.checkpoint_interval, self._may_sync)
+        deps = RuntimeDeps(tree=self.tree, executor=self.executor, log_pulse=self.log_pulse(res),
+                           connect=self.client_for, may_sync=self._may_sync,
+                           checkpoint_interval=self.checkpoint_interval, logrot_auto=self.logrot_auto)
+        rt: Runtime = RUNTIMES[role](deps, res, data, size)
         attach = self.tree.entry(todo(res, self.host, "attach"))
         try:
             await rt.start()
         except MarsError as e:
             stamp = attach.stamp_ns if attach else 0
             self.failed[res] = (stamp, str(e))
-            code = f"-1,{e.damage.code},{e.damage.offset}" if isinstance(e, LogDamage) else "-1"
+            code = ReplayCode.damaged_at(e.damage.code, e.damage.offset) if isinstance(e, LogDamage) else ReplayCode(-1)
             self.tree.set(actual(res, self.host, "replay-code"), code, durable=False)
             self.tree.set(actual(res, self.host, "msg-err-attach"), str(e), durable=False)
             log.error("marsd: %s", e)
@@ -291,7 +306,7 @@ class Daemon:
         self.failed.pop(res, None)
         self.runtimes[res] = rt
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
-        self.tree.set(actual(res, self.host, "replay-code"), 1, durable=False)
+        self.tree.set(actual(res, self.host, "replay-code"), ReplayCode(1), durable=False)
         if role == "primary":
             log.info("resource %s: attached %s, serving NBD export %r", res, data, res)
         else:
@@ -300,7 +315,7 @@ class Daemon:
     def _may_sync(self) -> bool:
         """The host's sync limit (defaults-<host>/sync-limit, 0 = none): how many syncs at once."""
         limit = self.tree.get_int(f"defaults-{self.host}/sync-limit")
-        running = sum(1 for rt in self.runtimes.values() if isinstance(rt, SecondaryRuntime) and rt.running("sync"))
+        running = sum(1 for rt in self.runtimes.values() if rt.syncing)
         return limit <= 0 or running < limit
 
     async def _stop_resource(self, res: str) -> None:
@@ -332,23 +347,19 @@ class Daemon:
             t.set(node_actual(h, f"tunable-{name}"), value, durable=False)
 
     def _publish(self, res: str) -> None:
+        """What this node does with ``res``, for every node: the common entries, then the role's."""
         rt = self.runtimes.get(res)
         t = self.tree
-        primary = isinstance(rt, ResourceRuntime) and rt.serving
-        if isinstance(rt, ResourceRuntime) and rt.logger is not None:
-            acked = rt.logger.acked  # the end of the acknowledged log: what secondaries converge to
-            t.set(actual(res, self.host, "log-pos"), f"{log_name(acked.seq, self.host)},{acked.offset}",
-                  durable=False)
-        t.set(actual(res, self.host, "is-attached"), int(rt is not None and (primary or rt.device is not None)),
-              durable=False)
-        t.set(actual(res, self.host, "is-primary"), int(primary), durable=False)
-        t.set(actual(res, self.host, "if-on"), int(primary), durable=False)
-        t.set(actual(res, self.host, "open-count"), len(rt.sessions) if rt else 0, durable=False)
+        serving = rt is not None and rt.export is not None
+        t.set(actual(res, self.host, "is-attached"), int(rt is not None and rt.device is not None), durable=False)
+        t.set(actual(res, self.host, "is-primary"), int(serving), durable=False)
+        t.set(actual(res, self.host, "if-on"), int(serving), durable=False)
+        t.set(actual(res, self.host, "open-count"), rt.open_count if rt else 0, durable=False)
         if rt is not None and rt.device is not None:
             t.set(f"{res_dir(res)}/actsize-{self.host}", rt.device.size(), durable=False)  # for resize hints
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
-        if isinstance(rt, SecondaryRuntime):
+        if rt is not None:
             rt.publish()
 
 
@@ -388,14 +399,16 @@ def main(argv: list[str] | None = None) -> int:
         if lock is None:
             raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
         tree = Tree(mars_dir, host)
-        daemon = Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip)
-        daemon.logrot_auto = 0 if args.logrot_auto in ("0", "") else parse_size(args.logrot_auto)
-        asyncio.run(daemon.run())
+        logrot = 0 if args.logrot_auto in ("0", "") else parse_size(args.logrot_auto)
+        asyncio.run(Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip,
+                           logrot).run())
     except MarsError as e:
         print(f"marsd: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
-        print(f"marsd: {e}", file=sys.stderr)
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"marsd: {e.strerror or e}{where}; check that {mars_dir} is this host's MARS directory and writable "
+              f"by this user, and that the --nbd-listen addresses are free", file=sys.stderr)
         return 1
     return 0
 

@@ -1,42 +1,29 @@
-"""Names and bookkeeping of a resource's transaction log files.
+"""A resource's log files on this node: which exist, how far each is finished, and their scan.
 
 A resource's history is a chain of log files ``log-NNNNNNNNN-<origin>`` in its directory, numbered
-without gaps; the origin is the host that wrote it. Two positions describe a node's progress:
-
-* ``LogPos(seq, offset)`` — a byte position inside log file number ``seq``; it prints as
-  ``log-000000729@1048576`` and the zero value means "unknown".
-* ``replay-<host>`` — the tree entry ``log-NNNNNNNNN-<origin>,<pos>,<rest>`` (the original's format):
-  everything in the chain before that position is on the host's data device *and synced*.
+without gaps; the origin is the host that wrote it. The typed values of the entries that describe
+the chain (positions, replay links, versions) are in :mod:`.values`; this module reads and writes
+them in the tree and looks at the files themselves.
 
 A finished log file gets ``version-NNNNNNNNN-<host>``: a digest of its records chained to the
-previous version's digest, so two nodes with the same version string share the same whole history,
-and two different strings for one number are a split brain.
+previous version's digest (:class:`VersionHasher`), so two nodes with the same version share the
+same whole history, and two different versions for one number are a split brain.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..tree import Tree, res_dir
+from .format import END, NEED_DATA, Decoded, LogCorruption, RecordReader
+from .values import ReplayLink, Version, first_record, log_name, parse_log_name
 
-LOG_RE = re.compile(r"^log-(\d{9})-([A-Za-z0-9_][-A-Za-z0-9_]*)$")
-ZERO_DIGEST = "0" * 32
-
-
-@dataclass(frozen=True, slots=True, order=True)
-class LogPos:
-    seq: int = 0
-    offset: int = 0
-
-    def __str__(self) -> str:
-        return f"log-{self.seq:09d}@{self.offset}"
-
-    def is_zero(self) -> bool:
-        return self.seq == 0
+__all__ = ["LogFile", "ScanResult", "VersionHasher", "deletable_logs", "finished_length", "list_logs",
+           "pread_file", "read_replay", "read_version", "replay_path", "scan_file", "version_path"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,14 +42,9 @@ class LogFile:
         except FileNotFoundError:
             return 0
 
-
-def log_name(seq: int, origin: str) -> str:
-    return f"log-{seq:09d}-{origin}"
-
-
-def parse_log_name(name: str) -> tuple[int, str] | None:
-    m = LOG_RE.match(name)
-    return (int(m.group(1)), m.group(2)) if m else None
+    def scan(self, on_record: Callable[[Decoded], None] | None = None) -> ScanResult:
+        """Verify the whole file (records numbered from its first) and report its good prefix."""
+        return scan_file(self.path, 0, first_record(self.seq), on_record)
 
 
 def list_logs(tree: Tree, res: str) -> list[LogFile]:
@@ -77,36 +59,6 @@ def list_logs(tree: Tree, res: str) -> list[LogFile]:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayLink:
-    """The value of ``replay-<host>``: the log file and position reached, and the rest not yet synced."""
-
-    seq: int
-    origin: str
-    pos: int
-    rest: int = 0
-
-    def __str__(self) -> str:
-        return f"{log_name(self.seq, self.origin)},{self.pos},{self.rest}"
-
-    @property
-    def logpos(self) -> LogPos:
-        return LogPos(self.seq, self.pos)
-
-    @classmethod
-    def parse(cls, value: str | None) -> "ReplayLink | None":
-        if not value:
-            return None
-        try:
-            name, pos, rest = value.split(",")
-            p = parse_log_name(name)
-            if p is None:
-                return None
-            return cls(p[0], p[1], int(pos), int(rest))
-        except ValueError:
-            return None
-
-
 def replay_path(res: str, host: str) -> str:
     return f"{res_dir(res)}/replay-{host}"
 
@@ -119,15 +71,14 @@ def read_replay(tree: Tree, res: str, host: str) -> ReplayLink | None:
     return ReplayLink.parse(tree.get(replay_path(res, host)))
 
 
-def version_value(digest: str, seq: int, origin: str, length: int, prev: str | None) -> str:
-    """``<digest>,log-N-<origin>,<len>:<previous version's first part>`` as in the original."""
-    head = f"{digest},{log_name(seq, origin)},{length}"
-    prev_head = prev.split(":", 1)[0] if prev else f"{ZERO_DIGEST},{log_name(max(seq - 1, 0), origin)},0"
-    return f"{head}:{prev_head}"
+def read_version(tree: Tree, res: str, seq: int, host: str) -> Version | None:
+    return Version.parse(tree.get(version_path(res, seq, host)))
 
 
-def version_digest(value: str | None) -> str:
-    return value.split(",", 1)[0] if value else ZERO_DIGEST
+def finished_length(tree: Tree, res: str, seq: int, origin: str) -> int | None:
+    """The final length of log ``seq`` of ``origin``, once its origin wrote the version entry."""
+    v = read_version(tree, res, seq, origin)
+    return v.length_bytes if v is not None else None
 
 
 class VersionHasher:
@@ -170,9 +121,90 @@ def deletable_logs(tree: Tree, res: str) -> list[LogFile]:
     return [f for f in logs if f.seq < oldest and f.seq < newest]
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def pread_file(path: Path, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes of a log file at ``offset``, with its own descriptor: a copy another task
+    appends to or deletes is never held open between reads."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        return os.pread(fd, n, offset)
     finally:
         os.close(fd)
+
+
+# --- the blocking scanner around the sans-I/O reader ------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    """Outcome of ``scan_file``.
+
+    ``end`` is where the good prefix of the file stops: appends continue there after
+    a clean scan, and a torn tail is cut there. When ``error`` is set,
+    ``error.offset == end`` always (the problem is the record right after the good
+    prefix).
+    """
+
+    end: int
+    last_seq: int | None
+    count: int
+    error: LogCorruption | None
+
+
+def scan_file(
+    path: str | os.PathLike,
+    start: int = 0,
+    expect_seq: int | None = None,
+    on_record: Callable[[Decoded], None] | None = None,
+    chunk: int = 4 * 2**20,
+) -> ScanResult:
+    """Verify a log file from ``start`` (a record boundary) and report its good prefix.
+
+    Bad data never raises: the first problem is returned in ``ScanResult.error`` so
+    that recovery code decides what to do (cut a torn tail, stop on corruption)
+    without exception plumbing. ``on_record`` sees each good record, in order, before
+    the next one is read; its payload is only valid for reading, and may keep a read
+    chunk alive while referenced. OSError from the file system propagates.
+    """
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, not {chunk}")
+    if start < 0:
+        raise ValueError(f"start must not be negative, not {start}")
+    name = os.fsdecode(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        if start > size:
+            # Bytes the caller knew to be there are gone: not a crash artifact.
+            err = LogCorruption(
+                name, start, "short-file", f"file is only {size} bytes long, shorter than the scan start offset"
+            )
+            return ScanResult(start, None, 0, err)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start, 0, os.POSIX_FADV_SEQUENTIAL)
+        reader = RecordReader(name, start, expect_seq)
+        pos = start
+        count = 0
+        last_seq = None
+        end = start
+        error = None
+        next_event = reader.next_event
+        while True:
+            try:
+                ev = next_event()
+            except LogCorruption as e:
+                error = e
+                break
+            if ev is NEED_DATA:
+                data = os.pread(fd, chunk, pos)
+                pos += len(data)
+                reader.receive_data(data)
+            elif ev is END:
+                break
+            else:
+                count += 1
+                last_seq = ev.record.seq
+                end = ev.end
+                if on_record is not None:
+                    on_record(ev)
+    finally:
+        os.close(fd)
+    return ScanResult(end, last_seq, count, error)

@@ -63,12 +63,10 @@ split data at arbitrary points.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Callable
 
 import xxhash
 
@@ -92,8 +90,6 @@ __all__ = [
     "RecordReader",
     "NEED_DATA",
     "END",
-    "ScanResult",
-    "scan_file",
 ]
 
 HEADER_SIZE = 64
@@ -654,80 +650,3 @@ class RecordReader:
             f"zero-filled tail ({self._zeros_seen} zero bytes to end of file)",
             torn=True,
         )
-
-
-@dataclass(frozen=True, slots=True)
-class ScanResult:
-    """Outcome of ``scan_file``.
-
-    ``end`` is where the good prefix of the file stops: appends continue there after
-    a clean scan, and a torn tail is cut there. When ``error`` is set,
-    ``error.offset == end`` always (the problem is the record right after the good
-    prefix).
-    """
-
-    end: int
-    last_seq: int | None
-    count: int
-    error: LogCorruption | None
-
-
-def scan_file(
-    path: str | os.PathLike,
-    start: int = 0,
-    expect_seq: int | None = None,
-    on_record: Callable[[Decoded], None] | None = None,
-    chunk: int = 4 * 2**20,
-) -> ScanResult:
-    """Verify a log file from ``start`` (a record boundary) and report its good prefix.
-
-    Bad data never raises: the first problem is returned in ``ScanResult.error`` so
-    that recovery code decides what to do (cut a torn tail, stop on corruption)
-    without exception plumbing. ``on_record`` sees each good record, in order, before
-    the next one is read; its payload is only valid for reading, and may keep a read
-    chunk alive while referenced. OSError from the file system propagates.
-    """
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, not {chunk}")
-    if start < 0:
-        raise ValueError(f"start must not be negative, not {start}")
-    name = os.fsdecode(path)
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        size = os.fstat(fd).st_size
-        if start > size:
-            # Bytes the caller knew to be there are gone: not a crash artifact.
-            err = LogCorruption(
-                name, start, "short-file", f"file is only {size} bytes long, shorter than the scan start offset"
-            )
-            return ScanResult(start, None, 0, err)
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start, 0, os.POSIX_FADV_SEQUENTIAL)
-        reader = RecordReader(name, start, expect_seq)
-        pos = start
-        count = 0
-        last_seq = None
-        end = start
-        error = None
-        next_event = reader.next_event
-        while True:
-            try:
-                ev = next_event()
-            except LogCorruption as e:
-                error = e
-                break
-            if ev is NEED_DATA:
-                data = os.pread(fd, chunk, pos)
-                pos += len(data)
-                reader.receive_data(data)
-            elif ev is END:
-                break
-            else:
-                count += 1
-                last_seq = ev.record.seq
-                end = ev.end
-                if on_record is not None:
-                    on_record(ev)
-    finally:
-        os.close(fd)
-    return ScanResult(end, last_seq, count, error)

@@ -17,13 +17,14 @@ import logging
 import os
 from dataclasses import dataclass
 
-from . import format as lf
 from ..device import DataDevice
 from ..errors import MarsError
-from .files import (LogFile, ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path,
-                       version_digest, version_path, version_value)
-from .writer import LogState, apply_record, first_record
 from ..tree import Tree
+from . import format as lf
+from .apply import apply_record
+from .files import LogFile, VersionHasher, list_logs, read_replay, read_version, replay_path, version_path
+from .values import ReplayLink, Version, first_record, log_name
+from .writer import LogState
 
 log = logging.getLogger("mars.recovery")
 
@@ -90,8 +91,8 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
         # can a torn tail be an interrupted append rather than damage.
         open_for_appends = newest or (tree.get(version_path(res, f.seq, f.origin)) is None
                                       and all(g.size() == 0 for g in todo_files[i + 1:]))
-        prev_version = tree.get(version_path(res, f.seq - 1, f.origin))
-        hasher = VersionHasher(version_digest(prev_version))
+        prev_version = read_version(tree, res, f.seq - 1, f.origin)
+        hasher = VersionHasher(Version.digest_of(prev_version))
         start_apply = link.pos if f.seq == link.seq else 0
 
         def on_record(d: lf.Decoded, start_apply: int = start_apply, hasher: VersionHasher = hasher) -> None:
@@ -102,7 +103,7 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
                 replayed += 1
                 replayed_bytes += d.record.length
 
-        result = lf.scan_file(f.path, 0, first_record(f.seq), on_record)
+        result = f.scan(on_record)
         if result.error is not None:
             err = result.error
             if err.torn and open_for_appends:
@@ -124,7 +125,7 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
         if not newest and tree.get(version_path(res, f.seq, f.origin)) is None:
             # A crash between rotation and its version entry: write it now from the scan.
             tree.set(version_path(res, f.seq, f.origin),
-                     version_value(hasher.hexdigest(), f.seq, f.origin, result.end, prev_version))
+                     Version.of(hasher.hexdigest(), f.seq, f.origin, result.end, prev_version))
         state = st
     assert state is not None
     device.fdatasync()

@@ -16,35 +16,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-from . import format as lf
 from ..device import DataDevice, drop_behind
-from .files import (ReplayLink, VersionHasher, list_logs, log_name, read_replay, replay_path, version_digest,
-                       version_path, version_value)
-from .writer import apply_records, first_record
 from ..tree import Tree, actual, res_dir
+from . import format as lf
+from .apply import apply_records
+from .files import (LogFile, VersionHasher, finished_length, list_logs, pread_file, read_replay, read_version, replay_path,
+                    version_path)
+from .values import ReplayCode, ReplayLink, Version, log_name
 
 log = logging.getLogger("mars.replayer")
 
 READ_CHUNK = 16 << 20  # as much as one fetch reply: whole runs of records per pwritev
 
 
-def finished_length(tree: Tree, res: str, seq: int, origin: str) -> int | None:
-    """The final length of log ``seq`` of ``origin``, once its version entry exists."""
-    v = tree.get(version_path(res, seq, origin))
-    if v is None:
-        return None
-    try:
-        return int(v.split(":", 1)[0].rsplit(",", 1)[1])
-    except (IndexError, ValueError):
-        return None
-
-
 class Replayer:
     def __init__(self, tree: Tree, res: str, device: DataDevice, executor: Executor,
-                 available: "callable[[str], int]", checkpoint_interval: float = 1.0) -> None:
+                 available: Callable[[str], int], checkpoint_interval: float = 1.0) -> None:
         self.tree = tree
         self.res = res
         self.device = device
@@ -85,12 +76,12 @@ class Replayer:
             if avail > read_at:
                 if ahead is None or ahead[:2] != (path, read_at):
                     ahead = (path, read_at, loop.run_in_executor(
-                        self.executor, _pread, path, min(READ_CHUNK, avail - read_at), read_at))
+                        self.executor, pread_file, path, min(READ_CHUNK, avail - read_at), read_at))
                 data = await ahead[2]
                 read_at += len(data)
                 # Read the next chunk while this one is checked and applied: the two overlap.
                 ahead = None if avail <= read_at else (path, read_at, loop.run_in_executor(
-                    self.executor, _pread, path, min(READ_CHUNK, avail - read_at), read_at))
+                    self.executor, pread_file, path, min(READ_CHUNK, avail - read_at), read_at))
                 reader.receive_data(data)
                 try:
                     batch = []
@@ -139,15 +130,15 @@ class Replayer:
                 return f.seq, f.origin
         return None
 
-    def _prev_version(self, pos: ReplayLink) -> str | None:
-        return self.tree.get(version_path(self.res, pos.seq - 1, self.tree.host)) or \
-            self.tree.get(version_path(self.res, pos.seq - 1, pos.origin))
+    def _prev_version(self, pos: ReplayLink) -> Version | None:
+        return read_version(self.tree, self.res, pos.seq - 1, self.tree.host) or \
+            read_version(self.tree, self.res, pos.seq - 1, pos.origin)
 
-    def _start_digest(self, pos: ReplayLink) -> tuple[str | None, VersionHasher]:
+    def _start_digest(self, pos: ReplayLink) -> tuple[Version | None, VersionHasher]:
         prev = self._prev_version(pos)
-        return prev, VersionHasher(version_digest(prev))
+        return prev, VersionHasher(Version.digest_of(prev))
 
-    def _write_version(self, pos: ReplayLink, digest: tuple[str | None, VersionHasher] | None) -> None:
+    def _write_version(self, pos: ReplayLink, digest: tuple[Version | None, VersionHasher] | None) -> None:
         """Our own version entry for a log we replayed completely, digested from our copy.
 
         Equal to the origin's entry when the histories are equal; a different string for the same
@@ -159,14 +150,13 @@ class Replayer:
         if digest is not None and digest[0] == prev:
             hasher, end = digest[1], pos.pos  # every record up to the end went through it
         else:
-            hasher = VersionHasher(version_digest(prev))
-            path = self._dir() / log_name(pos.seq, pos.origin)
-            r = lf.scan_file(path, 0, first_record(pos.seq), lambda d: hasher.update(d.check))
+            hasher = VersionHasher(Version.digest_of(prev))
+            r = LogFile(pos.seq, pos.origin, self._dir() / pos.name).scan(lambda d: hasher.update(d.check))
             if r.error is not None:
                 return
             end = r.end
         self.tree.set(version_path(self.res, pos.seq, self.tree.host),
-                      version_value(hasher.hexdigest(), pos.seq, pos.origin, end, prev))
+                      Version.of(hasher.hexdigest(), pos.seq, pos.origin, end, prev))
 
     def _apply(self, batch: list[lf.Decoded], path: Path) -> None:
         """Apply a batch, then let the previous batch's pages leave the cache (drop-behind).
@@ -195,7 +185,8 @@ class Replayer:
     def _stopped(self, e: lf.LogCorruption) -> None:
         self.damage = e
         log.error("resource %s: replay stopped: %s", self.res, e)
-        self.tree.set(actual(self.res, self.tree.host, "replay-code"), f"-1,{e.code},{e.offset}", durable=False)
+        self.tree.set(actual(self.res, self.tree.host, "replay-code"), ReplayCode.damaged_at(e.code, e.offset),
+                      durable=False)
         self.tree.set(actual(self.res, self.tree.host, "msg-err-replay-stop"),
                       f"replay stopped: {e}; the data device holds the state before that record", durable=False)
         if self.position is not None:
@@ -209,13 +200,5 @@ def _drop_behind_file(path: Path, offset: int, length: int) -> None:
         return  # deleted meanwhile (log-delete): nothing left to drop
     try:
         drop_behind(fd, offset, length)
-    finally:
-        os.close(fd)
-
-
-def _pread(path: Path, n: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return os.pread(fd, n, offset)
     finally:
         os.close(fd)

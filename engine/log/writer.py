@@ -29,16 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import format as lf
 from ..device import DataDevice
-from .files import LogPos, VersionHasher, log_name, version_path, version_value
 from ..tree import Tree
+from . import format as lf
+from .apply import IOV_MAX, MAX_BATCH_BYTES, apply_records, pwritev_all
+from .files import VersionHasher, version_path
+from .values import LogPos, Version, first_record, log_name
 
 log = logging.getLogger("mars.logger")
-
-IOV_MAX = 1024
-MAX_BATCH_BYTES = 64 * 2**20
-
 
 class LogWriteError(Exception):
     """A batch could not be made durable; ``errno`` says why (ENOSPC for a full /mars)."""
@@ -67,7 +65,7 @@ class LogState:
     end: int  # bytes of good records in it
     next_record: int  # sequence number of the next record
     hasher: VersionHasher
-    prev_version: str | None  # value of version-<seq-1>-<host>, the chain's previous link
+    prev_version: Version | None  # version-<seq-1>-<host>, the chain's previous link
     records: int = 0
     bytes_written: int = field(default=0)
 
@@ -89,7 +87,7 @@ class Logger:
         self.device = device
         self.state = state
         self.on_progress = on_progress
-        self.acked = LogPos(state.seq, state.end)
+        self.acked = LogPos(state.seq, state.end, tree.host)
         self.batches = 0
         self.requests = 0
         self._fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -169,7 +167,7 @@ class Logger:
                     except (LogWriteError, OSError) as e:
                         log.error("resource %s: cannot rotate to log %d: %s", self.res, rotate, e)
                     else:
-                        self._committed.put(([], [], LogPos(self.state.seq, 0)))
+                        self._committed.put(([], [], LogPos(self.state.seq, 0, self.tree.host)))
         finally:
             self._committed.put(None)
 
@@ -254,7 +252,7 @@ class Logger:
         st.next_record = seq
         st.records += len(records)
         st.bytes_written += written
-        return records, LogPos(st.seq, st.end)
+        return records, LogPos(st.seq, st.end, self.tree.host)
 
     def _write_back(self, records: list[lf.LogRecord]) -> None:
         """Write-back stage, in its own thread: the records go to the device's page cache."""
@@ -289,82 +287,12 @@ class Logger:
         if end:
             raise LogWriteError(errno.EEXIST, f"resource {self.res}: new log file {new_path.name} is not empty")
         self.state = LogState(seq=seq, path=new_path, end=0, next_record=first_record(seq),
-                              hasher=VersionHasher(value.split(",", 1)[0]), prev_version=value)
+                              hasher=VersionHasher(value.digest), prev_version=value)
         log.info("resource %s: rotated to %s", self.res, new_path.name)
 
 
-def first_record(file_seq: int) -> int:
-    """Record numbers carry their log file's number in the upper 32 bits.
-
-    So a record is tied to its file (a block of one file misplaced into another is caught by
-    the sequence check), numbering restarts cleanly in every file, and the order of all records
-    of a resource is still the order of their numbers.
-    """
-    return file_seq << 32
-
-
-def finish_version(tree: Tree, res: str, st: LogState) -> str:
+def finish_version(tree: Tree, res: str, st: LogState) -> Version:
     """Write ``version-<seq>-<host>`` for a log file that takes no more records."""
-    value = version_value(st.hasher.hexdigest(), st.seq, tree.host, st.end, st.prev_version)
+    value = Version.of(st.hasher.hexdigest(), st.seq, tree.host, st.end, st.prev_version)
     tree.set(version_path(res, st.seq, tree.host), value)
     return value
-
-
-def apply_record(device: DataDevice, rec: lf.LogRecord) -> None:
-    """Write one record to the data device; replaying twice gives the same result (idempotent)."""
-    if rec.kind == lf.Kind.WRITE:
-        device.pwrite(rec.payload, rec.offset)
-    elif rec.kind == lf.Kind.TRIM:
-        device.trim(rec.offset, rec.length)
-    else:
-        device.write_zeroes(rec.offset, rec.length, may_punch=not (rec.flags & lf.FLAG_NO_HOLE))
-
-
-def apply_records(device: DataDevice, records: list[lf.LogRecord]) -> tuple[int, int]:
-    """Apply records in order, each run of adjacent writes as one ``pwritev``.
-
-    A sequential load logs many records that continue each other on the device; one large
-    write of them costs the kernel far less than many small ones (it takes larger page-cache
-    folios and fewer calls), which is most of the CPU a replay of such a load needs. Order is
-    kept exactly: a run ends at any record that does not continue it. Returns the lowest and
-    highest device offsets touched (equal when none), for write-behind.
-    """
-    lo, hi = -1, 0
-    run: list[bytes | memoryview] = []
-    run_start = run_end = 0
-    for rec in records:
-        if rec.kind == lf.Kind.WRITE and rec.length and run and rec.offset == run_end \
-                and len(run) < IOV_MAX and run_end - run_start < MAX_BATCH_BYTES:
-            run.append(rec.payload)
-            run_end += rec.length
-        else:
-            if run:
-                pwritev_all(device.fd, run, run_start)
-                run = []
-            if rec.kind == lf.Kind.WRITE and rec.length:
-                run, run_start, run_end = [rec.payload], rec.offset, rec.offset + rec.length
-            else:
-                apply_record(device, rec)
-        if rec.length:
-            lo = rec.offset if lo < 0 else min(lo, rec.offset)
-            hi = max(hi, rec.offset + rec.length)
-    if run:
-        pwritev_all(device.fd, run, run_start)
-    return max(lo, 0), hi
-
-
-def pwritev_all(fd: int, bufs: list[bytes | memoryview], offset: int) -> int:
-    """pwritev until everything is written (short writes happen on signals and huge batches)."""
-    total = 0
-    views = [memoryview(b) for b in bufs if len(b)]
-    while views:
-        n = os.pwritev(fd, views[:IOV_MAX], offset + total)
-        total += n
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-    return total

@@ -6,11 +6,9 @@ import os
 import shutil
 import time
 
-from ..log.files import list_logs, log_name, read_replay, replay_path, version_path
-from ..log.format import scan_file
-from ..log.writer import first_record
+from ..log.files import deletable_logs, list_logs, read_replay, replay_path, version_path
+from ..log.values import ReplayLink, log_name
 from ..tree import actual, res_dir
-from ..log.files import deletable_logs, ReplayLink
 from ..model.units import human_bytes
 from .base import RES_ARG, Ctx, command
 from .switches import _attached
@@ -90,7 +88,7 @@ def log_truncate(ctx: Ctx) -> None:
     logs = [f for f in list_logs(tree, ctx.res) if link is None or f.seq >= link.seq]
     damaged = None
     for f in logs:
-        r = scan_file(f.path, 0, first_record(f.seq))
+        r = f.scan()
         if r.error is not None:
             damaged = (f, r)
             break

@@ -7,7 +7,8 @@ import stat
 from pathlib import Path
 
 from ..device import device_size
-from ..log.files import ReplayLink, list_logs, log_name, replay_path
+from ..log.files import list_logs, read_replay, replay_path
+from ..log.values import ReplayLink, log_name
 from ..tree import DELETED, check_name, require_cluster, res_dir, todo
 from ..model.units import human_bytes, parse_size
 from .base import RES_ARG, Ctx, command
@@ -58,11 +59,11 @@ def create_resource(ctx: Ctx) -> None:
         raise ctx.fail(f"size {size} B is below the minimum of {MIN_SIZE} B", "give a larger device or size")
     d = res_dir(res)
     rdir = tree.root / d
-    leftovers = [f.name for f in list_logs(tree, res)]
+    leftovers = list_logs(tree, res)
     if leftovers and not ctx.force:
-        raise ctx.fail(f"old log files remain in {rdir}: {', '.join(leftovers[:3])}",
+        raise ctx.fail(f"old log files remain in {rdir}: {', '.join(f.name for f in leftovers[:3])}",
                        f"remove them (marsadm delete-resource {res} --force) or pass --force to start after them")
-    first = (leftovers and max(int(n[4:13]) for n in leftovers) + 1) or 1
+    first = max(f.seq for f in leftovers) + 1 if leftovers else 1
     tree.mkdir(d)
     (rdir / log_name(first, ctx.host)).touch(mode=0o600)
     tree.set(f"{d}/maxnr", first)
@@ -146,7 +147,7 @@ def join_resource(ctx: Ctx) -> None:
     if have < size and not ctx.force:
         raise ctx.fail(f"device {dev} has {have} B ({human_bytes(have)}), less than the resource's {size} B",
                        "give a device at least as large as the resource")
-    link = ReplayLink.parse(tree.get(replay_path(res, primary)))
+    link = read_replay(tree, res, primary)
     if link is None:
         raise ctx.fail(f"the primary {primary} has published no log position yet",
                        "wait until marsd runs on the primary and this node has exchanged trees with it")
@@ -189,7 +190,7 @@ def invalidate(ctx: Ctx) -> None:
     primary = _secondary_only(ctx)
     tree = ctx.tree
     d = res_dir(ctx.res)
-    link = ReplayLink.parse(tree.get(replay_path(ctx.res, primary)))
+    link = read_replay(tree, ctx.res, primary)
     if link is None:
         raise ctx.fail(f"the primary {primary} has published no log position", "wait until it runs and is reachable")
     was = tree.get(todo(ctx.res, ctx.host, "allow-replay")) == "1"

@@ -77,10 +77,8 @@ def _pct(x: float) -> str:
 
 def _tunable(snap: model.Snapshot, host: str, name: str) -> str | None:
     node = snap.nodes.get(host)
-    for t in node.tunables if node else ():
-        if t.name == name:
-            return t.set_value if t.set_value is not None else t.actual_value
-    return None
+    t = node.tunable(name) if node else None
+    return t.value if t else None
 
 
 def _register() -> None:
@@ -132,7 +130,7 @@ def _register() -> None:
                lambda s, m, h, w=what: _num(m.remain(w)))
     _macro("replay-code", "this host's replay/attach code; negative (-1,<code>,<offset>) when replay "
            "stopped at a damaged record; 0 when none",
-           lambda s, m, h: (m.n.replay_code if m.n and m.n.replay_code else 0))
+           lambda s, m, h: (str(m.n.replay_code) if m.n and m.n.replay_code else 0))
     _macro("deletable-size", "bytes of local log files every member has replayed",
            lambda s, m, h: m.r.deletable_bytes)
     _macro("rest-space", "bytes free in this host's /mars (the original: GiB, rounded down; -1 unknown)",
@@ -262,8 +260,7 @@ def _brief(label: str, p: model.Progress | None) -> str:
         return f"{label}: unknown"
     if p.reached:
         return f"{label}: done"
-    pct = min(p.percent, 99.9)  # never 100 % while bytes are left
-    text = f"{label}: {pct:.1f}% rest {human_bytes(p.rest_bytes)}"
+    text = f"{label}: {p.percent_text()}% rest {human_bytes(p.rest_bytes)}"
     if p.rate_bytes_per_s:
         text += f" at {human_bytes(p.rate_bytes_per_s)}/s, {human_seconds(p.remaining_s)} left"
     return text

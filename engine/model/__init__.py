@@ -18,22 +18,23 @@ What is here, by module:
 """
 
 from ..errors import MarsError, UsageError
-from ..log.files import ReplayLink, parse_log_name
+from ..log.values import LogPos, ReplayCode, ReplayLink, Version
 from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
 from ..tree import DEFAULT_MARS_DIR, check_name, mars_dir_from
 from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
                      stream_events)
 from .findings import CODES, LEVELS, Finding, findings, worst
-from .snapshot import (ALIVE_WINDOW_S, Actual, LogFileStatus, LogVersion, Message, NodeResource, NodeStatus, Progress,
-                       ResourceStatus, Snapshot, SplitBrain, Switches, Tunable, build)
-from .states import Member, code_text
+from .snapshot import (ALIVE_WINDOW_S, Actual, LogFileStatus, Message, NodeResource, NodeStatus, Progress, ResourceStatus,
+                       Snapshot, SplitBrain, Switches, Tunable, build)
+from .states import Member
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
 
 __all__ = [
     "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "LEVELS",
-    "Actual", "Finding", "LogFileStatus", "LogVersion", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
-    "Progress", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable", "UsageError",
-    "build", "check_name", "check_readable", "code_text", "control_path", "figure", "findings", "human_bytes",
-    "human_seconds", "live_snapshot", "mars_dir_from", "parse_log_name", "parse_size", "percent_shown", "read_snapshot",
-    "request_snapshot", "stream_events", "worst",
+    "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
+    "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable",
+    "UsageError", "Version",
+    "build", "check_name", "check_readable", "control_path", "figure", "findings", "human_bytes", "human_seconds",
+    "live_snapshot", "mars_dir_from", "parse_size", "percent_shown", "read_snapshot", "request_snapshot",
+    "stream_events", "worst",
 ]

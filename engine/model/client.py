@@ -72,7 +72,7 @@ def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0) -> 
 
 
 def _read_to_eof(s: socket.socket, deadline: float) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -113,7 +113,7 @@ def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 
     reply = request_snapshot(mars_dir, timeout)
     snap_json = reply.get("snapshot") if reply else None
     answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
-    lines = list(snap_json.get("debug_lines") or []) if answered else []
+    lines = [str(x) for x in snap_json.get("debug_lines") or []] if isinstance(snap_json, dict) and answered else []
     window = model.ALIVE_WINDOW_S if window_s is None else window_s
     return model.build(mars_dir, host, window_s=window, debug_lines=lines), answered
 

@@ -15,9 +15,12 @@ Three levels (DESIGN.md, "One status model, many faces"):
 Rules of this module:
 
 * Pure: no I/O, no clock. Ages come from the snapshot (``seen_age_s``, ``clock_slip_s``).
-* Total: a snapshot with missing parts (``None`` where a value is expected, a progress without
-  figures, a member without switches) yields fewer findings, never an exception. An unknown
-  value never triggers a rule: "switch off" means the snapshot says off, not that it says nothing.
+* Typed: the rules read the snapshot's fields and the model's own derived properties
+  (``replay_stopped``, ``Progress.reached``, ``NodeStatus.peer_port``), never a definition of
+  their own, and mypy checks every name (``tests/test_layers.py``). What the types allow to be
+  unknown (``None``: a position not yet published, a disk size never reported) yields fewer
+  findings, never an exception, and neither does a figure that is not finite: an unknown value
+  never triggers a rule.
 * Deterministic: the result is sorted by level (:data:`LEVELS`), resource, node, code, text.
 * One finding per (code, res, node): that triple is a finding's identity across snapshots (the
   control socket raises and clears by it), so several causes of one kind join into one text.
@@ -29,12 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
-from .snapshot import ALMOST_EMPTY, Snapshot
-from .units import figure as _num
-from .units import human_bytes, human_seconds
+from .snapshot import Message, NodeResource, NodeStatus, Progress, ResourceStatus, Snapshot
+from .units import figure, human_bytes, human_seconds
 
 __all__ = ["Finding", "CODES", "LEVELS", "findings", "worst"]
 
@@ -104,7 +105,7 @@ class Finding:
             return f"{self.res}@{self.node}" if self.node is not None else self.res
         return f"@{self.node}" if self.node is not None else "cluster"
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, str | None]:
         """Plain JSON types: the control socket's, ``marsadm view --json``'s and the exporters' form."""
         return {"level": self.level, "code": self.code, "res": self.res, "node": self.node, "text": self.text,
                 "remedy": self.remedy}
@@ -123,111 +124,37 @@ def worst(fs: Iterable[Finding]) -> str | None:
 
 # --- figures ---------------------------------------------------------------------------------
 
-def _percent(pos: float, size: float, rest: float) -> str:
-    """As Progress.percent, but never shows 100.0 % while bytes are left (or 0.0 % with some done)."""
-    pct = 100.0 if size <= 0 else min(100.0, max(0.0, 100.0 * pos / size))
-    if rest > 0 and pct >= 99.95:
-        pct = 99.9
-    return f"{pct:.1f} %"
+def _describe(p: Progress, left: str = "left") -> str:
+    """``42.0 % (1.2 GiB left, 35.0 MiB/s, about 36 s left)``."""
+    rest = p.rest_bytes
+    rate = figure(p.rate_bytes_per_s)
+    parts = [f"{human_bytes(rest)} {left}"]
+    if rate is None:
+        parts.append("rate unknown")
+    elif rate <= 0:
+        parts.append("not moving")
+    else:
+        parts.append(f"{human_bytes(rate)}/s, about {human_seconds(rest / rate)} left")
+    return f"{p.percent_text()} % ({', '.join(parts)})"
 
 
-@dataclass(frozen=True)
-class _Figures:
-    """A progress's figures, read defensively (any field may be missing)."""
-
-    pos: float
-    size: float
-    rest: float
-    rate: float | None
-
-    @property
-    def reached(self) -> bool:
-        return self.rest <= ALMOST_EMPTY
-
-    def describe(self, left: str = "left") -> str:
-        """``42.0 % (1.2 GiB left, 35.0 MiB/s, about 36 s left)``."""
-        parts = [f"{human_bytes(self.rest)} {left}"]
-        if self.rate is None:
-            parts.append("rate unknown")
-        elif self.rate <= 0:
-            parts.append("not moving")
-        else:
-            parts.append(f"{human_bytes(self.rate)}/s, about {human_seconds(self.rest / self.rate)} left")
-        return f"{_percent(self.pos, self.size, self.rest)} ({', '.join(parts)})"
-
-
-def _figures(p: Any) -> _Figures | None:
-    pos, size = _num(getattr(p, "pos_bytes", None)), _num(getattr(p, "size_bytes", None))
-    if pos is None or size is None:
-        return None
-    rate = _num(getattr(p, "rate_bytes_per_s", None))
-    return _Figures(pos, size, max(0.0, size - pos), rate)
-
-
-# --- defensive access ------------------------------------------------------------------------
-
-def _flag(obj: Any, name: str) -> bool | None:
-    """A switch or actual flag: True, False, or None when the snapshot does not say."""
-    v = getattr(obj, name, None) if obj is not None else None
-    return None if v is None else bool(v)
-
-
-def _items(d: Any) -> list[tuple[str, Any]]:
-    """A dict's (str key, value) pairs in key order; nothing for a missing dict.
-
-    A key with a None value stays: a member or node whose details are missing still exists.
-    """
-    if not isinstance(d, dict):
-        return []
-    return sorted(((str(k), v) for k, v in d.items() if k is not None), key=lambda kv: kv[0])
-
-
-def _list(v: Any) -> list[Any]:
-    return [x for x in v if x is not None] if isinstance(v, (list, tuple)) else []
-
-
-def _str(v: Any) -> str:
-    return "" if v is None else str(v)
-
-
-def _messages(nr: Any, prefix: str) -> list[str]:
+def _texts(nr: NodeResource, prefix: str) -> list[str]:
     """Texts of a member's messages whose key starts with ``prefix`` (key order)."""
-    out = []
-    for m in sorted(_list(getattr(nr, "messages", None)), key=lambda m: _str(getattr(m, "key", None))):
-        if _str(getattr(m, "key", None)).startswith(prefix):
-            out.append(_str(getattr(m, "text", None)) or "(no text)")
-    return out
+    return [m.text or "(no text)" for m in sorted(nr.messages, key=_key) if m.key.startswith(prefix)]
 
 
-def _alive(snap: Snapshot, host: str) -> bool | None:
-    ns = _nodes(snap).get(host)
-    return None if ns is None else _flag(ns, "alive")
+def _key(m: Message) -> str:
+    return m.key
 
 
-def _nodes(snap: Snapshot) -> dict[str, Any]:
-    return dict(_items(getattr(snap, "nodes", None)))
+def _down(snap: Snapshot, host: str) -> bool:
+    """A node the snapshot knows, and knows to be not alive (an unknown one is NODE_DOWN's case)."""
+    ns = snap.nodes.get(host)
+    return ns is not None and not ns.alive
 
 
-def _resources(snap: Snapshot) -> list[tuple[str, Any]]:
-    return [(r, rs) for r, rs in _items(getattr(snap, "resources", None)) if rs is not None]
-
-
-def _members(rs: Any) -> list[tuple[str, Any]]:
-    return _items(getattr(rs, "nodes", None))
-
-
-def _primary(rs: Any) -> str | None:
-    p = getattr(rs, "primary", None)
-    return str(p) if p else None
-
-
-def _is_primary(rs: Any, host: str, nr: Any) -> bool:
-    return host == _primary(rs) or getattr(nr, "designated_primary", None) is True
-
-
-def _replay_stopped(nr: Any) -> bool:
-    code = getattr(nr, "replay_code", None)
-    return isinstance(code, str) and code.startswith("-")
+def _is_primary(rs: ResourceStatus, host: str, nr: NodeResource) -> bool:
+    return host == rs.primary or nr.designated_primary
 
 
 def _cmd(command: str, host: str | None) -> str:
@@ -235,39 +162,34 @@ def _cmd(command: str, host: str | None) -> str:
 
 
 # --- rules -----------------------------------------------------------------------------------
-# One generator per concern; each yields Findings and reads the snapshot only through the
-# defensive helpers above, so a missing part silences a rule instead of breaking the function.
+# One generator per concern; each yields Findings.
 
 def _work(snap: Snapshot) -> Iterator[Finding]:
-    for res, rs in _resources(snap):
-        primary = _primary(rs)
-        for h, nr in _members(rs):
-            if _alive(snap, h) is not True:
+    for res, rs in sorted(snap.resources.items()):
+        for h, nr in sorted(rs.nodes.items()):
+            if not snap.alive(h):
                 continue  # a dead node does no work; NODE_DOWN says so
-            sw, act = getattr(nr, "switches", None), getattr(nr, "actual", None)
-            sync = _figures(getattr(nr, "sync", None))
-            if sync is not None and not sync.reached and (_flag(act, "syncing") or _flag(sw, "sync")):
-                text = f"sync of {res} on {h} at {sync.describe()}"
-                if not _flag(act, "syncing"):
+            sw, act, sync = nr.switches, nr.actual, nr.sync
+            if not sync.reached and (act.syncing or sw.sync):
+                text = f"sync of {res} on {h} at {_describe(sync)}"
+                if not act.syncing:
                     text += ", not running yet (waiting for attach or the host's sync limit)"
                 yield Finding("WORK", "SYNC_RUNNING", res, h, text, "")
-            if _is_primary(rs, h, nr) or sync is None or not sync.reached:
+            if _is_primary(rs, h, nr) or not sync.reached:
                 continue  # fetch and replay follow the sync (replay never runs during a sync)
-            fetch = _figures(getattr(nr, "fetch", None))
-            if fetch is not None and fetch.rest > 0 and _flag(sw, "fetch"):
-                src = _str(getattr(nr, "fetch_source", None)) or primary or "the primary"
+            if nr.fetch is not None and nr.fetch.rest_bytes > 0 and sw.fetch:
+                src = nr.fetch_source or rs.primary or "the primary"
                 yield Finding("WORK", "FETCH_RUNNING", res, h,
-                              f"fetch of {res} on {h} from {src} at {fetch.describe('behind the log end')}", "")
-            replay = _figures(getattr(nr, "replay", None))
-            if replay is not None and replay.rest > 0 and _flag(sw, "replay") and not _replay_stopped(nr):
+                              f"fetch of {res} on {h} from {src} at {_describe(nr.fetch, 'behind the log end')}", "")
+            if nr.replay is not None and nr.replay.rest_bytes > 0 and sw.replay and not nr.replay_stopped:
                 yield Finding("WORK", "REPLAY_RUNNING", res, h,
-                              f"replay of {res} on {h} at {replay.describe('behind the log end')}", "")
+                              f"replay of {res} on {h} at {_describe(nr.replay, 'behind the log end')}", "")
 
 
 def _cluster(snap: Snapshot) -> Iterator[Finding]:
-    local = _str(getattr(snap, "local_host", None)) or None
-    mars_dir = _str(getattr(snap, "mars_dir", None)) or "/mars"
-    marsd_down = getattr(snap, "marsd_running", None) is False
+    local = snap.local_host or None
+    mars_dir = snap.mars_dir or "/mars"
+    marsd_down = not snap.marsd_running
     if marsd_down:
         yield Finding("TODO", "MARSD_DOWN", None, local,
                       f"marsd is not running on {local or 'this host'}, so what is shown is what the tree in "
@@ -275,7 +197,7 @@ def _cluster(snap: Snapshot) -> Iterator[Finding]:
                       f"start marsd on {local or 'this host'}: 'systemctl start marsd', or "
                       f"'marsd --mars-dir {mars_dir}" + (f" --host {local}'" if local else "'"))
 
-    slip, window = _num(getattr(snap, "clock_slip_s", None)), _num(getattr(snap, "window_s", None))
+    slip, window = figure(snap.clock_slip_s), figure(snap.window_s)
     if slip is not None and window is not None and slip > window:
         yield Finding("HINT", "CLOCK_SLIP", None, local,
                       f"the Lamport clock runs {human_seconds(slip)} ahead of the wall clock of "
@@ -284,46 +206,29 @@ def _cluster(snap: Snapshot) -> Iterator[Finding]:
                       "synchronise the clocks of all nodes with NTP (chrony or systemd-timesyncd) "
                       "and compare 'date' on each node")
 
-    nodes = _nodes(snap)
     membership: dict[str, list[str]] = {}
-    for res, rs in _resources(snap):
-        for h, _ in _members(rs):
+    for res, rs in sorted(snap.resources.items()):
+        for h in sorted(rs.nodes):
             membership.setdefault(h, []).append(res)
     versions: dict[str, list[str]] = {}
-    for h in sorted(set(nodes) | set(membership)):
-        ns = nodes.get(h)
-        alive = None if ns is None else _flag(ns, "alive")
-        if ns is None or alive is False:
+    for h in sorted(set(snap.nodes) | set(membership)):
+        ns = snap.nodes.get(h)
+        if ns is None or not ns.alive:
             if not (marsd_down and h == local):
                 yield _node_down(snap, h, ns, membership.get(h, []))
         if ns is None:
             continue
-        if _flag(ns, "emergency"):
+        if ns.emergency:
             yield Finding("TODO", "EMERGENCY", None, h,
                           f"{h} is in emergency mode: its MARS directory ran full and its log stopped",
                           f"free space on {h} ({_cmd('log-delete-all all', h)}), then run 'marsadm invalidate "
                           f"<res>' on every secondary that fell behind")
-        if alive is not True:
+        if not ns.alive:
             continue
-        unreachable = _items(getattr(ns, "link_errors", None))
-        if unreachable:
-            addrs = []
-            for peer, _ in unreachable:
-                pns = nodes.get(peer)
-                ip = _str(getattr(pns, "ip", None))
-                port = next((_str(getattr(t, "actual_value", None)) for t in _list(getattr(pns, "tunables", None))
-                             if getattr(t, "name", None) == "port" and getattr(t, "actual_value", None)),
-                            str(DEFAULT_PEER_PORT))
-                addrs.append(f"{ip}:{port}" if ip else f"{peer} on port {port}")
-            peers = [p for p, _ in unreachable]
-            yield Finding("TODO", "PEER_UNREACHABLE", None, h,
-                          f"{h} cannot reach " + ", and ".join(f"{p}: {_str(err)}" for p, err in unreachable),
-                          f"check that marsd runs on {' and '.join(peers)} and that {h} can reach "
-                          f"{' and '.join(addrs)} (firewall, routing, the ips/ip-<node> entries)")
+        yield from _unreachable(snap, h, ns)
         yield from _space(h, ns)
-        version = getattr(ns, "version", None)
-        if version:
-            versions.setdefault(str(version), []).append(h)
+        if ns.version:
+            versions.setdefault(ns.version, []).append(h)
     if len(versions) > 1:
         parts = [f"{v} ({', '.join(hs)})" for v, hs in sorted(versions.items())]
         yield Finding("HINT", "MARSD_VERSIONS_DIFFER", None, None,
@@ -332,9 +237,26 @@ def _cluster(snap: Snapshot) -> Iterator[Finding]:
                       "one node at a time")
 
 
-def _node_down(snap: Snapshot, h: str, ns: Any, resources: list[str]) -> Finding:
-    age = _num(getattr(ns, "seen_age_s", None))
-    window = _num(getattr(snap, "window_s", None))
+def _unreachable(snap: Snapshot, h: str, ns: NodeStatus) -> Iterator[Finding]:
+    unreachable = sorted(ns.link_errors.items())
+    if not unreachable:
+        return
+    addrs = []
+    for peer, _ in unreachable:
+        pns = snap.nodes.get(peer)
+        port = (pns.peer_port if pns is not None else None) or str(DEFAULT_PEER_PORT)
+        ip = pns.ip if pns is not None else None
+        addrs.append(f"{ip}:{port}" if ip else f"{peer} on port {port}")
+    peers = [p for p, _ in unreachable]
+    yield Finding("TODO", "PEER_UNREACHABLE", None, h,
+                  f"{h} cannot reach " + ", and ".join(f"{p}: {err}" for p, err in unreachable),
+                  f"check that marsd runs on {' and '.join(peers)} and that {h} can reach "
+                  f"{' and '.join(addrs)} (firewall, routing, the ips/ip-<node> entries)")
+
+
+def _node_down(snap: Snapshot, h: str, ns: NodeStatus | None, resources: list[str]) -> Finding:
+    age = figure(ns.seen_age_s) if ns is not None else None
+    window = figure(snap.window_s)
     if ns is None:
         text = f"node {h} has never reported (it has no node entries)"
     elif age is None:
@@ -347,14 +269,14 @@ def _node_down(snap: Snapshot, h: str, ns: Any, resources: list[str]) -> Finding
         text += f", member of {', '.join(resources)}"
     gone = [f"'marsadm leave-resource {r} --host {h} --force'" for r in resources]
     gone.append(f"'marsadm leave-cluster --host {h} --force'")
-    ip = _str(getattr(ns, "ip", None))
+    ip = ns.ip if ns is not None else None
     return Finding("TODO", "NODE_DOWN", None, h, text,
                    f"start marsd on {h} and check the network to it{' (' + ip + ')' if ip else ''}; "
                    f"if {h} is gone for good, run on a survivor: {', then '.join(gone)}")
 
 
-def _space(h: str, ns: Any) -> Iterator[Finding]:
-    rest, total = _num(getattr(ns, "rest_space_bytes", None)), _num(getattr(ns, "total_space_bytes", None))
+def _space(h: str, ns: NodeStatus) -> Iterator[Finding]:
+    rest, total = figure(ns.rest_space_bytes), figure(ns.total_space_bytes)
     if rest is None or total is None or total <= 0:
         return
     text = (f"{h} has {human_bytes(rest)} free of {human_bytes(total)} in its MARS directory "
@@ -370,76 +292,76 @@ def _space(h: str, ns: Any) -> Iterator[Finding]:
 
 
 def _resource(snap: Snapshot) -> Iterator[Finding]:
-    local = _str(getattr(snap, "local_host", None)) or None
-    for res, rs in _resources(snap):
-        primary = _primary(rs)
-        members = _members(rs)
+    local = snap.local_host or None
+    for res, rs in sorted(snap.resources.items()):
+        primary = rs.primary
+        members = sorted(rs.nodes.items())
         if primary is None:
             yield Finding("TODO", "NO_PRIMARY", res, None,
                           f"resource {res} has no primary: nothing serves it and no log is written",
                           f"make the member with the newest data primary: {_cmd('primary ' + res, '<that node>')}")
-        elif primary not in dict(members):
+        elif primary not in rs.nodes:
             yield Finding("TODO", "PRIMARY_NOT_MEMBER", res, primary,
                           f"resource {res} names {primary} as its primary, but {primary} is not a member "
                           f"(members: {', '.join(h for h, _ in members) or 'none'})",
                           f"make a member primary: {_cmd('primary ' + res, '<that node>')}")
-
-        split = sorted(_list(getattr(rs, "split_brain", None)), key=lambda s: _num(getattr(s, "seq", None)) or 0)
-        if split:
-            parts, hosts = [], set()
-            for s in split:
-                digests = _items(getattr(s, "digests", None))
-                hosts.update(h for h, _ in digests)
-                if digests and all(_str(v).endswith(":log file") for _, v in digests):
-                    parts.append(f"log {_str(getattr(s, 'seq', '?'))} exists from {len(digests)} origins: "
-                                 + ", ".join(h for h, _ in digests))
-                else:
-                    parts.append(f"log {_str(getattr(s, 'seq', '?'))}: "
-                                 + ", ".join(f"{h} has {_str(v)}" for h, v in digests))
-            yield Finding("TODO", "SPLIT_BRAIN", res, None,
-                          f"log versions of {res} differ: {' / '.join(parts)}",
-                          f"decide which node's data survives; run 'marsadm invalidate {res}' on the others"
-                          + (f" (of {', '.join(sorted(hosts))})" if hosts else ""))
-
+        yield from _split(res, rs)
         yield from _logs(snap, res, rs, local)
-
-        sizes = [_num(getattr(nr, "disk_bytes", None)) for _, nr in members]
-        size = _num(getattr(rs, "size_bytes", None))
-        if members and size is not None and all(s is not None for s in sizes):
-            smallest = min(s for s in sizes if s is not None)
-            if smallest > size:
-                gain = smallest - size
-                yield Finding("HINT", "RESIZE_POSSIBLE", res, None,
-                              f"every member's disk of {res} is larger than the resource: it can grow by "
-                              f"{human_bytes(gain)} ({gain:.0f} bytes), from {human_bytes(size)} to "
-                              f"{human_bytes(smallest)}",
-                              _cmd(f"resize {res}", primary))
-
+        yield from _resize(res, rs)
         for h, nr in members:
             yield from _member(snap, res, rs, h, nr)
 
 
-def _logs(snap: Snapshot, res: str, rs: Any, local: str | None) -> Iterator[Finding]:
-    deletable = _list(getattr(rs, "deletable_logs", None))
-    if deletable:
-        n = len(deletable)
-        nbytes = _num(getattr(rs, "deletable_bytes", None))
+def _split(res: str, rs: ResourceStatus) -> Iterator[Finding]:
+    if not rs.split_brain:
+        return
+    parts: list[str] = []
+    hosts: set[str] = set()
+    for s in sorted(rs.split_brain, key=lambda s: s.seq):
+        digests = sorted(s.digests.items())
+        hosts.update(h for h, _ in digests)
+        if digests and all(v.endswith(":log file") for _, v in digests):
+            parts.append(f"log {s.seq} exists from {len(digests)} origins: " + ", ".join(h for h, _ in digests))
+        else:
+            parts.append(f"log {s.seq}: " + ", ".join(f"{h} has {v}" for h, v in digests))
+    yield Finding("TODO", "SPLIT_BRAIN", res, None,
+                  f"log versions of {res} differ: {' / '.join(parts)}",
+                  f"decide which node's data survives; run 'marsadm invalidate {res}' on the others"
+                  + (f" (of {', '.join(sorted(hosts))})" if hosts else ""))
+
+
+def _resize(res: str, rs: ResourceStatus) -> Iterator[Finding]:
+    sizes = [figure(nr.disk_bytes) for nr in rs.nodes.values()]
+    size = figure(rs.size_bytes)
+    if not sizes or size is None or any(s is None for s in sizes):
+        return
+    smallest = min(s for s in sizes if s is not None)
+    if smallest > size:
+        gain = smallest - size
+        yield Finding("HINT", "RESIZE_POSSIBLE", res, None,
+                      f"every member's disk of {res} is larger than the resource: it can grow by "
+                      f"{human_bytes(gain)} ({gain:.0f} bytes), from {human_bytes(size)} to "
+                      f"{human_bytes(smallest)}",
+                      _cmd(f"resize {res}", rs.primary))
+
+
+def _logs(snap: Snapshot, res: str, rs: ResourceStatus, local: str | None) -> Iterator[Finding]:
+    if rs.deletable_logs:
+        n = len(rs.deletable_logs)
         yield Finding("HINT", "LOGS_DELETABLE", res, None,
-                      f"{n} log file{'s' if n != 1 else ''} of {res}, {human_bytes(nbytes)}"
+                      f"{n} log file{'s' if n != 1 else ''} of {res}, {human_bytes(rs.deletable_bytes)}"
                       f"{' on ' + local if local else ''}, replayed everywhere, can be deleted",
                       f"'marsadm log-delete-all {res}'")
-    nodes = dict(_members(rs))
-    for h in sorted({_str(h) for h in _list(getattr(rs, "held_back_by", None))}):
-        nr = nodes.get(h)
-        sw = getattr(nr, "switches", None)
-        if _alive(snap, h) is False:
+    for h in sorted(set(rs.held_back_by)):
+        nr = rs.nodes.get(h)
+        if _down(snap, h):
             why, remedy = f"{h} is down", (f"start marsd on {h}, or if it is gone for good "
                                            f"'marsadm leave-resource {res} --host {h} --force' on a survivor")
-        elif _replay_stopped(nr):
+        elif nr is not None and nr.replay_stopped:
             why, remedy = "replay stopped there", f"see REPLAY_STOPPED: {_cmd('invalidate ' + res, h)}"
-        elif _flag(sw, "replay") is False:
+        elif nr is not None and not nr.switches.replay:
             why, remedy = "replay is paused there", _cmd(f"resume-replay {res}", h)
-        elif nr is not None and getattr(nr, "replay_link", None) is None:
+        elif nr is not None and nr.replay_link is None:
             why, remedy = f"{h} has no replay position yet", f"wait until {h} has synced and replays, or " \
                                                              f"{_cmd('leave-resource ' + res, h)}"
         else:
@@ -449,24 +371,20 @@ def _logs(snap: Snapshot, res: str, rs: Any, local: str | None) -> Iterator[Find
                       f"{h}'s replay position holds back deletion of older logs of {res} ({why})", remedy)
 
 
-def _member(snap: Snapshot, res: str, rs: Any, h: str, nr: Any) -> Iterator[Finding]:
-    primary = _primary(rs)
+def _member(snap: Snapshot, res: str, rs: ResourceStatus, h: str, nr: NodeResource) -> Iterator[Finding]:
+    primary = rs.primary
     is_primary = _is_primary(rs, h, nr)
-    sw, act = getattr(nr, "switches", None), getattr(nr, "actual", None)
-    attach_errors = _messages(nr, "err-attach")
+    sw, act = nr.switches, nr.actual
+    attach_errors = _texts(nr, "err-attach")
 
-    if _replay_stopped(nr):
-        code = _str(getattr(nr, "replay_code", None))
-        detail = code.split(",")
-        stop = _messages(nr, "err-replay-stop")
-        if len(detail) > 1 and detail[1]:
-            where = f" at offset {detail[2]}" if len(detail) > 2 and detail[2] else ""
-            text = f"replay of {res} on {h} stopped at a damaged log record ({detail[1]}{where})"
-            damaged = True
+    code = nr.replay_code
+    if code is not None and code.stopped:
+        if code.damage:
+            where = f" at offset {code.offset}" if code.offset is not None else ""
+            text = f"replay of {res} on {h} stopped at a damaged log record ({code.damage}{where})"
         else:
             text = f"replay of {res} on {h} is stopped (replay code {code})"
-            damaged = False
-        msg = stop or attach_errors
+        msg = _texts(nr, "err-replay-stop") or attach_errors
         if msg:
             text += f": {'; '.join(msg)}"
         if is_primary:
@@ -478,7 +396,7 @@ def _member(snap: Snapshot, res: str, rs: Any, h: str, nr: Any) -> Iterator[Find
                       f"{_cmd('invalidate ' + res, h)} (fresh log copy and fast full sync from "
                       f"{primary or 'the primary'}), or 'marsadm down {res}', 'marsadm leave-resource {res}' "
                       f"and 'marsadm join-resource {res} <device>' on {h}")
-        if not damaged and attach_errors:
+        if not code.damage and attach_errors:
             remedy = f"fix the attach error, then {_cmd('attach ' + res, h)}; if the log is damaged: " + remedy
         yield Finding("TODO", "REPLAY_STOPPED", res, h, text, remedy)
 
@@ -486,47 +404,44 @@ def _member(snap: Snapshot, res: str, rs: Any, h: str, nr: Any) -> Iterator[Find
         yield Finding("TODO", "ATTACH_FAILED", res, h, f"attach of {res} on {h} failed: {' / '.join(attach_errors)}",
                       f"fix what the message names, then {_cmd('attach ' + res, h)} (marsd retries on that)")
 
-    if _flag(sw, "fetch"):
-        src = _str(getattr(nr, "fetch_source", None)) or primary or "the primary"
-        fetch_errors = _messages(nr, "warn-fetch")
+    if sw.fetch:
+        src = nr.fetch_source or primary or "the primary"
+        fetch_errors = _texts(nr, "warn-fetch")
         if fetch_errors:
             yield Finding("TODO", "FETCH_FAILING", res, h,
                           f"fetch of {res} on {h} from {src} fails: {' / '.join(fetch_errors)}",
                           f"check that marsd runs on {src} and that {h} can reach it; "
                           f"{_cmd('get-connect-pref-list ' + res, h)} shows where it fetches from")
 
-    if h == primary and _alive(snap, h) is True and _flag(sw, "attach") \
-            and _flag(act, "primary") is False:
-        state = "its data device is attached" if _flag(act, "attached") else "it is not attached"
+    if h == primary and snap.alive(h) and sw.attach and not act.primary:
+        state = "its data device is attached" if act.attached else "it is not attached"
         yield Finding("TODO", "PRIMARY_NOT_SERVING", res, h,
                       f"{h} is the primary of {res} and attach is on, but it does not serve {res} ({state})",
                       ("see ATTACH_FAILED; fix its cause, then " if attach_errors
                        else f"look at marsd's log on {h} ('journalctl -u marsd'); ")
                       + _cmd(f"attach {res}", h) + " retries")
 
-    attach = _flag(sw, "attach")
-    if attach is False:
-        others_off = not is_primary and any(_flag(sw, s) is False for s in ("fetch", "sync", "replay"))
+    if not sw.attach:
+        others_off = not is_primary and not (sw.fetch and sw.sync and sw.replay)
         yield Finding("HINT", "DETACHED", res, h,
                       f"{res} is detached on {h}" + (f" (the primary: nothing serves {res})" if is_primary else ""),
                       _cmd(f"{'up' if others_off else 'attach'} {res}", h))
         return  # the switches below are all off after 'marsadm down'; DETACHED says it once
     if is_primary:
         return  # the primary neither syncs, fetches nor replays
-    sync = _figures(getattr(nr, "sync", None))
-    if _flag(sw, "sync") is False and sync is not None and not sync.reached:
+    if not sw.sync and not nr.sync.reached:
         yield Finding("HINT", "SYNC_PAUSED", res, h,
-                      f"sync of {res} on {h} is paused at {sync.describe()}, and {h} stays inconsistent until it "
+                      f"sync of {res} on {h} is paused at {_describe(nr.sync)}, and {h} stays inconsistent until it "
                       f"is done",
                       _cmd(f"resume-sync {res}", h))
-    if _flag(sw, "fetch") is False:
-        fetch = _figures(getattr(nr, "fetch", None))
-        behind = f" ({human_bytes(fetch.rest)} of log not fetched)" if fetch is not None and fetch.rest > 0 else ""
+    if not sw.fetch:
+        behind = f" ({human_bytes(nr.fetch.rest_bytes)} of log not fetched)" \
+            if nr.fetch is not None and nr.fetch.rest_bytes > 0 else ""
         yield Finding("HINT", "FETCH_PAUSED", res, h, f"fetch of {res} on {h} is switched off{behind}",
                       _cmd(f"connect {res}", h))
-    if _flag(sw, "replay") is False:
-        replay = _figures(getattr(nr, "replay", None))
-        behind = f" ({human_bytes(replay.rest)} not replayed)" if replay is not None and replay.rest > 0 else ""
+    if not sw.replay:
+        behind = f" ({human_bytes(nr.replay.rest_bytes)} not replayed)" \
+            if nr.replay is not None and nr.replay.rest_bytes > 0 else ""
         yield Finding("HINT", "REPLAY_PAUSED", res, h,
                       f"replay of {res} on {h} is paused{behind}",
                       _cmd(f"resume-replay {res}", h))

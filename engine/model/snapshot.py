@@ -2,37 +2,53 @@
 
 Why one builder: `marsadm view`, mars-status, the Prometheus and Zabbix exporters and the Nagios
 check must never disagree about a node. They all call :func:`build` (or read its JSON from the
-control socket) and render; none of them reads the tree or computes a verdict of its own.
+control socket, :meth:`Snapshot.from_json`) and render; none of them reads the tree or computes a
+verdict of its own.
 
 The snapshot is built from the local tree alone, which holds every node's replicated entries
 (``actual-<host>/…`` is what that node reported, with its Lamport stamp), plus the local log
 files' sizes, plus, when marsd runs, its live figures (debug lines). So it also works when marsd
-is down, and says so (``marsd_running``). One pass over the tree (one ``readlink`` + ``lstat`` per
-entry) feeds everything; the rest is dictionary work, which keeps 8 nodes × 50 resources fast.
+is down, and says so (``marsd_running``). One pass over the tree (one ``readlink`` per entry, an
+``lstat`` only where an age is shown) feeds everything; the rest is dictionary work, which keeps
+8 nodes × 50 resources fast.
 
-Units are in the names: ``_bytes``, ``_s`` (seconds), ``_bytes_per_s``; Lamport times are
-seconds since the epoch as floats.
+Rules of the types:
+
+* Frozen: a snapshot is a fact about one moment; a face that wants another picture builds one
+  (``dataclasses.replace``), it never edits the one it was given.
+* Typed values: a tree entry's text is parsed once, by its type (:mod:`mars.engine.log.values`),
+  so no face splits a position or version string; unknown or unparsable values are ``None``.
+* Derived facts are properties defined once here (``replay_stopped``, ``consistent``, a
+  progress's ``reached`` and ``percent_text``), and the findings read those properties.
+* Units are in the names: ``_bytes``, ``_s`` (seconds), ``_bytes_per_s``; Lamport times are
+  seconds since the epoch as floats.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
+import types
+import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ... import __version__
 from ..errors import MarsError
-from ..log.files import ReplayLink, parse_log_name
+from ..log.values import LogPos, ReplayCode, ReplayLink, Version, parse_log_name
+from ..tree import DELETED, LOCAL_DIRS, NONE, parse_int
 from ..trigger import marsd_running
-from ..tree import DELETED, LOCAL_DIRS, NONE
+from .units import percent_shown
 
 ALIVE_WINDOW_S = 30.0  # a node whose last report is older than this is not alive (the original: 30 s in mars-status)
 ALMOST_EMPTY = 0  # rests at or below this many bytes count as reached
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Progress:
     """A position moving towards a target: sync, fetch, replay."""
 
@@ -50,6 +66,10 @@ class Progress:
             return 100.0
         return min(100.0, 100.0 * self.pos_bytes / self.size_bytes)
 
+    def percent_text(self, decimals: int = 1) -> str:
+        """The percentage to show: never 100 while bytes are left (see units.percent_shown)."""
+        return percent_shown(self.pos_bytes, self.size_bytes, decimals)
+
     @property
     def reached(self) -> bool:
         return self.rest_bytes <= ALMOST_EMPTY
@@ -65,11 +85,11 @@ class Progress:
 
     def to_json(self) -> dict[str, Any]:
         return {"pos_bytes": self.pos_bytes, "size_bytes": self.size_bytes, "rest_bytes": self.rest_bytes,
-                "percent": round(self.percent, 2), "rate_bytes_per_s": self.rate_bytes_per_s,
-                "remaining_s": self.remaining_s}
+                "percent": round(self.percent, 2), "rate_bytes_per_s": _finite(self.rate_bytes_per_s),
+                "remaining_s": _finite(self.remaining_s)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     """A message a node wrote into the tree (``msg-<class>-<key>``), or a link error."""
 
@@ -81,7 +101,7 @@ class Message:
     age_s: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Switches:
     """What the operator wants (``todo-<host>/…``): attach, connect (fetch), sync, allow-replay."""
 
@@ -91,7 +111,7 @@ class Switches:
     replay: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Actual:
     """What the node reports doing (``actual-<host>/is-…``)."""
 
@@ -103,30 +123,29 @@ class Actual:
     open_count: int
 
 
-@dataclass(frozen=True)
-class LogVersion:
-    """One node's ``version-<seq>-<host>``: the digest of a finished log file, chained."""
-
-    host: str
-    digest: str
-    origin: str
-    length_bytes: int
-    prev_digest: str
-
-
-@dataclass
+@dataclass(frozen=True, slots=True)
 class LogFileStatus:
+    """One log file of the chain: this node's copy (if any) and every node's version of it."""
+
+    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("name", "length_bytes")
+
     seq: int
     origin: str
     local_bytes: int | None  # size of this node's copy; None when it has none
-    versions: dict[str, LogVersion] = field(default_factory=dict)  # by host
+    versions: dict[str, Version] = field(default_factory=dict)  # by host
 
     @property
     def name(self) -> str:
         return f"log-{self.seq:09d}-{self.origin}"
 
+    @property
+    def length_bytes(self) -> int | None:
+        """Its final length when a version names it (the origin's first), else this copy's size."""
+        ver = self.versions.get(self.origin) or next(iter(self.versions.values()), None)
+        return ver.length_bytes if ver is not None else self.local_bytes
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, slots=True)
 class SplitBrain:
     """Two histories for the same log number: different origins or different digests."""
 
@@ -134,9 +153,11 @@ class SplitBrain:
     digests: dict[str, str]  # host -> "<origin>:<digest>"
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class NodeResource:
     """One member of one resource, as that member reported it."""
+
+    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("role", "consistent", "replay_stopped")
 
     host: str
     disk: str
@@ -147,10 +168,10 @@ class NodeResource:
     sync: Progress
     fetch: Progress | None
     replay: Progress | None
-    replay_link: str | None
-    fetch_pos: str | None
+    replay_link: ReplayLink | None
+    fetch_pos: LogPos | None
     fetch_source: str | None
-    replay_code: str | None
+    replay_code: ReplayCode | None
     fetch_age_s: float | None  # since the fetch position last moved
     replay_age_s: float | None  # since the replay position last moved
     fetch_lag_s: float | None  # how much older its fetch position is than the primary's log end (0 when none left)
@@ -167,23 +188,33 @@ class NodeResource:
 
     @property
     def consistent(self) -> bool:
-        return self.sync.reached and self.replay_link is not None and not self.replay_stopped
+        """Synced and replaying a whole-record prefix of the log. A replay that stopped at a
+        damaged record leaves the device consistent at an older point; damage means it cannot
+        move on, which ``log_damaged`` says, and the diskstate shows as DefectiveLog."""
+        return self.sync.reached and self.replay_link is not None and not self.log_damaged
 
     @property
     def replay_stopped(self) -> bool:
-        """Replay stopped on a damaged record: ``-1,<code>,<offset>``. A bare ``-1`` is a failed
-        attach (its message says why), not a statement about the log."""
-        return bool(self.replay_code and self.replay_code.startswith("-") and "," in self.replay_code)
+        """marsd gave up on this member, so its replay does not run until an operator acts:
+        replay stopped at a damaged record, or its attach failed (replay code < 0)."""
+        return self.replay_code is not None and self.replay_code.stopped
+
+    @property
+    def log_damaged(self) -> bool:
+        """Replay stopped at a damaged log record (``-1,<code>,<offset>``)."""
+        return self.replay_code is not None and self.replay_code.damaged
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ResourceStatus:
+    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("members",)
+
     name: str
     size_bytes: int
     primary: str | None
     nodes: dict[str, NodeResource]
     logs: list[LogFileStatus]
-    log_end: str | None  # the primary's acknowledged log end (``actual-<primary>/log-pos``)
+    log_end: LogPos | None  # the primary's acknowledged log end (``actual-<primary>/log-pos``)
     split_brain: list[SplitBrain]
     deletable_logs: list[str]
     deletable_bytes: int
@@ -195,14 +226,19 @@ class ResourceStatus:
         return sorted(self.nodes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Tunable:
     name: str
     set_value: str | None  # what the tree asks for (defaults-<host>/<name>), None when not set
     actual_value: str | None  # what the running marsd uses
 
+    @property
+    def value(self) -> str | None:
+        """What is in force as far as the tree says: the set value, else the one marsd reports."""
+        return self.set_value if self.set_value is not None else self.actual_value
 
-@dataclass
+
+@dataclass(frozen=True, slots=True)
 class NodeStatus:
     host: str
     ip: str | None
@@ -215,8 +251,17 @@ class NodeStatus:
     link_errors: dict[str, str]  # peer -> why this node cannot reach it (msg-peer-<peer>)
     tunables: list[Tunable]
 
+    def tunable(self, name: str) -> Tunable | None:
+        return next((t for t in self.tunables if t.name == name), None)
 
-@dataclass
+    @property
+    def peer_port(self) -> str | None:
+        """The peer port this node's marsd reports using (None when it has not said)."""
+        t = self.tunable("port")
+        return t.actual_value if t is not None and t.actual_value else None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     local_host: str
     mars_dir: str
@@ -246,23 +291,116 @@ class Snapshot:
             raise self.unknown_resource(name)
         return r
 
+    def alive(self, host: str) -> bool:
+        ns = self.nodes.get(host)
+        return ns is not None and ns.alive
+
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON types; progress objects with their derived figures (percent, rest, time left)."""
-        def conv(o: Any) -> Any:
-            if isinstance(o, Progress):
-                return o.to_json()
-            if isinstance(o, dict):
-                return {k: conv(v) for k, v in o.items()}
-            if isinstance(o, (list, tuple)):
-                return [conv(v) for v in o]
-            if hasattr(o, "__dataclass_fields__"):
-                d = {k: conv(getattr(o, k)) for k in o.__dataclass_fields__}
-                for extra in ("role", "consistent", "replay_stopped", "members", "name"):
-                    if extra not in d and isinstance(getattr(type(o), extra, None), property):
-                        d[extra] = conv(getattr(o, extra))
-                return d
-            return o
-        return conv(self)
+        """Plain JSON types: every field, plus the derived figures a program should not recompute
+        (a member's role, a progress's percent and time left). Floats that are not finite become
+        null, so strict JSON parsers (Zabbix, browsers) read it."""
+        out = _to_json(self)
+        assert isinstance(out, dict)
+        return out
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Snapshot:
+        """The snapshot :meth:`to_json` wrote (marsd's control socket sends it), checked field by
+        field against the types; derived figures in the document are ignored, recomputed here.
+
+        Raises MarsError naming the first field that does not fit, as from a marsd of another
+        version.
+        """
+        try:
+            snap: Snapshot = _from_json(cls, doc, "snapshot")
+            return snap
+        except (TypeError, ValueError) as e:
+            raise MarsError(f"the status snapshot cannot be read: {e}",
+                            "run the same MARS version for marsd and the status tools") from None
+
+
+# --- JSON ------------------------------------------------------------------------------------
+
+_VALUE_TYPES = (LogPos, ReplayLink, Version, ReplayCode)
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is None or math.isfinite(v) else None
+
+
+def _to_json(o: Any) -> Any:
+    if isinstance(o, _VALUE_TYPES):
+        return str(o)  # the tree's own text: one format per value, parsed back by its type
+    if isinstance(o, Progress):
+        return o.to_json()
+    if isinstance(o, float):
+        return _finite(o)
+    if isinstance(o, dict):
+        return {k: _to_json(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_to_json(v) for v in o]
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        d = {f.name: _to_json(getattr(o, f.name)) for f in dataclasses.fields(o)}
+        for name in getattr(o, "JSON_EXTRAS", ()):
+            d[name] = _to_json(getattr(o, name))
+        return d
+    return o
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _dataclass(tp: Any) -> type | None:
+    """``tp`` when it is a dataclass type (not an instance)."""
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
+
+
+def _from_json(tp: Any, v: Any, where: str) -> Any:
+    """``v`` as type ``tp``; TypeError/ValueError naming ``where`` when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if v is None:
+            if len(args) == len(typing.get_args(tp)):
+                raise ValueError(f"{where} is null")
+            return None
+        return _from_json(args[0], v, where)
+    if tp in _VALUE_TYPES:
+        if not isinstance(v, str) or (parsed := tp.parse(v)) is None:
+            raise ValueError(f"{where} = {v!r} is not a {tp.__name__}")
+        return parsed
+    cls = _dataclass(tp)
+    if cls is not None:
+        if not isinstance(v, dict):
+            raise TypeError(f"{where} is not an object")
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in v:
+                kw[f.name] = _from_json(_hints(cls)[f.name], v[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{where}.{f.name} is missing")
+        return cls(**kw)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if not isinstance(v, dict):
+            raise TypeError(f"{where} is not an object")
+        return {k: _from_json(val_t, x, f"{where}[{k!r}]") for k, x in v.items()}
+    if origin is list:
+        (item_t,) = typing.get_args(tp)
+        if not isinstance(v, list):
+            raise TypeError(f"{where} is not a list")
+        return [_from_json(item_t, x, f"{where}[{i}]") for i, x in enumerate(v)]
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{where} = {v!r} is not a number")
+        return float(v)
+    if tp in (int, str, bool):
+        if type(v) is not tp:
+            raise TypeError(f"{where} = {v!r} is not a {tp.__name__}")
+        return v
+    raise TypeError(f"{where}: no JSON form for {tp!r}")
 
 
 # --- building -------------------------------------------------------------------------------
@@ -322,57 +460,30 @@ class _Entries:
         n = len(prefix)
         return [(k[n:], v) for k, v in self.dirs.get(directory, {}).items() if k.startswith(prefix)]
 
-    def int(self, path: str, default: int | None = None) -> int | None:
-        v = self.values.get(path)
-        if v is None:
-            return default
-        try:
-            return int(v)
-        except ValueError:
-            return default
+    def integer(self, path: str, default: int | None = None) -> int | None:
+        v = parse_int(self.values.get(path))
+        return default if v is None else v
 
     def flag(self, path: str) -> bool:
         return self.values.get(path) == "1"
+
+    def real(self, path: str) -> float | None:
+        v = self.values.get(path)
+        try:
+            return float(v) if v is not None else None
+        except ValueError:
+            return None
+
+    def age(self, path: str, lamport: float) -> float | None:
+        """Seconds since the entry at ``path`` was written, by its Lamport stamp; None unknown."""
+        s = self.stamps.get(path)
+        return None if s is None else max(0.0, lamport - s)
 
 
 def _aged(name: str) -> bool:
     """Entries whose age the snapshot shows; ``time`` (every node's, every round) also keeps
     the Lamport clock current, since it is the newest stamp in any live tree."""
     return name in ("time", "fetch-pos", "log-pos") or name.startswith(("replay-", "msg-"))
-
-
-def _float(v: str | None) -> float | None:
-    try:
-        return float(v) if v is not None else None
-    except ValueError:
-        return None
-
-
-def _parse_pos(v: str | None) -> tuple[int, str, int] | None:
-    """``log-N-<origin>,<bytes>[,...]`` -> (seq, origin, bytes)."""
-    if not v:
-        return None
-    parts = v.split(",")
-    p = parse_log_name(parts[0])
-    if p is None or len(parts) < 2:
-        return None
-    try:
-        return p[0], p[1], int(parts[1])
-    except ValueError:
-        return None
-
-
-def _parse_version(host: str, v: str) -> LogVersion | None:
-    """``<digest>,log-N-<origin>,<len>:<prev digest>,…``."""
-    try:
-        head, _, prev = v.partition(":")
-        digest, name, length = head.split(",")
-        p = parse_log_name(name)
-        if p is None:
-            return None
-        return LogVersion(host, digest, p[1], int(length), prev.split(",", 1)[0])
-    except ValueError:
-        return None
 
 
 def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIVE_WINDOW_S,
@@ -386,33 +497,29 @@ def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIV
 
     hosts = sorted({h for h, _ in e.names("ips", "ip-")} |
                    {d[len("actual-"):] for d in e.dirs if d.startswith("actual-") and "/" not in d})
-    nodes = {h: _node(e, h, host, lamport, window_s) for h in hosts}
+    nodes = {h: _node(e, h, lamport, window_s) for h in hosts}
     resources = {}
     for d in sorted(d for d in e.dirs if d.startswith("resource-") and "/" not in d):
         res = d[len("resource-"):]
         if e.get(f"{d}/size") is not None:
-            resources[res] = _resource(e, res, host, lamport)
+            resources[res] = _resource(e, res, lamport)
     return Snapshot(local_host=host, mars_dir=str(root), taken_at_s=wall, lamport_s=lamport, clock_slip_s=lamport - wall,
                     tool_version=__version__, marsd_running=pid is not None, marsd_pid=pid,
                     cluster_uuid=e.get("uuid"), window_s=window_s, nodes=nodes, resources=resources,
                     debug_lines=list(debug_lines or []))
 
 
-def _node(e: _Entries, h: str, local: str, lamport: float, window_s: float) -> NodeStatus:
+def _node(e: _Entries, h: str, lamport: float, window_s: float) -> NodeStatus:
     a = f"actual-{h}"
-    t_path = f"{a}/time"
-    reported = _float(e.get(t_path))
+    reported = e.real(f"{a}/time")
     seen_age = None if reported is None else max(0.0, lamport - reported)
-    link_errors = dict(e.names(a, "msg-peer-"))
-    tunables = []
-    names = sorted(n for n, _ in e.names(a, "tunable-"))
-    for n in names:
-        tunables.append(Tunable(n, e.get(f"defaults-{h}/{n}") or e.get(f"defaults/{n}"), e.get(f"{a}/tunable-{n}")))
+    tunables = [Tunable(n, e.get(f"defaults-{h}/{n}") or e.get(f"defaults/{n}"), e.get(f"{a}/tunable-{n}"))
+                for n in sorted(n for n, _ in e.names(a, "tunable-"))]
     return NodeStatus(
         host=h, ip=e.get(f"ips/ip-{h}"), alive=seen_age is not None and seen_age <= window_s,
-        seen_age_s=seen_age,
-        version=e.get(f"{a}/version"), rest_space_bytes=e.int(f"{a}/rest-space"),
-        total_space_bytes=e.int(f"{a}/total-space"), emergency=e.flag(f"{a}/emergency"), link_errors=link_errors, tunables=tunables)
+        seen_age_s=seen_age, version=e.get(f"{a}/version"), rest_space_bytes=e.integer(f"{a}/rest-space"),
+        total_space_bytes=e.integer(f"{a}/total-space"), emergency=e.flag(f"{a}/emergency"),
+        link_errors=dict(e.names(a, "msg-peer-")), tunables=tunables)
 
 
 def _messages(e: _Entries, directory: str, node: str, res: str | None, lamport: float) -> list[Message]:
@@ -425,140 +532,153 @@ def _messages(e: _Entries, directory: str, node: str, res: str | None, lamport: 
     return sorted(out, key=lambda m: m.key)
 
 
-def _resource(e: _Entries, res: str, local: str, lamport: float) -> ResourceStatus:
-    d = f"resource-{res}"
-    size = e.int(f"{d}/size", 0) or 0
-    primary = e.get(f"{d}/primary")
-    primary = None if primary in (None, NONE, "") else primary
-    members = sorted(h for h, _ in e.names(d, "data-"))
-
-    # Log files: local copies, and every node's version entries.
-    logs: dict[tuple[int, str], LogFileStatus] = {}
+def _log_files(e: _Entries, d: str) -> dict[tuple[int, str], LogFileStatus]:
+    """The chain's files: this node's copies, and every file a node's version entry names."""
+    local: dict[tuple[int, str], int] = {}
     for name, nbytes in e.files.get(d, {}).items():
         p = parse_log_name(name)
         if p is not None:
-            logs[p] = LogFileStatus(p[0], p[1], nbytes)
-    by_seq: dict[int, dict[str, LogVersion]] = {}
+            local[p] = nbytes
+    versions: dict[tuple[int, str], dict[str, Version]] = {}
     for name, v in e.names(d, "version-"):
         seq_s, _, h = name.partition("-")
-        ver = _parse_version(h, v)
+        ver = Version.parse(v)
         if ver is None or not seq_s.isdigit():
             continue
-        seq = int(seq_s)
-        by_seq.setdefault(seq, {})[h] = ver
-        logs.setdefault((seq, ver.origin), LogFileStatus(seq, ver.origin, None)).versions[h] = ver
+        versions.setdefault((int(seq_s), ver.origin), {})[h] = ver
+    return {k: LogFileStatus(k[0], k[1], local.get(k), versions.get(k, {}))
+            for k in local.keys() | versions.keys()}
+
+
+def _split_brain(logs: dict[tuple[int, str], LogFileStatus]) -> list[SplitBrain]:
+    """Log numbers with two histories: nodes' versions that differ, or files from two origins."""
+    by_seq: dict[int, dict[str, Version]] = {}
+    origins: dict[int, set[str]] = {}
+    for (seq, origin), f in logs.items():
+        by_seq.setdefault(seq, {}).update(f.versions)
+        origins.setdefault(seq, set()).add(origin)
     split = []
     for seq, vers in sorted(by_seq.items()):
-        kinds = {f"{v.origin}:{v.digest}" for v in vers.values()}
-        if len(kinds) > 1:
+        if len({f"{v.origin}:{v.digest}" for v in vers.values()}) > 1:
             split.append(SplitBrain(seq, {h: f"{v.origin}:{v.digest}" for h, v in sorted(vers.items())}))
-    origins_by_seq: dict[int, set[str]] = {}
-    for seq, origin in logs:
-        origins_by_seq.setdefault(seq, set()).add(origin)
-    for seq, origins in sorted(origins_by_seq.items()):
-        if len(origins) > 1 and not any(s.seq == seq for s in split):
-            split.append(SplitBrain(seq, {o: f"{o}:log file" for o in sorted(origins)}))
+        elif len(origins[seq]) > 1:
+            split.append(SplitBrain(seq, {o: f"{o}:log file" for o in sorted(origins[seq])}))
+    return split
 
-    # Absolute positions: bytes from the first known log, using finished lengths where known.
-    lengths: dict[int, int] = {}
-    for (seq, origin), f in logs.items():
-        ver = f.versions.get(origin) or next(iter(f.versions.values()), None)
-        if ver is not None:
-            lengths[seq] = ver.length_bytes
-        elif f.local_bytes is not None:
-            lengths.setdefault(seq, f.local_bytes)
-    seqs = sorted(lengths)
-    base: dict[int, int] = {}
-    acc = 0
-    for s in seqs:
-        base[s] = acc
-        acc += lengths[s]
 
-    def absolute(pos: tuple[int, str, int] | None) -> int | None:
+class _Chain:
+    """Absolute positions: bytes from the first known log file, by finished lengths where known.
+
+    Positions in the tree name a file and an offset in it; progress needs one number line, so
+    every file starts where the one before it ended.
+    """
+
+    def __init__(self, logs: dict[tuple[int, str], LogFileStatus]) -> None:
+        lengths: dict[int, int] = {}
+        for (seq, _), f in logs.items():
+            if f.versions:
+                lengths[seq] = f.length_bytes or 0
+            elif f.local_bytes is not None:
+                lengths.setdefault(seq, f.local_bytes)
+        self.seqs = sorted(lengths)
+        self.base: dict[int, int] = {}
+        acc = 0
+        for s in self.seqs:
+            self.base[s] = acc
+            acc += lengths[s]
+        self.total = acc
+
+    def absolute(self, pos: LogPos | None) -> int | None:
         if pos is None:
             return None
-        seq, _, off = pos
-        if seq in base:
-            return base[seq] + off
-        return acc + off if not seqs or seq > seqs[-1] else off
+        if pos.seq in self.base:
+            return self.base[pos.seq] + pos.offset
+        return self.total + pos.offset if not self.seqs or pos.seq > self.seqs[-1] else pos.offset
 
-    log_end_v = e.get(f"{d}/actual-{primary}/log-pos") if primary else None
-    end_pos = _parse_pos(log_end_v)
-    end_abs = absolute(end_pos)
+
+def _resource(e: _Entries, res: str, lamport: float) -> ResourceStatus:
+    d = f"resource-{res}"
+    size = e.integer(f"{d}/size", 0) or 0
+    primary = e.get(f"{d}/primary")
+    primary = None if primary in (None, NONE, "") else primary
+    members = sorted(h for h, _ in e.names(d, "data-"))
+    logs = _log_files(e, d)
+    chain = _Chain(logs)
+    log_end = LogPos.parse(e.get(f"{d}/actual-{primary}/log-pos")) if primary else None
+    end_abs = chain.absolute(log_end)
     if end_abs is None:
-        end_abs = acc
-
-    nodes: dict[str, NodeResource] = {}
-    for h in members:
-        a = f"{d}/actual-{h}"
-        td = f"{d}/todo-{h}"
-        sw = Switches(attach=e.flag(f"{td}/attach"), fetch=e.flag(f"{td}/connect"), sync=e.flag(f"{td}/sync"),
-                      replay=e.flag(f"{td}/allow-replay"))
-        act = Actual(attached=e.flag(f"{a}/is-attached"), primary=e.flag(f"{a}/is-primary"),
-                     syncing=e.flag(f"{a}/is-syncing"), fetching=e.flag(f"{a}/is-copying"),
-                     replaying=e.flag(f"{a}/is-replaying"), open_count=e.int(f"{a}/open-count", 0) or 0)
-        is_primary = h == primary
-        # The primary is the sync source: complete by definition. A member without the entry is
-        # the resource's creator (join-resource and invalidate always write one): complete too.
-        syncpos = size if is_primary else e.int(f"{d}/syncstatus-{h}", size)
-        sync = Progress(min(syncpos, size), size, _float(e.get(f"{a}/amount-sync_rate")))
-        replay_v = e.get(f"{d}/replay-{h}")
-        link = ReplayLink.parse(replay_v)
-        replay_abs = absolute((link.seq, link.origin, link.pos)) if link else None
-        fetch_v = e.get(f"{a}/fetch-pos")
-        if is_primary:
-            fetch_abs = end_abs  # the primary has its whole log
-        else:
-            fetch_abs = absolute(_parse_pos(fetch_v))
-        fetch = None if fetch_abs is None else Progress(min(fetch_abs, end_abs), end_abs,
-                                                       _float(e.get(f"{a}/amount-file_rate")))
-        replay = None if replay_abs is None else Progress(min(replay_abs, end_abs), end_abs,
-                                                          _float(e.get(f"{a}/amount-replay_rate")))
-        if is_primary and replay is not None and log_end_v is None:
-            replay = Progress(replay.pos_bytes, replay.pos_bytes, replay.rate_bytes_per_s)
-
-        def age(path: str) -> float | None:
-            s = e.stamps.get(path)
-            return None if s is None else max(0.0, lamport - s)
-
-        def lag(p: Progress | None, mine: str, primary_path: str) -> float | None:
-            """As the original: the stamp of the primary's position minus ours, while behind."""
-            if p is not None and p.reached:
-                return 0.0
-            s_mine, s_primary = e.stamps.get(mine), e.stamps.get(primary_path)
-            if p is None or s_mine is None or s_primary is None:
-                return None
-            return max(0.0, s_primary - s_mine)
-        nodes[h] = NodeResource(
-            host=h, disk=e.get(f"{d}/data-{h}") or "", disk_bytes=e.int(f"{d}/actsize-{h}"),
-            designated_primary=is_primary, switches=sw, actual=act,
-            sync=sync, fetch=fetch, replay=replay, replay_link=replay_v, fetch_pos=fetch_v,
-            fetch_source=e.get(f"{a}/fetch-source"), replay_code=e.get(f"{a}/replay-code"),
-            fetch_age_s=age(f"{a}/fetch-pos"), replay_age_s=age(f"{d}/replay-{h}"),
-            fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{primary}/log-pos"),
-            replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{primary}"),
-            messages=_messages(e, a, h, res, lamport))
-
-    # Deletable logs: older than every member's replay position, never the newest. A member
-    # "holds them back" when it sits in the oldest needed file and does not move on by itself:
-    # replay switched off, stopped on a bad record, or detached (a lagging member catches up).
-    local_logs = sorted(k for k, f in logs.items() if f.local_bytes is not None)
-    links = {h: ReplayLink.parse(e.get(f"{d}/replay-{h}")) for h in members}
-    deletable: list[str] = []
-    held: list[str] = []
-    if local_logs and members:
-        newest = local_logs[-1][0]
-        known = [lk.seq for lk in links.values() if lk]
-        oldest = min(known) if len(known) == len(links) else 0
-        deletable = [logs[k].name for k in local_logs if k[0] < oldest and k[0] < newest]
-        for h, lk in links.items():
-            n = nodes[h]
-            stuck = not n.switches.replay or n.replay_stopped or not n.switches.attach
-            if (lk is None or (lk.seq == oldest and oldest < newest)) and stuck and not n.designated_primary:
-                held.append(h)
-    deletable_bytes = sum(logs[k].local_bytes or 0 for k in local_logs if logs[k].name in deletable)
+        end_abs = chain.total
+    nodes = {h: _member(e, d, h, primary, size, chain, end_abs, log_end, lamport) for h in members}
+    deletable, held = _deletable(logs, nodes)
     return ResourceStatus(
         name=res, size_bytes=size, primary=primary, nodes=nodes,
-        logs=[logs[k] for k in sorted(logs)], log_end=log_end_v, split_brain=split,
-        deletable_logs=deletable, deletable_bytes=deletable_bytes, held_back_by=held,
-        logs_deleted_below=e.int(f"{d}/logs-deleted-below", 0) or 0)
+        logs=[logs[k] for k in sorted(logs)], log_end=log_end, split_brain=_split_brain(logs),
+        deletable_logs=[logs[k].name for k in deletable], deletable_bytes=sum(logs[k].local_bytes or 0 for k in deletable),
+        held_back_by=held, logs_deleted_below=e.integer(f"{d}/logs-deleted-below", 0) or 0)
+
+
+def _member(e: _Entries, d: str, h: str, primary: str | None, size: int, chain: _Chain, end_abs: int,
+            log_end: LogPos | None, lamport: float) -> NodeResource:
+    a, td = f"{d}/actual-{h}", f"{d}/todo-{h}"
+    sw = Switches(attach=e.flag(f"{td}/attach"), fetch=e.flag(f"{td}/connect"), sync=e.flag(f"{td}/sync"),
+                  replay=e.flag(f"{td}/allow-replay"))
+    act = Actual(attached=e.flag(f"{a}/is-attached"), primary=e.flag(f"{a}/is-primary"),
+                 syncing=e.flag(f"{a}/is-syncing"), fetching=e.flag(f"{a}/is-copying"),
+                 replaying=e.flag(f"{a}/is-replaying"), open_count=e.integer(f"{a}/open-count", 0) or 0)
+    is_primary = h == primary
+    # The primary is the sync source: complete by definition. A member without the entry is
+    # the resource's creator (join-resource and invalidate always write one): complete too.
+    syncpos = size if is_primary else e.integer(f"{d}/syncstatus-{h}", size) or 0
+    sync = Progress(min(syncpos, size), size, e.real(f"{a}/amount-sync_rate"))
+    link = ReplayLink.parse(e.get(f"{d}/replay-{h}"))
+    fetch_pos = LogPos.parse(e.get(f"{a}/fetch-pos"))
+    fetch_abs = end_abs if is_primary else chain.absolute(fetch_pos)  # the primary has its whole log
+    replay_abs = chain.absolute(link.logpos) if link else None
+    fetch = None if fetch_abs is None else Progress(min(fetch_abs, end_abs), end_abs, e.real(f"{a}/amount-file_rate"))
+    replay = None if replay_abs is None else Progress(min(replay_abs, end_abs), end_abs,
+                                                      e.real(f"{a}/amount-replay_rate"))
+    if is_primary and replay is not None and log_end is None:
+        replay = Progress(replay.pos_bytes, replay.pos_bytes, replay.rate_bytes_per_s)
+
+    def lag(p: Progress | None, mine: str, primary_path: str) -> float | None:
+        """As the original: the stamp of the primary's position minus ours, while behind."""
+        if p is not None and p.reached:
+            return 0.0
+        s_mine, s_primary = e.stamps.get(mine), e.stamps.get(primary_path)
+        if p is None or s_mine is None or s_primary is None:
+            return None
+        return max(0.0, s_primary - s_mine)
+
+    return NodeResource(
+        host=h, disk=e.get(f"{d}/data-{h}") or "", disk_bytes=e.integer(f"{d}/actsize-{h}"),
+        designated_primary=is_primary, switches=sw, actual=act,
+        sync=sync, fetch=fetch, replay=replay, replay_link=link, fetch_pos=fetch_pos,
+        fetch_source=e.get(f"{a}/fetch-source"), replay_code=ReplayCode.parse(e.get(f"{a}/replay-code")),
+        fetch_age_s=e.age(f"{a}/fetch-pos", lamport), replay_age_s=e.age(f"{d}/replay-{h}", lamport),
+        fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{primary}/log-pos"),
+        replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{primary}"),
+        messages=_messages(e, a, h, d[len("resource-"):], lamport))
+
+
+def _deletable(logs: dict[tuple[int, str], LogFileStatus],
+               nodes: dict[str, NodeResource]) -> tuple[list[tuple[int, str]], list[str]]:
+    """The local log files every member has replayed, and the members that hold older ones back.
+
+    Deletable: older than every member's replay position, never the newest. A member "holds them
+    back" when it sits in the oldest needed file and does not move on by itself: replay switched
+    off, stopped (marsd gave up on it), or detached (a lagging member catches up by itself).
+    """
+    local_logs = sorted(k for k, f in logs.items() if f.local_bytes is not None)
+    if not local_logs or not nodes:
+        return [], []
+    newest = local_logs[-1][0]
+    known = [n.replay_link.seq for n in nodes.values() if n.replay_link]
+    oldest = min(known) if len(known) == len(nodes) else 0
+    deletable = [k for k in local_logs if k[0] < oldest and k[0] < newest]
+    held = []
+    for h, n in nodes.items():
+        lk = n.replay_link
+        stuck = not n.switches.replay or n.replay_stopped or not n.switches.attach
+        if (lk is None or (lk.seq == oldest and oldest < newest)) and stuck and not n.designated_primary:
+            held.append(h)
+    return deletable, held

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..log.files import ReplayLink, parse_log_name
+from ..log.values import LogPos
 from . import snapshot as model
 
-__all__ = ["Member", "code_text"]
+__all__ = ["Member"]
 
 
 def _log_end_bytes(r: model.ResourceStatus) -> int:
@@ -115,10 +115,10 @@ class Member:
         return max(rates) if rates else None
 
     def pos(self, what: str) -> int:
-        return getattr(self, f"{what}_pos")
+        return int(getattr(self, f"{what}_pos"))
 
     def size(self, what: str) -> int:
-        return getattr(self, f"{what}_size")
+        return int(getattr(self, f"{what}_size"))
 
     def progress(self, what: str) -> model.Progress:
         """The macro's position as the model's Progress: rest, percent and time left computed there."""
@@ -134,7 +134,8 @@ class Member:
         return self.progress(what).percent
 
     def rate(self, what: str) -> float | None:
-        return getattr(self, f"{what}_rate")
+        rate: float | None = getattr(self, f"{what}_rate")
+        return rate
 
     def remain(self, what: str) -> float | None:
         if what == "work":
@@ -142,19 +143,23 @@ class Member:
             return None if None in parts else sum(parts)  # type: ignore[arg-type]
         return self.progress(what).remaining_s
 
+    def fetch_log(self) -> LogPos | None:
+        """Where this member's log ends as far as it has it: the primary's acknowledged log end
+        while it serves, a secondary's fetch position."""
+        n = self.n
+        if n is None:
+            return None
+        if self.designated and n.actual.primary:
+            return self.r.log_end
+        return n.fetch_pos
+
     def lognr(self, what: str) -> int | None:
         """The log file number of the replay or fetch position (the original's replay/fetch-lognr)."""
         n = self.n
         if n is None:
             return None
-        if what == "replay":
-            link = ReplayLink.parse(n.replay_link)
-            return link.seq if link else None
-        if self.designated and n.actual.primary and self.r.log_end:
-            p = parse_log_name(self.r.log_end.split(",")[0])
-        else:
-            p = parse_log_name((n.fetch_pos or "").split(",")[0])
-        return p[0] if p else None
+        pos = (n.replay_link.logpos if n.replay_link else None) if what == "replay" else self.fetch_log()
+        return pos.seq if pos else None
 
     # the original's complex macros (§2.2), first match wins
 
@@ -170,8 +175,8 @@ class Member:
             return "NotJoined"
         if not n.switches.attach:
             return "Detaching" if n.actual.attached else "Detached"
-        if n.replay_stopped:
-            return f"DefectiveLog[{code_text(n.replay_code)}]"
+        if n.log_damaged and n.replay_code is not None:
+            return f"DefectiveLog[{n.replay_code.brief}]"
         if not n.actual.attached:
             return "NoAttach"
         if not n.consistent:
@@ -253,11 +258,3 @@ class Member:
 
     def primarynode(self) -> str:
         return self.host if self.designated else (self.r.primary or "(none)")
-
-
-def code_text(code: str | None) -> str:
-    """``-1,<code>,<offset>`` (a stopped replay) reads ``<code>@<offset>``; other codes as they are."""
-    parts = (code or "").split(",")
-    if len(parts) >= 3:
-        return f"{parts[1]}@{parts[2]}"
-    return parts[-1] if len(parts) == 2 else parts[0]

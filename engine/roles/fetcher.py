@@ -18,13 +18,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
 
-from ..log import format as lf
-from ..peer import protocol as P
 from ..device import start_writeout
-from ..log.files import ReplayLink, list_logs, log_name, read_replay
-from ..log.writer import first_record
+from ..log import format as lf
+from ..log.files import LogFile, finished_length, list_logs, read_replay
+from ..log.values import LogPos, ReplayLink, log_name
+from ..peer import protocol as P
 from ..peer.link import PeerClient, PeerError
-from ..log.replayer import finished_length
 from ..tree import Tree, res_dir
 
 log = logging.getLogger("mars.fetcher")
@@ -48,7 +47,7 @@ class Fetcher:
         self.error: str | None = None
         self.source: str | None = None
         self.active = False
-        self.position: str | None = None  # "<log file>,<bytes>" of the copy being fetched, for the tree
+        self.position: LogPos | None = None  # how far the copy being fetched is, for the tree
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
@@ -85,17 +84,18 @@ class Fetcher:
         if not logs:
             return link.seq, link.origin
         for f in logs:
-            self.complete[f.name] = self._cut_incomplete(f.path, f.seq)
+            self.complete[f.name] = self._cut_incomplete(f)
         last = logs[-1]
-        self.position = f"{last.name},{self.complete[last.name]}"
+        self.position = LogPos(last.seq, self.complete[last.name], last.origin)
         return last.seq, last.origin
 
-    def _cut_incomplete(self, path: Path, seq: int) -> int:
-        r = lf.scan_file(path, 0, first_record(seq))
+    @staticmethod
+    def _cut_incomplete(f: LogFile) -> int:
+        r = f.scan()
         if r.error is not None:
             if not r.error.torn:
                 raise lf.LogCorruption(r.error.file, r.error.offset, r.error.code, r.error.reason, False)
-            os.truncate(path, r.end)
+            os.truncate(f.path, r.end)
         return r.end
 
     async def run(self) -> None:
@@ -163,7 +163,7 @@ class Fetcher:
                 self.error = None
                 known = max(known, reply.size)
                 self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
-                got = await self._store(path, name, offset, reply)
+                got = await self._store(path, LogPos(seq, offset, origin), reply)
                 if got < FETCH_BYTES and inflight:
                     await self._drain(inflight)  # a short reply: what was asked after it does not follow on
                 if not got and not path.exists():
@@ -209,13 +209,13 @@ class Fetcher:
             req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=wait_ms),
             timeout=wait_ms / 1000 + 10)  # a silent link is noticed in seconds, not minutes
 
-    async def _store(self, path: Path, name: str, offset: int, r: P.LogData) -> int:
-        """Append a reply's bytes; a reply that does not start where the copy ends is dropped."""
-        if r.offset != offset or not r.data:
+    async def _store(self, path: Path, at: LogPos, r: P.LogData) -> int:
+        """Append a reply's bytes at ``at`` (where the copy ends); a reply that starts elsewhere is dropped."""
+        if r.offset != at.offset or not r.data:
             return 0
         await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset)
-        self.complete[name] = offset + len(r.data)
-        self.position = f"{name},{offset + len(r.data)}"
+        self.position = LogPos(at.seq, at.offset + len(r.data), at.origin)
+        self.complete[at.name] = self.position.offset
         self.fetched_bytes += len(r.data)
         self.on_data()
         return len(r.data)

@@ -1,7 +1,9 @@
-"""One resource inside marsd: its data device, recovery, logger, NBD export and replay checkpoints.
+"""The primary's runtime of a resource: its data device, recovery, logger, NBD export and replay
+checkpoints.
 
-The runtime exists while the resource is attached on this node. It is the only owner of the data
-device and the log files it appends to; marsadm talks to it through the tree only.
+The runtime exists while the resource is attached on this node as its primary. It is the only
+owner of the data device and the log files it appends to; marsadm talks to it through the tree
+only.
 
 Checkpoints: write-back goes to the device's page cache, so the replay position may advance only
 after the device is synced. Every ``checkpoint_interval`` seconds (when anything changed) the device
@@ -14,31 +16,35 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from concurrent.futures import Executor
+from typing import ClassVar
 
-from ..log import format as lf
-from ..nbd import protocol as nbd
 from ..device import DataDevice
-from ..log.files import LogPos, ReplayLink, list_logs, log_name, replay_path
-from ..log.writer import Logger, LogWriteError
-from ..nbd.server import NbdSession
+from ..log import format as lf
+from ..log.files import list_logs, replay_path
 from ..log.recovery import recover
-from ..tree import Tree, actual, res_dir
+from ..log.values import LogPos, ReplayLink, log_name
+from ..log.writer import Logger, LogWriteError
+from ..nbd import protocol as nbd
+from ..nbd.server import Export, NbdSession
+from ..tree import actual, res_dir
+from .runtime import RuntimeDeps, Wanted
 
 log = logging.getLogger("mars.resource")
 
 
-class ResourceRuntime:
-    role = "primary"
+class PrimaryRuntime:
+    """The primary: serves the resource over NBD, logs every write, checkpoints the device."""
 
-    def __init__(self, tree: Tree, res: str, data_path: str, size: int, executor: Executor,
-                 checkpoint_interval: float = 1.0) -> None:
-        self.tree = tree
+    role: ClassVar[str] = "primary"
+
+    def __init__(self, deps: RuntimeDeps, res: str, data_path: str, size: int) -> None:
+        self.deps = deps
+        self.tree = deps.tree
         self.res = res
         self.data_path = data_path
         self.size = size
-        self.executor = executor
-        self.checkpoint_interval = checkpoint_interval
+        self.executor = deps.executor
+        self.checkpoint_interval = deps.checkpoint_interval
         self.device: DataDevice | None = None
         self.logger: Logger | None = None
         self.sessions: set[NbdSession] = set()
@@ -46,8 +52,37 @@ class ResourceRuntime:
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._synced = LogPos()
         self._changed = asyncio.Event()
-        self._append_waiters: list[asyncio.Future[None]] = []
         self.serving = False
+
+    # -- the runtime interface -----------------------------------------------------------------
+
+    @property
+    def export(self) -> Export | None:
+        return self if self.serving else None
+
+    @property
+    def open_count(self) -> int:
+        return len(self.sessions)
+
+    @property
+    def syncing(self) -> bool:
+        return False  # the primary is every sync's source, never a target
+
+    def follow(self, wanted: Wanted) -> None:
+        """The primary neither syncs, fetches nor replays: it only rotates its log when asked."""
+        self.rotate_if_requested(self.deps.logrot_auto)
+
+    def publish(self) -> None:
+        if self.logger is not None:
+            # The end of the acknowledged log: what secondaries converge to.
+            self.tree.set(actual(self.res, self.tree.host, "log-pos"), self.logger.acked, durable=False)
+
+    def servable(self, name: str) -> int | None:
+        """Of our own current log file, only what is durable and acknowledged."""
+        if self.logger is None:
+            return None
+        acked = self.logger.acked
+        return acked.offset if acked.name == name else None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -69,7 +104,7 @@ class ResourceRuntime:
         self.logger = Logger(self.res, self.tree, self.device, result.state,
                              on_progress=self._progress)
         self.logger.start()
-        self._synced = LogPos(result.state.seq, result.state.end)
+        self._synced = LogPos(result.state.seq, result.state.end, self.tree.host)
         self._checkpoint_task = loop.create_task(self._checkpoints(), name=f"checkpoint-{self.res}")
         self.serving = True
 
@@ -94,26 +129,7 @@ class ResourceRuntime:
 
     def _progress(self, pos: LogPos) -> None:
         self._changed.set()
-        waiters, self._append_waiters = self._append_waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
-
-    async def wait_append(self, timeout: float) -> None:
-        """Until the next acknowledged batch (or the timeout): a fetcher's long poll waits here."""
-        fut = asyncio.get_running_loop().create_future()
-        self._append_waiters.append(fut)
-        try:
-            await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            pass
-
-    def fetch_limit(self, seq: int) -> int | None:
-        """How much of log ``seq`` peers may fetch: only what is durable and acknowledged."""
-        if self.logger is None:
-            return None
-        acked = self.logger.acked
-        return acked.offset if acked.seq == seq else None
+        self.deps.log_pulse.fire()  # a peer's fetch long-polling at our log end goes on at once
 
     def rotate_if_requested(self, auto_bytes: int = 0) -> None:
         """Switch to a newer log file: one marsadm log-rotate created, or one we create because
@@ -151,8 +167,7 @@ class ResourceRuntime:
     def _sync_and_record(self, pos: LogPos) -> None:
         assert self.device is not None
         self.device.fdatasync()
-        self.tree.set(replay_path(self.res, self.tree.host), ReplayLink(pos.seq, self.tree.host, pos.offset, 0),
-                      durable=False)
+        self.tree.set(replay_path(self.res, self.tree.host), ReplayLink.at(pos), durable=False)
 
     # -- the NBD export ------------------------------------------------------------------------
 
@@ -191,4 +206,4 @@ class ResourceRuntime:
         return f
 
 
-__all__ = ["ResourceRuntime", "LogWriteError"]
+__all__ = ["PrimaryRuntime", "LogWriteError"]

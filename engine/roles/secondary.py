@@ -12,73 +12,95 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from typing import ClassVar
 
 from ..device import DataDevice
-from .fetcher import Fetcher
-from ..peer.link import PeerClient
 from ..log.replayer import Replayer
+from ..log.values import parse_log_name
+from ..nbd.server import Export
+from ..tree import actual, res_dir
+from .fetcher import Fetcher
+from .runtime import RuntimeDeps, Wanted
 from .syncer import Syncer
-from ..tree import Tree, actual, res_dir
 
 log = logging.getLogger("mars.secondary")
 
 
 class SecondaryRuntime:
-    role = "secondary"
+    """A secondary: a fast full sync, then fetch and replay, each a task of its own."""
 
-    def __init__(self, tree: Tree, res: str, data_path: str, size: int, executor: Executor,
-                 connect: Callable[[str], PeerClient], checkpoint_interval: float = 1.0,
-                 may_sync: Callable[[], bool] = lambda: True) -> None:
-        self.tree = tree
+    role: ClassVar[str] = "secondary"
+
+    def __init__(self, deps: RuntimeDeps, res: str, data_path: str, size: int) -> None:
+        self.deps = deps
+        self.tree = deps.tree
         self.res = res
         self.data_path = data_path
         self.size = size
-        self.executor = executor
-        self.connect = connect
-        self.may_sync = may_sync
-        self.checkpoint_interval = checkpoint_interval
+        self.executor = deps.executor
         self.device: DataDevice | None = None
         self.fetcher: Fetcher | None = None
         self.syncer: Syncer | None = None
         self.replayer: Replayer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self.serving = False  # secondaries export nothing
-        self.sessions: set = set()
         self._rates: dict[str, Rate] = {}
+
+    # -- the runtime interface -----------------------------------------------------------------
+
+    @property
+    def export(self) -> Export | None:
+        return None  # a secondary's device is the replay's alone: it exports nothing
+
+    @property
+    def open_count(self) -> int:
+        return 0
+
+    @property
+    def syncing(self) -> bool:
+        return self.running("sync")
+
+    def servable(self, name: str) -> int | None:
+        """Of a log copy (we are an intermediate in someone's connect list): what our fetcher has
+        completely written, never a half-written tail; a copy at rest when the fetcher is off.
+        Files of our own origin are not copies: only a primary serves those, up to its acks."""
+        p = parse_log_name(name)
+        if self.fetcher is None or p is None or p[1] == self.tree.host:
+            return None
+        return self.fetcher.available(name)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.device = await loop.run_in_executor(self.executor, DataDevice, self.data_path, self.res)
-        self.fetcher = Fetcher(self.tree, self.res, self.executor, self.connect, self._data_arrived)
+        self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived)
 
     def _data_arrived(self) -> None:
         if self.replayer is not None:
             self.replayer.wake.set()
+        self.deps.log_pulse.fire()  # a node fetching from our copy goes on at once
 
     def sync_needed(self) -> bool:
         return self.tree.get_int(f"{res_dir(self.res)}/syncstatus-{self.tree.host}") < self.size
 
-    def update(self, want_sync: bool, want_fetch: bool, want_replay: bool) -> None:
+    def follow(self, wanted: Wanted) -> None:
         """Start or stop the three tasks to match the switches (called every reconcile round)."""
         assert self.device is not None and self.fetcher is not None
         syncing = self.sync_needed()
-        self._switch("fetch", want_fetch, self.fetcher.run)
+        self._switch("fetch", wanted.fetch, self.fetcher.run)
         if syncing:
             self._switch("replay", False, None)
-            if want_sync and "sync" not in self._tasks:
-                if not self.may_sync():
+            if wanted.sync and "sync" not in self._tasks:
+                if not self.deps.may_sync():
                     return  # the host's sync limit is reached; the next round tries again
                 primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
                 self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor,
-                                     lambda: self.connect(primary))
-            self._switch("sync", want_sync, self.syncer.run if self.syncer else None)
+                                     lambda: self.deps.connect(primary))
+            self._switch("sync", wanted.sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
-            if want_replay and "replay" not in self._tasks:
+            if wanted.replay and "replay" not in self._tasks:
                 self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
-                                         self.checkpoint_interval)
-            self._switch("replay", want_replay, self.replayer.run if self.replayer else None)
+                                         self.deps.checkpoint_interval)
+            self._switch("replay", wanted.replay, self.replayer.run if self.replayer else None)
 
     def _switch(self, name: str, on: bool, run: Callable[[], object] | None) -> None:
         task = self._tasks.get(name)

@@ -1,0 +1,123 @@
+"""The runtime of a resource attached on this node: one class per role, one interface for both.
+
+marsd keeps one runtime per attached resource and drives it the same way whatever its role:
+start, follow the switches every round, publish what it does, stop. The peer services ask it
+the one thing they need (how much of a log file may be served from here). Nobody probes a
+runtime's class or attributes to find out what it can do; what differs between the roles is
+inside :class:`~mars.engine.roles.primary.PrimaryRuntime` and
+:class:`~mars.engine.roles.secondary.SecondaryRuntime`. This is also the seam a role switch
+(``marsadm primary``) turns on: stop one runtime, start the other.
+
+A runtime gets everything it uses from its daemon explicitly (:class:`RuntimeDeps`): the tree,
+the disk executor, how to reach a peer, the host's sync limit, and the resource's
+:class:`LogPulse`, which it fires whenever its log grows here, so a peer's long-polling fetch
+wakes at once instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+from ..device import DataDevice
+from ..tree import Tree
+
+if TYPE_CHECKING:
+    from ..nbd.server import Export
+    from ..peer.link import PeerClient
+
+__all__ = ["LogPulse", "Runtime", "RuntimeDeps", "Wanted"]
+
+
+class LogPulse:
+    """Wakes every waiter when a resource's log grows on this node (appended or fetched).
+
+    One per resource, owned by the daemon, so it outlives a runtime that stops and starts: a
+    peer's fetch waiting for more log wakes when a runtime that started meanwhile appends. A
+    fire with no waiter costs nothing; a waiter never waits past its own deadline.
+    """
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def fire(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:
+        """Until the next fire (True) or ``timeout`` seconds (False)."""
+        if timeout <= 0:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+
+@dataclass(frozen=True)
+class RuntimeDeps:
+    """What a runtime uses of its daemon: explicit, so a runtime can be built in a test without one."""
+
+    tree: Tree
+    executor: Executor
+    log_pulse: LogPulse
+    connect: Callable[[str], PeerClient]  # a new link to a peer host (fetch and sync sources)
+    may_sync: Callable[[], bool] = lambda: True  # the host's sync limit allows one more
+    checkpoint_interval: float = 1.0  # minimum seconds between device syncs that advance replay-<host>
+    logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What the operator's switches ask of a secondary this round (``todo-<host>/…``)."""
+
+    sync: bool
+    fetch: bool
+    replay: bool
+
+
+class Runtime(Protocol):
+    """A resource attached on this node, in one role."""
+
+    role: ClassVar[str]  # "primary" or "secondary": the role the tree must ask for to keep it
+    res: str
+    device: DataDevice | None  # open while attached
+
+    @property
+    def export(self) -> Export | None:
+        """What the NBD server serves for this resource now (the primary while it serves)."""
+
+    @property
+    def open_count(self) -> int:
+        """NBD clients connected to this resource's export here."""
+
+    @property
+    def syncing(self) -> bool:
+        """A full sync runs here now (it counts against the host's sync limit)."""
+
+    async def start(self) -> None:
+        """Open the device and start working; MarsError (and stays closed) when it cannot."""
+
+    async def stop(self) -> None:
+        """Stop working, make what was done durable, close the device."""
+
+    def follow(self, wanted: Wanted) -> None:
+        """One reconcile round: act on the switches and on requests in the tree (log-rotate)."""
+
+    def publish(self) -> None:
+        """Write this role's actual state into the tree (``actual-<host>/…``)."""
+
+    def servable(self, name: str) -> int | None:
+        """Bytes of the local log file ``name`` that peers may fetch now (durable, complete);
+        None when this runtime does not write or fetch that file."""
