@@ -24,12 +24,11 @@ import re
 import stat
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from .entry import DELETED, Entry
 from .errors import MarsError, UsageError
 
-DELETED = ".deleted"
 NONE = "(none)"
 DEFAULT_MARS_DIR = "/mars"
 # Top-level directories that stay on their node: the credential must never travel.
@@ -76,19 +75,6 @@ class LamportClock:
         with self._lock:
             if stamp_ns > self._last:
                 self._last = stamp_ns
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One tree entry as read from disk. ``path`` is relative to the tree root."""
-
-    path: str
-    value: str
-    stamp_ns: int
-
-    @property
-    def deleted(self) -> bool:
-        return self.value == DELETED
 
 
 class Tree:

@@ -65,10 +65,13 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import xxhash
+
+from ..sansio import END, NEED_DATA, LocalProtocolError, RemoteProtocolError, Sentinel, transition
 
 __all__ = [
     "HEADER_SIZE",
@@ -282,8 +285,9 @@ class Decoded:
     check: int
 
 
-class LogCorruption(Exception):
-    """A record that must not be replayed, and where it starts.
+class LogCorruption(RemoteProtocolError):
+    """A record that must not be replayed, and where it starts: the log format's remote error
+    (the file, not this reader, is at fault).
 
     ``torn`` is True only when the damage is a torn tail: the file ends inside the
     record, or everything from the record's start to the end of the file is zero
@@ -297,7 +301,7 @@ class LogCorruption(Exception):
     def __init__(self, file: str, offset: int, code: str, reason: str, torn: bool = False) -> None:
         # All constructor arguments go to args so that the exception pickles (it may
         # cross a process boundary in the daemon).
-        super().__init__(file, offset, code, reason, torn)
+        Exception.__init__(self, file, offset, code, reason, torn)
         self.file = file
         self.offset = offset
         self.code = code
@@ -308,31 +312,33 @@ class LogCorruption(Exception):
         return f"{self.file}: offset {self.offset}: {self.reason}"
 
 
-class _Sentinel:
-    __slots__ = ("_name",)
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-    def __reduce__(self) -> str:
-        return self._name
+# A header's fields once its check passed, in the order _emit unpacks them: kind, flags,
+# payload length, seq, lamport_ns, offset, length, payload digest. A plain tuple: building a
+# NamedTuple per record cost 4 % of the reader's throughput here (bench: 20,000 4 KiB records).
+_Header = tuple[Kind, int, int, int, int, int, int, int]
 
 
-NEED_DATA = _Sentinel("NEED_DATA")
-"""``next_event`` needs more bytes (or the EOF mark, ``receive_data(b"")``)."""
-END = _Sentinel("END")
-"""Clean end of data: EOF fell exactly on a record boundary."""
-
-# Reader states.
-_HEADER = 0  # waiting for a header at self._rec_start
-_FILL = 1  # header accepted; copying a payload that arrives in pieces into self._pbuf
-_TRAILER = 2  # header and payload consumed; waiting for the trailer
-_ZEROS = 3  # a bad header; deciding whether everything from here to EOF is zero
-_DONE = 4
-_FAILED = 5
+# The reader's phases and the only ways between them. state -> (method that reads in it,
+# {trigger: next state}); a transition the table lacks is a LocalProtocolError (a bug here).
+#   header -> fill:     the header is good and its payload arrives in pieces
+#   header -> trailer:  header and payload consumed; the trailer is not here yet
+#   header -> zeros:    a bad start magic: a zero tail (torn, safe to cut) or garbage, which only
+#                       the bytes up to EOF can tell
+#   header -> done:     EOF exactly at a record boundary
+#   fill -> trailer, trailer -> header: the record is complete (a record that lies in one read
+#                       is checked and yielded in place and never leaves header)
+#   every live state -> failed: the first record that must not be replayed; sticky
+_HEADER, _FILL, _TRAILER, _ZEROS, _DONE, _FAILED = "header", "fill", "trailer", "zeros", "done", "failed"
+_STATES: dict[str, tuple[str, dict[str, str]]] = {
+    _HEADER: ("_parse_header", {"fill": _FILL, "trailer": _TRAILER, "bad_magic": _ZEROS, "eof": _DONE,
+                                "damage": _FAILED}),
+    _FILL: ("_filling", {"filled": _TRAILER, "damage": _FAILED}),
+    _TRAILER: ("_finish", {"record": _HEADER, "damage": _FAILED}),
+    _ZEROS: ("_scan_zeros", {"damage": _FAILED}),
+    _DONE: ("_at_end", {}),
+    _FAILED: ("_after_damage", {}),
+}
+_EDGES = {state: edges for state, (_, edges) in _STATES.items()}
 
 _ZERO_BLOCK = bytes(2**20)
 
@@ -370,6 +376,7 @@ class RecordReader:
         "_buffered",
         "_eof",
         "_state",
+        "_handler",
         "_error",
         "_expect",
         "_rec_start",
@@ -388,11 +395,12 @@ class RecordReader:
         self._buffered = 0
         self._eof = False
         self._state = _HEADER
+        self._handler: Callable[[], Decoded | Sentinel | None] = self._parse_header
         self._error: LogCorruption | None = None
         self._expect = expect_seq
         self._rec_start = start_offset
         self._last_seq: int | None = None
-        self._hdr: tuple | None = None
+        self._hdr: _Header | None = None
         self._check = 0
         self._pbuf: bytearray | None = None
         self._pfill = 0
@@ -412,7 +420,7 @@ class RecordReader:
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed the next bytes of the file; ``b""`` marks EOF."""
         if self._eof:
-            raise RuntimeError("receive_data() after EOF")
+            raise LocalProtocolError("receive_data() after EOF")
         mv = memoryview(data)
         if mv.ndim != 1 or mv.format != "B":
             mv = mv.cast("B")
@@ -431,7 +439,7 @@ class RecordReader:
             if self._pfill == len(pbuf):
                 self._payload = memoryview(pbuf).toreadonly()
                 self._pbuf = None
-                self._state = _TRAILER
+                self._to("filled")
             mv = mv[n:]
             if not mv:
                 return
@@ -471,7 +479,7 @@ class RecordReader:
     def _fail(self, offset: int, code: str, reason: str, torn: bool = False) -> LogCorruption:
         err = LogCorruption(self._name, offset, code, reason, torn)
         self._error = err
-        self._state = _FAILED
+        self._to("damage")
         self._chunks.clear()
         self._buffered = 0
         self._pbuf = None
@@ -480,33 +488,37 @@ class RecordReader:
 
     # -- the state machine ----------------------------------------------------
 
-    def next_event(self) -> Decoded | _Sentinel:
+    def _to(self, trigger: str) -> None:
+        self._state = new = transition(_EDGES, "log reader", self._state, trigger)
+        self._handler = getattr(self, _STATES[new][0])
+
+    def next_event(self) -> Decoded | Sentinel:
         """The next verified record, ``NEED_DATA`` or ``END``; raises
         ``LogCorruption`` at the first record that must not be replayed."""
-        state = self._state
-        if state == _HEADER:
-            ev = self._parse_header()
-            if ev is not None:
-                return ev
-            state = self._state
-        if state == _TRAILER:
-            return self._finish()
-        if state == _FILL:
-            if self._eof:
-                raise self._truncated()
-            return NEED_DATA
-        if state == _ZEROS:
-            return self._scan_zeros()
-        if state == _DONE:
-            return END
-        raise self._error  # _FAILED
+        ev = self._handler()
+        while ev is None:  # the phase changed while parsing (header -> trailer, ...): go on in the new one
+            ev = self._handler()
+        return ev
+
+    def _filling(self) -> Sentinel:
+        if self._eof:
+            raise self._truncated()
+        return NEED_DATA
+
+    def _at_end(self) -> Sentinel:
+        return END
+
+    def _after_damage(self) -> Decoded:
+        assert self._error is not None
+        raise self._error
 
     def _truncated(self) -> LogCorruption:
         have = self._buffered
         hdr = self._hdr
         if hdr is not None:
             have += HEADER_SIZE + (self._pfill if self._state == _FILL else len(self._payload))
-            need = HEADER_SIZE + hdr[2] + TRAILER_SIZE
+            _, _, plen, *_ = hdr
+            need = HEADER_SIZE + plen + TRAILER_SIZE
         else:
             need = HEADER_SIZE
         what = "record" if hdr is not None else "record header"
@@ -514,7 +526,7 @@ class RecordReader:
             self._rec_start, "truncated", f"file ends inside a {what} ({have} of {need} bytes present)", torn=True
         )
 
-    def _parse_header(self) -> Decoded | _Sentinel | None:
+    def _parse_header(self) -> Decoded | Sentinel | None:
         """Decide on the header at ``_rec_start``; None means "go on to the body"."""
         buffered = self._buffered
         start = self._rec_start
@@ -522,7 +534,7 @@ class RecordReader:
             if not self._eof:
                 return NEED_DATA
             if not buffered:
-                self._state = _DONE
+                self._to("eof")
                 return END
             if _all_zero(memoryview(self._peek(buffered))):
                 raise self._fail(start, "zero-tail", f"zero-filled tail ({buffered} zero bytes to end of file)", True)
@@ -535,7 +547,7 @@ class RecordReader:
             self._error = LogCorruption(
                 self._name, start, "bad-start-magic", f"bad start magic {bytes(magic)!r} (expected {START_MAGIC!r})"
             )
-            self._state = _ZEROS
+            self._to("bad_magic")
             self._zeros_seen = 0
             return None
         # Magic bytes are nonzero, so from here on a zero tail is impossible.
@@ -571,13 +583,13 @@ class RecordReader:
         # bounded by MAX_PAYLOAD), so it may size a buffer.
         if not plen:
             self._payload = b""
-            self._state = _TRAILER
+            self._to("trailer")
             return None
         chunks = self._chunks
         if chunks and len(chunks[0]) >= plen:
             self._payload = chunks[0][:plen]
             self._skip(plen)
-            self._state = _TRAILER
+            self._to("trailer")
             return None
         pbuf = bytearray(plen)
         fill = 0
@@ -592,13 +604,13 @@ class RecordReader:
         self._pfill = fill
         if fill == plen:
             self._payload = memoryview(pbuf).toreadonly()
-            self._state = _TRAILER
+            self._to("trailer")
         else:
             self._pbuf = pbuf
-            self._state = _FILL
+            self._to("fill")
         return None
 
-    def _finish(self) -> Decoded | _Sentinel:
+    def _finish(self) -> Decoded | Sentinel:
         if self._buffered < TRAILER_SIZE:
             if self._eof:
                 raise self._truncated()
@@ -608,6 +620,7 @@ class RecordReader:
     def _emit(self, trailer: bytes | memoryview, consume: int) -> Decoded:
         """Check the trailer and the payload (in ``self._payload``) of the record whose
         header is ``self._hdr``; on success consume ``consume`` buffered bytes."""
+        assert self._hdr is not None
         kind, flags, plen, seq, lamport, offset, length, digest = self._hdr
         start = self._rec_start
         end_magic, trailer_seq = _TRL.unpack(trailer)
@@ -630,10 +643,11 @@ class RecordReader:
         self._expect = seq + 1
         self._hdr = None
         self._payload = b""
-        self._state = _HEADER
+        if self._state is not _HEADER:  # a record that lay in one read never left it
+            self._to("record")
         return ev
 
-    def _scan_zeros(self) -> _Sentinel:
+    def _scan_zeros(self) -> Sentinel:
         chunks = self._chunks
         while chunks:
             c = chunks.popleft()

@@ -9,7 +9,8 @@ from pathlib import Path
 from ..device import device_size
 from ..log.files import list_logs, read_replay, replay_path
 from ..log.values import ReplayLink, log_name
-from ..tree import DELETED, check_name, require_cluster, res_dir, todo
+from ..entry import DELETED
+from ..tree import check_name, require_cluster, res_dir, todo
 from ..model.units import human_bytes, parse_size
 from .base import RES_ARG, Ctx, command
 from .switches import SWITCHES, _attached, _refuse_if_open

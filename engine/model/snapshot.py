@@ -40,7 +40,8 @@ from typing import Any, ClassVar
 from ... import __version__
 from ..errors import MarsError
 from ..log.values import LogPos, ReplayCode, ReplayLink, Version, parse_log_name
-from ..tree import DELETED, LOCAL_DIRS, NONE, parse_int
+from ..entry import DELETED
+from ..tree import LOCAL_DIRS, NONE, parse_int
 from ..trigger import marsd_running
 from .units import percent_shown
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Callable
 
-from ..sansio import ReceiveBuffer
+from ..sansio import NEED_DATA, LocalProtocolError, ReceiveBuffer, RemoteProtocolError, Sentinel, show, transition
 
 __all__ = [
     "NEED_DATA",
@@ -61,29 +61,12 @@ __all__ = [
 ]
 
 
-class _NeedData:
-    """Type of the NEED_DATA singleton; a class of its own so its repr reads well in test output."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by next_event() when the buffered bytes do not yet hold a complete message.
-NEED_DATA = _NeedData()
-
-
-class NbdProtocolError(Exception):
+class NbdProtocolError(RemoteProtocolError):
     """The client broke the protocol beyond recovery; close this connection (never the daemon).
 
     Only raised where the spec says the server must or may drop the connection, or where the
     byte stream can no longer be framed (after a bad magic nothing that follows can be trusted).
     """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 # --- wire constants (NetworkBlockDevice/nbd doc/proto.md) ------------------------------------
@@ -282,11 +265,6 @@ class ConnectionClosed:
 Event = Negotiated | Request | BadRequest | Disconnect | ConnectionClosed
 
 
-# --- receive buffer: see recvbuf.py --------------------------------------------------------
-
-_ReceiveBuffer = ReceiveBuffer
-
-
 # --- the connection ----------------------------------------------------------------------------
 
 GREETING = "greeting"
@@ -304,15 +282,16 @@ ERROR = "error"
 #:                          stream is requests, and option magic would be garbage.
 #:   options -> closed:     OPT_ABORT, acknowledged; the client is about to hang up.
 #:   transmission -> closed: NBD_CMD_DISC; nothing the client sends later is served.
-#: _FROM_ANY_LIVE adds the edges every live state has: EOF closes, garbage poisons.
+#:   every live state:      EOF closes, garbage poisons.
+_FROM_ANY_LIVE = {"eof": CLOSED, "client_error": ERROR}
 _STATE_TABLE: dict[str, tuple[str, dict[str, str]]] = {
-    GREETING: ("_read_client_flags", {"client_flags": OPTIONS}),
-    OPTIONS: ("_read_option", {"export_chosen": TRANSMISSION, "abort": CLOSED}),
-    TRANSMISSION: ("_read_request", {"disconnect": CLOSED}),
+    GREETING: ("_read_client_flags", {"client_flags": OPTIONS, **_FROM_ANY_LIVE}),
+    OPTIONS: ("_read_option", {"export_chosen": TRANSMISSION, "abort": CLOSED, **_FROM_ANY_LIVE}),
+    TRANSMISSION: ("_read_request", {"disconnect": CLOSED, **_FROM_ANY_LIVE}),
     CLOSED: ("_read_when_closed", {}),
     ERROR: ("_read_after_error", {}),
 }
-_FROM_ANY_LIVE = {"eof": CLOSED, "client_error": ERROR}
+_EDGES = {state: edges for state, (_, edges) in _STATE_TABLE.items()}
 _TERMINAL = frozenset((CLOSED, ERROR))
 
 
@@ -322,12 +301,6 @@ def _limit_string(text: str) -> bytes:
     if len(raw) <= MAX_STRING:
         return raw
     return raw[:MAX_STRING].decode("utf-8", "ignore").encode("utf-8")
-
-
-def _show(name: str) -> str:
-    """An export name for a message: quoted, and short enough for any log line."""
-    shown = repr(name)
-    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 class NbdServerConnection:
@@ -354,7 +327,7 @@ class NbdServerConnection:
         self._list_names = list_names
         self._max_payload = max_payload
         self._max_option_len = max_option_len
-        self._rb = _ReceiveBuffer()
+        self._rb = ReceiveBuffer()
         self._out: list[bytes] = []
         self._eof = False
         self._need = 0  # no handler runs until avail >= _need; reset after every event
@@ -364,7 +337,7 @@ class NbdServerConnection:
         self._size = 0
         self._read_only = False
         self._state = GREETING
-        self._handler: Callable[[], Event | _NeedData] = getattr(self, _STATE_TABLE[GREETING][0])
+        self._handler: Callable[[], Event | Sentinel] = getattr(self, _STATE_TABLE[GREETING][0])
 
     # -- public API --------------------------------------------------------------------------
 
@@ -391,12 +364,12 @@ class NbdServerConnection:
             self._eof = True
             return
         if self._eof:
-            raise RuntimeError("receive_data() after EOF")
+            raise LocalProtocolError("receive_data() after EOF")
         if self._state in _TERMINAL:
             return
         self._rb.append(data)
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | Sentinel:
         """The next event, or NEED_DATA; raises NbdProtocolError for client garbage.
 
         After ConnectionClosed or Disconnect every call returns ConnectionClosed; after an
@@ -427,17 +400,11 @@ class NbdServerConnection:
     # -- state machine -----------------------------------------------------------------------
 
     def _transition(self, trigger: str) -> None:
-        state = self._state
-        new = _STATE_TABLE[state][1].get(trigger)
-        if new is None and state not in _TERMINAL:
-            new = _FROM_ANY_LIVE.get(trigger)
-        if new is None:
-            raise RuntimeError(f"nbd: no transition {trigger!r} from state {state!r}")
-        self._state = new
+        self._state = new = transition(_EDGES, "nbd", self._state, trigger)
         self._handler = getattr(self, _STATE_TABLE[new][0])
         if new in _TERMINAL:
             self._need = 0
-            self._rb = _ReceiveBuffer()  # nothing buffered will ever be served: free it now
+            self._rb = ReceiveBuffer()  # nothing buffered will ever be served: free it now
 
     def _client_error(self, reason: str) -> NbdProtocolError:
         """Poison the connection and return the exception for the caller of next_event."""
@@ -446,16 +413,16 @@ class NbdServerConnection:
         self._transition("client_error")
         return error
 
-    def _read_when_closed(self) -> Event | _NeedData:
+    def _read_when_closed(self) -> Event | Sentinel:
         return ConnectionClosed()
 
-    def _read_after_error(self) -> Event | _NeedData:
+    def _read_after_error(self) -> Event | Sentinel:
         assert self._error is not None
         raise NbdProtocolError(self._error.reason)
 
     # -- handshake ---------------------------------------------------------------------------
 
-    def _read_client_flags(self) -> Event | _NeedData:
+    def _read_client_flags(self) -> Event | Sentinel:
         rb = self._rb
         if rb.avail < 4:
             self._need = 4
@@ -471,7 +438,7 @@ class NbdServerConnection:
         self._transition("client_flags")
         return self._read_option()
 
-    def _read_option(self) -> Event | _NeedData:
+    def _read_option(self) -> Event | Sentinel:
         """Answer options until one produces an event; replies pile up in data_to_send()."""
         rb = self._rb
         while True:
@@ -537,7 +504,7 @@ class NbdServerConnection:
             raise self._client_error(f"NBD_OPT_EXPORT_NAME with a non-UTF-8 name at byte {start}") from None
         export = self._lookup(name)
         if export is None:
-            raise self._client_error(f"NBD_OPT_EXPORT_NAME for unknown export {_show(name)}")
+            raise self._client_error(f"NBD_OPT_EXPORT_NAME for unknown export {show(name)}")
         self._out.append(_EXPORT_NAME_REPLY.pack(export.size, self._transmission_flags(export)))
         if not self._no_zeroes:
             self._out.append(_ZERO_PAD)
@@ -584,7 +551,7 @@ class NbdServerConnection:
             return None
         export = self._lookup(name)
         if export is None:
-            message = f"unknown export {_show(name)}" if name else "there is no default export"
+            message = f"unknown export {show(name)}" if name else "there is no default export"
             self._reply_error(option, REP_ERR_UNKNOWN, message)
             return None
         self._reply(option, REP_INFO, _INFO_EXPORT.pack(INFO_EXPORT, export.size, self._transmission_flags(export)))
@@ -619,7 +586,7 @@ class NbdServerConnection:
 
     # -- transmission ------------------------------------------------------------------------
 
-    def _read_request(self) -> Event | _NeedData:
+    def _read_request(self) -> Event | Sentinel:
         """One request per call. The hot path: a valid WRITE or READ.
 
         A WRITE is framed by its own length, so an oversized one cannot be skipped without
@@ -627,22 +594,19 @@ class NbdServerConnection:
         wrong with a well-framed request is a BadRequest (the payload of a bad WRITE is still
         consumed, so the next request header lines up).
 
-        The buffer's fast path is inlined: a request that lies wholly inside the head chunk
-        (nearly all of them with 64 KiB reads) is parsed and sliced without a method call.
+        The header is unpacked in place from the buffer's head chunk when it lies there (nearly
+        always, with 64 KiB reads); only the buffer's own methods move its position, so its
+        invariants hold as proven in sansio.py.
         """
         rb = self._rb
         avail = rb.avail
         if avail < _REQUEST_LEN:
             self._need = _REQUEST_LEN
             return NEED_DATA
-        chunk = rb.chunks[0]
-        pos = rb.pos
-        room = len(chunk) - pos
-        if room >= _REQUEST_LEN:
-            magic, flags, cmd, handle, offset, length = _REQUEST_unpack_from(chunk, pos)
-        else:
-            buf, off = rb.peek(_REQUEST_LEN)
-            magic, flags, cmd, handle, offset, length = _REQUEST_unpack_from(buf, off)
+        chunk, pos = rb.chunks[0], rb.pos
+        if len(chunk) - pos < _REQUEST_LEN:
+            chunk, pos = rb.peek(_REQUEST_LEN)
+        magic, flags, cmd, handle, offset, length = _REQUEST_unpack_from(chunk, pos)
         if magic != REQUEST_MAGIC:
             raise self._client_error(f"bad request magic 0x{magic:08x} at byte {rb.consumed}")
         if cmd == 1:  # WRITE
@@ -654,13 +618,7 @@ class NbdServerConnection:
             if avail < total:
                 self._need = total  # don't re-parse until the whole payload is here
                 return NEED_DATA
-            if room > total and type(chunk) is bytes:
-                data = chunk[pos + _REQUEST_LEN : pos + total]
-                rb.pos = pos + total
-                rb.avail = avail - total
-            else:
-                rb.skip(_REQUEST_LEN)
-                data = rb.take(length)
+            data = rb.take_after(_REQUEST_LEN, length)
             if flags & ~CMD_FLAG_FUA:
                 return BadRequest(handle, EINVAL, f"WRITE with unsupported flags 0x{flags:04x}")
             if self._read_only:
@@ -668,11 +626,7 @@ class NbdServerConnection:
             if offset + length > self._size:
                 return BadRequest(handle, ENOSPC, f"WRITE of {length} at {offset} beyond size {self._size}")
             return _new_request(_WRITE, handle, offset, length, flags, data)
-        if room > _REQUEST_LEN:
-            rb.pos = pos + _REQUEST_LEN
-            rb.avail = avail - _REQUEST_LEN
-        else:
-            rb.skip(_REQUEST_LEN)
+        rb.skip(_REQUEST_LEN)
         if cmd == 0:  # READ
             if flags & ~CMD_FLAG_FUA:
                 return BadRequest(handle, EINVAL, f"READ with unsupported flags 0x{flags:04x}")

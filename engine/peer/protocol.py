@@ -56,8 +56,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..sansio import ReceiveBuffer
-from ..tree import Entry
+from ..entry import Entry
+from ..sansio import NEED_DATA, LocalProtocolError, ReceiveBuffer, RemoteProtocolError, Sentinel, show, transition
 
 __all__ = [
     "PROTO_VERSION",
@@ -120,38 +120,17 @@ _HEADER_LEN = _HEADER.size  # 9
 _TYPE_AND_META_LEN = 5  # the part of body_len that is not meta or data
 
 
-class _NeedData:
-    """Type of the NEED_DATA singleton; a class of its own so its repr reads well in test output."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-#: Returned by next_event() when the buffered bytes do not yet hold a complete frame.
-NEED_DATA = _NeedData()
-
-
-class PeerProtocolError(Exception):
+class PeerProtocolError(RemoteProtocolError):
     """The peer broke the protocol; drop this link (never the daemon).
 
     Raised for anything the peer's bytes can do wrong, and for nothing else, so a caller that
     catches it alone is safe against any input. After it, the connection is poisoned: every
     later next_event() raises it again, because nothing after a bad frame can be framed.
-    """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class LocalProtocolError(RuntimeError):
-    """This side misused the connection (sent before initial_bytes, after Bye, ...).
-
-    A bug in the caller, not in the peer: a separate class so that it is never mistaken for (or
-    caught as) the peer's fault. A message that is itself invalid raises ValueError instead,
-    from its constructor, and one too big for a frame raises ValueError from encode().
+    This side misusing the connection (sending before initial_bytes, after Bye, ...) is a
+    LocalProtocolError instead (sansio.py), never mistaken for the peer's fault; a message that
+    is itself invalid raises ValueError from its constructor, and one too big for a frame
+    ValueError from encode().
     """
 
 
@@ -205,7 +184,7 @@ def _component(cls: str, name: str, value: Any, empty_ok: bool = False) -> None:
             return
         raise ValueError(f"{cls}.{name} is empty")
     if "/" in value or value in (".", ".."):
-        raise ValueError(f"{cls}.{name} = {_show(value)} is not a single path component")
+        raise ValueError(f"{cls}.{name} = {show(value)} is not a single path component")
 
 
 def _tree_path(cls: str, name: str, value: Any) -> None:
@@ -216,10 +195,10 @@ def _tree_path(cls: str, name: str, value: Any) -> None:
     if n > MAX_PATH:
         raise ValueError(f"{cls}.{name} is longer than {MAX_PATH} bytes")
     if value[0] == "/":
-        raise ValueError(f"{cls}.{name} = {_show(value)} is absolute")
+        raise ValueError(f"{cls}.{name} = {show(value)} is absolute")
     for part in value.split("/"):
         if part in ("", ".", ".."):
-            raise ValueError(f"{cls}.{name} = {_show(value)} has an empty, '.' or '..' component")
+            raise ValueError(f"{cls}.{name} = {show(value)} has an empty, '.' or '..' component")
 
 
 def _tree_prefix(cls: str, name: str, value: Any) -> None:
@@ -228,9 +207,9 @@ def _tree_prefix(cls: str, name: str, value: Any) -> None:
     if _utf8_len(cls, name, value) > MAX_PATH:
         raise ValueError(f"{cls}.{name} is longer than {MAX_PATH} bytes")
     if value.startswith("/"):
-        raise ValueError(f"{cls}.{name} = {_show(value)} is absolute")
+        raise ValueError(f"{cls}.{name} = {show(value)} is absolute")
     if ".." in value.split("/"):
-        raise ValueError(f"{cls}.{name} = {_show(value)} has a '..' component")
+        raise ValueError(f"{cls}.{name} = {show(value)} has a '..' component")
 
 
 def _data(cls: str, value: Any) -> int:
@@ -253,12 +232,6 @@ def _req(cls: str, value: Any, reply_to_nothing_ok: bool = False) -> None:
 
 _CODE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2}){1,%d}\Z" % (MAX_DIGEST // 2))
-
-
-def _show(value: Any) -> str:
-    """A peer-supplied value for an error message: quoted, and short enough for any log line."""
-    shown = repr(value)
-    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -325,7 +298,7 @@ class TreeEntries:
             # Empty values are refused because a symlink cannot have an empty target.
             n = _utf8_len("TreeEntries", "entry.value", e.value)
             if not 0 < n <= MAX_VALUE:
-                raise ValueError(f"TreeEntries entry {_show(e.path)}: value of {n} bytes is not 1..{MAX_VALUE}")
+                raise ValueError(f"TreeEntries entry {show(e.path)}: value of {n} bytes is not 1..{MAX_VALUE}")
             _int("TreeEntries", "entry.stamp_ns", e.stamp_ns)
 
 
@@ -432,7 +405,7 @@ class DigestReply:
         match = _HEX_RE.match
         for d in self.digests:
             if d is not None and (type(d) is not str or not match(d)):
-                raise ValueError(f"DigestReply.digests holds {_show(d)}, not a lowercase hex digest or None")
+                raise ValueError(f"DigestReply.digests holds {show(d)}, not a lowercase hex digest or None")
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,7 +457,7 @@ class ErrorReply:
     def __post_init__(self) -> None:
         _req("ErrorReply", self.req, reply_to_nothing_ok=True)
         if type(self.code) is not str or not _CODE_RE.match(self.code):
-            raise ValueError(f"ErrorReply.code {_show(self.code)} is not 1..64 of [A-Za-z0-9_.-]")
+            raise ValueError(f"ErrorReply.code {show(self.code)} is not 1..64 of [A-Za-z0-9_.-]")
         _text("ErrorReply", "what", self.what)
         _text("ErrorReply", "remedy", self.remedy)
 
@@ -651,7 +624,7 @@ def _decode_body(cls: type, meta_raw: bytes, data: bytes, at: int) -> Message:
         if expected - keys:
             problems.append("missing " + ", ".join(sorted(expected - keys)))
         if keys - expected:
-            problems.append("unknown " + ", ".join(sorted(_show(k) for k in keys - expected)[:5]))
+            problems.append("unknown " + ", ".join(sorted(show(k) for k in keys - expected)[:5]))
         raise PeerProtocolError(f"{name} at byte {at}: fields: {'; '.join(problems)}")
     try:
         for key in _TUPLE_FIELDS.get(cls, ()):
@@ -712,22 +685,26 @@ def entry_batches(entries: Iterable[Entry], budget: int = MAX_META - 4096) -> It
         yield tuple(batch)
 
 
-# --- receive buffer: see recvbuf.py --------------------------------------------------------
-
-_ReceiveBuffer = ReceiveBuffer
-
-
 # --- the connection ------------------------------------------------------------------------
 
-# Our side: IDLE until initial_bytes() (our Hello), OPEN, CLOSED once we sent Bye.
-# Their side: HELLO until their Hello arrives, OPEN, CLOSED after their Bye or EOF, ERROR after
-# a PeerProtocolError. The two halves move independently, as in h11: both Hellos cross on the
-# wire, and one side may say Bye while the other still has replies in flight.
+# The two halves of a link move independently, as in h11: both Hellos cross on the wire, and
+# one side may say Bye while the other still has replies in flight. Each half's phases and the
+# only ways between them (a transition the tables lack is a LocalProtocolError):
+#   ours:   idle --hello--> open --bye--> closed        (hello: initial_bytes(); bye: send(Bye))
+#   theirs: hello --hello--> open --bye--> closed; every live state: eof -> closed, error -> error
+# In their ``hello`` state only a Hello frame is allowed, in ``open`` anything but a Hello.
 IDLE = "idle"
 HELLO = "hello"
 OPEN = "open"
 CLOSED = "closed"
 ERROR = "error"
+_OURS: dict[str, dict[str, str]] = {IDLE: {"hello": OPEN}, OPEN: {"bye": CLOSED}, CLOSED: {}}
+_THEIRS: dict[str, dict[str, str]] = {
+    HELLO: {"hello": OPEN, "eof": CLOSED, "error": ERROR},
+    OPEN: {"bye": CLOSED, "eof": CLOSED, "error": ERROR},
+    CLOSED: {},
+    ERROR: {},
+}
 # Summary states (PeerConnection.state)
 HANDSHAKE = "handshake"
 CLOSING = "closing"
@@ -752,7 +729,7 @@ class PeerConnection:
         self.peer_hello: Hello | None = None
         self.our_state = IDLE
         self.their_state = HELLO
-        self._rb = _ReceiveBuffer()
+        self._rb = ReceiveBuffer()
         self._eof = False
         self._need = 4  # next_event parses nothing until avail >= _need
         self._pending: tuple[type, int, int, int] | None = None  # cls, meta_len, data_len, at
@@ -779,7 +756,7 @@ class PeerConnection:
         """Our Hello; must be sent before anything else, so it is the only way to send one."""
         if self.our_state != IDLE:
             raise LocalProtocolError("initial_bytes() was already called")
-        self.our_state = OPEN
+        self.our_state = transition(_OURS, "peer (ours)", self.our_state, "hello")
         return encode(self.our_hello)
 
     def send(self, msg: Message) -> bytes:
@@ -797,7 +774,7 @@ class PeerConnection:
             raise LocalProtocolError("a Hello is sent once, by initial_bytes()")
         buffers = encode_buffers(msg)
         if type(msg) is Bye:
-            self.our_state = CLOSED
+            self.our_state = transition(_OURS, "peer (ours)", self.our_state, "bye")
         return buffers
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
@@ -815,7 +792,7 @@ class PeerConnection:
             return
         self._rb.append(data)
 
-    def next_event(self) -> Message | Closed | _NeedData:
+    def next_event(self) -> Message | Closed | Sentinel:
         """The next message, NEED_DATA, or Closed (then Closed on every later call).
 
         Raises PeerProtocolError for anything the peer got wrong, then again on every later call.
@@ -835,22 +812,25 @@ class PeerConnection:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _close(self, truncated: bool) -> Closed:
+    def _theirs(self, trigger: str) -> None:
+        self.their_state = transition(_THEIRS, "peer (theirs)", self.their_state, trigger)
+
+    def _close(self, truncated: bool, trigger: str = "eof") -> Closed:
         self._closed = Closed(truncated)
-        self.their_state = CLOSED
-        self._rb = _ReceiveBuffer()  # nothing buffered will ever be used: free it now
+        self._theirs(trigger)
+        self._rb = ReceiveBuffer()  # nothing buffered will ever be used: free it now
         self._pending = None
         return self._closed
 
     def _fail(self, error: PeerProtocolError) -> PeerProtocolError:
         """Poison the connection and return the exception for the caller of next_event."""
         self._error = error
-        self.their_state = ERROR
-        self._rb = _ReceiveBuffer()
+        self._theirs("error")
+        self._rb = ReceiveBuffer()
         self._pending = None
         return error
 
-    def _read_frame(self) -> Message | _NeedData:
+    def _read_frame(self) -> Message | Sentinel:
         rb = self._rb
         pending = self._pending
         if pending is None:
@@ -894,7 +874,7 @@ class PeerConnection:
                     f"peer {msg.host} speaks protocol version {msg.proto}, this node {PROTO_VERSION}:"
                     " run the same MARS version on both"))
             self.peer_hello = msg
-            self.their_state = OPEN
+            self._theirs("hello")
         elif cls is Bye:
-            self._close(truncated=False)
+            self._close(truncated=False, trigger="bye")
         return msg
