@@ -35,8 +35,10 @@ def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "c
 class Node:
     """One MARS node: its tree under ``base/<host>``, its marsd process, its marsadm."""
 
-    def __init__(self, base: Path, host: str = "a", ip: str = "127.0.0.2", port: int | None = None) -> None:
+    def __init__(self, base: Path, host: str = "a", ip: str = "127.0.0.2", port: int | None = None,
+                 bin_dir: Path = BIN) -> None:
         self.base = base
+        self.bin = bin_dir  # where marsd and marsadm are: the test venv's, or a fresh install's
         self.host = host
         self.ip = ip
         # One peer port per test directory: nodes of one cluster share it (as they share 7777 in
@@ -60,7 +62,7 @@ class Node:
         return env
 
     def marsadm(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.mars_dir), "--host", self.host, *args]
+        cmd = [str(self.bin / "marsadm"), "--mars-dir", str(self.mars_dir), "--host", self.host, *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env())
         if check and r.returncode != 0:
             raise AssertionError(f"marsadm {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n"
@@ -79,7 +81,7 @@ class Node:
 
     def start(self, *extra: str) -> None:
         assert self.proc is None or self.proc.poll() is not None, "marsd already running"
-        args = [str(BIN / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host,
+        args = [str(self.bin / "marsd"), "--mars-dir", str(self.mars_dir), "--host", self.host,
                 "--port", str(self.port), "--interval", "0.2", *self.extra_args, *extra]
         # A killed marsd leaves its socket behind; its presence must mean the new one listens.
         self.nbd_sock.unlink(missing_ok=True)
