@@ -47,7 +47,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_write import Procs, disk_sectors_written, machine_facts, run_text, sh, wait_until  # noqa: E402
+from bench_write import (Procs, disk_sectors_written, machine_facts, remove_workdir, run_guarded, run_text, sh,  # noqa: E402
+                         wait_until)
+
+from mars.engine.model import human_bytes  # noqa: E402
+from mars.engine.tree import Tree  # noqa: E402
+from mars.engine.trigger import poke  # noqa: E402
 
 BIN = Path(sys.executable).parent
 MIB = 1 << 20
@@ -97,13 +102,6 @@ def pick_port(preferred: int = 7777) -> int:
         if port_free(port):
             return port
     raise RuntimeError("found no TCP port that is free on both 127.0.0.2 and 127.0.0.3")
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, f in (("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
-        if abs(n) >= f:
-            return f"{n / f:,.2f} {unit}"
-    return f"{n:,.0f} B"
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -267,30 +265,12 @@ class Node:
         return ""
 
     def value(self, rel: str) -> str | None:
-        try:
-            v = os.readlink(self.mars_dir / rel)
-        except OSError:
-            return None
-        return None if v == ".deleted" else v
+        return Tree(self.mars_dir, self.host).get(rel)
 
     def set_value(self, rel: str, value: str) -> None:
-        """Write a tree entry the way engine/tree.py does: temp symlink, stamped newer, renamed over."""
-        full = self.mars_dir / rel
-        try:
-            old_stamp = os.lstat(full).st_mtime_ns
-        except FileNotFoundError:
-            old_stamp = 0
-        stamp = max(time.time_ns(), old_stamp + 1)
-        tmp = full.parent / f".tmp.bench.{os.getpid()}.{full.name}"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        os.symlink(value, tmp)
-        os.utime(tmp, ns=(stamp, stamp), follow_symlinks=False)
-        os.replace(tmp, full)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # poke marsd (engine/trigger.py)
-        with contextlib.suppress(OSError):
-            s.sendto(b"t", str(self.mars_dir / "trigger.sock"))
-        s.close()
+        """Write a tree entry as marsadm does (engine/tree.py), and poke marsd to act on it."""
+        Tree(self.mars_dir, self.host).set(rel, value, durable=False)
+        poke(self.mars_dir)
 
     def wait_value(self, rel: str, want, timeout: float = 60) -> str:
         def ok():
@@ -341,7 +321,7 @@ class Bench:
         need = (8 if self.args.split else 4) * self.args.log_gib + 5 * self.args.sync_gib
         free = shutil.disk_usage(self.base).free
         if free < need * 1.1:
-            raise RuntimeError(f"{self.base} has {fmt_bytes(free)} free; this run needs about {fmt_bytes(need)}")
+            raise RuntimeError(f"{self.base} has {human_bytes(free)} free; this run needs about {human_bytes(need)}")
 
     def start_cluster(self) -> None:
         self.a = Node(self, "a", A_IP)
@@ -362,11 +342,7 @@ class Bench:
             if n is not None:
                 n.stop()
         self.procs.stop_all()
-        if self.base is not None:
-            if self.args.keep:
-                print(f"kept {self.base}", file=sys.stderr)
-            else:
-                shutil.rmtree(self.base, ignore_errors=True)
+        remove_workdir(self.base, self.args.keep)
 
     def run(self, cmd: list, timeout: float, record: bool = True) -> tuple[subprocess.CompletedProcess[str], float]:
         """Run a command to completion (killed on timeout, error, Ctrl-C); returns it and its wall time."""
@@ -397,7 +373,7 @@ class Bench:
         out = self.base / "fio-disk.json"
         cmd = ["fio", "--name=disk-seq", f"--filename={path}", "--rw=write", "--bs=1m", f"--size={size}",
                "--ioengine=psync", "--end_fsync=1", "--output-format=json", f"--output={out}"]
-        self.status(f"disk limit: fio sequential write of {fmt_bytes(size)} + end_fsync ...")
+        self.status(f"disk limit: fio sequential write of {human_bytes(size)} + end_fsync ...")
         self.drop_caches()
         d0 = disk_sectors_written(self.base)
         _, wall = self.run(cmd, 600, record=False)
@@ -418,7 +394,7 @@ class Bench:
         if shutil.which("iperf3"):
             srv = ["iperf3", "-s", "-B", A_IP, "-p", str(port), "-1"]
             cli = ["iperf3", "-c", A_IP, "-B", B_IP, "-p", str(port), "-n", str(size), "-l", "128K", "-J"]
-            self.status(f"TCP limit: iperf3 -n {fmt_bytes(size)} over loopback {B_IP} -> {A_IP} ...")
+            self.status(f"TCP limit: iperf3 -n {human_bytes(size)} over loopback {B_IP} -> {A_IP} ...")
             server = self.procs.start("iperf3-server", srv, log=self.base / "iperf3-server.log")
             time.sleep(0.3)
             try:
@@ -447,7 +423,7 @@ class Bench:
         srv = [*me, "serve", "--mars-dir", self.a.mars_dir, "--host", "a", "--ip", A_IP, "--port", str(port)]
         cli = [*me, "fetch", "--mars-dir", self.b.mars_dir, "--host", "b", "--ip", A_IP, "--port", str(port),
                "--bytes", str(size)]
-        self.status(f"transport: asyncio+TLS 8 MiB request/reply, {fmt_bytes(size)} ...")
+        self.status(f"transport: asyncio+TLS 8 MiB request/reply, {human_bytes(size)} ...")
         log = self.base / "tls-server.log"
         server = self.procs.start("tls-server", srv, log=log)
         try:
@@ -568,7 +544,7 @@ class Bench:
         out = self.base / f"fio-load-{res}.json"
         cmd = ["fio", f"--name=load-{res}", "--ioengine=nbd", f"--uri={self.a.uri(res)}", "--rw=write", "--bs=1m",
                "--iodepth=8", f"--size={size}", "--output-format=json", f"--output={out}"]
-        self.status(f"  writing {fmt_bytes(size)} through a's NBD export ...")
+        self.status(f"  writing {human_bytes(size)} through a's NBD export ...")
         _, wall = self.run(cmd, 1200)
         mib_s = None
         with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
@@ -579,7 +555,7 @@ class Bench:
     def catchup(self) -> None:
         a, b, res = self.a, self.b, RES_CATCHUP
         size = self.args.log_gib
-        self.status(f"(a) catch-up: resource {res}, {fmt_bytes(size)} of log ...")
+        self.status(f"(a) catch-up: resource {res}, {human_bytes(size)} of log ...")
         start = self.prepare_catchup(res, size)
         pause_cmd = self.switch(res, "connect", False)
         b.wait_value(f"resource-{res}/actual-b/is-copying", "0", 30)
@@ -677,7 +653,7 @@ class Bench:
         a, b, res = self.a, self.b, RES_SYNC
         size = self.args.sync_gib
         img = self.base / "img"
-        self.status(f"(b) full sync: resource {res}, {fmt_bytes(size)} image, {DIFFER:.0%} of 1 MiB chunks differ ...")
+        self.status(f"(b) full sync: resource {res}, {human_bytes(size)} image, {DIFFER:.0%} of 1 MiB chunks differ ...")
         a.marsadm("create-resource", res, str(img / "a-s.img"), str(size))
         src = img / "src.img"
         write_random_file(src, size)
@@ -725,7 +701,7 @@ class Bench:
                             "chunks_equal": chunks_equal, "identical": same, "protocol_bytes": overhead,
                             "cpu_s": {h: round(cpu1[h] - cpu0[h], 2) for h in cpu0
                                       if cpu0[h] is not None and cpu1[h] is not None}}
-        self.status(f"  MARS sync: {secs:.2f} s, {fmt_bytes(copied)} copied, identical: {same}")
+        self.status(f"  MARS sync: {secs:.2f} s, {human_bytes(copied)} copied, identical: {same}")
         # rsync of a's image onto the other copy of b's original image.
         rs = ["rsync", "--inplace", "--no-whole-file", "--ignore-times", "--stats", img / "a-s.img", r_img]
         self.drop_caches()
@@ -738,7 +714,7 @@ class Bench:
             stats[key] = int(re.sub(r"[,.]", "", m.group(1))) if m else None
         same = subprocess.run(["cmp", "-s", img / "a-s.img", r_img]).returncode == 0
         self.res["rsync"] = {"secs": wall, **stats, "identical": same, "cmd": sh(rs)}
-        self.status(f"  rsync: {wall:.2f} s, {fmt_bytes(stats['sent'] or 0)} sent, identical: {same}")
+        self.status(f"  rsync: {wall:.2f} s, {human_bytes(stats['sent'] or 0)} sent, identical: {same}")
 
     def sync_protocol_bytes(self, nchunks: int, copied_chunks: int, image: Path) -> int | None:
         """What the sync sends besides chunk data: digest requests and replies, read request/reply frames.
@@ -795,11 +771,11 @@ class Bench:
         c, disk, tcp = r.get("catchup"), r.get("disk"), r.get("tcp")
         if c:
             p()
-            p(f"(a) catch-up of {fmt_bytes(c['log_bytes'])} of log after b's fetch was paused")
+            p(f"(a) catch-up of {human_bytes(c['log_bytes'])} of log after b's fetch was paused")
             hdr = f"  {'what':52} {'bytes':>11} {'seconds':>8} {'MiB/s':>9}  {'MARS/this':>9}"
             p(hdr)
             p("  " + "-" * (len(hdr) - 2))
-            p(f"  {'MARS catch-up (resume fetch .. replay-b = replay-a)':52} {fmt_bytes(c['log_bytes']):>11} "
+            p(f"  {'MARS catch-up (resume fetch .. replay-b = replay-a)':52} {human_bytes(c['log_bytes']):>11} "
               f"{c['secs']:>8.2f} {c['mib_s']:>9,.1f}")
             if c["fetch_secs"]:
                 p(f"  {'  of which: log copy complete on b':52} {'':>11} {c['fetch_secs']:>8.2f} "
@@ -807,18 +783,18 @@ class Bench:
             limits = []
             if tcp:
                 limits.append(tcp["mib_s"])
-                p(f"  {'raw TCP over loopback (' + tcp['tool'].split(' (')[0] + ')':52} {fmt_bytes(tcp['bytes']):>11} "
+                p(f"  {'raw TCP over loopback (' + tcp['tool'].split(' (')[0] + ')':52} {human_bytes(tcp['bytes']):>11} "
                   f"{tcp['wall_s']:>8.2f} {tcp['mib_s']:>9,.1f}  {c['mib_s'] / tcp['mib_s']:>8.3f}x")
             tls = r.get("tls")
             if tls:
-                p(f"  {'(info: asyncio+TLS 8 MiB req/reply, no disk)':52} {fmt_bytes(tls['bytes']):>11} "
+                p(f"  {'(info: asyncio+TLS 8 MiB req/reply, no disk)':52} {human_bytes(tls['bytes']):>11} "
                   f"{tls['secs']:>8.2f} {tls['mib_s']:>9,.1f}  {c['mib_s'] / tls['mib_s']:>8.3f}x")
             if disk:
                 limits.append(disk["mib_s"])
-                p(f"  {'disk: fio seq 1 MiB write + end_fsync':52} {fmt_bytes(disk['bytes']):>11} "
+                p(f"  {'disk: fio seq 1 MiB write + end_fsync':52} {human_bytes(disk['bytes']):>11} "
                   f"{disk['wall_s']:>8.2f} {disk['mib_s']:>9,.1f}  {c['mib_s'] / disk['mib_s']:>8.3f}x")
             if c.get("load_mib_s"):
-                p(f"  {'(load: fio nbd 1 MiB seq QD8 into a)':52} {fmt_bytes(c['log_bytes']):>11} "
+                p(f"  {'(load: fio nbd 1 MiB seq QD8 into a)':52} {human_bytes(c['log_bytes']):>11} "
                   f"{c['load_wall_s']:>8.2f} {c['load_mib_s']:>9,.1f}")
             sp = r.get("split")
             if sp:
@@ -826,7 +802,7 @@ class Bench:
                                      ("replay", "(--split: then replay alone)")):
                     x = sp[phase]
                     cpu = ", ".join(f"{h} {v:.1f}" for h, v in x["cpu_s"].items())
-                    p(f"  {label:52} {fmt_bytes(sp['log_bytes']):>11} {x['secs']:>8.2f} {x['mib_s']:>9,.1f}"
+                    p(f"  {label:52} {human_bytes(sp['log_bytes']):>11} {x['secs']:>8.2f} {x['mib_s']:>9,.1f}"
                       f"  {'':9}  CPU s: {cpu}")
             cpu = ", ".join(f"marsd-{h} {s:.1f} s" for h, s in c["cpu_s"].items())
             p(f"  during catch-up: CPU {cpu} in {c['secs']:.1f} s wall"
@@ -839,20 +815,20 @@ class Bench:
         s, rs = r.get("sync"), r.get("rsync")
         if s:
             p()
-            p(f"(b) full sync of a {fmt_bytes(s['bytes'])} image; the secondary's copy differs in "
+            p(f"(b) full sync of a {human_bytes(s['bytes'])} image; the secondary's copy differs in "
               f"{s['chunks_changed']} of {s['chunks']} 1 MiB chunks ({s['chunks_changed'] / s['chunks']:.2%})")
             hdr = f"  {'what':44} {'seconds':>8} {'bytes sent':>12} {'% of image':>10}  {'identical':>9}"
             p(hdr)
             p("  " + "-" * (len(hdr) - 2))
-            p(f"  {'MARS fast full sync (join .. syncstatus=size)':44} {s['secs']:>8.2f} {fmt_bytes(s['copied']):>12} "
+            p(f"  {'MARS fast full sync (join .. syncstatus=size)':44} {s['secs']:>8.2f} {human_bytes(s['copied']):>12} "
               f"{s['copied'] / s['bytes']:>10.2%}  {'yes' if s['identical'] else 'NO':>9}")
             if rs:
-                p(f"  {'rsync --inplace --no-whole-file (delta)':44} {rs['secs']:>8.2f} {fmt_bytes(rs['sent'] or 0):>12} "
+                p(f"  {'rsync --inplace --no-whole-file (delta)':44} {rs['secs']:>8.2f} {human_bytes(rs['sent'] or 0):>12} "
                   f"{(rs['sent'] or 0) / s['bytes']:>10.2%}  {'yes' if rs['identical'] else 'NO':>9}")
                 p(f"  MARS time / rsync time = {s['secs'] / rs['secs']:.3f}x; rsync literal data "
-                  f"{fmt_bytes(rs['literal'] or 0)}, matched {fmt_bytes(rs['matched'] or 0)}, received "
-                  f"{fmt_bytes(rs['received'] or 0)}")
-            extra = (f"; digest/request frames add ~{fmt_bytes(s['protocol_bytes'])} "
+                  f"{human_bytes(rs['literal'] or 0)}, matched {human_bytes(rs['matched'] or 0)}, received "
+                  f"{human_bytes(rs['received'] or 0)}")
+            extra = (f"; digest/request frames add ~{human_bytes(s['protocol_bytes'])} "
                      f"({s['protocol_bytes'] / s['bytes']:.4%} of the image, TLS records ~0.2 % more)"
                      if s.get("protocol_bytes") is not None else "")
             p(f"  MARS: {s['chunks_copied']} chunks copied, {s['chunks_equal']} equal; bytes sent = "
@@ -926,13 +902,10 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs, profiles)")
     args = ap.parse_args()
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
     bench = Bench(args)
-    try:
+    data: dict = {}
+
+    def work() -> None:
         bench.status("setting up ...")
         bench.setup()
         if "catchup" not in args.skip:
@@ -946,20 +919,9 @@ def main() -> int:
                 bench.split()
         if "sync" not in args.skip:
             bench.fullsync()
-        data = bench.report()
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
+        data.update(bench.report())
+    if run_guarded(work, bench.teardown):
         return 130
-    finally:
-        # Let cleanup finish on a second Ctrl-C or a SIGTERM that arrives while it runs.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        try:
-            bench.teardown()
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            signal.signal(signal.SIGTERM, on_term)
-            signal.signal(signal.SIGHUP, on_term)
     if args.json:
         args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
         print(f"\nJSON written to {args.json}")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_write import machine_facts  # noqa: E402
+from bench_write import machine_facts, print_goals  # noqa: E402
 
 from mars.engine import model  # noqa: E402
 from mars.engine.tree import Tree  # noqa: E402
@@ -164,10 +164,8 @@ def main() -> int:
         print()
         total = rows[2][1] if findings is not None else build_ms
         med = statistics.median(total)
-        verdict = "PASS" if med < GOAL_MS else "MISS"
-        print(f"goals:\n  [{verdict}] snapshot{' + findings' if findings else ''} of {a.nodes} nodes x "
-              f"{a.resources} resources < {GOAL_MS:.0f} ms: median {med:.1f} ms")
-        print(f"\ncommand: {sys.executable} {' '.join(sys.argv)}")
+        print_goals([(med < GOAL_MS, f"snapshot{' + findings' if findings else ''} of {a.nodes} nodes x "
+                                     f"{a.resources} resources < {GOAL_MS:.0f} ms: median {med:.1f} ms")])
         return 0
     finally:
         if not a.keep:

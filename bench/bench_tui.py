@@ -29,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_status import setup_tree, tree_args  # noqa: E402
+from bench_status import fmt, setup_tree, tree_args  # noqa: E402
+from bench_write import print_goals  # noqa: E402
 
 from mars.status.app import MarsStatusApp, Refreshed, StatusView  # noqa: E402
 from mars.status.render import VIEWS, Options  # noqa: E402
@@ -81,10 +82,6 @@ async def measure(root: Path, host: str, views: frozenset[str], rounds: int) -> 
     return out
 
 
-def fmt(ms: list[float]) -> str:
-    return f"{min(ms):8.1f} {statistics.median(ms):8.1f} {max(ms):8.1f}"
-
-
 def main() -> int:
     a = tree_args(__doc__.split("\n\n")[0], rounds=20)
     base = Path(tempfile.mkdtemp(prefix="mars-tui-bench-", dir=a.dir))
@@ -103,12 +100,9 @@ def main() -> int:
             print(f"  {name:<28} {int(med['lines']):>6} {fmt(r['total'])}   "
                   f"{med['read']:6.1f} {med['render']:6.1f} {med['loop']:6.1f}")
         print()
-        print("goals:")
-        for name, med in zip(("default view", "all views"), medians):
-            verdict = "PASS" if med < GOAL_MS else "MISS"
-            print(f"  [{verdict}] one TUI refresh ({name}) of {a.nodes} nodes x {a.resources} resources "
-                  f"< {GOAL_MS:.0f} ms: median {med:.1f} ms")
-        print(f"\ncommand: {sys.executable} {' '.join(sys.argv)}")
+        print_goals([(med < GOAL_MS, f"one TUI refresh ({name}) of {a.nodes} nodes x {a.resources} resources "
+                                     f"< {GOAL_MS:.0f} ms: median {med:.1f} ms")
+                     for name, med in zip(("default view", "all views"), medians)])
         return 0
     finally:
         if not a.keep:

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from harness import wait_until  # noqa: E402  (the tests' condition wait, with a deadline)
 RES = "r"
 HOST = "a"
 RECORD_OVERHEAD = 64 + 16  # log record header + trailer (engine/logformat.py)
@@ -67,15 +69,50 @@ def fmt_size(n: int) -> str:
     return str(n)
 
 
-def wait_until(cond, timeout: float, what: str, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
+def run_guarded(work, teardown) -> int:
+    """Run a benchmark so that Ctrl-C, SIGTERM or SIGHUP end it with its clean-up done.
+
+    The signals become KeyboardInterrupt (exit 130 with a line, no traceback); while the
+    clean-up runs they are ignored, so a second Ctrl-C cannot leave marsd processes or images
+    behind. Returns 0, or 130 when interrupted.
+    """
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    try:
+        work()
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            teardown()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, on_term)
+            signal.signal(signal.SIGHUP, on_term)
+    return 0
+
+
+def remove_workdir(base: Path | None, keep: bool) -> None:
+    """The benchmark's temporary directory goes at the end, unless --keep asked to keep it."""
+    if base is None:
+        return
+    if keep:
+        print(f"kept {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def print_goals(goals: list[tuple[bool, str]]) -> None:
+    """The goals as PASS/MISS lines, then the command that reruns the benchmark."""
+    print("goals:")
+    for ok, text in goals:
+        print(f"  [{'PASS' if ok else 'MISS'}] {text}")
+    print(f"\ncommand: {sys.executable} {' '.join(sys.argv)}")
 
 
 def can_connect(path: Path) -> bool:
@@ -292,11 +329,7 @@ class Bench:
             if code not in (0, None):
                 print(f"warning: marsd exited with {code} on SIGTERM", file=sys.stderr)
         self.procs.stop_all()
-        if self.base is not None:
-            if self.args.keep:
-                print(f"kept {self.base}", file=sys.stderr)
-            else:
-                shutil.rmtree(self.base, ignore_errors=True)
+        remove_workdir(self.base, self.args.keep)
 
     # fio -----------------------------------------------------------------------------------
 
@@ -561,26 +594,16 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (images, logs, fio JSON)")
     args = ap.parse_args()
 
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_term)
-
     bench = Bench(args)
-    try:
+    data: dict = {}
+
+    def work() -> None:
         print("setting up ...", file=sys.stderr)
         bench.setup()
         bench.run()
-        data = bench.report()
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
+        data.update(bench.report())
+    if run_guarded(work, bench.teardown):
         return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let cleanup finish on a second Ctrl-C
-        try:
-            bench.teardown()
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.json:
         args.json.write_text(json.dumps(data, indent=2) + "\n")
         print(f"\nJSON written to {args.json}")

@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from mars.engine.tree import Tree
+
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
 NODES = {"a": "127.0.0.2", "b": "127.0.0.3", "c": "127.0.0.4"}
@@ -122,11 +124,7 @@ class Node:
 
     def value(self, rel: str) -> str | None:
         """A tree entry of this node (a symlink's target), None if missing or deleted."""
-        try:
-            v = os.readlink(self.mars_dir / rel)
-        except OSError:
-            return None
-        return None if v == ".deleted" else v
+        return Tree(self.mars_dir, self.host).get(rel)
 
     def start(self) -> None:
         (self.mars_dir / "nbd.sock").unlink(missing_ok=True)

@@ -32,6 +32,20 @@ def wait_until(cond: Callable[[], object], timeout: float = 30.0, what: str = "c
         time.sleep(interval)  # poll
 
 
+def events_until(conn, terminal: tuple[type, ...]) -> list:
+    """Every event a sans-I/O core yields from its buffered bytes, up to NEED_DATA or the first
+    event of a ``terminal`` type (inclusive): the NBD, peer and log cores are all driven so."""
+    from mars.engine.sansio import NEED_DATA
+    events = []
+    while True:
+        ev = conn.next_event()
+        if ev is NEED_DATA:
+            return events
+        events.append(ev)
+        if isinstance(ev, terminal):
+            return events
+
+
 class Node:
     """One MARS node: its tree under ``base/<host>``, its marsd process, its marsadm."""
 

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import events_until
+
 from mars.engine import sansio
 from mars.engine.nbd import protocol as nbd
 from mars.engine.nbd.protocol import (
@@ -106,14 +108,7 @@ TERMINAL = (Disconnect, ConnectionClosed)
 
 def drain(conn: NbdServerConnection) -> list:
     """Events until NEED_DATA or the first terminal event."""
-    events = []
-    while True:
-        ev = conn.next_event()
-        if ev is NEED_DATA:
-            return events
-        events.append(ev)
-        if isinstance(ev, TERMINAL):
-            return events
+    return events_until(conn, TERMINAL)
 
 
 def feed(conn: NbdServerConnection, data: bytes) -> list:

@@ -15,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness import events_until
+
 from mars.engine.peer import protocol as P
 from mars.engine.peer.protocol import (
     MAX_DATA,
@@ -41,7 +43,7 @@ from mars.engine.peer.protocol import (
     decode,
     encode,
 )
-from mars.engine.tree import Entry
+from mars.engine.entry import Entry
 
 # The type numbers as the wire format fixes them (not taken from the module).
 HELLO, TREE_REQUEST, TREE_ENTRIES, FETCH_REQUEST, LOG_DATA = 1, 2, 3, 4, 5
@@ -75,14 +77,7 @@ def opened() -> PeerConnection:
 
 def drain(conn: PeerConnection) -> list:
     """Every event the buffered bytes yield, up to NEED_DATA or Closed (inclusive)."""
-    events = []
-    while True:
-        ev = conn.next_event()
-        if ev is NEED_DATA:
-            return events
-        events.append(ev)
-        if isinstance(ev, Closed):
-            return events
+    return events_until(conn, (Closed,))
 
 
 # --- strategies ----------------------------------------------------------------------------

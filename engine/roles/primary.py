@@ -27,25 +27,19 @@ from ..log.writer import Logger, LogWriteError
 from ..nbd import protocol as nbd
 from ..nbd.server import Export, NbdSession
 from ..tree import actual, res_dir
-from .runtime import RuntimeDeps, Wanted
+from .runtime import Attached, RuntimeDeps, Wanted
 
 log = logging.getLogger("mars.resource")
 
 
-class PrimaryRuntime:
+class PrimaryRuntime(Attached):
     """The primary: serves the resource over NBD, logs every write, checkpoints the device."""
 
     role: ClassVar[str] = "primary"
 
     def __init__(self, deps: RuntimeDeps, res: str, data_path: str, size: int) -> None:
-        self.deps = deps
-        self.tree = deps.tree
-        self.res = res
-        self.data_path = data_path
-        self.size = size
-        self.executor = deps.executor
+        super().__init__(deps, res, data_path, size)
         self.checkpoint_interval = deps.checkpoint_interval
-        self.device: DataDevice | None = None
         self.logger: Logger | None = None
         self.sessions: set[NbdSession] = set()
         self.info = nbd.ExportInfo(name=res, size=size, description=f"MARS resource {res}")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..nbd.server import Export
     from ..peer.link import PeerClient
 
-__all__ = ["LogPulse", "Runtime", "RuntimeDeps", "Wanted"]
+__all__ = ["Attached", "LogPulse", "Runtime", "RuntimeDeps", "Wanted"]
 
 
 class LogPulse:
@@ -121,3 +121,16 @@ class Runtime(Protocol):
     def servable(self, name: str) -> int | None:
         """Bytes of the local log file ``name`` that peers may fetch now (durable, complete);
         None when this runtime does not write or fetch that file."""
+
+
+class Attached:
+    """What a runtime of either role is made of: its resource, its data device, its daemon's parts."""
+
+    def __init__(self, deps: RuntimeDeps, res: str, data_path: str, size: int) -> None:
+        self.deps = deps
+        self.tree = deps.tree
+        self.executor = deps.executor
+        self.res = res
+        self.data_path = data_path
+        self.size = size
+        self.device: DataDevice | None = None

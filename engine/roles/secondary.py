@@ -20,25 +20,19 @@ from ..log.values import parse_log_name
 from ..nbd.server import Export
 from ..tree import actual, res_dir
 from .fetcher import Fetcher
-from .runtime import RuntimeDeps, Wanted
+from .runtime import Attached, RuntimeDeps, Wanted
 from .syncer import Syncer
 
 log = logging.getLogger("mars.secondary")
 
 
-class SecondaryRuntime:
+class SecondaryRuntime(Attached):
     """A secondary: a fast full sync, then fetch and replay, each a task of its own."""
 
     role: ClassVar[str] = "secondary"
 
     def __init__(self, deps: RuntimeDeps, res: str, data_path: str, size: int) -> None:
-        self.deps = deps
-        self.tree = deps.tree
-        self.res = res
-        self.data_path = data_path
-        self.size = size
-        self.executor = deps.executor
-        self.device: DataDevice | None = None
+        super().__init__(deps, res, data_path, size)
         self.fetcher: Fetcher | None = None
         self.syncer: Syncer | None = None
         self.replayer: Replayer | None = None
