@@ -271,6 +271,20 @@ def actual(res: str, host: str, key: str) -> str:
     return f"resource-{res}/actual-{host}/{key}"
 
 
+def connect_list(tree: Tree, res: str, host: str) -> list[str]:
+    """``connect-<host>``: the nodes ``host`` fetches ``res`` from, most preferred first (the
+    original's connect preference list, a comma-separated value); empty when not set."""
+    return [h for h in (tree.get(f"{res_dir(res)}/connect-{host}") or "").split(",") if h]
+
+
+def set_connect_list(tree: Tree, res: str, host: str, hosts: list[str]) -> None:
+    path = f"{res_dir(res)}/connect-{host}"
+    if hosts:
+        tree.set(path, ",".join(hosts))
+    else:
+        tree.delete(path)
+
+
 def node_actual(host: str, key: str) -> str:
     return f"actual-{host}/{key}"
 

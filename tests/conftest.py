@@ -1,13 +1,8 @@
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import Node, cleanup, short_tempdir  # noqa: E402
+from harness import Node, caught_up, cleanup, run, short_tempdir, start_cluster, wait_until, write
 
 TRIO_SIZE = "32M"
 
@@ -16,9 +11,8 @@ TRIO_SIZE = "32M"
 def workdir():
     base = short_tempdir()
     nodes: list[Node] = []
-    base_nodes = nodes
-    yield base, base_nodes
-    cleanup(base, base_nodes)
+    yield base, nodes
+    cleanup(base, nodes)
 
 
 @pytest.fixture
@@ -44,7 +38,6 @@ def resource(node):
 def trio(workdir):
     """Three nodes on 127.0.0.2-4: a primary of resource r (32 MiB, rotating at 2 MiB), b and c
     secondaries, 1 MiB written and both caught up."""
-    from harness import caught_up, run, start_cluster, wait_until, write
     base, nodes = workdir
     a, b, c = start_cluster(base, nodes, "abc")
     for n in (a, b, c):
@@ -66,7 +59,6 @@ def trio(workdir):
 def sparse_8t(workdir):
     """Three nodes; a is primary of resource r on an 8 TiB sparse image, b has one too and knows r
     but has not joined: its join syncs for seconds (holes are skipped), long enough to watch."""
-    from harness import run, start_cluster, wait_until
     base, nodes = workdir
     a, b, c = start_cluster(base, nodes, "abc")
     for n in (a, b):

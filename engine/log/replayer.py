@@ -34,6 +34,8 @@ READ_CHUNK = 16 << 20  # as much as one fetch reply: whole runs of records per p
 
 
 class Replayer:
+    """Applies one resource's local log copies, in order, onto a secondary's data device."""
+
     def __init__(self, tree: Tree, res: str, device: DataDevice, executor: Executor,
                  available: Callable[[str], int], checkpoint_interval: float = 1.0) -> None:
         self.tree = tree

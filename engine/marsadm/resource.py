@@ -10,7 +10,7 @@ from ..device import device_size
 from ..log.files import list_logs, read_replay, replay_path
 from ..log.values import ReplayLink, log_name
 from ..entry import DELETED
-from ..tree import check_name, require_cluster, res_dir, todo
+from ..tree import check_name, connect_list, require_cluster, res_dir, set_connect_list, todo
 from ..model.units import human_bytes, parse_size
 from .base import RES_ARG, Ctx, command
 from .switches import SWITCHES, _attached, _refuse_if_open
@@ -256,17 +256,13 @@ def set_connect_pref_list(ctx: Ctx) -> None:
         if h in seen:
             raise ctx.fail(f"the list makes a cycle through {h}", "let one of them fetch from the primary")
         seen.add(h)
-        nxt = (tree.get(f"{res_dir(ctx.res)}/connect-{h}") or "").split(",")
-        h = nxt[0] if nxt and nxt[0] else None
-    path = f"{res_dir(ctx.res)}/connect-{ctx.host}"
-    if hosts:
-        tree.set(path, ",".join(hosts))
-    else:
-        tree.delete(path)
+        nxt = connect_list(tree, ctx.res, h)
+        h = nxt[0] if nxt else None
+    set_connect_list(tree, ctx.res, ctx.host, hosts)
     ctx.say(f"{ctx.res}: {ctx.host} fetches from {', '.join(hosts) or 'the primary'} (then the primary)")
     ctx.poke()
 
 
 @command("get-connect-pref-list", "print where this host fetches from", RES_ARG, per_resource=True)
 def get_connect_pref_list(ctx: Ctx) -> None:
-    print(ctx.tree.get(f"{res_dir(ctx.res)}/connect-{ctx.host}") or "")
+    print(",".join(connect_list(ctx.tree, ctx.res, ctx.host)))

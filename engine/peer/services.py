@@ -35,6 +35,8 @@ MAX_WAIT_S = 10.0  # longest long poll a peer may ask for
 
 
 class PeerServices:
+    """The answers of this node's end of every peer link; one instance per marsd."""
+
     def __init__(self, tree: Tree, executor: Executor, runtime: Callable[[str], Runtime | None],
                  log_pulse: Callable[[str], LogPulse], wake: Callable[[], None]) -> None:
         self.tree = tree

@@ -24,7 +24,7 @@ from ..log.files import LogFile, finished_length, list_logs, read_replay
 from ..log.values import LogPos, ReplayLink, log_name
 from ..peer import protocol as P
 from ..peer.link import PeerClient, PeerError
-from ..tree import Tree, res_dir
+from ..tree import Tree, connect_list, res_dir
 
 log = logging.getLogger("mars.fetcher")
 
@@ -35,6 +35,8 @@ RETRY_S = 1.0
 
 
 class Fetcher:
+    """Copies one resource's log files from the first reachable source into this node's tree."""
+
     def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[str], PeerClient],
                  on_data: Callable[[], None]) -> None:
         self.tree = tree
@@ -55,8 +57,8 @@ class Fetcher:
     def sources(self) -> list[str]:
         """The connect list (``connect-<host>``) in order, then the primary: on failure the next."""
         d = res_dir(self.res)
-        prefs = [h for h in (self.tree.get(f"{d}/connect-{self.tree.host}") or "").split(",")
-                 if h and h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None]
+        prefs = [h for h in connect_list(self.tree, self.res, self.tree.host)
+                 if h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None]
         primary = self.tree.get(f"{d}/primary")
         if primary and primary not in prefs:
             prefs.append(primary)

@@ -85,6 +85,8 @@ def chunk_digests(fd: int, offset: int, chunk: int, count: int, size: int) -> li
 
 
 class Syncer:
+    """One secondary's fast full sync of one resource from its primary, resumable at its position."""
+
     def __init__(self, tree: Tree, res: str, device: DataDevice, size: int, executor: Executor,
                  connect: Callable[[], PeerClient]) -> None:
         self.tree = tree
