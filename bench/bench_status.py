@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_write import machine_facts, print_goals  # noqa: E402
+from bench_write import machine_facts, print_goals, remove_workdir  # noqa: E402
 
 from mars.engine import model  # noqa: E402
 from mars.engine.tree import Tree  # noqa: E402
@@ -168,8 +167,7 @@ def main() -> int:
                                      f"{a.resources} resources < {GOAL_MS:.0f} ms: median {med:.1f} ms")])
         return 0
     finally:
-        if not a.keep:
-            shutil.rmtree(base, ignore_errors=True)
+        remove_workdir(base, a.keep)
 
 
 if __name__ == "__main__":

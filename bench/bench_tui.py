@@ -20,7 +20,6 @@ The parts in the worker do not block the keys; "loop" is what a person would fee
 from __future__ import annotations
 
 import asyncio
-import shutil
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_status import fmt, setup_tree, tree_args  # noqa: E402
-from bench_write import print_goals  # noqa: E402
+from bench_write import print_goals, remove_workdir  # noqa: E402
 
 from mars.status.app import MarsStatusApp, Refreshed, StatusView  # noqa: E402
 from mars.status.render import VIEWS, Options  # noqa: E402
@@ -105,8 +104,7 @@ def main() -> int:
                      for name, med in zip(("default view", "all views"), medians)])
         return 0
     finally:
-        if not a.keep:
-            shutil.rmtree(base, ignore_errors=True)
+        remove_workdir(base, a.keep)
 
 
 if __name__ == "__main__":
