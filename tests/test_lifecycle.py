@@ -117,3 +117,15 @@ def test_replay_of_fetched_copies_with_fetch_off_after_restart(pair):
     b.marsadm("resume-replay", "r")
     wait_until(lambda: caught_up(a, b, "r"), 30, "b to replay its copies without fetching")
     assert sha(b.base / "b.img") == sha(a.base / "a.img")
+
+
+def test_sigusr1_logs_where_every_task_waits(resource):
+    """A marsd that seems to hang can be asked where it waits, without stopping it."""
+    import signal
+    node, res, _ = resource
+    node.proc.send_signal(signal.SIGUSR1)
+    wait_until(lambda: "SIGUSR1:" in node.log(), 10, "marsd to log its tasks")
+    text = node.log()
+    assert "Daemon.run()" in text and f"checkpoint-{res}" in text
+    assert node.proc.poll() is None  # it goes on
+    assert node.stop() == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import os
 import signal
@@ -103,6 +104,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._log_tasks)
         # What the tree says about this node is stale after a crash: nothing runs yet. Say so
         # before the sockets appear, so nobody acts on the last life's state.
         for res in self.tree.resources():
@@ -128,6 +130,15 @@ class Daemon:
                     w.cancel()
         finally:
             await self.shutdown()
+
+    def _log_tasks(self) -> None:
+        """SIGUSR1: every asyncio task and where it waits, into the log (for a marsd that hangs)."""
+        lines = []
+        for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+            out = io.StringIO()
+            task.print_stack(limit=8, file=out)
+            lines.append(out.getvalue().rstrip())
+        log.warning("SIGUSR1: %d tasks\n%s", len(lines), "\n".join(lines))
 
     async def shutdown(self) -> None:
         await self.control.close()

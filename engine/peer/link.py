@@ -236,5 +236,11 @@ class PeerClient:
             w.close()
             try:
                 await asyncio.wait_for(w.wait_closed(), 2)
-            except (Exception, asyncio.CancelledError):
-                pass
+            except asyncio.CancelledError:
+                # The link's own end may come as a cancellation; ours (marsd stopping, a task
+                # switched off) must go through, or the caller loops on as if nothing happened.
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            except Exception:
+                pass  # closing a link that is broken already: nothing more to do

@@ -10,7 +10,6 @@ request a second and a busy one streams as fast as the link allows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections import deque
@@ -25,6 +24,7 @@ from ..log.values import LogPos, ReplayLink, log_name
 from ..peer import protocol as P
 from ..peer.link import PeerClient, PeerError
 from ..tree import Tree, connect_list, res_dir
+from .runtime import stop_if_stopping
 
 log = logging.getLogger("mars.fetcher")
 
@@ -112,6 +112,7 @@ class Fetcher:
         client: PeerClient | None = None
         attempt = 0
         while True:
+            stop_if_stopping()
             try:
                 seq, origin = await loop.run_in_executor(self.executor, self._start_position)
                 if client is None:
@@ -126,6 +127,7 @@ class Fetcher:
                 client = None
                 attempt = 0
             except (PeerError, OSError) as e:
+                stop_if_stopping()
                 self.error = f"from {self.source}: {e}"
                 log.warning("resource %s: fetch from %s: %s", self.res, self.source, e)
                 if client is not None:
@@ -198,13 +200,20 @@ class Fetcher:
 
     @staticmethod
     async def _drain(inflight: deque, cancel: bool = False) -> None:
-        """Forget requests in flight: wait for them (their link stays usable), or cancel them."""
+        """Forget requests in flight: wait for them (their link stays usable), or cancel them.
+
+        ``asyncio.wait``, not ``await task``: a request's own error or cancellation is its
+        link's business (the next request finds out again), but the fetcher's cancellation
+        (marsd stopping, fetch switched off) must go through. Swallowing it here once kept a
+        stopping marsd fetching from a dead peer forever.
+        """
         while inflight:
             _, _, task = inflight.popleft()
             if cancel:
                 task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task  # its error, if any, is the link's; the next request finds out again
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # retrieved: a failed request is not an "exception never retrieved"
 
     async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int) -> P.LogData:
         return await client.request(lambda req: P.FetchRequest(

@@ -29,7 +29,21 @@ if TYPE_CHECKING:
     from ..nbd.server import Export
     from ..peer.link import PeerClient
 
-__all__ = ["Attached", "LogPulse", "Runtime", "RuntimeDeps", "Wanted"]
+__all__ = ["Attached", "LogPulse", "Runtime", "RuntimeDeps", "Wanted", "stop_if_stopping"]
+
+
+def stop_if_stopping() -> None:
+    """Raise CancelledError if the current task was asked to stop, for retry loops.
+
+    A task that retries a failed peer link catches the link's errors. In Python 3.11 a
+    cancellation that meets an operation finishing at the same moment (a connect refused at
+    once, a reply arriving) can come out as that operation's result or error instead
+    (``asyncio.wait_for``), and the loop would retry forever after SIGTERM. So every retry
+    first asks whether a stop is pending.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class LogPulse:

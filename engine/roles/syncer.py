@@ -29,6 +29,7 @@ from ..peer import protocol as P
 from ..device import DataDevice
 from ..peer.link import PeerClient, PeerError
 from ..tree import Tree, res_dir
+from .runtime import stop_if_stopping
 
 log = logging.getLogger("mars.syncer")
 
@@ -119,6 +120,7 @@ class Syncer:
                     await self._publish(loop)
                 raise
             except (PeerError, OSError) as e:
+                stop_if_stopping()
                 self.error = str(e)
                 log.warning("resource %s: sync: %s; retrying", self.res, e)
                 await asyncio.sleep(RETRY_S)  # back-off before reconnecting

@@ -1,0 +1,126 @@
+"""The runtime's small parts that need no cluster: the log pulse and the fetcher's drain.
+
+Both are about waiting correctly: a peer's long-polling fetch waits on the pulse instead of
+polling, and a fetcher that is stopped (marsd shutting down, fetch switched off) must stop even
+while it waits for requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+import pytest
+
+from mars.engine.roles.fetcher import Fetcher
+from mars.engine.roles.runtime import LogPulse
+
+pytestmark = pytest.mark.asyncio
+
+
+async def one_turn() -> None:
+    """Let every ready task run once: one pass of the event loop, not a delay."""
+    loop = asyncio.get_running_loop()
+    turn = loop.create_future()
+    loop.call_soon(turn.set_result, None)
+    await turn
+
+
+def forever() -> asyncio.Future[None]:
+    """A request that never gets an answer."""
+    return asyncio.ensure_future(asyncio.shield(asyncio.get_running_loop().create_future()))
+
+
+async def test_a_fire_wakes_every_waiter_and_a_timeout_says_so():
+    pulse = LogPulse()
+    waiters = [asyncio.ensure_future(pulse.wait(30)) for _ in range(3)]
+    await one_turn()  # they wait now
+    pulse.fire()
+    assert await asyncio.gather(*waiters) == [True, True, True]
+    assert await pulse.wait(0.01) is False
+    assert await pulse.wait(0) is False and await pulse.wait(-1) is False
+    assert pulse._waiters == []  # nobody left behind after timeouts
+
+
+async def test_a_cancelled_waiter_leaves_no_trace():
+    pulse = LogPulse()
+    w = asyncio.ensure_future(pulse.wait(30))
+    await one_turn()
+    w.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await w
+    assert pulse._waiters == []
+    pulse.fire()  # nothing to wake: no error
+
+
+async def test_drain_lets_the_fetchers_own_cancellation_through():
+    """A stop while the fetcher waits for a request in flight ends the fetcher. Swallowing that
+    cancellation once kept a stopping marsd fetching from a dead peer (make demo hung on it)."""
+    request = forever()
+    drain = asyncio.ensure_future(Fetcher._drain(deque([(0, 0, request)])))
+    await one_turn()
+    drain.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(drain, 5)
+    request.cancel()
+
+
+async def test_drain_forgets_failed_and_cancelled_requests():
+    async def fails() -> None:
+        raise OSError("link reset")
+    failed = asyncio.ensure_future(fails())
+    pending = forever()
+    await Fetcher._drain(deque([(0, 0, failed), (1, 1, pending)]), cancel=True)
+    assert failed.done() and pending.cancelled()
+
+
+async def test_closing_a_link_lets_the_callers_cancellation_through():
+    """PeerClient.close waits for the TLS close; a stop arriving then must end the caller (it
+    once swallowed it, and the fetcher went on retrying a dead peer after SIGTERM)."""
+    from mars.engine.peer.link import PeerClient
+
+    class Stuck:
+        """A writer whose close never completes."""
+
+        def write(self, data: bytes) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return True
+
+        async def wait_closed(self) -> None:
+            await asyncio.get_running_loop().create_future()
+
+    client = PeerClient("127.0.0.1", 1, None, None, None)  # type: ignore[arg-type]
+    client._writer = Stuck()  # type: ignore[assignment]
+    closing = asyncio.ensure_future(client.close())
+    await one_turn()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(closing, 5)
+
+
+async def test_a_retry_loop_stops_when_its_stop_was_swallowed():
+    """A cancellation that an operation finishing at the same moment turned into its error must
+    still end a retry loop (stop_if_stopping): the fetcher once retried a dead peer after SIGTERM."""
+    from mars.engine.roles.runtime import stop_if_stopping
+    rounds = 0
+
+    async def retrying() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            try:
+                await asyncio.get_running_loop().create_future()  # a request that is pending ...
+            except asyncio.CancelledError:
+                pass  # ... and whose end swallows the stop, as wait_for can in Python 3.11
+            stop_if_stopping()
+    task = asyncio.ensure_future(retrying())
+    await one_turn()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert rounds == 1
