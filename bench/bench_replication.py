@@ -533,7 +533,7 @@ class Bench:
         a, b = self.a, self.b
         a.marsadm("create-resource", res, str(self.base / "img" / f"a-{res}.img"), str(size))
         b.wait_value(f"resource-{res}/size", str(size), 30)
-        b.marsadm("join-resource", res, str(self.base / "img" / f"b-{res}.img"))
+        b.marsadm("join-resource", res, str(self.base / "img" / f"b-{res}.img"), "--create")
         b.wait_value(f"resource-{res}/syncstatus-b", str(size), 120)
         start = self.settled(res)
         b.wait_value(f"resource-{res}/replay-b", start, 60)
@@ -682,7 +682,7 @@ class Bench:
         profs = self.start_profiles("sync")
         cpu0 = {n.host: n.cpu() for n in (a, b)}
         t0 = time.monotonic()
-        b.marsadm("join-resource", res, str(b_img))
+        b.marsadm("join-resource", res, str(b_img), "--create")
         t_joined = time.monotonic() - t0
         b.wait_value(f"resource-{res}/syncstatus-b", str(size), self.args.timeout)
         secs = time.monotonic() - t0

@@ -210,15 +210,20 @@ def status_bars(node: Node) -> list[str]:
 
 
 def watch(nodes: dict[str, Node], size: int, stop: threading.Event) -> None:
-    """What mars-status on c shows while the writes and syncs run, every 2 s."""
+    """What mars-status on c shows while the writes and syncs run: its bars whenever they moved
+    (looked at twice a second), so the syncs are seen moving, not only done."""
+    last: list[str] = []
     while True:
-        show_bars(nodes)
-        if stop.wait(2):
+        bars = status_bars(nodes["c"])
+        if bars != last:
+            show_bars(nodes, bars)
+            last = bars
+        if stop.wait(0.5):
             return
 
 
-def show_bars(nodes: dict[str, Node]) -> None:
-    bars = status_bars(nodes["c"])  # one out() call: the block is not interleaved with other output
+def show_bars(nodes: dict[str, Node], bars: list[str] | None = None) -> None:
+    bars = bars if bars is not None else status_bars(nodes["c"])  # one out() call: never interleaved
     out("\n".join(["    $ mars-status --mars-dir $D/c --host c --status --ascii --once --resource demo   # its bars:"]
                   + ["      " + ln for ln in bars]))
 
@@ -267,8 +272,10 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     watcher.start()
     try:
         for n in (b, c):
-            sh(*n.adm("join-resource", "demo", str(base / f"{n.host}.img")))
+            sh(*n.adm("join-resource", "demo", str(base / f"{n.host}.img"), "--create"))
         wait_for(lambda: copy.poll() is not None, 120, "nbdcopy to finish")
+        wait_for(lambda: all(n.value(f"resource-demo/syncstatus-{n.host}") == str(size) for n in (b, c)), 120,
+                 "the syncs of b and c to finish")
     finally:
         stop.set()
         watcher.join()

@@ -271,10 +271,15 @@ def actual(res: str, host: str, key: str) -> str:
     return f"resource-{res}/actual-{host}/{key}"
 
 
+def parse_hosts(value: str | None) -> list[str]:
+    """A comma-separated list of hosts (``connect-<host>``), in order; empty for none."""
+    return [h for h in (value or "").split(",") if h]
+
+
 def connect_list(tree: Tree, res: str, host: str) -> list[str]:
     """``connect-<host>``: the nodes ``host`` fetches ``res`` from, most preferred first (the
-    original's connect preference list, a comma-separated value); empty when not set."""
-    return [h for h in (tree.get(f"{res_dir(res)}/connect-{host}") or "").split(",") if h]
+    original's connect preference list); empty when not set."""
+    return parse_hosts(tree.get(f"{res_dir(res)}/connect-{host}"))
 
 
 def set_connect_list(tree: Tree, res: str, host: str, hosts: list[str]) -> None:
@@ -287,6 +292,58 @@ def set_connect_list(tree: Tree, res: str, host: str, hosts: list[str]) -> None:
 
 def node_actual(host: str, key: str) -> str:
     return f"actual-{host}/{key}"
+
+
+def tree_host(mars_dir: str | os.PathLike[str]) -> str | None:
+    """The host this tree was made for, or None when it does not say.
+
+    create-cluster and join-cluster give the tree one node certificate, ``cluster/node-<host>.pem``
+    (credentials.node_paths), for the host that made it; that name is the tree's owner. It stays
+    in ``cluster/``, which never travels to other nodes.
+    """
+    try:
+        names = os.listdir(Path(mars_dir) / "cluster")
+    except OSError:
+        return None
+    hosts = [n[len("node-"):-len(".pem")] for n in names if n.startswith("node-") and n.endswith(".pem")]
+    return hosts[0] if len(hosts) == 1 and NAME_RE.match(hosts[0]) else None
+
+
+def machine_name() -> str:
+    """This machine's short name (``uname -n`` up to the first dot)."""
+    return os.uname().nodename.split(".")[0]
+
+
+def default_host(mars_dir: str | os.PathLike[str], given: str | None) -> tuple[str, str | None]:
+    """(host, note): ``--host`` when given, else the host the tree was made for, else ``uname -n``.
+
+    Why the tree first: a tree made for host ``a`` on a machine named ``vm`` must not make every
+    tool act as a host ``vm`` that is no node of the cluster. The note, when there is one, says
+    that the tree's name and the machine's name differ, so the operator knows which one is used.
+    """
+    if given:
+        return check_name("host", given), None
+    own, machine = tree_host(mars_dir), machine_name()
+    if own is None:
+        return check_name("host", machine), None
+    note = None if own == machine else (f"acting as host {own}, the host this tree was made for "
+                                        f"(this machine's name is {machine}; give --host to choose)")
+    return own, note
+
+
+def nodes_of(tree: Tree) -> list[str]:
+    """The cluster's nodes as this tree knows them: a live ``ips/ip-<host>`` entry each."""
+    return sorted(n[len("ip-"):] for n in tree.names("ips") if n.startswith("ip-") and tree.get(f"ips/{n}"))
+
+
+def require_node(tree: Tree) -> None:
+    """Refuse, before anything is written, to act as a host that is no node of the cluster."""
+    if tree.get("uuid") is None or tree.get(f"ips/ip-{tree.host}") is not None:
+        return
+    known = ", ".join(nodes_of(tree)) or "none"
+    raise MarsError(f"host {tree.host} is no node of this cluster (its nodes: {known})",
+                    "give --host one of them, or make this host a node first with "
+                    "'marsadm join-cluster <ip of a node> --secret-file <file>'")
 
 
 def mars_dir_from(arg: str | None) -> Path:

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "verdicts. Read-only. Exit code: 0 OK, 1 hints, 2 something to do, 3 state unreadable.")
     p.add_argument("--version", action="version", version=f"mars-status {__version__}")
     p.add_argument("--mars-dir", default=None, help="state tree (default: $MARS_DIR or /mars)")
-    p.add_argument("--host", default=None, help="show the view of this node (default: uname -n)")
+    p.add_argument("--host", default=None,
+                   help="show the view of this node (default: the host the tree was made for, else uname -n)")
     p.add_argument("--resource", default=None, metavar="R", help="limit the display to one resource")
     p.add_argument("--interval", type=_positive, default=2.0, metavar="S",
                    help="refresh every S seconds on a terminal (default 2)")
@@ -95,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        host = check_name("host", args.host or os.uname().nodename.split(".")[0])
+        mars_dir = mars_dir_from(args.mars_dir)
+        host, note = model.default_host(mars_dir, args.host)
+        if note:
+            print(f"mars-status: {note}", file=sys.stderr)
         if args.resource is not None:
             check_name("resource", args.resource)
-        mars_dir = mars_dir_from(args.mars_dir)
         tty = sys.stdout.isatty()
         # Read once before anything else: an unreadable state is UNKNOWN on a terminal too.
         snap, _answered = model.read_snapshot(mars_dir, host, args.window)

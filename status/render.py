@@ -151,7 +151,9 @@ def _rate_left(p: Progress, stalled: str = "") -> list[Span]:
     out = [Span(", rest "), _v(human_bytes(p.rest_bytes)), Span(", ")]
     if stalled:
         out.append(Span(stalled, "off"))
-    elif p.rate_bytes_per_s:
+    elif p.stalled:
+        out += [Span("no progress for ", "off"), _v(human_seconds(p.moved_age_s))]
+    elif p.moving:
         out += [Span("rate "), _v(f"{human_bytes(p.rate_bytes_per_s)}/s"), Span(", "),
                 _v(human_seconds(p.remaining_s)), Span(" left")]
     else:
@@ -218,6 +220,8 @@ def _alive_text(snap: Snapshot, host: str) -> Span:
     ns = snap.nodes.get(host)
     if ns is not None and ns.alive:
         return Span("System alive", "ok")
+    if ns is not None and ns.unreachable:
+        return Span("System unreachable (every other node's link to it fails)", "todo")
     if ns is None or ns.seen_age_s is None:
         return Span("System unknown (never reported)", "todo")
     return Span(f"System unknown (last message {human_seconds(ns.seen_age_s)} ago)", "todo")
@@ -273,10 +277,13 @@ def _sync(snap: Snapshot, n: NodeResource) -> Line:
                  *_rate_left(n.sync, _stalled(snap, n, "sync")))
 
 
-def _log_of(m: Member) -> str:
-    """The log file the node fetches into (the primary: the one it writes)."""
+def _log_of(m: Member) -> list[Span]:
+    """Where in the chain the node's log ends (the primary: where it writes): the file, and the
+    offset in it, since the total bytes before count every earlier file too."""
     pos = m.fetch_log()
-    return pos.name if pos is not None and pos.origin else "no log file yet"
+    if pos is None or not pos.origin:
+        return [_v("no log file yet")]
+    return [_v(pos.name), Span(" at "), _v(f"{pos.offset} bytes")]
 
 
 def _lag(seconds: float | None) -> list[Span]:
@@ -290,7 +297,7 @@ def _fetch(snap: Snapshot, m: Member, n: NodeResource) -> Line:
         state = Span("active", "ok") if n.actual.primary else Span("inactive", "off")
     else:
         state = Span("active", "ok") if n.switches.fetch else Span("paused", "off")
-    return _line("Fetch   : ", *_bytes(n.fetch.pos_bytes), " in ", _v(_log_of(m)), " ", state,
+    return _line("Fetch   : ", *_bytes(n.fetch.pos_bytes), " in ", *_log_of(m), " ", state,
                  *_rate_left(n.fetch, _stalled(snap, n, "fetch")), *_lag(n.fetch_lag_s))
 
 

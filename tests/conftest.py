@@ -48,7 +48,7 @@ def trio(workdir):
     a.marsadm("create-resource", "r", str(base / "a.img"), TRIO_SIZE)
     for n in (b, c):
         wait_until(lambda: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
-        n.marsadm("join-resource", "r", str(base / f"{n.host}.img"))
+        n.marsadm("join-resource", "r", str(base / f"{n.host}.img"), "--create")
     write(a, "write -P 0x11 0 1M")
     for n in (b, c):
         wait_until(lambda: caught_up(a, n, "r"), 30, f"{n.host} to catch up")

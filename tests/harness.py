@@ -154,7 +154,7 @@ def start_pair(base: Path, nodes: list[Node], size: str, a_args: tuple[str, ...]
     b.start()
     a.marsadm("create-resource", "r", str(a.base / "a.img"), size)
     wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
-    b.marsadm("join-resource", "r", str(b.base / "b.img"))
+    b.marsadm("join-resource", "r", str(b.base / "b.img"), "--create")
     return a, b
 
 

@@ -178,6 +178,8 @@ ROWS = [
     Row("CLOCK_SLIP", snap(clock_slip_s=45.0), ("HINT", "CLOCK_SLIP", None, "a")),
     Row("MARSD_VERSIONS_DIFFER", lambda s: node(s, "c", version="0.2.0"),
         ("HINT", "MARSD_VERSIONS_DIFFER", None, None)),
+    Row("CONNECT_CYCLE", lambda s: (member(s, "b", connect_list=["c"]), member(s, "c", connect_list=["b"])),
+        ("HINT", "CONNECT_CYCLE", "r", "b")),
 ]
 
 
@@ -665,3 +667,39 @@ def test_a_snapshot_built_from_an_empty_tree(tmp_path):
     from mars.engine.model import build
     fs = findings(build(tmp_path, "a", now_s=1_700_000_000.0))
     assert keys(fs) == {("TODO", "MARSD_DOWN", None, "a")}
+
+
+def test_a_connect_cycle_is_named_once_with_its_path():
+    fs = run(lambda s: (member(s, "b", connect_list=["c", "a"]), member(s, "c", connect_list=["b"])))
+    f = one(fs, "CONNECT_CYCLE")
+    assert f.text == "the connect preference lists of r make a cycle: b -> c -> b; these members fetch from a instead"
+    assert run(lambda s: member(s, "b", connect_list=["c"])) == []  # a chain to a member that fetches normally
+
+
+def test_a_near_zero_rate_gives_no_time_left_and_a_stall_says_so():
+    slow = one(run(lambda s: member(s, "b", fetch=Progress(4 * GiB, LOG_END, 16.0))), "FETCH_RUNNING")  # 22 d left?
+    assert slow.text.endswith("(1.0 GiB behind the log end, not moving)"), slow.text
+    stalled = one(run(lambda s: member(s, "b", fetch=Progress(4 * GiB, LOG_END, 80.0 * MiB, 45.0))), "FETCH_RUNNING")
+    assert stalled.text.endswith("(1.0 GiB behind the log end, no progress for 45 s)"), stalled.text
+
+
+def test_a_node_all_peers_cannot_reach_is_down_at_once(tmp_path):
+    """Built from a tree: c reported 2 s ago (inside the alive window) but a and b cannot reach it."""
+    from mars.engine.model import build
+    from mars.engine.tree import Tree
+    t = Tree(tmp_path, "a")
+    now = 1_700_000_000.0
+    for i, h in enumerate("abc"):
+        t.set(f"ips/ip-{h}", f"127.0.0.{2 + i}", stamp_ns=int((now - 1) * 1e9))
+        t.set(f"actual-{h}/time", f"{now - 2:.9f}", stamp_ns=int((now - 2) * 1e9))
+    t.set("actual-a/msg-peer-c", "connection refused", stamp_ns=int((now - 1) * 1e9))
+    s = build(tmp_path, "a", now_s=now)
+    assert s.nodes["c"].alive  # one witness is a link problem, not a dead node
+    assert keys(findings(s)) >= {("TODO", "PEER_UNREACHABLE", None, "a")}
+    t.set("actual-b/msg-peer-c", "connection refused", stamp_ns=int((now - 1) * 1e9))
+    s = build(tmp_path, "a", now_s=now)
+    assert not s.nodes["c"].alive and s.nodes["c"].unreachable
+    f = one(findings(s), "NODE_DOWN")
+    assert f.text == ("node c is unreachable: a cannot reach it (connection refused); b cannot reach it "
+                      "(connection refused)")
+    assert "PEER_UNREACHABLE" not in {x.code for x in findings(s)}  # NODE_DOWN says it, once

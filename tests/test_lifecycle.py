@@ -70,7 +70,7 @@ def test_pause_and_resume_sync(workdir):
     run(["nbdcopy", str(src), a.uri("r")])
     wait_until(lambda: b.tree_value("resource-r/size") is not None, 20, "b to learn r")
     b.marsadm("set-global-sync-limit-value", "0")
-    b.marsadm("--no-wait", "join-resource", "r", str(b.base / "b.img"))
+    b.marsadm("--no-wait", "join-resource", "r", str(b.base / "b.img"), "--create")
     b.marsadm("pause-sync", "r")
     paused_at = int(b.tree_value("resource-r/syncstatus-b") or 0)
     assert b.tree_value("resource-r/actual-b/is-syncing") == "0"
@@ -84,7 +84,7 @@ def test_dead_node_removal(workdir):
     a, b, c = start_cluster(*workdir, "abc")
     a.marsadm("create-resource", "r", str(a.base / "a.img"), "16M")
     wait_until(lambda: c.tree_value("resource-r/size") is not None, 20, "c to learn r")
-    c.marsadm("join-resource", "r", str(c.base / "c.img"))
+    c.marsadm("join-resource", "r", str(c.base / "c.img"), "--create")
     wait_until(lambda: caught_up(a, c, "r"), 30, "c to catch up")
     wait_until(lambda: a.tree_value("resource-r/data-c") is not None, 20, "a to know c is a member")
     c.kill()  # c is gone for good

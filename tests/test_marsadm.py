@@ -30,7 +30,8 @@ def test_create_cluster_while_marsd_is_down(workdir):
 def test_mars_dir_from_environment(workdir):
     base, nodes = workdir
     env = dict(os.environ, MARS_DIR=str(base / "envtree"))
-    r = subprocess.run([str(BIN / "marsadm"), "--host", "e", "create-cluster"], env=env, capture_output=True, text=True)
+    r = subprocess.run([str(BIN / "marsadm"), "--host", "e", "--ip", "127.0.0.1", "create-cluster"], env=env,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert os.readlink(base / "envtree" / "ips" / "ip-e") == "127.0.0.1"
 
@@ -43,7 +44,8 @@ def test_mars_dir_from_environment(workdir):
     (["create-resource", "bad/name", "/tmp/x", "1M"], 2, "not valid"),
     (["create-resource", "all", "/tmp/x", "1M"], 2, "reserved"),
     (["create-resource", "r", "/tmp/x", "12parsecs"], 2, "not a size"),
-    (["--timeout", "soon", "attach", "r"], 2, "invalid float"),
+    (["--timeout", "soon", "attach", "r"], 2, "not a number of seconds"),
+    (["--timeout", "-1", "attach", "r"], 2, "not zero or a positive number of seconds"),
 ])
 def test_usage_errors_exit_2_without_traceback(node, argv, code, words):
     r = node.marsadm(*argv, check=False)

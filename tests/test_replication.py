@@ -62,7 +62,7 @@ def test_three_nodes_converge_while_writing(cluster):
     try:
         for n in (b, c):
             wait_until(lambda: n.tree_value("resource-r/size") == str(size), 20, f"{n.host} to learn resource r")
-            n.marsadm("join-resource", "r", str(n.base / f"{n.host}.img"))
+            n.marsadm("join-resource", "r", str(n.base / f"{n.host}.img"), "--create")
         assert load.wait(300) == 0, load.stderr.read()
     finally:
         if load.poll() is None:

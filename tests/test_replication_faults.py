@@ -204,7 +204,7 @@ def create(a: Node, size: int) -> None:
 def join(a: Node, b: Node, size: int) -> None:
     wait_until(lambda: rd(b, "size") == str(size) and rd(b, "replay-a") is not None, 30,
                "b to learn resource r and a's log position")
-    b.marsadm("join-resource", RES, str(b.base / "b.img"))
+    b.marsadm("join-resource", RES, str(b.base / "b.img"), "--create")
 
 
 def differing_blocks(x, y, block: int = 4096) -> list[int]:

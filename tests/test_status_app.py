@@ -465,8 +465,9 @@ async def test_summary_says_todo_when_a_node_is_down(trio):
         await until(pilot, lambda: app.summary_text.startswith(" TODO "), what="the TODO summary")
         todo = sum(1 for f in app.last.fs if f.level == "TODO")  # NODE_DOWN, and PEER_UNREACHABLE from a and b
         assert f"TODO {todo} / HINT " in app.summary_text and todo >= 1
-        assert "---> TODO: node c has not reported" in app.screen_text
-        assert "System unknown (last message" in app.screen_text
+        # Unreachable as soon as a's and b's links to c broke; "not reported" once the window passed.
+        assert re.search(r"---> TODO: node c (is unreachable|has not reported)", app.screen_text), app.screen_text
+        assert re.search(r"System (unreachable|unknown \(last message)", app.screen_text), app.screen_text
     # c's own status, with its marsd down: what its tree knows, and that marsd does not answer.
     app = live_app(c)
     async with app.run_test(size=SIZE) as pilot:
@@ -518,7 +519,7 @@ def test_sync_progress_advances_in_a_tmux_pane(sparse_8t):
             except AssertionError as e:
                 raise AssertionError(f"{e}; the pane:\n{last['pane']}") from None
 
-        b.marsadm("join-resource", "r", str(base / "b.img"))
+        b.marsadm("join-resource", "r", str(base / "b.img"), "--create")
         first = until_shown(lambda p: 0 < p < 100, "the pane to show b's sync part way")
         second = until_shown(lambda p: p > first, f"the pane to show b's sync beyond {first}%")
         assert first < second <= 100

@@ -38,7 +38,7 @@ def test_sync_sends_only_the_chunks_that_differ(pair):
             f.seek(i * MiB + rng.randrange(MiB - 100))
             f.write(os.urandom(100))
     wait_until(lambda: b.tree_value("resource-r/size") == str(size), 20, "b to learn r")
-    b.marsadm("join-resource", "r", str(mine))
+    b.marsadm("join-resource", "r", str(mine), "--create")
     wait_until(lambda: caught_up(a, b, "r"), 60, "b to catch up")
     copied = int(b.tree_value("resource-r/actual-b/sync-copied-bytes"))
     assert int(b.tree_value("resource-r/actual-b/sync-chunks-copied")) == len(changed)
@@ -54,7 +54,7 @@ def test_sparse_8tib_image_joins_with_holes_skipped(pair):
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 5T 4M", "-c", "write -P 0x33 0 1M", a.uri("big")])
     wait_until(lambda: b.tree_value("resource-big/size") == str(size), 20, "b to learn big")
     t0 = time.monotonic()
-    b.marsadm("join-resource", "big", str(b.base / "b8t.img"))
+    b.marsadm("join-resource", "big", str(b.base / "b8t.img"), "--create")
     wait_until(lambda: b.tree_value("resource-big/syncstatus-b") == str(size), 120, "the 8 TiB sync")
     took = time.monotonic() - t0
     print(f"8 TiB sparse join: sync done in {took:.1f} s")
@@ -75,7 +75,7 @@ def test_connect_list_fetches_through_another_secondary(workdir):
     a.marsadm("create-resource", "r", str(a.base / "a.img"), "32M")
     for n in (b, c):
         wait_until(lambda: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
-        n.marsadm("join-resource", "r", str(n.base / f"{n.host}.img"))
+        n.marsadm("join-resource", "r", str(n.base / f"{n.host}.img"), "--create")
     wait_until(lambda: c.tree_value("resource-r/data-b") is not None, 20, "c to see b's membership")
     r = c.marsadm("set-connect-pref-list", "r", "c", check=False)
     assert r.returncode == 1 and "itself" in r.stderr

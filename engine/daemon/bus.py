@@ -23,6 +23,8 @@ import threading
 from collections import deque
 from typing import Any
 
+from .logs import collapse_repeats, flush_repeats
+
 RECENT_LINES = 200
 LINE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -138,11 +140,15 @@ class Bus:
         """Feed ``logger``'s records (and its children's) into the bus."""
         self.detach_logging()
         self._handler = BusLogHandler(self)
+        # The same collapsing of repeats as marsd's own log: a peer down for an hour is one line
+        # and a count in mars-status --debug, not the ring buffer full of one message.
+        collapse_repeats(self._handler)
         self._logger = logger
         logger.addHandler(self._handler)
 
     def detach_logging(self) -> None:
         if self._handler is not None and self._logger is not None:
+            flush_repeats(self._handler)
             self._logger.removeHandler(self._handler)
         self._handler = self._logger = None
 

@@ -33,8 +33,9 @@ from ..peer.services import PeerServices
 from ..roles.primary import PrimaryRuntime
 from ..roles.runtime import LogPulse, Runtime, RuntimeDeps, Wanted
 from ..roles.secondary import SecondaryRuntime
-from ..tree import Tree, actual, check_name, mars_dir_from, node_actual, res_dir, todo
+from ..tree import Tree, actual, default_host, mars_dir_from, node_actual, nodes_of, res_dir, todo
 from ..trigger import TRIGGER_NAME, take_lock
+from . import logs
 from .bus import Bus
 from .control import ControlServer
 
@@ -220,8 +221,8 @@ class Daemon:
         Each peer's pull is its own task, at most one per peer at a time, so an unreachable
         peer (a 10 s timeout) never delays this node's own reconcile round or another peer.
         """
-        peers = [n[3:] for n in self.tree.names("ips") if n.startswith("ip-") and n[3:] != self.host
-                 and self.tree.get(f"ips/{n}") is not None]
+        peers = [h for h in nodes_of(self.tree) if h != self.host]
+        self._forget_gone(peers)
 
         async def pull(host: str) -> None:
             c = self.peer_clients.get(host)
@@ -233,9 +234,11 @@ class Daemon:
             try:
                 reply = await c.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=10)
             except PeerError as e:
-                if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != str(e):
+                # What failed, for every node's findings (which name the remedy themselves); the log
+                # line, once per change, has the remedy too.
+                if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != e.what:
                     log.warning("exchange with %s: %s", host, e)
-                self.tree.set(node_actual(self.host, f"msg-peer-{host}"), str(e), durable=False)
+                self.tree.set(node_actual(self.host, f"msg-peer-{host}"), e.what, durable=False)
                 return
             self.tree.delete(node_actual(self.host, f"msg-peer-{host}"), durable=False)
             changed = await asyncio.get_running_loop().run_in_executor(
@@ -247,6 +250,18 @@ class Daemon:
             t = self._pulls.get(h)
             if t is None or t.done():
                 self._pulls[h] = asyncio.get_running_loop().create_task(pull(h), name=f"exchange-{h}")
+
+    def _forget_gone(self, peers: list[str]) -> None:
+        """A node that left the cluster leaves no link, no pull and no 'cannot reach' behind."""
+        for name in self.tree.names(f"actual-{self.host}"):
+            gone = name[len("msg-peer-"):] if name.startswith("msg-peer-") else None
+            if gone and gone not in peers:
+                self.tree.delete(node_actual(self.host, name), durable=False)
+        for host in [h for h in self.peer_clients if h not in peers]:
+            task = self._pulls.pop(host, None)
+            if task is not None:
+                task.cancel()
+            asyncio.get_running_loop().create_task(self.peer_clients.pop(host).close())
 
     async def reconcile(self) -> None:
         tree = self.tree
@@ -382,10 +397,12 @@ def parse_listen(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """marsd's command line, apart from ``main`` so the man page is generated from it (tools/manpages.py)."""
     p = argparse.ArgumentParser(prog="marsd", description="MARS daemon: serves and replicates resources.")
     p.add_argument("--mars-dir", help="state tree (default: $MARS_DIR or /mars)")
-    p.add_argument("--host", default=None, help="this node's name (default: uname -n)")
+    p.add_argument("--host", default=None,
+                   help="this node's name (default: the host the tree was made for, else uname -n)")
     p.add_argument("--ip", default=None, help="this node's address for peer links (default: from ips/ip-<host>)")
     p.add_argument("--nbd-listen", action="append", type=parse_listen, default=[], metavar="HOST:PORT",
                    help="also serve NBD on TCP (repeatable); the unix socket <mars-dir>/nbd.sock is always on")
@@ -395,14 +412,47 @@ def main(argv: list[str] | None = None) -> int:
                    help="minimum seconds between data-device syncs that advance the replay position")
     p.add_argument("--logrot-auto", default="4G", metavar="SIZE",
                    help="rotate a log file automatically once it is this large (default 4G; 0 = never)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the least severe messages logged (default info)")
+    p.add_argument("--log-file", default=None, metavar="PATH",
+                   help="append the log to PATH instead of stderr; reopened when moved away (logrotate) "
+                        "and on SIGHUP")
+    p.add_argument("--syslog", action="store_true",
+                   help=f"log to the local syslog ({logs.SYSLOG_SOCKET}, ident marsd, facility daemon) "
+                        "instead of stderr")
     p.add_argument("--version", action="version", version=f"marsd {__version__}")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s marsd[%(process)d] %(levelname)s %(message)s")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        handlers = logs.setup(args.log_level, args.log_file, args.syslog)
+    except MarsError as e:
+        print(f"marsd: {e}", file=sys.stderr)
+        return e.exit_code
+    # logrotate's postrotate usually sends SIGHUP, whose default action would end marsd. The
+    # file handler notices a moved file by itself; SIGHUP makes it reopen the path regardless.
+    files = [h for h in handlers if isinstance(h, logs.ReopeningFileHandler)]
+
+    def on_hup(signum: int, frame: object) -> None:
+        for h in files:
+            h.request_reopen()
+
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        return _run(args)
+    finally:
+        for h in handlers:
+            logs.flush_repeats(h)
+
+
+def _run(args: argparse.Namespace) -> int:
     mars_dir = mars_dir_from(args.mars_dir)
     try:
-        host = check_name("host", args.host or os.uname().nodename.split(".")[0])
+        host, note = default_host(mars_dir, args.host)
+        if note:
+            log.warning("%s", note)
         if not (mars_dir / "uuid").is_symlink():
             raise MarsError(f"{mars_dir} holds no cluster",
                             f"run 'marsadm --mars-dir {mars_dir} --host {host} create-cluster' first")

@@ -17,7 +17,7 @@ Header, 64 bytes::
      10     1  kind: 1 WRITE (payload = data), 2 TRIM, 3 ZERO (write zeroes)
      11     1  flags: bit0 FUA (as received), bit1 NO_HOLE (ZERO only); others 0
      12     4  payload_len (u32): == length for WRITE, 0 for TRIM and ZERO
-     16     8  seq (u64): +1 per record, continuing across the log files of a resource
+     16     8  seq (u64): +1 per record; a file's first is its file number << 32 (values.first_record)
      24     8  lamport_ns (u64): Lamport time of the write
      32     8  offset (u64): device byte offset
      40     4  length (u32): device bytes affected

@@ -48,13 +48,30 @@ class Replayer:
         self.damage: lf.LogCorruption | None = None
         self.applied_bytes = 0
         self.position: ReplayLink | None = None
+        self._stopped_stamp: int | None = None
         self._behind: tuple[int, int, Path, int, int] | None = None  # last batch: device and log ranges
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
 
+    def stopped_at(self) -> int | None:
+        """The stamp of the replay position this replayer stopped at on damage; None while it did not.
+
+        A stopped replay is not started again by itself: the same record would stop it again,
+        once a second, for ever. It starts again when the position is written anew (invalidate
+        does), which gives the entry a new stamp, or when marsd starts again.
+        """
+        return self._stopped_stamp
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        code = actual(self.res, self.tree.host, "replay-code")
+        if (ReplayCode.parse(self.tree.get(code)) or ReplayCode(1)).damaged:
+            # A new start after a stop on damage (the position was written anew): the old verdict goes.
+            self.tree.set(code, ReplayCode(1), durable=False)
+            self.tree.delete(actual(self.res, self.tree.host, "msg-err-replay-stop"), durable=False)
+        self.damage = None
+        self._stopped_stamp = None
         link = read_replay(self.tree, self.res, self.tree.host)
         if link is None:
             logs = list_logs(self.tree, self.res)
@@ -193,6 +210,8 @@ class Replayer:
                       f"replay stopped: {e}; the data device holds the state before that record", durable=False)
         if self.position is not None:
             self._checkpoint(self.position)
+        entry = self.tree.entry(replay_path(self.res, self.tree.host))
+        self._stopped_stamp = entry.stamp_ns if entry is not None else 0
 
 
 def _drop_behind_file(path: Path, offset: int, length: int) -> None:

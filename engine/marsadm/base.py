@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -11,7 +10,7 @@ from dataclasses import dataclass
 
 from ... import __version__
 from ..errors import MarsError, UsageError
-from ..tree import Tree, actual, check_name, mars_dir_from, require_cluster
+from ..tree import Tree, actual, check_name, default_host, mars_dir_from, require_cluster, require_node
 from ..trigger import marsd_running, poke
 
 
@@ -22,15 +21,19 @@ class Command:
     help: str
     args: tuple[tuple[str, dict], ...]
     per_resource: bool  # first positional is a resource list or 'all'
+    node: bool = True  # acts as a node of the cluster: --host must be one (all but creating and reading)
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, help: str, *args: tuple[str, dict], per_resource: bool = False, aliases: tuple[str, ...] = ()):
+def command(name: str, help: str, *args: tuple[str, dict], per_resource: bool = False, aliases: tuple[str, ...] = (),
+            node: bool = True):
     def deco(func: Callable[["Ctx"], None]) -> Callable[["Ctx"], None]:
-        for n in (name, *aliases):
-            COMMANDS[n] = Command(n, func, help, args, per_resource)
+        COMMANDS[name] = Command(name, func, help + (f" (alias: {', '.join(aliases)})" if aliases else ""), args,
+                                 per_resource, node)
+        for alias in aliases:
+            COMMANDS[alias] = Command(alias, func, f"the same as {name}: {help}", args, per_resource, node)
         return func
     return deco
 
@@ -44,14 +47,25 @@ class _Parser(argparse.ArgumentParser):
 def _global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--mars-dir", default=d(None), help="state tree (default: $MARS_DIR or /mars)")
-    p.add_argument("--host", default=d(None), help="act as this node (default: uname -n); for several nodes on one machine")
+    p.add_argument("--host", default=d(None),
+                   help="act as this node (default: the host the tree was made for, else uname -n)")
     p.add_argument("--ip", default=d(None), help="this node's address for peer links")
-    p.add_argument("--timeout", type=float, default=d(60.0), help="seconds to wait for marsd (default 60)")
+    p.add_argument("--timeout", type=_seconds, default=d(60.0), help="seconds to wait for marsd (default 60)")
     p.add_argument("--force", "-f", action="store_true", default=d(False), help="skip safety checks (read the message first)")
     p.add_argument("--no-wait", action="store_true", default=d(False),
                    help="record the desired state and return without waiting for marsd")
     p.add_argument("--window", type=float, default=d(None), metavar="S",
                    help="for view: a node counts as alive if it reported within S seconds (default 30)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not zero or a positive number of seconds")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +99,13 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         raise UsageError("no command given", "see 'marsadm --help' for the list of commands")
     args.force = args.force or force_prefix
     cmd = COMMANDS[args.command]
-    host = check_name("host", args.host or os.uname().nodename.split(".")[0])
-    ctx = Ctx(Tree(mars_dir_from(args.mars_dir), host), args, cmd.name)
+    mars_dir = mars_dir_from(args.mars_dir)
+    host, note = default_host(mars_dir, args.host)
+    ctx = Ctx(Tree(mars_dir, host), args, cmd.name)
+    if note:
+        ctx.say(note)
+    if cmd.node:
+        require_node(ctx.tree)
     if cmd.per_resource:
         for res in ctx.resource_list(args.resource):
             ctx.res = res
@@ -143,8 +162,10 @@ class Ctx:
             raise UsageError("no resource given", "name a resource or 'all'")
         for r in names:
             if r not in self.tree.resources():
-                raise MarsError(f"resource {r} does not exist", "see the resources with 'ls /mars' or create it "
-                                "with 'marsadm create-resource'", subject=f"{self.command} {r}")
+                known = ", ".join(self.tree.resources()) or "none"
+                raise MarsError(f"resource {r} does not exist in {self.tree.root}",
+                                f"the resources are: {known}; create one with 'marsadm create-resource'",
+                                subject=f"{self.command} {r}")
             if self.host not in self.tree.members(r):
                 raise MarsError(f"host {self.host} is not a member of resource {r}",
                                 "run the command on a member host, or use --host", subject=f"{self.command} {r}")

@@ -12,22 +12,21 @@ from ..credentials import (client_context, create_cluster_credential, ensure_nod
                            install_secret, secret_to_token, token_to_secret)
 from ..errors import UsageError
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError
-from ..tree import NONE
+from ..tree import NONE, nodes_of, tree_host
+from ..trigger import marsd_running
 from .base import Ctx, command
 
 
-@command("create-cluster", "make this host the first node of a new cluster (marsd may be down)")
+@command("create-cluster", "make this host the first node of a new cluster (marsd may be down)", node=False)
 def create_cluster(ctx: Ctx) -> None:
     tree = ctx.tree
     root = tree.root
-    if tree.get("uuid") is not None and not ctx.force:
-        raise ctx.fail(f"{root} already holds cluster {tree.get('uuid')}",
-                       "nothing to do; to start over remove the tree by hand, or pass --force to overwrite")
-    ip = ctx.args.ip or "127.0.0.1"
-    try:
-        ipaddress.ip_address(ip)
-    except ValueError:
-        raise ctx.fail(f"--ip {ip!r} is not an IP address", "give the address peers reach this host on") from None
+    if tree.get("uuid") is not None:
+        if not ctx.force:
+            raise ctx.fail(f"{root} already holds cluster {tree.get('uuid')}",
+                           "nothing to do; to start over on a tree no other node knows, pass --force")
+        _refuse_to_replace(ctx)
+    ip = _own_ip(ctx)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)  # the tree will hold credentials; as in the original it is root-only
     for d in ("ips", "userspace", "defaults", "todo-global", f"actual-{ctx.host}", f"defaults-{ctx.host}"):
@@ -39,13 +38,58 @@ def create_cluster(ctx: Ctx) -> None:
     create_cluster_credential(root, uuid, force=ctx.force)
     ensure_node_cert(root, ctx.host)
     tree.set("uuid", uuid)
-    ctx.say(f"created cluster {tree.get('uuid')} in {root} with host {ctx.host} at {ip}")
+    how = "" if ctx.args.ip else " (the address of this machine's default route; give --ip to choose another)"
+    ctx.say(f"created cluster {tree.get('uuid')} in {root} with host {ctx.host} at {ip}{how}")
+
+
+def _refuse_to_replace(ctx: Ctx) -> None:
+    """--force over a cluster: only a tree that no marsd uses and no other node knows.
+
+    A new cluster id and CA under a running marsd, or on a tree other nodes share, replicate to
+    those nodes and cut this one off from all of them at its next restart (their certificates no
+    longer verify): the whole cluster, not this node, would have to start over.
+    """
+    tree = ctx.tree
+    why = []
+    pid = marsd_running(tree.root)
+    if pid is not None:
+        why.append(f"marsd runs on {tree.root} (pid {pid})")
+    others = [h for h in nodes_of(tree) if h != ctx.host]
+    if others:
+        why.append(f"the tree knows other nodes ({', '.join(others)})")
+    if why:
+        raise ctx.fail(f"refusing to replace cluster {tree.get('uuid')}: {' and '.join(why)}",
+                       "a new cluster id and CA would reach the other nodes and cut every link; to start "
+                       "this node over, stop marsd, leave its resources ('marsadm leave-resource'), run "
+                       "'marsadm leave-cluster' here, then remove the tree by hand and create or join again")
+
+
+def _own_ip(ctx: Ctx) -> str:
+    """--ip, or the source address of this machine's default route (what other hosts reach)."""
+    ip = ctx.args.ip
+    if ip is None:
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.connect(("192.0.2.1", DEFAULT_PORT))  # TEST-NET-1: picks a route, sends nothing
+            ip = s.getsockname()[0]
+        except OSError:
+            raise ctx.fail("no --ip given and this machine has no route to pick its address from",
+                           "give --ip <the address other nodes reach this host on>") from None
+        finally:
+            s.close()
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ctx.fail(f"--ip {ip!r} is not an IP address", "give the address peers reach this host on") from None
+    return ip
 
 
 @command("join-cluster", "join the cluster of a peer: fetch its tree over an authenticated link (marsd may be down)",
          ("peer", {"help": "address of any node of the cluster (IP, optionally IP:PORT)"}),
          ("--secret-file", {"help": "the cluster credential (from 'marsadm export-secret' on a member)"}),
-         ("--token", {"help": "the cluster credential as one line (from 'marsadm export-secret --token')"}))
+         ("--token", {"help": "the cluster credential as one line (from 'marsadm export-secret --token')"}),
+         node=False)
 def join_cluster(ctx: Ctx) -> None:
     tree = ctx.tree
     if tree.get("uuid") is not None and not ctx.force:
@@ -61,35 +105,40 @@ def join_cluster(ctx: Ctx) -> None:
             raise ctx.fail(f"cannot read {ctx.args.secret_file}: {e.strerror}", "give the path of the secret file")
     else:
         secret = token_to_secret(ctx.args.token)
-    ip = ctx.args.ip or "127.0.0.1"
     peer_ip, _, port = ctx.args.peer.partition(":")
     root = tree.root
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(root, 0o700)
     install_secret(root, secret)
     ensure_node_cert(root, ctx.host)
-    for d in ("ips", "userspace", "defaults", "todo-global", f"actual-{ctx.host}", f"defaults-{ctx.host}"):
-        tree.mkdir(d)
-    tree.set(f"ips/ip-{ctx.host}", ip)
-    tree.set(f"defaults-{ctx.host}/sync-limit", 0)
-    own = tree.walk((f"ips/ip-{ctx.host}", f"defaults-{ctx.host}", f"actual-{ctx.host}"))
-    got = asyncio.run(_join(ctx, peer_ip, int(port or DEFAULT_PORT), own))
-    ctx.say(f"joined cluster {tree.get('uuid')} through {got} at {peer_ip}; this host is {ctx.host} at {ip}")
+    got, ip = asyncio.run(_join(ctx, peer_ip, int(port or DEFAULT_PORT)))
+    how = "" if ctx.args.ip else " (the local address of the link to it; give --ip to choose another)"
+    ctx.say(f"joined cluster {tree.get('uuid')} through {got} at {peer_ip}; this host is {ctx.host} at {ip}{how}")
     ctx.poke()
 
 
-async def _join(ctx: Ctx, peer_ip: str, port: int, own: list) -> str:
+async def _join(ctx: Ctx, peer_ip: str, port: int) -> tuple[str, str]:
+    """Connect first: without --ip, this host registers the address its link to the peer left from."""
     tree = ctx.tree
     hello = P.Hello(host=ctx.host, cluster="", proto=P.PROTO_VERSION, lamport_ns=tree.clock.now())
     client = PeerClient(peer_ip, port, hello, client_context(tree.root, ctx.host), cluster=None)
     try:
         await client.connect()
         assert client.peer_hello is not None
+        ip = ctx.args.ip or client.local_address or ""
+        if not ctx.args.ip and ipaddress.ip_address(ip).is_loopback:
+            raise ctx.fail(f"this host would register as {ip}, the local end of its link to {peer_ip}, which no "
+                           f"other host can reach", "give --ip <the address other nodes reach this host on>")
+        for d in ("ips", "userspace", "defaults", "todo-global", f"actual-{ctx.host}", f"defaults-{ctx.host}"):
+            tree.mkdir(d)
+        tree.set(f"ips/ip-{ctx.host}", ip)
+        tree.set(f"defaults-{ctx.host}/sync-limit", 0)
+        own = tree.walk((f"ips/ip-{ctx.host}", f"defaults-{ctx.host}", f"actual-{ctx.host}"))
         reply = await client.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=30)
         for e in reply.entries:
             tree.apply(e)
         await client.request(lambda req: P.TreeEntries(req=req, entries=tuple(own)), timeout=30)
-        return client.peer or peer_ip
+        return client.peer or peer_ip, ip
     except PeerError as e:
         raise ctx.fail(str(e.what), e.remedy) from None
     finally:
@@ -110,6 +159,17 @@ def export_secret_cmd(ctx: Ctx) -> None:
          "on a survivor removes a dead node)")
 def leave_cluster(ctx: Ctx) -> None:
     tree = ctx.tree
+    own = tree_host(tree.root)
+    if own is not None and ctx.host != own:
+        # Removing another node: only one that is gone, and only when said so.
+        from ..model import build
+        node = build(tree.root, own).nodes.get(ctx.host)
+        if node is not None and node.alive:
+            raise ctx.fail(f"host {ctx.host} is alive (it reported {node.seen_age_s or 0:.0f} s ago)",
+                           f"run 'marsadm leave-cluster' on {ctx.host} itself; a survivor removes only a dead node")
+        if not ctx.force:
+            raise ctx.fail(f"this removes host {ctx.host}, another node, from the cluster",
+                           f"if {ctx.host} is gone for good, pass --force")
     member_of = [r for r in tree.resources() if ctx.host in tree.members(r)]
     if member_of and not ctx.force:
         raise ctx.fail(f"host {ctx.host} is still a member of {', '.join(member_of)}",
@@ -117,6 +177,8 @@ def leave_cluster(ctx: Ctx) -> None:
     tree.delete(f"ips/ip-{ctx.host}")
     for n in tree.names(f"actual-{ctx.host}"):
         tree.delete(f"actual-{ctx.host}/{n}", durable=False)
+    for h in nodes_of(tree):  # what the other nodes said about it goes too; their marsd also drop it
+        tree.delete(f"actual-{h}/msg-peer-{ctx.host}", durable=False)
     ctx.poke()
     ctx.say(f"host {ctx.host} left the cluster; the others forget it on their next exchange")
 

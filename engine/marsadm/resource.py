@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 
 from ..device import device_size
-from ..log.files import list_logs, read_replay, replay_path
+from ..log.files import LogFile, list_logs, read_replay, replay_path
 from ..log.values import ReplayLink, log_name
 from ..entry import DELETED
 from ..tree import check_name, connect_list, require_cluster, res_dir, set_connect_list, todo
@@ -40,12 +41,10 @@ def create_resource(ctx: Ctx) -> None:
             raise ctx.fail(f"{dev} is already the data device of resource {other}", "give another device")
     created = False
     if not dev.exists():
+        _refuse_missing_device(ctx, dev)
         if size is None:
             raise ctx.fail(f"device {dev} does not exist", "give a size to create a sparse image file there")
-        if not dev.parent.is_dir():
-            raise ctx.fail(f"directory {dev.parent} does not exist", "create it first")
-        with open(dev, "xb") as f:
-            f.truncate(size)
+        _create_image(ctx, dev, size)
         created = True
     st = os.stat(dev)
     if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
@@ -64,7 +63,8 @@ def create_resource(ctx: Ctx) -> None:
     if leftovers and not ctx.force:
         raise ctx.fail(f"old log files remain in {rdir}: {', '.join(f.name for f in leftovers[:3])}",
                        f"remove them (marsadm delete-resource {res} --force) or pass --force to start after them")
-    first = max(f.seq for f in leftovers) + 1 if leftovers else 1
+    # After leftovers, and after the logs of a deleted resource of this name (its maxnr stays).
+    first = max([f.seq + 1 for f in leftovers] + [tree.get_int(f"{d}/maxnr") + 1])
     tree.mkdir(d)
     (rdir / log_name(first, ctx.host)).touch(mode=0o600)
     tree.set(f"{d}/maxnr", first)
@@ -78,6 +78,21 @@ def create_resource(ctx: Ctx) -> None:
     ctx.say(f"created resource {res}: {human_bytes(size)} on {dev}{' (new sparse image)' if created else ''}, "
             f"primary {ctx.host}")
     ctx.wait(f"attach resource {res} and serve it", lambda: _attached(ctx), ctx.attach_error)
+
+
+def _refuse_missing_device(ctx: Ctx, dev: Path) -> None:
+    """A missing path under /dev is a typo or a disk that is not there, never a place for an image:
+    /dev is a RAM file system, and an image there would vanish with the next boot."""
+    if str(dev).startswith("/dev/") or str(dev.resolve()).startswith("/dev/"):
+        raise ctx.fail(f"device {dev} does not exist",
+                       "check the name ('lsblk' lists the block devices); images are not created under /dev")
+
+
+def _create_image(ctx: Ctx, dev: Path, size: int) -> None:
+    if not dev.parent.is_dir():
+        raise ctx.fail(f"directory {dev.parent} does not exist", "create it first")
+    with open(dev, "xb") as f:
+        f.truncate(size)
 
 
 @command("delete-resource", "remove a resource from the tree and delete its log files (refused while attached)",
@@ -110,16 +125,20 @@ def delete_resource(ctx: Ctx) -> None:
     for dirpath, dirnames, filenames in os.walk(tree.root / d):
         for n in filenames:
             p = Path(dirpath) / n
-            if p.is_symlink() and os.readlink(p) != DELETED:
-                tree.delete(str(p.relative_to(tree.root)), durable=False)
-    tree.set(f"{d}/maxnr", tree.get(f"{d}/maxnr") or 0)
+            rel = str(p.relative_to(tree.root))
+            # maxnr stays (as in the original): a resource made again under this name numbers its
+            # logs on from there, so no old log file anywhere can be taken for one of the new.
+            if p.is_symlink() and os.readlink(p) != DELETED and rel != f"{d}/maxnr":
+                tree.delete(rel, durable=False)
     ctx.poke()
     ctx.say(f"deleted resource {res} ({human_bytes(removed)} of log files removed; the data device is untouched)")
 
 
 @command("join-resource", "become a secondary of a resource: register the data device and start a fast full sync",
          ("resource", {"help": "the resource to join"}),
-         ("device", {"help": "absolute path of a block device or image file (created sparse if missing)"}))
+         ("device", {"help": "absolute path of a block device or image file"}),
+         ("--create", {"action": "store_true",
+                       "help": "create the image file (sparse, the resource's size) if it does not exist"}))
 def join_resource(ctx: Ctx) -> None:
     tree = ctx.tree
     require_cluster(tree)
@@ -139,10 +158,12 @@ def join_resource(ctx: Ctx) -> None:
         raise ctx.fail(f"device {dev} is not an absolute path", f"give the full path, e.g. {Path.cwd() / dev}")
     created = False
     if not dev.exists():
-        if not dev.parent.is_dir():
-            raise ctx.fail(f"directory {dev.parent} does not exist", "create it first")
-        with open(dev, "xb") as f:
-            f.truncate(size)
+        _refuse_missing_device(ctx, dev)
+        if not ctx.args.create:
+            raise ctx.fail(f"device {dev} does not exist",
+                           f"give an existing block device or image, or pass --create to make a sparse image of "
+                           f"{human_bytes(size)} there")
+        _create_image(ctx, dev, size)
         created = True
     have = device_size(dev)
     if have < size and not ctx.force:
@@ -194,19 +215,53 @@ def invalidate(ctx: Ctx) -> None:
     link = read_replay(tree, ctx.res, primary)
     if link is None:
         raise ctx.fail(f"the primary {primary} has published no log position", "wait until it runs and is reachable")
-    was = tree.get(todo(ctx.res, ctx.host, "allow-replay")) == "1"
-    # Replay must be stopped first, or its next checkpoint would overwrite the new start position.
-    tree.set(todo(ctx.res, ctx.host, "allow-replay"), 0)
+    was = {s: tree.get(todo(ctx.res, ctx.host, s)) == "1" for s in ("allow-replay", "connect")}
+    # Replay and fetch stop first: replay's next checkpoint would overwrite the new start position,
+    # and the fetcher must not append to a copy that is being set aside.
+    for s in was:
+        tree.set(todo(ctx.res, ctx.host, s), 0)
     if _attached(ctx):
-        ctx.wait(f"stop replaying {ctx.res}", lambda: ctx.actual("is-replaying") != "1")
+        ctx.wait(f"stop replaying and fetching {ctx.res}",
+                 lambda: ctx.actual("is-replaying") != "1" and ctx.actual("is-copying") != "1")
+    aside = _set_aside_damaged_copies(ctx, link.seq)
     tree.set(replay_path(ctx.res, ctx.host), ReplayLink(link.seq, link.origin, 0, 0), restamp=True)
     tree.set(f"{d}/syncstatus-{ctx.host}", 0, restamp=True)
     tree.delete(f"{d}/syncpos-{ctx.host}")
     tree.delete(f"resource-{ctx.res}/actual-{ctx.host}/msg-err-replay-stop")
-    if was:
-        tree.set(todo(ctx.res, ctx.host, "allow-replay"), 1)
+    for s, on in was.items():
+        if on:
+            tree.set(todo(ctx.res, ctx.host, s), 1)
+    if aside:
+        ctx.say(f"{ctx.res}: set aside the damaged log cop{'ies' if len(aside) > 1 else 'y'} "
+                f"{', '.join(f.name for f in aside)} in {aside[0].path.parent.parent.name}/ (kept for inspection); "
+                f"{'they are' if len(aside) > 1 else 'it is'} fetched again from {primary}")
     ctx.say(f"{ctx.res}: invalidated; a fast full sync from {primary} starts, then replay from {link}")
     ctx.poke()
+
+
+def _set_aside_damaged_copies(ctx: Ctx, from_seq: int) -> list[LogFile]:
+    """Clear this node's log copies that the new replay would read again; keep the damaged ones.
+
+    Replay restarts at the primary's current log file, and the fetcher fetches it (and what
+    follows) anew: whatever this node holds from there on is not to be trusted. A copy with a
+    damaged record (not a torn tail) would stop the replay at the same record again; one of
+    another history (after a split brain or a log-truncate on the primary) would be replayed as
+    if it were the primary's. The damaged ones go to ``damaged-<time>/`` (an operator may need
+    them to find the cause), the others are deleted. Never this node's own log.
+    """
+    out = []
+    keep = ctx.tree.root / res_dir(ctx.res) / f"damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    for f in list_logs(ctx.tree, ctx.res):
+        if f.origin == ctx.host or f.seq < from_seq:
+            continue
+        r = f.scan()
+        if r.error is not None and not r.error.torn:
+            keep.mkdir(mode=0o700, exist_ok=True)
+            os.replace(f.path, keep / f.name)
+            out.append(LogFile(f.seq, f.origin, keep / f.name))
+        else:
+            f.path.unlink(missing_ok=True)
+    return out
 
 
 @command("leave-resource", "stop being a member of a resource (down first; --host <dead> --force for a dead node)",
@@ -259,7 +314,8 @@ def set_connect_pref_list(ctx: Ctx) -> None:
         nxt = connect_list(tree, ctx.res, h)
         h = nxt[0] if nxt else None
     set_connect_list(tree, ctx.res, ctx.host, hosts)
-    ctx.say(f"{ctx.res}: {ctx.host} fetches from {', '.join(hosts) or 'the primary'} (then the primary)")
+    where = f"{', '.join(hosts)}, then the primary" if hosts else "the primary"
+    ctx.say(f"{ctx.res}: {ctx.host} fetches from {where}")
     ctx.poke()
 
 

@@ -38,9 +38,16 @@ def _refuse_if_open(ctx: Ctx) -> None:
                        "or pass --force to cut them off")
 
 
+def _done(ctx: Ctx, what: str) -> None:
+    """One line saying what the command did (or recorded, with --no-wait): a silent success reads
+    as nothing having happened."""
+    ctx.say(f"{ctx.res}: {what}" + (" (recorded; marsd acts on it)" if ctx.args.no_wait else ""))
+
+
 @command("attach", "open the data device and (on the primary) serve the NBD export", RES_ARG, per_resource=True)
 def attach(ctx: Ctx) -> None:
     _set_attach_and_wait(ctx, True)
+    _done(ctx, "attached")
 
 
 @command("detach", "stop serving and close the data device (refused while clients are connected)", RES_ARG,
@@ -48,6 +55,7 @@ def attach(ctx: Ctx) -> None:
 def detach(ctx: Ctx) -> None:
     _refuse_if_open(ctx)
     _set_attach_and_wait(ctx, False)
+    _done(ctx, "detached: the data device is closed")
 
 
 @command("up", "switch everything on: attach, connect (fetch), sync, replay", RES_ARG, per_resource=True)
@@ -55,6 +63,7 @@ def up(ctx: Ctx) -> None:
     for s in SWITCHES[1:]:
         ctx.tree.set(todo(ctx.res, ctx.host, s), 1)
     _set_attach_and_wait(ctx, True)
+    _done(ctx, "up: attached, with fetch, sync and replay switched on")
 
 
 @command("down", "switch everything off: replay, sync, connect, then detach", RES_ARG, per_resource=True)
@@ -63,6 +72,7 @@ def down(ctx: Ctx) -> None:
     for s in reversed(SWITCHES[1:]):
         ctx.tree.set(todo(ctx.res, ctx.host, s), 0)
     _set_attach_and_wait(ctx, False)
+    _done(ctx, "down: replay, sync and fetch switched off, and detached")
 
 
 def _flip(ctx: Ctx, switch: str, on: bool, actual_key: str, what: str) -> None:
@@ -79,12 +89,21 @@ def _flip(ctx: Ctx, switch: str, on: bool, actual_key: str, what: str) -> None:
     if switch == "sync" and on and ctx.tree.get_int(f"resource-{ctx.res}/syncstatus-{ctx.host}") >= \
             ctx.tree.get_int(f"resource-{ctx.res}/size"):
         return  # nothing left to sync
-    ctx.wait(f"{what} {ctx.res}", lambda: (ctx.actual(actual_key) == "1") == on)
+    ctx.wait(f"{what} {ctx.res}", lambda: (ctx.actual(actual_key) == "1") == on,
+             (lambda: _replay_stopped(ctx)) if switch == "allow-replay" and on else lambda: None)
+
+
+def _replay_stopped(ctx: Ctx) -> str | None:
+    """Why replay cannot resume: it stopped at a damaged record, and resuming reads that record again."""
+    msg = ctx.actual("msg-err-replay-stop")
+    if not msg:
+        return None
+    return f"{msg}; resuming would stop at the same record: run 'marsadm invalidate {ctx.res}' on {ctx.host}"
 
 
 for _name, _switch, _on, _key, _what, _help in [
-    ("connect", "connect", True, "is-copying", "resume fetching", "resume fetching the log (alias: resume-fetch)"),
-    ("disconnect", "connect", False, "is-copying", "stop fetching", "stop fetching the log (alias: pause-fetch)"),
+    ("connect", "connect", True, "is-copying", "resume fetching", "resume fetching the log"),
+    ("disconnect", "connect", False, "is-copying", "stop fetching", "stop fetching the log"),
     ("resume-replay", "allow-replay", True, "is-replaying", "resume replaying", "resume replaying fetched logs"),
     ("pause-replay", "allow-replay", False, "is-replaying", "pause replaying",
      "stop replaying: the device stays at a write-order prefix (holds back log deletion cluster-wide)"),

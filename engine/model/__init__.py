@@ -20,7 +20,7 @@ What is here, by module:
 from ..errors import MarsError, UsageError
 from ..log.values import LogPos, ReplayCode, ReplayLink, Version
 from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
-from ..tree import DEFAULT_MARS_DIR, check_name, mars_dir_from
+from ..tree import DEFAULT_MARS_DIR, check_name, default_host, mars_dir_from
 from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
                      stream_events)
 from .findings import CODES, LEVELS, Finding, findings, worst
@@ -34,7 +34,7 @@ __all__ = [
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable",
     "UsageError", "Version",
-    "build", "check_name", "check_readable", "control_path", "figure", "findings", "human_bytes", "human_seconds",
+    "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "human_bytes", "human_seconds",
     "live_snapshot", "mars_dir_from", "parse_size", "percent_shown", "read_snapshot", "request_snapshot",
     "stream_events", "worst",
 ]

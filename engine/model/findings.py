@@ -73,6 +73,8 @@ CODES: dict[str, tuple[str, str]] = {
     "LOGS_DELETABLE": ("HINT", "log files replayed by every member can be deleted"),
     "LOGS_HELD_BACK": ("HINT", "a member's replay position keeps older log files from being deletable"),
     "RESIZE_POSSIBLE": ("HINT", "every member's disk is larger than the resource"),
+    "CONNECT_CYCLE": ("HINT", "members' connect preference lists lead back to where they start; they fetch from the "
+                              "primary instead"),
     "CLOCK_SLIP": ("HINT", "the Lamport clock runs ahead of this host's wall clock by more than the alive window"),
     "MARSD_VERSIONS_DIFFER": ("HINT", "live nodes run different marsd versions"),
 }
@@ -125,16 +127,18 @@ def worst(fs: Iterable[Finding]) -> str | None:
 # --- figures ---------------------------------------------------------------------------------
 
 def _describe(p: Progress, left: str = "left") -> str:
-    """``42.0 % (1.2 GiB left, 35.0 MiB/s, about 36 s left)``."""
+    """``42.0 % (1.2 GiB left, 35.0 MiB/s, about 36 s left)``; a time left only from a real speed."""
     rest = p.rest_bytes
     rate = figure(p.rate_bytes_per_s)
     parts = [f"{human_bytes(rest)} {left}"]
-    if rate is None:
+    if p.stalled:
+        parts.append(f"no progress for {human_seconds(p.moved_age_s)}")
+    elif rate is None:
         parts.append("rate unknown")
-    elif rate <= 0:
+    elif not p.moving:
         parts.append("not moving")
     else:
-        parts.append(f"{human_bytes(rate)}/s, about {human_seconds(rest / rate)} left")
+        parts.append(f"{human_bytes(rate)}/s, about {human_seconds(p.remaining_s)} left")
     return f"{p.percent_text()} % ({', '.join(parts)})"
 
 
@@ -238,13 +242,15 @@ def _cluster(snap: Snapshot) -> Iterator[Finding]:
 
 
 def _unreachable(snap: Snapshot, h: str, ns: NodeStatus) -> Iterator[Finding]:
-    unreachable = sorted(ns.link_errors.items())
+    # A link to a node that is down is NODE_DOWN's evidence, not a problem of its own.
+    unreachable = sorted((p, why) for p, why in ns.link_errors.items() if p not in snap.nodes or snap.alive(p))
     if not unreachable:
         return
     addrs = []
     for peer, _ in unreachable:
         pns = snap.nodes.get(peer)
-        port = (pns.peer_port if pns is not None else None) or str(DEFAULT_PEER_PORT)
+        # The port the peer said it uses; else the one this node uses (a cluster shares one).
+        port = (pns.peer_port if pns is not None else None) or ns.peer_port or str(DEFAULT_PEER_PORT)
         ip = pns.ip if pns is not None else None
         addrs.append(f"{ip}:{port}" if ip else f"{peer} on port {port}")
     peers = [p for p, _ in unreachable]
@@ -259,6 +265,10 @@ def _node_down(snap: Snapshot, h: str, ns: NodeStatus | None, resources: list[st
     window = figure(snap.window_s)
     if ns is None:
         text = f"node {h} has never reported (it has no node entries)"
+    elif ns.unreachable:
+        witnesses = sorted((o, on.link_errors[h]) for o, on in snap.nodes.items()
+                           if o != h and on.alive and h in on.link_errors)
+        text = f"node {h} is unreachable: " + "; ".join(f"{o} cannot reach it ({why})" for o, why in witnesses)
     elif age is None:
         text = f"node {h} has never reported"
     else:
@@ -270,8 +280,10 @@ def _node_down(snap: Snapshot, h: str, ns: NodeStatus | None, resources: list[st
     gone = [f"'marsadm leave-resource {r} --host {h} --force'" for r in resources]
     gone.append(f"'marsadm leave-cluster --host {h} --force'")
     ip = ns.ip if ns is not None else None
+    local = snap.nodes.get(snap.local_host)
+    port = (ns.peer_port if ns is not None else None) or (local.peer_port if local else None) or str(DEFAULT_PEER_PORT)
     return Finding("TODO", "NODE_DOWN", None, h, text,
-                   f"start marsd on {h} and check the network to it{' (' + ip + ')' if ip else ''}; "
+                   f"start marsd on {h} and check the network to it{f' ({ip}:{port})' if ip else ''}; "
                    f"if {h} is gone for good, run on a survivor: {', then '.join(gone)}")
 
 
@@ -306,6 +318,7 @@ def _resource(snap: Snapshot) -> Iterator[Finding]:
                           f"(members: {', '.join(h for h, _ in members) or 'none'})",
                           f"make a member primary: {_cmd('primary ' + res, '<that node>')}")
         yield from _split(res, rs)
+        yield from _cycles(res, rs)
         yield from _logs(snap, res, rs, local)
         yield from _resize(res, rs)
         for h, nr in members:
@@ -328,6 +341,32 @@ def _split(res: str, rs: ResourceStatus) -> Iterator[Finding]:
                   f"log versions of {res} differ: {' / '.join(parts)}",
                   f"decide which node's data survives; run 'marsadm invalidate {res}' on the others"
                   + (f" (of {', '.join(sorted(hosts))})" if hosts else ""))
+
+
+def _cycles(res: str, rs: ResourceStatus) -> Iterator[Finding]:
+    """Connect lists whose first choices lead back: each member's list is checked when written,
+    but two set at once on two nodes (before either knew the other's) can still close a loop."""
+    seen: set[frozenset[str]] = set()
+    for start in sorted(rs.nodes):
+        path, h = [start], start
+        while True:
+            nxt = rs.nodes[h].connect_list[0] if h in rs.nodes and rs.nodes[h].connect_list else None
+            if nxt is None or nxt not in rs.nodes:
+                break
+            if nxt in path:
+                loop = path[path.index(nxt):]
+                if frozenset(loop) not in seen:
+                    seen.add(frozenset(loop))
+                    first = min(loop)
+                    yield Finding("HINT", "CONNECT_CYCLE", res, first,
+                                  f"the connect preference lists of {res} make a cycle: "
+                                  f"{' -> '.join([*loop, nxt])}; these members fetch from "
+                                  f"{rs.primary or 'the primary'} instead",
+                                  _cmd(f"set-connect-pref-list {res} <nodes that do not lead back>", first)
+                                  + " (an empty list fetches from the primary)")
+                break
+            path.append(nxt)
+            h = nxt
 
 
 def _resize(res: str, rs: ResourceStatus) -> Iterator[Finding]:

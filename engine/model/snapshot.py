@@ -41,12 +41,16 @@ from ... import __version__
 from ..errors import MarsError
 from ..log.values import LogPos, ReplayCode, ReplayLink, Version, parse_log_name
 from ..entry import DELETED
-from ..tree import LOCAL_DIRS, NONE, parse_int
+from ..tree import LOCAL_DIRS, NONE, parse_hosts, parse_int
 from ..trigger import marsd_running
 from .units import percent_shown
 
 ALIVE_WINDOW_S = 30.0  # a node whose last report is older than this is not alive (the original: 30 s in mars-status)
 ALMOST_EMPTY = 0  # rests at or below this many bytes count as reached
+STALL_S = 10.0  # a position with bytes left that has not moved for this long is stalled (marsd moves it every round)
+# bytes/s: below this a rate is the tail of a stopped transfer's moving average, not a speed (less than
+# one small log record a second); a time left is never told from it.
+MIN_RATE = 64.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +59,13 @@ class Progress:
 
     pos_bytes: int
     size_bytes: int
-    rate_bytes_per_s: float | None = None
+    rate_bytes_per_s: float | None = None  # None: not running, or too slow to be a speed (MIN_RATE)
+    moved_age_s: float | None = None  # since the position last moved; None unknown
+
+    @property
+    def stalled(self) -> bool:
+        """Bytes are left and the position has not moved for STALL_S: no time left can be told."""
+        return not self.reached and self.moved_age_s is not None and self.moved_age_s >= STALL_S
 
     @property
     def rest_bytes(self) -> int:
@@ -80,13 +90,21 @@ class Progress:
         """Time left at the current rate; None when nothing moves (unknown, not zero)."""
         if self.reached:
             return 0.0
-        if not self.rate_bytes_per_s:
+        if not self.moving:
             return None
+        assert self.rate_bytes_per_s is not None
         return self.rest_bytes / self.rate_bytes_per_s
+
+    @property
+    def moving(self) -> bool:
+        """It moves at a speed a time left can be told from: a rate of at least MIN_RATE, not stalled."""
+        rate = self.rate_bytes_per_s
+        return rate is not None and math.isfinite(rate) and rate >= MIN_RATE and not self.stalled
 
     def to_json(self) -> dict[str, Any]:
         return {"pos_bytes": self.pos_bytes, "size_bytes": self.size_bytes, "rest_bytes": self.rest_bytes,
                 "percent": round(self.percent, 2), "rate_bytes_per_s": _finite(self.rate_bytes_per_s),
+                "moved_age_s": _finite(self.moved_age_s), "stalled": self.stalled,
                 "remaining_s": _finite(self.remaining_s)}
 
 
@@ -178,6 +196,7 @@ class NodeResource:
     fetch_lag_s: float | None  # how much older its fetch position is than the primary's log end (0 when none left)
     replay_lag_s: float | None  # how much older its replay position is than the primary's (0 when none left)
     messages: list[Message]
+    connect_list: list[str] = field(default_factory=list)  # connect-<host>: where it fetches from first
 
     @property
     def role(self) -> str:
@@ -251,6 +270,7 @@ class NodeStatus:
     emergency: bool  # actual-<host>/emergency (no emergency mode exists yet: always False)
     link_errors: dict[str, str]  # peer -> why this node cannot reach it (msg-peer-<peer>)
     tunables: list[Tunable]
+    unreachable: bool = False  # every other live node reports it cannot reach this one (then not alive)
 
     def tunable(self, name: str) -> Tunable | None:
         return next((t for t in self.tunables if t.name == name), None)
@@ -484,7 +504,7 @@ class _Entries:
 def _aged(name: str) -> bool:
     """Entries whose age the snapshot shows; ``time`` (every node's, every round) also keeps
     the Lamport clock current, since it is the newest stamp in any live tree."""
-    return name in ("time", "fetch-pos", "log-pos") or name.startswith(("replay-", "msg-"))
+    return name in ("time", "fetch-pos", "log-pos") or name.startswith(("replay-", "msg-", "syncstatus-"))
 
 
 def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIVE_WINDOW_S,
@@ -498,7 +518,8 @@ def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIV
 
     hosts = sorted({h for h, _ in e.names("ips", "ip-")} |
                    {d[len("actual-"):] for d in e.dirs if d.startswith("actual-") and "/" not in d})
-    nodes = {h: _node(e, h, lamport, window_s) for h in hosts}
+    nodes = _reachability({h: _node(e, h, lamport, window_s, set(hosts)) for h in hosts},
+                          host if pid is not None else None)
     resources = {}
     for d in sorted(d for d in e.dirs if d.startswith("resource-") and "/" not in d):
         res = d[len("resource-"):]
@@ -510,7 +531,26 @@ def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIV
                     debug_lines=list(debug_lines or []))
 
 
-def _node(e: _Entries, h: str, lamport: float, window_s: float) -> NodeStatus:
+def _reachability(nodes: dict[str, NodeStatus], running: str | None) -> dict[str, NodeStatus]:
+    """A node that every other live node reports it cannot reach is not alive, at once.
+
+    Its own last report stays fresh for the alive window after it dies (30 s by default), while
+    its peers' links to it break within a round: the links are the sooner and truer witness.
+    One reporter that cannot reach it is a link problem (PEER_UNREACHABLE), not a dead node.
+    ``running`` is this host when its marsd runs: it is alive whatever others report (a
+    partition seen from inside), and it is never the only one to be believed against itself.
+    """
+    out = dict(nodes)
+    for h, n in nodes.items():
+        if h == running:
+            continue
+        witnesses = [o for o, on in nodes.items() if o != h and on.alive]
+        if n.alive and witnesses and all(h in nodes[o].link_errors for o in witnesses):
+            out[h] = dataclasses.replace(n, alive=False, unreachable=True)
+    return out
+
+
+def _node(e: _Entries, h: str, lamport: float, window_s: float, hosts: set[str]) -> NodeStatus:
     a = f"actual-{h}"
     reported = e.real(f"{a}/time")
     seen_age = None if reported is None else max(0.0, lamport - reported)
@@ -520,7 +560,7 @@ def _node(e: _Entries, h: str, lamport: float, window_s: float) -> NodeStatus:
         host=h, ip=e.get(f"ips/ip-{h}"), alive=seen_age is not None and seen_age <= window_s,
         seen_age_s=seen_age, version=e.get(f"{a}/version"), rest_space_bytes=e.integer(f"{a}/rest-space"),
         total_space_bytes=e.integer(f"{a}/total-space"), emergency=e.flag(f"{a}/emergency"),
-        link_errors=dict(e.names(a, "msg-peer-")), tunables=tunables)
+        link_errors={p: why for p, why in e.names(a, "msg-peer-") if p in hosts}, tunables=tunables)
 
 
 def _messages(e: _Entries, directory: str, node: str, res: str | None, lamport: float) -> list[Message]:
@@ -609,6 +649,13 @@ def _resource(e: _Entries, res: str, lamport: float) -> ResourceStatus:
     end_abs = chain.absolute(log_end)
     if end_abs is None:
         end_abs = chain.total
+    # The primary publishes its log end once a round; a secondary may have fetched (or replayed)
+    # past that figure since. The log end is at least the furthest any member got, so a rest is
+    # never hidden by a stale figure.
+    for h in members:
+        for pos in (LogPos.parse(e.get(f"{d}/actual-{h}/fetch-pos")), _replay_pos(e.get(f"{d}/replay-{h}"))):
+            if (where := chain.absolute(pos)) is not None:
+                end_abs = max(end_abs, where)
     nodes = {h: _member(e, d, h, primary, size, chain, end_abs, log_end, lamport) for h in members}
     deletable, held = _deletable(logs, nodes)
     return ResourceStatus(
@@ -616,6 +663,18 @@ def _resource(e: _Entries, res: str, lamport: float) -> ResourceStatus:
         logs=[logs[k] for k in sorted(logs)], log_end=log_end, split_brain=_split_brain(logs),
         deletable_logs=[logs[k].name for k in deletable], deletable_bytes=sum(logs[k].local_bytes or 0 for k in deletable),
         held_back_by=held, logs_deleted_below=e.integer(f"{d}/logs-deleted-below", 0) or 0)
+
+
+def _replay_pos(value: str | None) -> LogPos | None:
+    link = ReplayLink.parse(value)
+    return link.logpos if link else None
+
+
+def _rate(e: _Entries, path: str, running: bool) -> float | None:
+    """A rate only while the transfer runs and at a speed: a stopped one has none, and the last
+    seconds of a stopped one's moving average (a few bytes/s) are not a speed to divide by."""
+    rate = e.real(path) if running else None
+    return rate if rate is not None and rate >= MIN_RATE else None
 
 
 def _member(e: _Entries, d: str, h: str, primary: str | None, size: int, chain: _Chain, end_abs: int,
@@ -630,14 +689,20 @@ def _member(e: _Entries, d: str, h: str, primary: str | None, size: int, chain: 
     # The primary is the sync source: complete by definition. A member without the entry is
     # the resource's creator (join-resource and invalidate always write one): complete too.
     syncpos = size if is_primary else e.integer(f"{d}/syncstatus-{h}", size) or 0
-    sync = Progress(min(syncpos, size), size, e.real(f"{a}/amount-sync_rate"))
+    code = ReplayCode.parse(e.get(f"{a}/replay-code"))
+    sync = Progress(min(syncpos, size), size, _rate(e, f"{a}/amount-sync_rate", act.syncing),
+                    e.age(f"{d}/syncstatus-{h}", lamport))
     link = ReplayLink.parse(e.get(f"{d}/replay-{h}"))
     fetch_pos = LogPos.parse(e.get(f"{a}/fetch-pos"))
     fetch_abs = end_abs if is_primary else chain.absolute(fetch_pos)  # the primary has its whole log
     replay_abs = chain.absolute(link.logpos) if link else None
-    fetch = None if fetch_abs is None else Progress(min(fetch_abs, end_abs), end_abs, e.real(f"{a}/amount-file_rate"))
-    replay = None if replay_abs is None else Progress(min(replay_abs, end_abs), end_abs,
-                                                      e.real(f"{a}/amount-replay_rate"))
+    fetch = None if fetch_abs is None else Progress(
+        min(fetch_abs, end_abs), end_abs, _rate(e, f"{a}/amount-file_rate", act.fetching),
+        e.age(f"{a}/fetch-pos", lamport))
+    replaying = act.replaying and not (code is not None and code.stopped)
+    replay = None if replay_abs is None else Progress(
+        min(replay_abs, end_abs), end_abs, _rate(e, f"{a}/amount-replay_rate", replaying),
+        e.age(f"{d}/replay-{h}", lamport))
     if is_primary and replay is not None and log_end is None:
         replay = Progress(replay.pos_bytes, replay.pos_bytes, replay.rate_bytes_per_s)
 
@@ -654,11 +719,12 @@ def _member(e: _Entries, d: str, h: str, primary: str | None, size: int, chain: 
         host=h, disk=e.get(f"{d}/data-{h}") or "", disk_bytes=e.integer(f"{d}/actsize-{h}"),
         designated_primary=is_primary, switches=sw, actual=act,
         sync=sync, fetch=fetch, replay=replay, replay_link=link, fetch_pos=fetch_pos,
-        fetch_source=e.get(f"{a}/fetch-source"), replay_code=ReplayCode.parse(e.get(f"{a}/replay-code")),
+        fetch_source=e.get(f"{a}/fetch-source"), replay_code=code,
         fetch_age_s=e.age(f"{a}/fetch-pos", lamport), replay_age_s=e.age(f"{d}/replay-{h}", lamport),
         fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{primary}/log-pos"),
         replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{primary}"),
-        messages=_messages(e, a, h, d[len("resource-"):], lamport))
+        messages=_messages(e, a, h, d[len("resource-"):], lamport),
+        connect_list=parse_hosts(e.get(f"{d}/connect-{h}")))
 
 
 def _deletable(logs: dict[tuple[int, str], LogFileStatus],

@@ -121,8 +121,15 @@ class Member:
         return int(getattr(self, f"{what}_size"))
 
     def progress(self, what: str) -> model.Progress:
-        """The macro's position as the model's Progress: rest, percent and time left computed there."""
-        return model.Progress(self.pos(what), self.size(what), self.rate(what))
+        """The macro's position as the model's Progress: rest, percent, stall and time left computed there."""
+        return model.Progress(self.pos(what), self.size(what), self.rate(what), self._moved_age(what))
+
+    def _moved_age(self, what: str) -> float | None:
+        n = self.n
+        if n is None or what == "work":
+            return None
+        p = {"sync": n.sync, "fetch": n.fetch, "replay": n.replay}[what]
+        return p.moved_age_s if p is not None else None
 
     def rest(self, what: str) -> int:
         return self.progress(what).rest_bytes

@@ -158,6 +158,12 @@ class PeerClient:
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def local_address(self) -> str | None:
+        """The address this end of the link left from (what the peer sees), once connected."""
+        name = self._writer.get_extra_info("sockname") if self._writer is not None else None
+        return name[0] if name else None
+
     async def connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(

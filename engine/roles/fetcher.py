@@ -58,11 +58,23 @@ class Fetcher:
         """The connect list (``connect-<host>``) in order, then the primary: on failure the next."""
         d = res_dir(self.res)
         prefs = [h for h in connect_list(self.tree, self.res, self.tree.host)
-                 if h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None]
+                 if h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None and not self._leads_back(h)]
         primary = self.tree.get(f"{d}/primary")
         if primary and primary not in prefs:
             prefs.append(primary)
         return prefs
+
+    def _leads_back(self, h: str) -> bool:
+        """Whether fetching from ``h`` would, following first choices, end at this node: a cycle
+        (two lists set at once on two nodes) in which nobody fetches from the primary."""
+        seen = {self.tree.host}
+        while h not in seen:
+            seen.add(h)
+            nxt = connect_list(self.tree, self.res, h)
+            if not nxt:
+                return False
+            h = nxt[0]
+        return h == self.tree.host
 
     def available(self, name: str) -> int:
         """Bytes of a local copy that are completely written and may be replayed.
@@ -83,10 +95,10 @@ class Fetcher:
         link = read_replay(self.tree, self.res, self.tree.host) or ReplayLink(1, self.tree.get(
             f"{res_dir(self.res)}/primary") or "", 0, 0)
         logs = [f for f in logs if f.seq >= link.seq]
+        # Rebuilt, not updated: a copy set aside meanwhile (invalidate) must not keep its old length.
+        self.complete = {f.name: self._cut_incomplete(f) for f in logs}
         if not logs:
             return link.seq, link.origin
-        for f in logs:
-            self.complete[f.name] = self._cut_incomplete(f)
         last = logs[-1]
         self.position = LogPos(last.seq, self.complete[last.name], last.origin)
         return last.seq, last.origin

@@ -91,10 +91,19 @@ class SecondaryRuntime(Attached):
             self._switch("sync", wanted.sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
-            if wanted.replay and "replay" not in self._tasks:
+            stuck = self._replay_stuck()
+            if wanted.replay and "replay" not in self._tasks and not stuck:
                 self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
                                          self.deps.checkpoint_interval)
-            self._switch("replay", wanted.replay, self.replayer.run if self.replayer else None)
+            self._switch("replay", wanted.replay and not stuck, self.replayer.run if self.replayer else None)
+
+    def _replay_stuck(self) -> bool:
+        """Replay stopped on a damaged record and its position has not been written anew since."""
+        stamp = self.replayer.stopped_at() if self.replayer is not None else None
+        if stamp is None:
+            return False
+        entry = self.tree.entry(f"{res_dir(self.res)}/replay-{self.tree.host}")
+        return entry is not None and entry.stamp_ns == stamp
 
     def _switch(self, name: str, on: bool, run: Callable[[], object] | None) -> None:
         task = self._tasks.get(name)
