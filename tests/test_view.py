@@ -353,7 +353,8 @@ def test_macro_values(tree_b, capsys):
         "replay-pos": "1024", "replay-size": "3072", "replay-rest": "2048", "replay-percent": "33.33",
         "replay-rate": "256", "replay-remain": "8", "replay-reached": "0",
         "work-rest": "3072", "work-reached": "0", "work-remain": "10", "work-rate": "512",
-        "replay-code": "0", "rest-space": str(5 << 30), "total-space": str(10 << 30),
+        "replay-code": "0", "rest-space": "5", "total-space": "10",
+        "rest-space-bytes": str(5 << 30), "total-space-bytes": str(10 << 30),
         "resource-peers": "a,b", "cluster-peers": "a,b", "count-resource-peers": "2",
         "global-sync-limit-value": "2", "uuid": "a_test",
         "diskstate": "OutDated[FR]", "replstate": "Replaying", "flags": "dCASfr", "role": "Secondary",
@@ -369,6 +370,95 @@ def test_macro_values(tree_b, capsys):
     assert abs(int(_macro(t, capsys, "a", "real-time")) - time.time()) < 60
     assert 0 <= int(_macro(t, capsys, "b", "replay-age")) < 60
     assert _macro(t, capsys, "c", "is-member") == "0"  # --host names any node; c is none of r's
+
+
+def test_space_macros_are_whole_gib_as_the_original_and_bytes_beside(tree_b, capsys):
+    t = tree_b
+    t.set("actual-b/rest-space", (3 << 30) - 1)  # just below 3 GiB: rounded down, as the original
+    t.set("actual-b/total-space", (7 << 30) + 12345)
+    assert _macro(t, capsys, "b", "rest-space") == "2"
+    assert _macro(t, capsys, "b", "total-space") == "7"
+    assert _macro(t, capsys, "b", "rest-space-bytes") == str((3 << 30) - 1)
+    assert _macro(t, capsys, "b", "total-space-bytes") == str((7 << 30) + 12345)
+    # A node that never said: unknown in both units.
+    assert _macro(t, capsys, "a", "rest-space") == "-1"
+    assert _macro(t, capsys, "a", "total-space-bytes") == "-1"
+
+
+def _text_macro(t: Fixture, capsys, host: str, name: str, *res: str) -> list[str]:
+    """A line macro's lines; [] for the empty value (one empty line on stdout)."""
+    code, out, err = t.run(capsys, host, f"view-{name}", *res)
+    assert code == 0 and err == "", err
+    assert out.endswith("\n"), out
+    return out[:-1].split("\n") if out != "\n" else []
+
+
+def _view_lines(t: Fixture, capsys, host: str, marker: str) -> list[str]:
+    code, out, _ = t.run(capsys, host, "view", "r")
+    return [ln for ln in out.splitlines() if marker in ln]
+
+
+def test_syncinfo_and_sync_line_are_the_views_sync_line(tree_b, capsys):
+    t = tree_b
+    for name in ("syncinfo", "sync-line"):
+        assert _text_macro(t, capsys, "b", name, "r") == []  # synced: nothing to show
+    t.set(f"{R}/syncstatus-b", SIZE // 4)
+    t.set(f"{R}/actual-b/is-syncing", 1)
+    t.set(f"{R}/actual-b/amount-sync_rate", 4 << 20)
+    shown = _view_lines(t, capsys, "b", "syncing:")
+    assert len(shown) == 1 and "25.00%" in shown[0] and "rate: 4.0 MiB/s" in shown[0]
+    assert _text_macro(t, capsys, "b", "syncinfo", "r") == shown
+    assert _text_macro(t, capsys, "b", "sync-line", "r") == shown
+    # The primary (the sync source) and a detached secondary show none, in the view and the macro.
+    assert _text_macro(t, capsys, "a", "syncinfo", "r") == []
+    t.set(f"{R}/actual-b/is-attached", 0)
+    assert _view_lines(t, capsys, "b", "syncing:") == []
+    assert _text_macro(t, capsys, "b", "syncinfo", "r") == []
+
+
+def test_replinfo_fetch_line_and_replay_line_are_the_views_lines(tree_b, capsys):
+    t = tree_b
+    for name in ("replinfo", "fetch-line", "replay-line"):
+        assert _text_macro(t, capsys, "b", name, "r") == []  # caught up
+    t.set(f"{R}/actual-b/fetch-pos", f"{LOG},2048")
+    t.set(f"{R}/replay-b", f"{LOG},1024,0")
+    t.set(f"{R}/actual-b/amount-file_rate", 1024)
+    code, out, _ = t.run(capsys, "b", "view", "r")
+    lines = out.splitlines()
+    first = next(i for i, ln in enumerate(lines) if "replaying:" in ln)
+    shown = lines[first:first + 3]
+    assert "> fetch: 2.0 KiB" in shown[1] and "> replay: 1.0 KiB" in shown[2]
+    assert _text_macro(t, capsys, "b", "replinfo", "r") == shown
+    assert _text_macro(t, capsys, "b", "fetch-line", "r") == [shown[1]]
+    assert _text_macro(t, capsys, "b", "replay-line", "r") == [shown[2]]
+    assert _text_macro(t, capsys, "a", "replinfo", "r") == []  # the primary replays nothing from others
+
+
+def test_comminfo(tree, capsys):
+    t = tree
+    heading = "++++ Global / Communication Status ++++"
+    assert _text_macro(t, capsys, "a", "comminfo") == [heading]  # all is well: the heading alone
+    t.set("actual-a/msg-peer-b", "connection refused")
+    t.set("actual-b/msg-peer-a", "timed out after 10 s")
+    assert _text_macro(t, capsys, "a", "comminfo") == [
+        heading, "  a cannot reach b: connection refused", "  b cannot reach a: timed out after 10 s"]
+    # A node that is down is not a witness: its old link errors are not shown.
+    t.set("actual-b/time", f"{time.time() - 600:.9f}")
+    assert _text_macro(t, capsys, "a", "comminfo") == [heading, "  a cannot reach b: connection refused"]
+    # A stamp from 10 minutes ahead drags the Lamport clock: the slip is shown.
+    t.t.set("actual-a/time", now(), stamp_ns=time.time_ns() + 600 * 10**9)
+    lines = _text_macro(t, capsys, "a", "comminfo")
+    assert lines[0] == heading and lines[-1] in ("  Lamport time slip: 10 min", "  Lamport time slip: 9 min 59 s")
+
+
+def test_line_macros_in_view_help(tree, capsys):
+    code, out, _ = tree.run(capsys, "a", "view-help")
+    assert code == 0
+    for name in ("syncinfo", "sync-line", "replinfo", "fetch-line", "replay-line", "comminfo",
+                 "rest-space-bytes", "total-space-bytes"):
+        assert f"  {name} " in out, name
+    rest = next(ln for ln in out.splitlines() if ln.startswith("  rest-space "))
+    assert "GiB" in rest and "rounded down" in rest
 
 
 def test_split_brain_macro(tree, capsys):

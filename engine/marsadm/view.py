@@ -7,8 +7,12 @@ Three spellings, one source of truth:
   sync and replay progress of this node, then one line per other member (the tree knows every
   member's state, so the view shows it), then the findings.
 * ``marsadm view-<macro> <res>`` (or ``view --macro <macro> <res>``) — for scripts: exactly one
-  value on stdout, as the original's primitive macros; bools are 0/1, sizes bytes, rates bytes/s,
-  times seconds, and -1 means unknown.
+  value on stdout, as the original's primitive macros; bools are 0/1, sizes bytes (but
+  ``rest-space`` and ``total-space`` are the original's whole GiB, for the scripts written
+  against it; ``*-space-bytes`` give bytes), rates bytes/s, times seconds, and -1 means unknown.
+  A few of the original's complex macros print the view's lines instead (``syncinfo``,
+  ``replinfo`` and their ``*-line`` parts, ``comminfo``): for people, and empty when the view
+  shows nothing there.
 * ``marsadm view --json [res]`` — for programs: the snapshot plus its findings.
 
 Why nothing here reads the tree or judges: this is a face of :mod:`mars.engine.model`, like
@@ -29,7 +33,7 @@ from typing import Any
 
 from .. import model
 from ..errors import UsageError
-from ..model import Finding, Member, findings, human_bytes, human_seconds
+from ..model import Finding, Member, figure, findings, human_bytes, human_seconds
 from ..tree import check_name, require_cluster
 from .base import Ctx, command
 
@@ -133,9 +137,13 @@ def _register() -> None:
            lambda s, m, h: (str(m.n.replay_code) if m.n and m.n.replay_code else 0))
     _macro("deletable-size", "bytes of local log files every member has replayed",
            lambda s, m, h: m.r.deletable_bytes)
-    _macro("rest-space", "bytes free in this host's /mars (the original: GiB, rounded down; -1 unknown)",
+    _macro("rest-space", "GiB free in this host's /mars, rounded down, as the original (-1 unknown)",
+           lambda s, m, h: _gib(_node_int(s, h, "rest_space_bytes")), per_resource=False)
+    _macro("total-space", "GiB of this host's /mars filesystem, rounded down, as the original (-1 unknown)",
+           lambda s, m, h: _gib(_node_int(s, h, "total_space_bytes")), per_resource=False)
+    _macro("rest-space-bytes", "bytes free in this host's /mars (-1 unknown)",
            lambda s, m, h: _node_int(s, h, "rest_space_bytes"), per_resource=False)
-    _macro("total-space", "bytes of this host's /mars filesystem (the original: GiB; -1 unknown)",
+    _macro("total-space-bytes", "bytes of this host's /mars filesystem (-1 unknown)",
            lambda s, m, h: _node_int(s, h, "total_space_bytes"), per_resource=False)
     _macro("fetch-age", "seconds since this host's fetch position last moved (-1 unknown)",
            lambda s, m, h: _num(m.n.fetch_age_s if m.n else None))
@@ -173,12 +181,33 @@ def _register() -> None:
     _macro("todo-role", "the designated role: None, Primary or Secondary", lambda s, m, h: m.todo_role())
     _macro("primarynode", "this host when it is the designated primary, else the primary or (none)",
            lambda s, m, h: m.primarynode())
+    # The original's complex macros that print lines of the view (§2.2), for people.
+    _macro("syncinfo", "the sync progress line the view shows for this host (empty unless it is an attached "
+           "secondary with sync left)", lambda s, m, h: _text(_sync_lines(m) if _sync_shown(m) else []))
+    _macro("sync-line", "syncinfo's progress line (it carries the rate and time left itself; empty as syncinfo)",
+           lambda s, m, h: _text((_sync_lines(m) if _sync_shown(m) else [])[:1]))
+    _macro("replinfo", "the replay progress lines the view shows for this host: the bar, then fetch-line and "
+           "replay-line (empty unless it is an attached secondary with fetch or replay left)",
+           lambda s, m, h: _text(_repl_lines(m, s.window_s) if _repl_shown(m) else []))
+    _macro("fetch-line", "replinfo's '> fetch:' line: bytes left, age when stuck, rate, time left (empty as replinfo)",
+           lambda s, m, h: _text((_repl_lines(m, s.window_s) if _repl_shown(m) else [])[1:2]))
+    _macro("replay-line", "replinfo's '> replay:' line: bytes left, age when stuck, rate, time left (empty as "
+           "replinfo)", lambda s, m, h: _text((_repl_lines(m, s.window_s) if _repl_shown(m) else [])[2:3]))
+    _macro("comminfo", "the heading '++++ Global / Communication Status ++++', then a line per peer link a live "
+           "node reports broken and the Lamport time slip when it exceeds the alive window",
+           lambda s, m, h: _text(_comm_lines(s)), per_resource=False)
 
 
 def _node_int(snap: model.Snapshot, host: str, attr: str) -> int:
     node = snap.nodes.get(host)
     v = getattr(node, attr) if node else None
     return -1 if v is None else int(v)
+
+
+def _gib(nbytes: int) -> int:
+    """Whole GiB, rounded down, as the original's rest-space and total-space (scripts compare
+    them with GiB thresholds); -1 (unknown) stays -1."""
+    return -1 if nbytes < 0 else nbytes >> 30
 
 
 _register()
@@ -194,8 +223,9 @@ def _value_text(v: object) -> str:
 
 def _help_text() -> str:
     width = max(len(n) for n in MACROS)
-    lines = [("macros for 'marsadm view-<macro> <res>' (H is --host; bools 0/1, sizes bytes, rates bytes/s, "
-              "times seconds, -1 unknown):")]
+    lines = [("macros for 'marsadm view-<macro> <res>' (H is --host; bools 0/1, sizes bytes except rest-space and "
+              "total-space in whole GiB as the original, rates bytes/s, times seconds, -1 unknown; syncinfo, replinfo, "
+              "comminfo and the *-line macros print the view's lines, empty when it shows none):")]
     for name in sorted(MACROS):
         mac = MACROS[name]
         lines.append(f"  {name:<{width}}  {mac.help}{'' if mac.per_resource else ' [no resource needed]'}")
@@ -204,8 +234,12 @@ def _help_text() -> str:
 
 # --- resources -------------------------------------------------------------------------------
 
-def _resources(ctx: Ctx, snap: model.Snapshot, spec: str) -> list[str]:
-    """``all``: the resources this host is a member of; else the named ones, which must exist."""
+def resources_named(ctx: Ctx, snap: model.Snapshot, spec: str) -> list[str]:
+    """``all``: the resources this host is a member of; else the named ones, which must exist.
+
+    view and wait-cluster/wait-resource take resources the same way; an unknown name is refused
+    with the names that do exist.
+    """
     if spec == "all":
         return [name for name, r in sorted(snap.resources.items()) if ctx.host in r.nodes]
     names = [check_name("resource", x) for x in spec.split(",") if x]
@@ -214,7 +248,7 @@ def _resources(ctx: Ctx, snap: model.Snapshot, spec: str) -> list[str]:
     for name in names:
         if name not in snap.resources:
             e = snap.unknown_resource(name)
-            e.subject = f"view {name}"
+            e.subject = f"{ctx.command} {name}"
             raise e
     return names
 
@@ -232,6 +266,39 @@ def _bar(done: int, mid: int, total: int, width: int = BAR_WIDTH) -> str:
 
 def _rate_text(rate: float | None) -> str:
     return "unknown" if rate is None else f"{human_bytes(rate)}/s"
+
+
+def _text(lines: list[str]) -> str:
+    """A line macro's value: its lines, or the empty string when the view shows none there."""
+    return "\n".join(lines)
+
+
+def _sync_shown(m: Member) -> bool:
+    """The view shows this member's sync: an attached secondary with bytes left to sync."""
+    n = m.n
+    return n is not None and not n.actual.primary and n.actual.attached and not m.reached("sync")
+
+
+def _repl_shown(m: Member) -> bool:
+    """The view shows this member's fetch and replay: an attached secondary with work left."""
+    n = m.n
+    return n is not None and not n.actual.primary and n.actual.attached and not m.reached("work")
+
+
+def _comm_lines(snap: model.Snapshot) -> list[str]:
+    """comminfo: the heading, each broken peer link a live node reports, a Lamport clock running ahead.
+
+    Live by its report's age: the model also counts a node as down when no other node can reach
+    it, but what such a node reports (it may be the one whose links broke) is the point here.
+    """
+    out = ["++++ Global / Communication Status ++++"]
+    for h, n in sorted(snap.nodes.items()):
+        if n.seen_age_s is not None and n.seen_age_s <= snap.window_s:
+            out += [f"  {h} cannot reach {peer}: {why}" for peer, why in sorted(n.link_errors.items())]
+    slip = figure(snap.clock_slip_s)
+    if slip is not None and slip > snap.window_s:
+        out.append(f"  Lamport time slip: {human_seconds(slip)}")
+    return out
 
 
 def _sync_lines(m: Member) -> list[str]:
@@ -261,7 +328,9 @@ def _brief(label: str, p: model.Progress | None) -> str:
     if p.reached:
         return f"{label}: done"
     text = f"{label}: {p.percent_text()}% rest {human_bytes(p.rest_bytes)}"
-    if p.rate_bytes_per_s:
+    if p.stalled:
+        text += f", no progress for {human_seconds(p.moved_age_s)}"
+    elif p.moving:
         text += f" at {human_bytes(p.rate_bytes_per_s)}/s, {human_seconds(p.remaining_s)} left"
     return text
 
@@ -303,11 +372,10 @@ def render(snap: model.Snapshot, names: list[str], fs: list[Finding], verbose: b
         if me.n is not None:
             lines.append(f"  {name} {peers} {me.diskstate()} {me.replstate()} {me.flags()} {me.role()} "
                          f"{me.primarynode()}")
-            if not me.n.actual.primary and me.n.actual.attached:
-                if not me.reached("sync"):
-                    lines += _sync_lines(me)
-                if not me.reached("work"):
-                    lines += _repl_lines(me, snap.window_s)
+            if _sync_shown(me):
+                lines += _sync_lines(me)
+            if _repl_shown(me):
+                lines += _repl_lines(me, snap.window_s)
         else:
             lines.append(f"  {name} {peers} host {host} is no member; primary {r.primary or '(none)'}")
         for h in members:
@@ -340,7 +408,8 @@ def to_json(snap: model.Snapshot, names: list[str] | None, fs: list[Finding]) ->
          ("--macro", {"metavar": "NAME", "default": None,
                       "help": "print one value, as 'marsadm view-NAME'; 'help' lists the macros"}),
          ("--json", {"action": "store_true", "help": "the whole snapshot and its findings as JSON"}),
-         ("--verbose", {"action": "store_true", "help": "also list the log files with every node's versions"}))
+         ("--verbose", {"action": "store_true", "help": "also list the log files with every node's versions"}),
+         node=False)
 def view(ctx: Ctx) -> None:
     args = ctx.args
     if args.macro is not None:
@@ -349,7 +418,7 @@ def view(ctx: Ctx) -> None:
     require_cluster(ctx.tree)
     snap, answered = _snapshot(ctx)
     spec = args.resource or "all"
-    names = _resources(ctx, snap, spec)
+    names = resources_named(ctx, snap, spec)
     fs = findings(snap)
     if not answered:
         why = "does not answer" if snap.marsd_running else "is not running"
@@ -375,7 +444,7 @@ def _view_macro(ctx: Ctx, name: str, spec: str | None) -> None:
     require_cluster(ctx.tree)
     snap, _ = _snapshot(ctx)
     member: Member | None = None
-    names = _resources(ctx, snap, spec) if spec else []  # a named resource must exist, even if unused
+    names = resources_named(ctx, snap, spec) if spec else []  # a named resource must exist, even if unused
     if mac.per_resource:
         if not spec:
             raise UsageError(f"macro {name} needs a resource", f"run 'marsadm view-{name} <resource>'")
