@@ -6,9 +6,19 @@ PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
 APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux \
-            iptables rsync iperf3
+            iptables rsync iperf3 man-db
 
-.PHONY: all deps venv test demo bench clean
+# `make install`: the wheel of this tree in its own venv, commands and man pages linked into PREFIX,
+# the systemd unit into /etc (docs/install.md). DESTDIR stages it under another root, used in place:
+# a venv is not relocatable, its scripts name their interpreter by absolute path.
+PREFIX    ?= /usr/local
+MARS_HOME ?= /opt/mars
+DESTDIR   ?=
+UNITDIR   ?= /etc/systemd/system
+COMMANDS  := marsd marsadm mars-status
+MANPAGES  := man8/marsd.8 man8/marsadm.8 man1/mars-status.1
+
+.PHONY: all deps venv test demo bench clean install uninstall
 
 all: test
 
@@ -40,6 +50,39 @@ bench: venv
 	$(PY) bench/bench_write.py
 	$(PY) bench/bench_replication.py
 	$(PY) bench/bench_status.py
+
+install:
+	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  echo "make install: $(SYSPY) cannot create a venv; install python3-venv (apt-get install python3-venv)" >&2; exit 1; }
+	@for d in $(DESTDIR)$(MARS_HOME) $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR); do \
+	  mkdir -p $$d 2>/dev/null && [ -w $$d ] || { \
+	    echo "make install: cannot write to $$d; run it as root (sudo make install) or set DESTDIR" >&2; exit 1; }; \
+	done
+	$(SYSPY) -m venv $(DESTDIR)$(MARS_HOME)
+	$(DESTDIR)$(MARS_HOME)/bin/python -m pip install -q --upgrade pip
+	@# The wheel, built from a clean copy of this tree (a stale build/ would leak into it, and the
+	@# tree may be read-only); then its dependencies, then the wheel itself again by force: a tree
+	@# with the same version number must still replace what is installed.
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && mkdir "$$tmp/src" && \
+	tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+	  --exclude=__pycache__ --exclude=.pytest_cache --exclude=.hypothesis . | tar -xf - -C "$$tmp/src" && \
+	$(DESTDIR)$(MARS_HOME)/bin/python -m pip wheel -q --no-deps -w "$$tmp" "$$tmp/src" && \
+	$(DESTDIR)$(MARS_HOME)/bin/python -m pip install -q "$$tmp"/mars_replication-*.whl && \
+	$(DESTDIR)$(MARS_HOME)/bin/python -m pip install -q --no-deps --force-reinstall "$$tmp"/mars_replication-*.whl
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man8 $(DESTDIR)$(PREFIX)/share/man/man1
+	@# Relative links: right in the staged root and in the final one alike.
+	for c in $(COMMANDS); do ln -sfr $(DESTDIR)$(MARS_HOME)/bin/$$c $(DESTDIR)$(PREFIX)/bin/$$c; done
+	for m in $(MANPAGES); do ln -sfr $(DESTDIR)$(MARS_HOME)/share/man/$$m $(DESTDIR)$(PREFIX)/share/man/$$m; done
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|/opt/mars/|$(MARS_HOME)/|g' systemd/marsd.service > $(DESTDIR)$(UNITDIR)/marsd.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/marsd.service
+	@echo "installed MARS into $(DESTDIR)$(MARS_HOME); next: systemctl daemon-reload && systemctl enable --now marsd"
+
+uninstall:
+	for c in $(COMMANDS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done
+	for m in $(MANPAGES); do rm -f $(DESTDIR)$(PREFIX)/share/man/$$m; done
+	rm -f $(DESTDIR)$(UNITDIR)/marsd.service
+	rm -rf $(DESTDIR)$(MARS_HOME)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
