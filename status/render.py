@@ -36,6 +36,7 @@ from ..engine.model import (
     Progress,
     ResourceStatus,
     Snapshot,
+    held_back,
     human_bytes,
     human_seconds,
     worst,
@@ -143,7 +144,7 @@ def _pct(p: Progress) -> str:
 def _rate_left(p: Progress, stalled: str = "") -> list[Span]:
     """``, rest 1.0 GiB, rate 35.0 MiB/s, 30 s left`` while something is left; nothing when done.
 
-    ``stalled`` names why nothing moves ("paused", "node not alive"): the last rate a node
+    ``stalled`` names why nothing can move (the model's :func:`held_back`): the last rate a node
     published stays in the tree after it stopped, so it is not shown then.
     """
     if p.reached:
@@ -159,21 +160,6 @@ def _rate_left(p: Progress, stalled: str = "") -> list[Span]:
     else:
         out += [Span("rate "), _v("unknown" if p.rate_bytes_per_s is None else "0 B/s (not moving)")]
     return out
-
-
-def _stalled(snap: Snapshot, n: NodeResource, what: str) -> str:
-    """Why ``what`` (sync, fetch, replay) of this member does not move, or "" when it may."""
-    ns = snap.nodes.get(n.host)
-    if ns is None or not ns.alive:
-        return "node not alive"
-    if n.designated_primary:
-        return ""
-    if not n.switches.attach:
-        return "detached"
-    if what == "replay" and n.replay_stopped:
-        return "stopped"
-    on = {"sync": n.switches.sync, "fetch": n.switches.fetch, "replay": n.switches.replay}[what]
-    return "" if on else "paused"
 
 
 def _rule(opts: Options) -> Line:
@@ -274,7 +260,7 @@ def _device(r: ResourceStatus, n: NodeResource) -> Line:
 
 def _sync(snap: Snapshot, n: NodeResource) -> Line:
     return _line("Sync    : ", *_bytes(n.sync.pos_bytes), " synced = ", _v(_pct(n.sync)),
-                 *_rate_left(n.sync, _stalled(snap, n, "sync")))
+                 *_rate_left(n.sync, held_back(snap, n, "sync")))
 
 
 def _log_of(m: Member) -> list[Span]:
@@ -298,7 +284,7 @@ def _fetch(snap: Snapshot, m: Member, n: NodeResource) -> Line:
     else:
         state = Span("active", "ok") if n.switches.fetch else Span("paused", "off")
     return _line("Fetch   : ", *_bytes(n.fetch.pos_bytes), " in ", *_log_of(m), " ", state,
-                 *_rate_left(n.fetch, _stalled(snap, n, "fetch")), *_lag(n.fetch_lag_s))
+                 *_rate_left(n.fetch, held_back(snap, n, "fetch")), *_lag(n.fetch_lag_s))
 
 
 def _replay(snap: Snapshot, n: NodeResource) -> Line:
@@ -308,7 +294,7 @@ def _replay(snap: Snapshot, n: NodeResource) -> Line:
     age = [] if p.reached or n.replay_age_s is None else [Span(", last move "), _v(human_seconds(n.replay_age_s)),
                                                           Span(" ago")]
     return _line("Replay  : ", *_bytes(p.pos_bytes), " now replayed, Todo ", _v(f"{p.rest_bytes} bytes"),
-                 ", completed ", _v(_pct(p)), *_rate_left(p, _stalled(snap, n, "replay")), *_lag(n.replay_lag_s), *age)
+                 ", completed ", _v(_pct(p)), *_rate_left(p, held_back(snap, n, "replay")), *_lag(n.replay_lag_s), *age)
 
 
 def _state(m: Member) -> Line:
@@ -434,7 +420,7 @@ def _status_block(snap: Snapshot, rs: list[ResourceStatus], opts: Options) -> li
             resize = _resize_bar(r, n, opts)
             if resize is not None:
                 out.append(resize)
-            out += [_progress_bar(what, getattr(n, what), _stalled(snap, n, what), opts)
+            out += [_progress_bar(what, getattr(n, what), held_back(snap, n, what), opts)
                     for what in ("sync", "fetch", "replay")]
     return out
 

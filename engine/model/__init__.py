@@ -9,7 +9,7 @@ What is here, by module:
   :meth:`Snapshot.to_json` and :meth:`Snapshot.from_json` are its wire form.
 * :mod:`.findings` — :func:`findings`, the one verdict (WORK / TODO / HINT) on a snapshot.
 * :mod:`.states` — the original's state names (diskstate, replstate, flags, role) of a
-  :class:`Member`.
+  :class:`Member`, and :func:`held_back`: why a transfer cannot move.
 * :mod:`.units` — bytes, seconds and percentages as every face prints them; sizes as typed.
 * :mod:`.client` — marsd's control socket, and :func:`read_snapshot`: the snapshot a face shows,
   also while marsd is down.
@@ -26,7 +26,7 @@ from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, 
 from .findings import CODES, LEVELS, Finding, findings, worst
 from .snapshot import (ALIVE_WINDOW_S, Actual, LogFileStatus, Message, NodeResource, NodeStatus, Progress, ResourceStatus,
                        Snapshot, SplitBrain, Switches, Tunable, build)
-from .states import Member
+from .states import Member, held_back
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
 
 __all__ = [
@@ -34,7 +34,8 @@ __all__ = [
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable",
     "UsageError", "Version",
-    "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "human_bytes", "human_seconds",
+    "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "held_back",
+    "human_bytes", "human_seconds",
     "live_snapshot", "mars_dir_from", "parse_size", "percent_shown", "read_snapshot", "request_snapshot",
     "stream_events", "worst",
 ]

@@ -265,3 +265,22 @@ class Member:
 
     def primarynode(self) -> str:
         return self.host if self.designated else (self.r.primary or "(none)")
+
+
+def held_back(snap: model.Snapshot, n: model.NodeResource, what: str) -> str:
+    """Why ``what`` (sync, fetch, replay) of this member cannot move, or "" when it may.
+
+    The last rate a node published stays in the tree after it stopped; every face names the
+    reason instead of that rate ("node not alive", "detached", "stopped", "paused").
+    """
+    ns = snap.nodes.get(n.host)
+    if ns is None or not ns.alive:
+        return "node not alive"
+    if n.designated_primary:
+        return ""
+    if not n.switches.attach:
+        return "detached"
+    if what == "replay" and n.replay_stopped:
+        return "stopped"
+    on = {"sync": n.switches.sync, "fetch": n.switches.fetch, "replay": n.switches.replay}[what]
+    return "" if on else "paused"
