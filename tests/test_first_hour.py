@@ -298,6 +298,26 @@ def test_9_peer_unreachable_names_the_clusters_port(workdir):
     assert f":{a.port}" in texts and ":7777" not in texts, texts
 
 
+def test_9_a_peer_of_another_cluster_is_not_told_to_start_marsd(workdir):
+    """b's tree made anew (its own CA) at b's address: it runs and answers, with a foreign certificate."""
+    import json
+    import shutil
+    base, nodes = workdir
+    a, b = start_cluster(base, nodes, "ab")
+    b.stop()
+    shutil.rmtree(b.mars_dir)
+    b.create_cluster()
+    b.start()
+
+    def about_b() -> dict | None:  # b never reported to a after its new start: NODE_DOWN, with the link's word
+        doc = json.loads(adm(a, "view", "--json", "all").stdout)
+        return next((f for f in doc["findings"] if f["node"] == "b" and "certificate" in f["text"]), None)
+    f = wait_until(about_b, 20, "a to report b's foreign certificate")
+    assert f["code"] in ("NODE_DOWN", "PEER_UNREACHABLE") and "another cluster" in f["text"], f
+    assert "start marsd" not in f["remedy"] and "marsd runs" not in f["remedy"], f
+    assert f"{b.ip}:{b.port}" in f["remedy"] and "join-cluster" in f["remedy"], f
+
+
 def test_9_help_and_messages(node):
     h = adm(node, "--help").stdout
     helps = {line.split()[0]: line for line in h.splitlines() if line.startswith("    ") and line.split()}

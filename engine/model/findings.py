@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
+from ..peer.protocol import FOREIGN_CERT
 from .snapshot import Message, NodeResource, NodeStatus, Progress, ResourceStatus, Snapshot
 from .units import figure, human_bytes, human_seconds
 
@@ -246,35 +247,47 @@ def _unreachable(snap: Snapshot, h: str, ns: NodeStatus) -> Iterator[Finding]:
     unreachable = sorted((p, why) for p, why in ns.link_errors.items() if p not in snap.nodes or snap.alive(p))
     if not unreachable:
         return
-    addrs = []
+    addrs = {}
     for peer, _ in unreachable:
         pns = snap.nodes.get(peer)
         # The port the peer said it uses; else the one this node uses (a cluster shares one).
         port = (pns.peer_port if pns is not None else None) or ns.peer_port or str(DEFAULT_PEER_PORT)
         ip = pns.ip if pns is not None else None
-        addrs.append(f"{ip}:{port}" if ip else f"{peer} on port {port}")
-    peers = [p for p, _ in unreachable]
+        addrs[peer] = f"{ip}:{port}" if ip else f"{peer} on port {port}"
+    # A peer that answered with another cluster's certificate runs and is reachable: it needs
+    # another remedy than one that cannot be reached at all.
+    foreign = [p for p, err in unreachable if FOREIGN_CERT in err]
+    silent = [p for p, _ in unreachable if p not in foreign]
+    remedies = []
+    if silent:
+        remedies.append(f"check that marsd runs on {' and '.join(silent)} and that {h} can reach "
+                        f"{' and '.join(addrs[p] for p in silent)} (firewall, routing, the ips/ip-<node> entries)")
+    if foreign:
+        remedies.append(_foreign_remedy(foreign, [addrs[p] for p in foreign]))
     yield Finding("TODO", "PEER_UNREACHABLE", None, h,
                   f"{h} cannot reach " + ", and ".join(f"{p}: {err}" for p, err in unreachable),
-                  f"check that marsd runs on {' and '.join(peers)} and that {h} can reach "
-                  f"{' and '.join(addrs)} (firewall, routing, the ips/ip-<node> entries)")
+                  "; ".join(remedies))
 
 
 def _node_down(snap: Snapshot, h: str, ns: NodeStatus | None, resources: list[str]) -> Finding:
     age = figure(ns.seen_age_s) if ns is not None else None
     window = figure(snap.window_s)
+    # What the live nodes' links to it say: the evidence, and (another cluster's certificate) the remedy.
+    witnesses = sorted((o, on.link_errors[h]) for o, on in snap.nodes.items()
+                       if o != h and on.alive and h in on.link_errors)
     if ns is None:
         text = f"node {h} has never reported (it has no node entries)"
-    elif ns.unreachable:
-        witnesses = sorted((o, on.link_errors[h]) for o, on in snap.nodes.items()
-                           if o != h and on.alive and h in on.link_errors)
-        text = f"node {h} is unreachable: " + "; ".join(f"{o} cannot reach it ({why})" for o, why in witnesses)
-    elif age is None:
-        text = f"node {h} has never reported"
     else:
-        text = f"node {h} has not reported for {human_seconds(age)}"
-        if window is not None:
-            text += f" (alive window {human_seconds(window)})"
+        if ns.unreachable:
+            text = f"node {h} is unreachable"
+        elif age is None:
+            text = f"node {h} has never reported"
+        else:
+            text = f"node {h} has not reported for {human_seconds(age)}"
+            if window is not None:
+                text += f" (alive window {human_seconds(window)})"
+        if witnesses:
+            text += ": " + "; ".join(f"{o} cannot reach it ({why})" for o, why in witnesses)
     if resources:
         text += f", member of {', '.join(resources)}"
     gone = [f"'marsadm leave-resource {r} --host {h} --force'" for r in resources]
@@ -282,9 +295,21 @@ def _node_down(snap: Snapshot, h: str, ns: NodeStatus | None, resources: list[st
     ip = ns.ip if ns is not None else None
     local = snap.nodes.get(snap.local_host)
     port = (ns.peer_port if ns is not None else None) or (local.peer_port if local else None) or str(DEFAULT_PEER_PORT)
+    addr = f"{ip}:{port}" if ip else f"{h} on port {port}"
+    if any(FOREIGN_CERT in why for _, why in witnesses):
+        remedy = _foreign_remedy([h], [addr])
+    else:
+        remedy = f"start marsd on {h} and check the network to it{f' ({addr})' if ip else ''}"
     return Finding("TODO", "NODE_DOWN", None, h, text,
-                   f"start marsd on {h} and check the network to it{f' ({ip}:{port})' if ip else ''}; "
-                   f"if {h} is gone for good, run on a survivor: {', then '.join(gone)}")
+                   f"{remedy}; if {h} is gone for good, run on a survivor: {', then '.join(gone)}")
+
+
+def _foreign_remedy(hosts: list[str], addrs: list[str]) -> str:
+    """What to do about peers that answer with another cluster's certificate: they run, and are
+    reached, so "start marsd" would send the operator the wrong way."""
+    return (f"{' and '.join(hosts)} answered at {' and '.join(addrs)} with another cluster's certificate: check "
+            "the ips/ip-<node> entry; a node whose tree was made anew joins again: on it, "
+            "'marsadm join-cluster <ip of a node> --secret-file <file>'")
 
 
 def _space(h: str, ns: NodeStatus) -> Iterator[Finding]:

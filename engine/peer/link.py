@@ -169,6 +169,14 @@ class PeerClient:
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(self.ip, self.port, ssl=self._ctx, server_hostname=None),
                 CONNECT_TIMEOUT)
+        except ssl.SSLCertVerificationError as e:
+            # It answered, so it runs and the port is open: its certificate is another cluster's.
+            self._reader = self._writer = None
+            raise PeerError(f"peer {self.ip}:{self.port} {P.FOREIGN_CERT} "
+                            f"({e.verify_message or e.reason}): it belongs to another cluster, or its tree was "
+                            "made anew", "check that the ips/ip-<node> entry names the right address; a node "
+                            "whose tree was made anew joins again: on it, 'marsadm join-cluster <ip of a node> "
+                            "--secret-file <file>'") from None
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             self._reader = self._writer = None
             raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {e or type(e).__name__}",

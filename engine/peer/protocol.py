@@ -98,6 +98,9 @@ __all__ = [
 PROTO_VERSION = 1
 #: The TCP port of peer links unless ``marsd --port`` says otherwise: the original's 7777.
 DEFAULT_PORT = 7777
+# How a link error says the peer answered with another cluster's certificate: marsd records the
+# error text (msg-peer-<host>), and the findings give this case its own remedy.
+FOREIGN_CERT = "shows a certificate this cluster's CA did not sign"
 
 #: Largest payload of a LogData or ReadReply, and largest read or fetch one may ask for.
 MAX_DATA = 64 * 2**20
