@@ -46,6 +46,7 @@ from textual.app import App, ComposeResult, ScreenStackError
 from textual.binding import Binding
 from textual.cache import LRUCache
 from textual.content import Content
+from textual.css.query import NoMatches
 from textual.geometry import Size
 from textual.message import Message
 from textual.reactive import var
@@ -408,17 +409,28 @@ class MarsStatusApp(App[None]):
         except ScreenStackError:
             return False
 
+    def _parts(self) -> tuple[StatusView, SummaryBar] | None:
+        """The two widgets a refresh fills, or None when either is gone: at exit Textual prunes the
+        screen widget by widget while messages are still handled, so one can be there without the
+        other (seen in CI: the status view still mounted, the summary bar already removed)."""
+        try:
+            return self.query_one(StatusView), self.query_one(SummaryBar)
+        except (ScreenStackError, NoMatches):
+            return None
+
     @on(Refreshed)
     def _show(self, message: Refreshed) -> None:
         t0 = time.perf_counter()
         o = message.outcome
         self._busy = False
-        if not self._mounted():
+        parts = self._parts()
+        if parts is None:
             return
+        body, summary = parts
         if o.error is not None:
             if o.fetched:
                 self.fetch_error = o.error
-            self.query_one(SummaryBar).show_error(o.error)
+            summary.show_error(o.error)
         else:
             assert o.snap is not None
             if o.fetched:
@@ -426,12 +438,12 @@ class MarsStatusApp(App[None]):
                 self.fetch_error = None
                 self.tree_only = self._follow and not o.answered
             self.last = o
-            self.query_one(StatusView).show(o.rows)
+            body.show(o.rows)
             if self.fetch_error is not None:
-                self.query_one(SummaryBar).show_error(self.fetch_error)
+                summary.show_error(self.fetch_error)
             else:
                 # The verdict of what is shown: with a resource filter, as 'mars-status --resource'.
-                self.query_one(SummaryBar).show_findings(relevant(list(o.fs), o.opts.resource))
+                summary.show_findings(relevant(list(o.fs), o.opts.resource))
         self.refreshes += 1
         self.ui_ms = (time.perf_counter() - t0) * 1e3
         if self._want or (o.error is None and o.opts != self._render_options()):

@@ -337,6 +337,23 @@ async def test_a_slow_read_does_not_block_the_keys(fixed):
     gate.set()  # also when the test failed: the worker thread must end
 
 
+@pytest.mark.asyncio
+async def test_a_refresh_landing_while_the_screen_is_pruned_is_dropped(fixed):
+    """At exit Textual removes the widgets one by one while messages are still handled; a refresh
+    that lands when the status view is there but the summary bar is not must not crash the app
+    (CI saw this once in the node-down test: NoMatches for SummaryBar from _show)."""
+    from mars.status.app import SummaryBar
+    app = fixed_app(fixed)
+    async with app.run_test(size=SIZE) as pilot:
+        await settled(pilot)
+        shown = app.refreshes
+        await app.query_one(SummaryBar).remove()
+        app.request_refresh()
+        await until(pilot, lambda: app.idle, what="the refresh to land")  # _show clears busy first
+        await pilot.pause()
+        assert app.is_running and app.refreshes == shown  # dropped, not shown and not raised
+
+
 # --- the app on real three-node clusters ----------------------------------------------------------
 
 def live_app(node: Node, interval: float = 0.3, window_s: float | None = None, **opts) -> MarsStatusApp:
