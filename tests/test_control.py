@@ -168,6 +168,37 @@ def pair(workdir):
     return a, b
 
 
+def test_marsds_counters_count_what_happened_and_restart_with_it(pair):
+    """The counters beside the snapshot: NBD requests and bytes by command, log records, group
+    commits and the acknowledged-write latency on the primary; fetched and replayed bytes on the
+    secondary. A restart of marsd starts them at zero (a new started_at_s), as Prometheus expects."""
+    from harness import write
+    a, b = pair
+    before = live_snapshot(a.mars_dir, "a")[0].counters
+    assert before is not None and "r" in before.resources
+    write(a, "write -P 0x31 0 256k", "write -P 0x32 1M 64k", "read 0 64k", "flush")
+    wait_until(lambda: caught_up(a, b, "r"), 30, "b to catch up")
+    after = live_snapshot(a.mars_dir, "a")[0].counters
+    c0, c1 = before.resources["r"], after.resources["r"]
+    assert c1.nbd_requests["write"] - c0.nbd_requests["write"] == 2
+    assert c1.nbd_bytes["write"] - c0.nbd_bytes["write"] == (256 + 64) << 10
+    assert c1.nbd_requests["read"] - c0.nbd_requests["read"] == 1 and c1.nbd_bytes["read"] - c0.nbd_bytes["read"] == 64 << 10
+    assert c1.nbd_requests["flush"] > c0.nbd_requests["flush"]
+    assert c1.log_records - c0.log_records == 2 and c1.log_bytes - c0.log_bytes > (256 + 64) << 10
+    assert 1 <= c1.group_commits - c0.group_commits <= 2
+    assert c1.write_latency.count - c0.write_latency.count == 2 and c1.write_latency.sum_s > c0.write_latency.sum_s
+    assert c1.write_latency.cumulative()[-1] == (float("inf"), c1.write_latency.count)
+    sec = wait_until(lambda: (c := live_snapshot(b.mars_dir, "b")[0].counters) and c.resources["r"].replayed_bytes
+                     >= (256 + 64) << 10 and c, 30, "b's counters to show the replay")
+    assert sec.resources["r"].fetched_bytes >= c1.log_bytes - c0.log_bytes
+    assert sec.resources["r"].nbd_requests["write"] == 0  # a secondary serves no writes
+    a.restart()
+    restarted = wait_until(lambda: live_snapshot(a.mars_dir, "a")[0].counters, 30, "a's marsd to answer")
+    assert restarted.started_at_s > after.started_at_s and restarted.resources["r"].nbd_requests["write"] == 0
+    a.kill()
+    assert live_snapshot(a.mars_dir, "a")[0].counters is None  # no marsd, no counters: not stale ones
+
+
 def read_until(events, seen: list[dict], done, what: str, timeout: float = 30) -> None:
     """Append events to ``seen`` until ``done(seen)``; the stream's own timeout and this deadline bound it."""
     deadline = time.monotonic() + timeout

@@ -657,6 +657,19 @@ def test_random_snapshots_never_raise(s: Snapshot):
     assert len(identities) == len(set(identities))  # the control socket raises and clears by this key
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(snapshots())
+def test_every_state_a_member_can_be_in_is_a_declared_one(s: Snapshot):
+    """The exporters' statesets and value maps list DISKSTATES, REPLSTATES and ROLES before any
+    node is in a state; a rule that gave a name outside them would be a series nobody sees."""
+    from mars.engine.model import DISKSTATES, REPLSTATES, ROLES, Member, state_name
+    for r in s.resources.values():
+        for h in [*HOSTS, "x"]:
+            m = Member(s, r, h)
+            assert state_name(m.diskstate()) in DISKSTATES
+            assert m.replstate() in REPLSTATES and m.role() in ROLES
+
+
 def test_several_split_logs_in_one_finding():
     f = one(run(lambda s: resource(s, split_brain=[SplitBrain(9, {"a": "a:3", "b": "b:4"}),
                                                    SplitBrain(8, {"a": "a:1", "b": "b:2"})])), "SPLIT_BRAIN")

@@ -8,9 +8,9 @@ truth and every tool keeps working when marsd is down.
 
 Protocol: newline-delimited JSON. The client sends one request line.
 
-* ``{"cmd": "snapshot"}`` -> one line ``{"snapshot": {...}, "findings": [...], "marsd_pid": N,
-  "seq": S}``, then the server closes. ``seq`` is the bus's newest event when the snapshot was
-  taken.
+* ``{"cmd": "snapshot"}`` -> one line ``{"snapshot": {...}, "findings": [...], "counters": {...},
+  "marsd_pid": N, "seq": S}``, then the server closes. ``seq`` is the bus's newest event when the
+  snapshot was taken; ``counters`` are marsd's counters (:mod:`mars.engine.stats`) as of the reply.
 * ``{"cmd": "events"}`` -> the snapshot line first, then one line per bus event (``log``,
   ``finding``, ``state``; see :mod:`.bus`) until the client goes away. A client that falls behind
   gets ``{"kind": "lagged"}`` (when there is room for it) and is disconnected: it should
@@ -107,8 +107,10 @@ def _encode(obj: Any) -> bytes:
 class ControlServer:
     """marsd's end: keeps the latest snapshot, publishes what changed, serves the socket."""
 
-    def __init__(self, mars_dir: Path, host: str, bus: Bus, executor: Executor | None = None) -> None:
+    def __init__(self, mars_dir: Path, host: str, bus: Bus, executor: Executor | None = None,
+                 counters: Callable[[], dict[str, Any]] | None = None) -> None:
         self.path = Path(mars_dir) / CONTROL_NAME
+        self.counters = counters  # marsd's live counters (engine/stats.py), read at every reply
         self.mars_dir = Path(mars_dir)
         self.host = host
         self.bus = bus
@@ -177,7 +179,10 @@ class ControlServer:
             self._adopt(*built, publish=self._latest is not None)
         assert self._latest is not None
         snap_json, found_json, seq = self._latest
-        return (f'{{"snapshot":{snap_json},"findings":{found_json},'
+        # The counters are read now, not with the round's snapshot: a scrape's rate is then
+        # exact to the request, and they cost a few dicts, not a tree scan.
+        counters = json.dumps(self.counters(), separators=(",", ":")) if self.counters is not None else "null"
+        return (f'{{"snapshot":{snap_json},"findings":{found_json},"counters":{counters},'
                 f'"marsd_pid":{os.getpid()},"seq":{seq}}}\n').encode()
 
     # -- the socket ---------------------------------------------------------------------------

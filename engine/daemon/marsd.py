@@ -33,6 +33,7 @@ from ..peer.services import PeerServices
 from ..roles.primary import PrimaryRuntime
 from ..roles.runtime import LogPulse, Runtime, RuntimeDeps, Wanted
 from ..roles.secondary import SecondaryRuntime
+from ..stats import Stats
 from ..tree import Tree, actual, default_host, mars_dir_from, node_actual, nodes_of, res_dir, todo
 from ..trigger import TRIGGER_NAME, take_lock
 from . import logs
@@ -81,7 +82,8 @@ class Daemon:
         self._servers: list[asyncio.AbstractServer] = []
         self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self._wake.set)
         self.bus = Bus()
-        self.control = ControlServer(tree.root, self.host, self.bus, self.executor)
+        self.stats = Stats()  # counters since this marsd started, served beside the snapshot
+        self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.stats.to_json)
 
     def exports(self) -> dict[str, Export]:
         return {name: export for name, rt in self.runtimes.items() if (export := rt.export) is not None}
@@ -280,6 +282,8 @@ class Daemon:
                 continue
             role = "primary" if tree.get(f"{d}/primary") == self.host else "secondary"
             wanted[res] = (data, tree.get_int(f"{d}/size"), role)
+        members = {res for res in tree.resources() if tree.get(f"{res_dir(res)}/data-{self.host}") is not None}
+        self.stats.keep(members | set(self.runtimes))
         for res in list(self.runtimes):
             w = wanted.get(res)
             if w is None or w[2] != self.runtimes[res].role:
@@ -316,7 +320,8 @@ class Daemon:
     async def _start_resource(self, res: str, data: str, size: int, role: str) -> None:
         deps = RuntimeDeps(tree=self.tree, executor=self.executor, log_pulse=self.log_pulse(res),
                            connect=self.client_for, may_sync=self._may_sync,
-                           checkpoint_interval=self.checkpoint_interval, logrot_auto=self.logrot_auto)
+                           checkpoint_interval=self.checkpoint_interval, logrot_auto=self.logrot_auto,
+                           stats=self.stats.resource(res))
         rt: Runtime = RUNTIMES[role](deps, res, data, size)
         attach = self.tree.entry(todo(res, self.host, "attach"))
         try:

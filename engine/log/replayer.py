@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from ..device import DataDevice, drop_behind
+from ..stats import ResourceStats
 from ..tree import Tree, actual, res_dir
 from . import format as lf
 from .apply import apply_records
@@ -37,8 +38,10 @@ class Replayer:
     """Applies one resource's local log copies, in order, onto a secondary's data device."""
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, executor: Executor,
-                 available: Callable[[str], int], checkpoint_interval: float = 1.0) -> None:
+                 available: Callable[[str], int], checkpoint_interval: float = 1.0,
+                 stats: ResourceStats | None = None) -> None:
         self.tree = tree
+        self.stats = stats or ResourceStats()
         self.res = res
         self.device = device
         self.executor = executor
@@ -190,7 +193,9 @@ class Replayer:
             lo, hi = apply_records(self.device, [d.record for d in batch])
             if hi > lo:
                 self.device.start_writeout(lo, hi - lo)  # write-behind, as on the primary
-            self.applied_bytes += sum(d.record.length for d in batch)
+            applied = sum(d.record.length for d in batch)
+            self.applied_bytes += applied
+            self.stats.replayed_bytes += applied
             behind, self._behind = self._behind, (lo, hi, path, batch[0].offset, batch[-1].end)
         if behind is not None:
             b_lo, b_hi, b_path, b_start, b_end = behind

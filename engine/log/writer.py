@@ -24,12 +24,14 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..device import DataDevice
+from ..stats import ResourceStats
 from ..tree import Tree
 from . import format as lf
 from .apply import IOV_MAX, MAX_BATCH_BYTES, apply_records, pwritev_all
@@ -54,6 +56,7 @@ class _Pending:
     flags: int
     payload: bytes | memoryview
     future: asyncio.Future[None]
+    submitted_ns: int  # monotonic: the acknowledged-write latency starts here
 
 
 @dataclass(slots=True)
@@ -81,12 +84,13 @@ class Logger:
     """
 
     def __init__(self, res: str, tree: Tree, device: DataDevice, state: LogState,
-                 on_progress: Callable[[LogPos], None] | None = None) -> None:
+                 on_progress: Callable[[LogPos], None] | None = None, stats: ResourceStats | None = None) -> None:
         self.res = res
         self.tree = tree
         self.device = device
         self.state = state
         self.on_progress = on_progress
+        self.stats = stats or ResourceStats()
         self.acked = LogPos(state.seq, state.end, tree.host)
         self.batches = 0
         self.requests = 0
@@ -118,7 +122,7 @@ class Logger:
             if self._closing:
                 fut.set_exception(LogWriteError(errno.ESHUTDOWN, f"resource {self.res}: logger is shutting down"))
                 return fut
-            self._queue.append(_Pending(kind, offset, length, flags, payload, fut))
+            self._queue.append(_Pending(kind, offset, length, flags, payload, fut, time.monotonic_ns()))
             self._cond.notify()
         return fut
 
@@ -192,9 +196,15 @@ class Logger:
     # -- on the event loop ---------------------------------------------------------------------
 
     def _acknowledge(self, batch: list[_Pending], pos: LogPos) -> None:
+        now = time.monotonic_ns()
+        observe = self.stats.write_latency.observe_ns
         for p in batch:
             if not p.future.done():
                 p.future.set_result(None)
+            observe(now - p.submitted_ns)
+        if batch:
+            self.stats.group_commits += 1
+            self.stats.log_records += len(batch)
         self.batches += 1 if batch else 0
         self.requests += len(batch)
         self.acked = pos
@@ -252,6 +262,7 @@ class Logger:
         st.next_record = seq
         st.records += len(records)
         st.bytes_written += written
+        self.stats.log_bytes += written
         return records, LogPos(st.seq, st.end, self.tree.host)
 
     def _write_back(self, records: list[lf.LogRecord]) -> None:

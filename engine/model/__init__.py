@@ -24,13 +24,14 @@ from ..tree import DEFAULT_MARS_DIR, check_name, default_host, mars_dir_from
 from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
                      stream_events)
 from .findings import CODES, LEVELS, Finding, findings, worst
-from .snapshot import (ALIVE_WINDOW_S, Actual, LogFileStatus, Message, NodeResource, NodeStatus, Progress, ResourceStatus,
-                       Snapshot, SplitBrain, Switches, Tunable, build)
-from .states import Member, held_back
+from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatus, Message, NodeResource, NodeStatus,
+                       Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, Tunable, build)
+from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, state_name
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
 
 __all__ = [
-    "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "LEVELS",
+    "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "DISKSTATES", "LEVELS",
+    "REPLSTATES", "ROLES", "Counters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable",
     "UsageError", "Version",

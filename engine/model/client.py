@@ -114,8 +114,21 @@ def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 
     snap_json = reply.get("snapshot") if reply else None
     answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
     lines = [str(x) for x in snap_json.get("debug_lines") or []] if isinstance(snap_json, dict) and answered else []
+    counters = _counters(reply.get("counters")) if reply and answered else None
     window = model.ALIVE_WINDOW_S if window_s is None else window_s
-    return model.build(mars_dir, host, window_s=window, debug_lines=lines), answered
+    return model.build(mars_dir, host, window_s=window, debug_lines=lines, counters=counters), answered
+
+
+def _counters(doc: Any) -> model.Counters | None:
+    """marsd's counters from its reply, or None when it sent none (an older marsd) or they do not
+    fit: the counters are an addition to the status, never a reason to show none."""
+    if doc is None:
+        return None
+    try:
+        c: model.Counters = model._from_json(model.Counters, doc, "counters")
+        return c
+    except (TypeError, ValueError):
+        return None
 
 
 def check_readable(mars_dir: str | os.PathLike[str], host: str) -> None:

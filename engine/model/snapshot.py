@@ -283,6 +283,52 @@ class NodeStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Histogram:
+    """Counts per bucket, not cumulative: ``counts[i]`` are the observations up to ``bounds_s[i]``
+    above the previous bound; the last count is above every bound (+Inf)."""
+
+    bounds_s: list[float]
+    counts: list[int]
+    sum_s: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations up to it), +Inf last: the form Prometheus's buckets take."""
+        out, total = [], 0
+        for bound, n in zip([*self.bounds_s, math.inf], self.counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceCounters:
+    """What this node's marsd did for one resource since it started (engine/stats.py counts it)."""
+
+    nbd_requests: dict[str, int]  # by NBD command: read, write, flush, trim, write_zeroes
+    nbd_bytes: dict[str, int]  # bytes those requests asked for, by command
+    log_records: int  # records appended to the log (acknowledged writes, trims, zeroes)
+    log_bytes: int  # bytes appended to the log, headers included
+    group_commits: int  # appends, each one fdatasync for every record queued meanwhile
+    write_latency: Histogram  # request received to acknowledged (durable in the log, written back)
+    fetched_bytes: int  # log bytes fetched from peers
+    replayed_bytes: int  # bytes of records replayed onto the data device
+    synced_bytes: int  # bytes copied by the full sync
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """marsd's counters, present only when this node's marsd answered; they restart at zero
+    with marsd (``started_at_s``), as Prometheus counters do."""
+
+    started_at_s: float
+    resources: dict[str, ResourceCounters]
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     local_host: str
     mars_dir: str
@@ -297,6 +343,7 @@ class Snapshot:
     nodes: dict[str, NodeStatus]
     resources: dict[str, ResourceStatus]
     debug_lines: list[str] = field(default_factory=list)
+    counters: Counters | None = None  # marsd's live counters; None when it did not answer
 
     def resource(self, name: str) -> ResourceStatus | None:
         return self.resources.get(name)
@@ -508,7 +555,8 @@ def _aged(name: str) -> bool:
 
 
 def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIVE_WINDOW_S,
-          debug_lines: list[str] | None = None, now_s: float | None = None) -> Snapshot:
+          debug_lines: list[str] | None = None, now_s: float | None = None,
+          counters: Counters | None = None) -> Snapshot:
     """The snapshot of everything this node's tree knows, as of now."""
     root = Path(mars_dir)
     e = _Entries(root)
@@ -528,7 +576,7 @@ def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIV
     return Snapshot(local_host=host, mars_dir=str(root), taken_at_s=wall, lamport_s=lamport, clock_slip_s=lamport - wall,
                     tool_version=__version__, marsd_running=pid is not None, marsd_pid=pid,
                     cluster_uuid=e.get("uuid"), window_s=window_s, nodes=nodes, resources=resources,
-                    debug_lines=list(debug_lines or []))
+                    debug_lines=list(debug_lines or []), counters=counters)
 
 
 def _reachability(nodes: dict[str, NodeStatus], running: str | None) -> dict[str, NodeStatus]:

@@ -14,7 +14,22 @@ from dataclasses import dataclass
 from ..log.values import LogPos
 from . import snapshot as model
 
-__all__ = ["Member"]
+__all__ = ["DISKSTATES", "REPLSTATES", "ROLES", "Member", "state_name"]
+
+# Every name the first-match rules below can give, in the original's order: the exporters show a
+# state as one series per possible value (a Prometheus stateset, a Zabbix value map), so the set
+# must be known before any node is in it. tests/test_view.py checks the rules give no other.
+DISKSTATES = ("NotJoined", "Detaching", "Detached", "DefectiveLog", "NoAttach", "InConsistent", "WriteBack",
+              "Recovery", "OutDated", "EmergencyMode", "UpToDate")
+REPLSTATES = ("MarsdNotRunning", "UnResponsive", "NotJoined", "NotStarted", "EmergencyMode", "Replicating",
+              "NotYetPrimary", "Syncing", "PausedSync", "PausedFetch", "PausedReplay", "NoPrimaryDesignated",
+              "PrimaryUnreachable", "Replaying")
+ROLES = ("None", "Primary", "NotYetPrimary", "RemainsPrimary", "Secondary")
+
+
+def state_name(state: str) -> str:
+    """A state without its detail in brackets: ``OutDated[FR]`` is ``OutDated``, one of DISKSTATES."""
+    return state.split("[", 1)[0]
 
 
 def _log_end_bytes(r: model.ResourceStatus) -> int:

@@ -23,6 +23,7 @@ from ..log.files import LogFile, finished_length, list_logs, read_replay
 from ..log.values import LogPos, ReplayLink, log_name
 from ..peer import protocol as P
 from ..peer.link import PeerClient, PeerError
+from ..stats import ResourceStats
 from ..tree import Tree, connect_list, res_dir
 from .runtime import stop_if_stopping
 
@@ -38,8 +39,9 @@ class Fetcher:
     """Copies one resource's log files from the first reachable source into this node's tree."""
 
     def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[str], PeerClient],
-                 on_data: Callable[[], None]) -> None:
+                 on_data: Callable[[], None], stats: ResourceStats | None = None) -> None:
         self.tree = tree
+        self.stats = stats or ResourceStats()
         self.res = res
         self.executor = executor
         self.connect = connect
@@ -240,6 +242,7 @@ class Fetcher:
         self.position = LogPos(at.seq, at.offset + len(r.data), at.origin)
         self.complete[at.name] = self.position.offset
         self.fetched_bytes += len(r.data)
+        self.stats.fetched_bytes += len(r.data)
         self.on_data()
         return len(r.data)
 

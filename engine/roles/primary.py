@@ -96,7 +96,7 @@ class PrimaryRuntime(Attached):
         if result.cut is not None:
             self.tree.set(actual(self.res, self.tree.host, "msg-warn-torn-tail"), str(result.cut))
         self.logger = Logger(self.res, self.tree, self.device, result.state,
-                             on_progress=self._progress)
+                             on_progress=self._progress, stats=self.deps.stats)
         self.logger.start()
         self._synced = LogPos(result.state.seq, result.state.end, self.tree.host)
         self._checkpoint_task = loop.create_task(self._checkpoints(), name=f"checkpoint-{self.res}")
@@ -183,6 +183,7 @@ class PrimaryRuntime(Attached):
             f.set_exception(OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down"))
             return f
         cmd = req.cmd
+        self.deps.stats.request(COUNTED.get(cmd, "flush"), req.length)
         if cmd == nbd.Cmd.READ:
             return loop.run_in_executor(self.executor, self.device.pread, req.length, req.offset)
         if cmd == nbd.Cmd.WRITE:
@@ -199,5 +200,8 @@ class PrimaryRuntime(Attached):
         f.set_result(None)
         return f
 
+
+# The counters' names of the NBD commands (engine/stats.py COMMANDS); FLUSH and anything else count as flush.
+COUNTED = {nbd.Cmd.READ: "read", nbd.Cmd.WRITE: "write", nbd.Cmd.TRIM: "trim", nbd.Cmd.WRITE_ZEROES: "write_zeroes"}
 
 __all__ = ["PrimaryRuntime", "LogWriteError"]

@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from ..device import DataDevice
+from ..stats import ResourceStats
 from ..tree import Tree
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class RuntimeDeps:
     may_sync: Callable[[], bool] = lambda: True  # the host's sync limit allows one more
     checkpoint_interval: float = 1.0  # minimum seconds between device syncs that advance replay-<host>
     logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
+    stats: ResourceStats = field(default_factory=ResourceStats)  # the resource's counters, kept across runtimes
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ class SecondaryRuntime(Attached):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.device = await loop.run_in_executor(self.executor, DataDevice, self.data_path, self.res)
-        self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived)
+        self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived,
+                               self.deps.stats)
 
     def _data_arrived(self) -> None:
         if self.replayer is not None:
@@ -87,14 +88,14 @@ class SecondaryRuntime(Attached):
                     return  # the host's sync limit is reached; the next round tries again
                 primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
                 self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor,
-                                     lambda: self.deps.connect(primary))
+                                     lambda: self.deps.connect(primary), self.deps.stats)
             self._switch("sync", wanted.sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
             stuck = self._replay_stuck()
             if wanted.replay and "replay" not in self._tasks and not stuck:
                 self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
-                                         self.deps.checkpoint_interval)
+                                         self.deps.checkpoint_interval, self.deps.stats)
             self._switch("replay", wanted.replay and not stuck, self.replayer.run if self.replayer else None)
 
     def _replay_stuck(self) -> bool:

@@ -28,6 +28,7 @@ from blake3 import blake3
 from ..peer import protocol as P
 from ..device import DataDevice
 from ..peer.link import PeerClient, PeerError
+from ..stats import ResourceStats
 from ..tree import Tree, res_dir
 from .runtime import stop_if_stopping
 
@@ -89,8 +90,9 @@ class Syncer:
     """One secondary's fast full sync of one resource from its primary, resumable at its position."""
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, size: int, executor: Executor,
-                 connect: Callable[[], PeerClient]) -> None:
+                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None) -> None:
         self.tree = tree
+        self.stats = stats or ResourceStats()
         self.res = res
         self.device = device
         self.size = size
@@ -154,6 +156,7 @@ class Syncer:
                         req=req, res=self.res, offset=off, length=n))
                     await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
                     self.bytes_copied += len(reply.data)
+                    self.stats.synced_bytes += len(reply.data)
                 self.pos = off + n
                 if time.monotonic() - last_pub >= PUBLISH_S:
                     await self._publish(loop)
