@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
-APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux \
+APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux prometheus \
             iptables rsync iperf3 man-db
 
 # `make install`: the wheel of this tree in its own venv, commands and man pages linked into PREFIX,
@@ -15,8 +15,9 @@ PREFIX    ?= /usr/local
 MARS_HOME ?= /opt/mars
 DESTDIR   ?=
 UNITDIR   ?= /etc/systemd/system
-COMMANDS  := marsd marsadm mars-status
-MANPAGES  := man8/marsd.8 man8/marsadm.8 man1/mars-status.1
+COMMANDS  := marsd marsadm mars-status mars-exporter
+MANPAGES  := man8/marsd.8 man8/marsadm.8 man1/mars-status.1 man8/mars-exporter.8
+UNITS     := marsd.service mars-exporter.service
 
 .PHONY: all deps venv test demo bench clean install uninstall
 
@@ -74,14 +75,14 @@ install:
 	for c in $(COMMANDS); do ln -sfr $(DESTDIR)$(MARS_HOME)/bin/$$c $(DESTDIR)$(PREFIX)/bin/$$c; done
 	for m in $(MANPAGES); do ln -sfr $(DESTDIR)$(MARS_HOME)/share/man/$$m $(DESTDIR)$(PREFIX)/share/man/$$m; done
 	install -d $(DESTDIR)$(UNITDIR)
-	sed 's|/opt/mars/|$(MARS_HOME)/|g' systemd/marsd.service > $(DESTDIR)$(UNITDIR)/marsd.service
-	chmod 644 $(DESTDIR)$(UNITDIR)/marsd.service
-	@echo "installed MARS into $(DESTDIR)$(MARS_HOME); next: systemctl daemon-reload && systemctl enable --now marsd"
+	for u in $(UNITS); do sed 's|/opt/mars/|$(MARS_HOME)/|g' systemd/$$u > $(DESTDIR)$(UNITDIR)/$$u && \
+	  chmod 644 $(DESTDIR)$(UNITDIR)/$$u; done
+	@echo "installed MARS into $(DESTDIR)$(MARS_HOME); next: systemctl daemon-reload && systemctl enable --now marsd mars-exporter"
 
 uninstall:
 	for c in $(COMMANDS); do rm -f $(DESTDIR)$(PREFIX)/bin/$$c; done
 	for m in $(MANPAGES); do rm -f $(DESTDIR)$(PREFIX)/share/man/$$m; done
-	rm -f $(DESTDIR)$(UNITDIR)/marsd.service
+	for u in $(UNITS); do rm -f $(DESTDIR)$(UNITDIR)/$$u; done
 	rm -rf $(DESTDIR)$(MARS_HOME)
 
 clean:

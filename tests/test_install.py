@@ -25,7 +25,7 @@ def test_make_install_into_destdir(workdir):
     assert f"installed MARS into {dest}/opt/mars" in r.stdout
 
     bindir = dest / "usr/local/bin"
-    for cmd in ("marsd", "marsadm", "mars-status"):
+    for cmd in ("marsd", "marsadm", "mars-status", "mars-exporter"):
         link = bindir / cmd
         assert link.is_symlink() and not os.path.isabs(os.readlink(link)), cmd  # right in the final root too
         assert link.resolve() == (dest / "opt/mars/bin" / cmd).resolve(), cmd
@@ -35,7 +35,7 @@ def test_make_install_into_destdir(workdir):
     assert where.startswith(str(dest / "opt/mars/lib")), where  # the wheel, not this work tree
 
     for page, title in (("man8/marsadm.8", "MARSADM(8)"), ("man8/marsd.8", "MARSD(8)"),
-                        ("man1/mars-status.1", "MARS-STATUS(1)")):
+                        ("man1/mars-status.1", "MARS-STATUS(1)"), ("man8/mars-exporter.8", "MARS-EXPORTER(8)")):
         path = dest / "usr/local/share/man" / page
         assert path.resolve().is_file(), page
         shown = subprocess.run(["man", "--warnings", "-l", str(path)], capture_output=True, text=True, timeout=60,
@@ -43,10 +43,11 @@ def test_make_install_into_destdir(workdir):
         assert shown.returncode == 0 and shown.stderr == "", shown.stderr
         assert shown.stdout.startswith(title), shown.stdout[:200]
 
-    unit = (dest / "etc/systemd/system/marsd.service").read_text()
-    [exec_start] = re.findall(r"^ExecStart=(\S+)", unit, re.MULTILINE)
-    assert exec_start == "/opt/mars/bin/marsd"
-    assert os.access(dest / exec_start.lstrip("/"), os.X_OK)
+    for name, prog in (("marsd.service", "marsd"), ("mars-exporter.service", "mars-exporter")):
+        unit = (dest / "etc/systemd/system" / name).read_text()
+        [exec_start] = re.findall(r"^ExecStart=(\S+)", unit, re.MULTILINE)
+        assert exec_start == f"/opt/mars/bin/{prog}"
+        assert os.access(dest / exec_start.lstrip("/"), os.X_OK)
 
     # The installed commands work: a one-node cluster, marsd from the staged root, logging to a file.
     n = Node(base, "a", "127.0.0.2", bin_dir=bindir)
@@ -59,3 +60,4 @@ def test_make_install_into_destdir(workdir):
     run(["make", "-C", str(ROOT), "uninstall", f"DESTDIR={dest}"])
     assert not (bindir / "marsadm").exists() and not (dest / "opt/mars").exists()
     assert not (dest / "etc/systemd/system/marsd.service").exists()
+    assert not (dest / "etc/systemd/system/mars-exporter.service").exists()

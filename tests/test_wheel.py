@@ -70,7 +70,7 @@ def test_the_wheel_installs_and_every_command_runs(workdir):
     where = run([str(venv / "bin" / "python"), "-c", "import mars; print(mars.__file__)"], cwd=base).stdout
     assert str(venv) in where and str(ROOT) not in where
 
-    for cmd in ("marsd", "marsadm", "mars-status"):
+    for cmd in ("marsd", "marsadm", "mars-status", "mars-exporter"):
         r = run([str(venv / "bin" / cmd), "--help"])
         assert f"usage: {cmd}" in r.stdout
 
@@ -85,6 +85,10 @@ def test_the_wheel_installs_and_every_command_runs(workdir):
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stdout + status.stderr  # OK: nothing to do
     assert "-> check resource r" in status.stdout and status.stdout.rstrip().splitlines()[-1].startswith("MARS OK")
+
+    scrape = run([str(venv / "bin" / "mars-exporter"), "--mars-dir", str(n.mars_dir), "--once"]).stdout
+    assert "mars_snapshot_ok 1.0" in scrape and 'mars_member_repl_state{host="a",mars_member_repl_state="Replicating"' \
+        ',resource="r"} 1.0' in scrape and "mars_nbd_requests_total" in scrape
 
     tui = run([str(venv / "bin" / "python"), "-c", TUI_CHECK, str(n.mars_dir)], timeout=300, cwd=base)
     assert tui.stdout.split() == ["refreshed", "True", "#c678dd"], tui.stdout + tui.stderr

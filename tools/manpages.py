@@ -1,4 +1,4 @@
-"""Generate the man pages of marsd(8), marsadm(8) and mars-status(1) from their argparse parsers.
+"""Generate the man pages of marsd(8), marsadm(8), mars-status(1) and mars-exporter(8) from their parsers.
 
 Why generated: the parsers are the truth about every option and command; a hand-written page
 would drift from them. argparse-manpage (PyPI) turns a parser into roff, subcommands included;
@@ -78,7 +78,12 @@ def _status_parser() -> argparse.ArgumentParser:
     return build_parser()
 
 
-PAGE_NAMES = (("marsd", 8), ("marsadm", 8), ("mars-status", 1))
+def _exporter_parser() -> argparse.ArgumentParser:
+    from mars.exporters.prometheus import parser
+    return parser()
+
+
+PAGE_NAMES = (("marsd", 8), ("marsadm", 8), ("mars-status", 1), ("mars-exporter", 8))
 
 
 def see_also(prog: str) -> str:
@@ -131,6 +136,17 @@ PAGES = (
     Page("mars-status", 1, "show the state of a MARS cluster", _status_parser, (
         ("exit status", items(("0", "OK: nothing to do"), ("1", "hints only"), ("2", "something to do (TODO)"),
                               ("3", "the state cannot be read, or a wrong command line"))),
+        ("environment", items(("MARS_DIR", "the state tree when --mars-dir is not given"))),
+    )),
+    Page("mars-exporter", 8, "serve MARS status to Prometheus", _exporter_parser, (
+        ("http", roff(
+            "GET /metrics answers in the Prometheus text format 0.0.4, or in OpenMetrics 1.0.0 when the "
+            "Accept header asks for it (Prometheus does). Every other path answers 404. Each scrape reads "
+            "the state once; a state that cannot be read still answers 200, with mars_snapshot_ok 0 and the "
+            "reason in mars_snapshot_error_info. The metrics are listed in exporters/README.md.")),
+        ("exit status", items(("0", "stopped by SIGTERM or SIGINT, or --once/--metrics-doc done"),
+                              ("1", "cannot listen on the address"), ("2", "a wrong command line"))),
+        ("files", items(("/etc/systemd/system/mars-exporter.service", "the unit that runs it on boot"))),
         ("environment", items(("MARS_DIR", "the state tree when --mars-dir is not given"))),
     )),
 )
