@@ -7,7 +7,10 @@ NBD export; nbdcopy writing 256 MiB of random data through it while b and c join
 their fast full sync running while the writes go on (mars-status's progress bars on c every two
 seconds); a log rotation and a few more writes; all three images identical
 once the secondaries have caught up; the log files every member has replayed deleted; `marsadm
-view all` on c showing every node's state and the findings.
+view all` on c showing every node's state and the findings. Beside the nodes run one
+mars-exporter each and a real Prometheus scraping them with the alert rules of
+dashboards/prometheus/; at the end the demo prints the URLs of its targets and alerts pages and
+a few live series, asked through its HTTP API.
 
 The three nodes run on 127.0.0.2, 127.0.0.3 and 127.0.0.4, each with its own mars dir and image
 under one demo directory; they share the peer port (7777, or a free one if 7777 is taken).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -26,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from mars.engine.tree import Tree
@@ -152,6 +158,72 @@ class Node:
             return self.proc.wait()
 
 
+def free_port(ip: str, wanted: int) -> int:
+    """``wanted`` if it is free on ``ip``, else any free port."""
+    for port in (wanted, 0):
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise SystemExit(f"demo: no free port on {ip}")
+
+
+def start_monitoring(base: Path, nodes: dict[str, Node], procs: list[subprocess.Popen]) -> str | None:
+    """One mars-exporter per node on the node's address, and Prometheus scraping them every 2 s with
+    our alert rules; returns Prometheus's URL (None when Prometheus is not installed)."""
+    targets = []
+    for n in nodes.values():
+        listen = f"{n.ip}:{free_port(n.ip, 9777)}"
+        cmd = [str(BIN / "mars-exporter"), "--mars-dir", str(n.mars_dir), "--host", n.host, "--listen", listen]
+        out(f"    $ {shown(cmd)} > {shown([str(base / f'exporter-{n.host}.log')])} 2>&1 &")
+        with open(base / f"exporter-{n.host}.log", "ab") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        targets.append(listen)
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        out("      (no prometheus installed: 'make deps' installs Debian's; the exporters run without it)")
+        return None
+    rules = Path(__file__).resolve().parent.parent / "dashboards" / "prometheus" / "mars-alerts.yml"
+    config = base / "prometheus.yml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
+        "rule_files": [str(rules)],
+        "scrape_configs": [{"job_name": "mars", "static_configs": [{"targets": targets}]}]}, indent=2))
+    url = f"http://127.0.0.1:{free_port('127.0.0.1', 9090)}"
+    cmd = [prometheus, f"--config.file={config}", f"--storage.tsdb.path={base / 'prometheus-data'}",
+           f"--web.listen-address={url[7:]}", "--log.level=warn"]
+    out(f"    $ {shown(cmd)} > {shown([str(base / 'prometheus.log')])} 2>&1 &")
+    with open(base / "prometheus.log", "ab") as log:
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return url
+
+
+def prom_query(url: str, expr: str) -> list[dict]:
+    with urllib.request.urlopen(f"{url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}", timeout=10) as r:
+        return json.loads(r.read())["data"]["result"]
+
+
+def show_prometheus(url: str) -> None:
+    """What Prometheus now knows: its targets, then a few live series, each with its query."""
+    wait_for(lambda: len(prom_query(url, 'up{job="mars"} == 1')) == 3, 30, "Prometheus to scrape all three exporters")
+    out(f"      targets: {url}/targets    alerts: {url}/alerts    graph: {url}/graph")
+    for expr, label in (
+            ('up{job="mars"}', "instance"),
+            ('max by (host, mars_member_repl_state) (mars_member_repl_state{resource="demo"} == 1)',
+             "mars_member_repl_state"),
+            ('max by (host) (mars_member_replay_lag_seconds{resource="demo"})', None),
+            ('sum by (host) (rate(mars_nbd_request_bytes_total{command="write"}[1m]))', None),
+            ('histogram_quantile(0.99, sum by (le) (rate(mars_write_latency_seconds_bucket[5m])))', None),
+            ('count by (level) (mars_finding)', "level")):
+        out(f"      {expr}")
+        for r in prom_query(url, expr) or [{"metric": {}, "value": [0, "(no series)"]}]:
+            who = r["metric"].get("host") or r["metric"].get(label or "", "")
+            extra = f" {r['metric'][label]}" if label and label in r["metric"] and label != "instance" else ""
+            out(f"          {who:<16}{extra:<14} {r['value'][1]}")
+
+
 def mib(v: str | None) -> float:
     return int(v or 0) / MiB
 
@@ -249,6 +321,8 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     wait_for(lambda: all(n.value(f"ips/ip-{o}") == ip for n in nodes.values() for o, ip in NODES.items()),
              30, "all three nodes to know each other")
     sh("ls", "-l", "--time-style=+%H:%M:%S", str(c.mars_dir / "ips"))
+    say("   a mars-exporter per node, and a real Prometheus scraping them with MARS's alert rules")
+    prom = start_monitoring(base, nodes, procs)
 
     say("3. a creates a 1 GiB resource on a sparse image file and becomes its primary")
     sh(*a.adm("create-resource", "demo", str(base / "a.img"), "1G"))
@@ -317,6 +391,9 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     sh(*c.adm("view-replay-rest", "demo"))
     sh(str(BIN / "mars-status"), "--mars-dir", str(c.mars_dir), "--host", "c", "--once")
     sh(str(BIN / "mars-status"), "--mars-dir", str(c.mars_dir), "--host", "c", "--check")
+    if prom is not None:
+        say("8b. the same cluster in Prometheus, through the exporters")
+        show_prometheus(prom)
     return 0
 
 

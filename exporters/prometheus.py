@@ -99,8 +99,10 @@ def _specs() -> list[Spec]:
     add("mars_resource_size_bytes", "gauge", "resource", "Size of the resource (its replicated device)")
     add("mars_resource_info", "info", "resource primary", "A resource and its designated primary (empty when none)")
     add("mars_resource_members", "gauge", "resource", "Number of member nodes of the resource")
-    add("mars_resource_log_files", "gauge", "resource", "Log files of the resource this node holds a copy of")
-    add("mars_resource_log_bytes", "gauge", "resource", "Bytes of the resource's log files on this node")
+    add("mars_resource_log_files", "gauge", "resource host", "Log files of the resource that host (the exporter's "
+        "node) holds a copy of")
+    add("mars_resource_log_bytes", "gauge", "resource host", "Bytes of the resource's log files on host (the "
+        "exporter's node)")
     add("mars_resource_deletable_log_files", "gauge", "resource", "Log files replayed by every member: "
         "'marsadm log-delete-all' may remove them")
     add("mars_resource_deletable_bytes", "gauge", "resource", "Bytes of the deletable log files")
@@ -270,8 +272,8 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
         o.info("mars_resource_info", resource=name, primary=r.primary or "")
         o.gauge("mars_resource_members", len(r.members), name)
         local = [lf for lf in r.logs if lf.local_bytes is not None]
-        o.gauge("mars_resource_log_files", len(local), name)
-        o.gauge("mars_resource_log_bytes", sum(lf.local_bytes or 0 for lf in local), name)
+        o.gauge("mars_resource_log_files", len(local), name, here)
+        o.gauge("mars_resource_log_bytes", sum(lf.local_bytes or 0 for lf in local), name, here)
         o.gauge("mars_resource_deletable_log_files", len(r.deletable_logs), name)
         o.gauge("mars_resource_deletable_bytes", r.deletable_bytes, name)
         for h in sorted(set(r.held_back_by)):
