@@ -51,6 +51,7 @@ bench: venv
 	$(PY) bench/bench_write.py
 	$(PY) bench/bench_replication.py
 	$(PY) bench/bench_status.py
+	$(PY) bench/bench_exporter.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \
