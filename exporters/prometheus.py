@@ -477,7 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     if note:
         log.info("%s", note)
-    collector = MarsCollector(lambda: model.read_snapshot(mars_dir, host, window_s=args.window), args.members)
+    # lines=False: marsd's debug lines are no metric; ask it for its counters only, not its whole snapshot.
+    collector = MarsCollector(lambda: model.read_snapshot(mars_dir, host, window_s=args.window, lines=False),
+                              args.members)
     if args.once:
         from prometheus_client.exposition import generate_latest
         sys.stdout.write(generate_latest(_Registry(collector)).decode())  # type: ignore[arg-type]

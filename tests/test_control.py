@@ -192,6 +192,10 @@ def test_marsds_counters_count_what_happened_and_restart_with_it(pair):
                      >= (256 + 64) << 10 and c, 30, "b's counters to show the replay")
     assert sec.resources["r"].fetched_bytes >= c1.log_bytes - c0.log_bytes
     assert sec.resources["r"].nbd_requests["write"] == 0  # a secondary serves no writes
+    # What mars-exporter asks for: the counters alone, not the snapshot it builds from the tree anyway.
+    light, answered = live_snapshot(a.mars_dir, "a", lines=False)
+    assert answered and light.debug_lines == [] and light.counters.resources["r"].log_records >= c1.log_records
+    assert request_snapshot(a.mars_dir, cmd="counters")["local_host"] == "a"
     a.restart()
     restarted = wait_until(lambda: live_snapshot(a.mars_dir, "a")[0].counters, 30, "a's marsd to answer")
     assert restarted.started_at_s > after.started_at_s and restarted.resources["r"].nbd_requests["write"] == 0

@@ -11,6 +11,9 @@ Protocol: newline-delimited JSON. The client sends one request line.
 * ``{"cmd": "snapshot"}`` -> one line ``{"snapshot": {...}, "findings": [...], "counters": {...},
   "marsd_pid": N, "seq": S}``, then the server closes. ``seq`` is the bus's newest event when the
   snapshot was taken; ``counters`` are marsd's counters (:mod:`mars.engine.stats`) as of the reply.
+* ``{"cmd": "counters"}`` -> one line ``{"counters": {...}, "local_host": H, "marsd_pid": N}``:
+  only the counters, for a face that builds its snapshot from the tree anyway (mars-exporter
+  scrapes often, and the snapshot line is hundreds of KiB on a big cluster).
 * ``{"cmd": "events"}`` -> the snapshot line first, then one line per bus event (``log``,
   ``finding``, ``state``; see :mod:`.bus`) until the client goes away. A client that falls behind
   gets ``{"kind": "lagged"}`` (when there is room for it) and is disconnected: it should
@@ -52,7 +55,7 @@ DRAIN_TIMEOUT = 5.0  # seconds a reader may leave a full buffer unread before it
 WRITE_HIGH = 256 << 10  # transport write buffer high-water mark per connection
 SEND_BUFFER = 64 << 10  # kernel send buffer per connection (SO_SNDBUF)
 QUEUE_EVENTS = 1000  # bus events a reader may be behind before it is dropped
-USAGE = 'send one JSON line: {"cmd": "snapshot"} or {"cmd": "events"}'
+USAGE = 'send one JSON line: {"cmd": "snapshot"}, {"cmd": "counters"} or {"cmd": "events"}'
 
 StateKey = tuple[str | None, str, str]  # (resource or None for the node itself, node, field)
 
@@ -235,6 +238,9 @@ class ControlServer:
             elif req.get("cmd") == "snapshot":
                 log.debug("control: snapshot for pid %s", who[0])
                 writer.write(await self._snapshot_line())
+            elif req.get("cmd") == "counters":
+                writer.write(_encode({"counters": self.counters() if self.counters is not None else None,
+                                      "local_host": self.host, "marsd_pid": os.getpid()}))
             elif req.get("cmd") == "events":
                 log.debug("control: events for pid %s", who[0])
                 graceful = await self._events(reader, writer, who)

@@ -50,7 +50,8 @@ def _connect(mars_dir: str | os.PathLike[str], timeout: float | None) -> socket.
     return s
 
 
-def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0) -> dict[str, Any] | None:
+def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0,
+                     cmd: str = "snapshot") -> dict[str, Any] | None:
     """marsd's latest snapshot reply, or None when marsd does not answer (not running, no socket,
     refused, no reply within ``timeout`` seconds, or a reply that is not one).
 
@@ -60,7 +61,7 @@ def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0) -> 
     deadline = time.monotonic() + timeout
     try:
         with _connect(mars_dir, timeout) as s:
-            s.sendall(b'{"cmd":"snapshot"}\n')
+            s.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
             data = _read_to_eof(s, deadline)
     except (OSError, TimeoutError):
         return None
@@ -68,7 +69,7 @@ def request_snapshot(mars_dir: str | os.PathLike[str], timeout: float = 2.0) -> 
         reply = json.loads(data.split(b"\n", 1)[0])
     except ValueError:
         return None
-    return reply if isinstance(reply, dict) and "snapshot" in reply else None
+    return reply if isinstance(reply, dict) and ("snapshot" if cmd == "snapshot" else "counters") in reply else None
 
 
 def _read_to_eof(s: socket.socket, deadline: float) -> bytes:
@@ -103,20 +104,26 @@ def stream_events(mars_dir: str | os.PathLike[str], timeout: float | None = None
 
 
 def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 2.0,
-                  window_s: float | None = None) -> tuple[model.Snapshot, bool]:
-    """The snapshot a tool shows: built from the local tree, with marsd's debug lines when it answers.
+                  window_s: float | None = None, lines: bool = True) -> tuple[model.Snapshot, bool]:
+    """The snapshot a tool shows: built from the local tree, with marsd's debug lines (unless
+    ``lines`` is False: then only its counters are asked for) and counters when it answers.
 
     The bool says whether this host's marsd answered, so a tool can say "marsd is down; showing
     what the tree knows". A marsd that answers for another host (``--host <dead>`` on a survivor)
     does not count: its lines are not that host's.
     """
-    reply = request_snapshot(mars_dir, timeout)
-    snap_json = reply.get("snapshot") if reply else None
-    answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
-    lines = [str(x) for x in snap_json.get("debug_lines") or []] if isinstance(snap_json, dict) and answered else []
+    if lines:
+        reply = request_snapshot(mars_dir, timeout)
+        snap_json = reply.get("snapshot") if reply else None
+        answered = isinstance(snap_json, dict) and snap_json.get("local_host") == host
+        debug = [str(x) for x in snap_json.get("debug_lines") or []] if isinstance(snap_json, dict) and answered else []
+    else:
+        reply = request_snapshot(mars_dir, timeout, cmd="counters")
+        answered = bool(reply) and reply.get("local_host") == host
+        debug = []
     counters = _counters(reply.get("counters")) if reply and answered else None
     window = model.ALIVE_WINDOW_S if window_s is None else window_s
-    return model.build(mars_dir, host, window_s=window, debug_lines=lines, counters=counters), answered
+    return model.build(mars_dir, host, window_s=window, debug_lines=debug, counters=counters), answered
 
 
 def _counters(doc: Any) -> model.Counters | None:
@@ -146,12 +153,12 @@ def check_readable(mars_dir: str | os.PathLike[str], host: str) -> None:
 
 
 def read_snapshot(mars_dir: str | os.PathLike[str], host: str, window_s: float | None = None,
-                  timeout: float = 2.0) -> tuple[model.Snapshot, bool]:
+                  timeout: float = 2.0, lines: bool = True) -> tuple[model.Snapshot, bool]:
     """The snapshot a face shows and whether this host's marsd answered; MarsError when the state
     cannot be read at all (no tree, no cluster, permission denied), never an OSError."""
     check_readable(mars_dir, host)
     try:
-        return live_snapshot(mars_dir, host, timeout=timeout, window_s=window_s)
+        return live_snapshot(mars_dir, host, timeout=timeout, window_s=window_s, lines=lines)
     except OSError as e:
         raise MarsError(f"{mars_dir}: cannot read the state tree: {e.strerror or e}",
                         "check the path and its permissions (run as root)") from None
