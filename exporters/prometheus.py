@@ -478,8 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         log.info("%s", note)
     # lines=False: marsd's debug lines are no metric; ask it for its counters only, not its whole snapshot.
-    collector = MarsCollector(lambda: model.read_snapshot(mars_dir, host, window_s=args.window, lines=False),
-                              args.members)
+    # One TreeCache for every scrape: a directory of the tree that did not change is not read again.
+    cache = model.TreeCache()
+    collector = MarsCollector(lambda: model.read_snapshot(mars_dir, host, window_s=args.window, lines=False,
+                                                          cache=cache), args.members)
     if args.once:
         from prometheus_client.exposition import generate_latest
         sys.stdout.write(generate_latest(_Registry(collector)).decode())  # type: ignore[arg-type]

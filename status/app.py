@@ -298,6 +298,7 @@ class MarsStatusApp(App[None]):
         self._want = False
         self._want_fetch = False
         self._stop = threading.Event()
+        self._tree_cache = model.TreeCache()  # a refresh reads again only the directories that changed
 
     # -- layout ---------------------------------------------------------------------------------
 
@@ -399,7 +400,7 @@ class MarsStatusApp(App[None]):
 
     def _live(self) -> tuple[Snapshot, bool]:
         """This host's snapshot: the tree, with marsd's debug lines when it answers."""
-        return model.read_snapshot(self.mars_dir, self.host, window_s=self.window_s)
+        return model.read_snapshot(self.mars_dir, self.host, window_s=self.window_s, cache=self._tree_cache)
 
     def _mounted(self) -> bool:
         """Whether the screen with the status view is up: a tick or a finished refresh can land

@@ -25,7 +25,8 @@ from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, 
                      stream_events)
 from .findings import CODES, LEVELS, Finding, findings, worst
 from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatus, Message, NodeResource, NodeStatus,
-                       Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, Tunable, build)
+                       Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
+                       build)
 from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, state_name
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
 
@@ -33,7 +34,8 @@ __all__ = [
     "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "DISKSTATES", "LEVELS",
     "REPLSTATES", "ROLES", "Counters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
-    "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "Tunable",
+    "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "TreeCache",
+    "Tunable",
     "UsageError", "Version",
     "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "held_back",
     "human_bytes", "human_seconds",

@@ -104,7 +104,8 @@ def stream_events(mars_dir: str | os.PathLike[str], timeout: float | None = None
 
 
 def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 2.0,
-                  window_s: float | None = None, lines: bool = True) -> tuple[model.Snapshot, bool]:
+                  window_s: float | None = None, lines: bool = True,
+                  cache: model.TreeCache | None = None) -> tuple[model.Snapshot, bool]:
     """The snapshot a tool shows: built from the local tree, with marsd's debug lines (unless
     ``lines`` is False: then only its counters are asked for) and counters when it answers.
 
@@ -119,11 +120,11 @@ def live_snapshot(mars_dir: str | os.PathLike[str], host: str, timeout: float = 
         debug = [str(x) for x in snap_json.get("debug_lines") or []] if isinstance(snap_json, dict) and answered else []
     else:
         reply = request_snapshot(mars_dir, timeout, cmd="counters")
-        answered = bool(reply) and reply.get("local_host") == host
+        answered = reply is not None and reply.get("local_host") == host
         debug = []
     counters = _counters(reply.get("counters")) if reply and answered else None
     window = model.ALIVE_WINDOW_S if window_s is None else window_s
-    return model.build(mars_dir, host, window_s=window, debug_lines=debug, counters=counters), answered
+    return model.build(mars_dir, host, window_s=window, debug_lines=debug, counters=counters, cache=cache), answered
 
 
 def _counters(doc: Any) -> model.Counters | None:
@@ -153,12 +154,13 @@ def check_readable(mars_dir: str | os.PathLike[str], host: str) -> None:
 
 
 def read_snapshot(mars_dir: str | os.PathLike[str], host: str, window_s: float | None = None,
-                  timeout: float = 2.0, lines: bool = True) -> tuple[model.Snapshot, bool]:
+                  timeout: float = 2.0, lines: bool = True,
+                  cache: model.TreeCache | None = None) -> tuple[model.Snapshot, bool]:
     """The snapshot a face shows and whether this host's marsd answered; MarsError when the state
     cannot be read at all (no tree, no cluster, permission denied), never an OSError."""
     check_readable(mars_dir, host)
     try:
-        return live_snapshot(mars_dir, host, timeout=timeout, window_s=window_s, lines=lines)
+        return live_snapshot(mars_dir, host, timeout=timeout, window_s=window_s, lines=lines, cache=cache)
     except OSError as e:
         raise MarsError(f"{mars_dir}: cannot read the state tree: {e.strerror or e}",
                         "check the path and its permissions (run as root)") from None
