@@ -231,7 +231,7 @@ class _Out:
 
 
 def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = None,
-             members: str = "local") -> list[Metric]:
+             members: str = "local", answered: bool | None = None) -> list[Metric]:
     """Every family for one snapshot and its findings, in catalogue order.
 
     ``members="local"`` (the default) gives the ``mars_member_*`` series of this node's own
@@ -240,13 +240,15 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
     rather than nodes x resources of them (27,000 series at 8 nodes x 50 resources, most of them
     the one-hot states). ``"all"`` gives every member this node's tree knows, for a single
     exporter watching a cluster. Nodes, resources and findings are always this node's whole view.
+    ``answered``: whether this node's marsd answered the read (:func:`mars.engine.model.read_snapshot`
+    says); None for a snapshot that did not come from a read, where a running marsd counts.
     """
     o = _Out()
     here = snap.local_host
     o.gauge("mars_snapshot_ok", 1)
     o.gauge("mars_snapshot_build_seconds", build_s)
     o.info("mars_exporter_build_info", version=__version__)
-    o.gauge("mars_marsd_up", snap.marsd_running and snap.counters is not None, here)
+    o.gauge("mars_marsd_up", snap.marsd_running if answered is None else answered, here)
     if snap.counters is not None:
         o.gauge("mars_marsd_start_time_seconds", snap.counters.started_at_s, here)
     o.info("mars_cluster_info", host=here, cluster_uuid=snap.cluster_uuid or "")
@@ -362,8 +364,8 @@ class MarsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         t0 = time.perf_counter()
         try:
-            snap, _answered = self.source()
-            fams = families(snap, model.findings(snap), time.perf_counter() - t0, self.members)
+            snap, answered = self.source()
+            fams = families(snap, model.findings(snap), time.perf_counter() - t0, self.members, answered)
         except MarsError as e:
             fams = failure_families(str(e))  # the text and its remedy
         except Exception as e:  # a bug must cost one scrape's figures, not the exporter

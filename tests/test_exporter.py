@@ -65,7 +65,7 @@ class One:
 
 
 def text_of(snap, members: str = "all") -> str:
-    return generate_latest(One(lambda: (snap, True), members)).decode()
+    return generate_latest(One(lambda: (snap, snap.marsd_running), members)).decode()  # marsd answers iff it runs
 
 
 def samples(text: str) -> dict[str, list]:
