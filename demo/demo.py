@@ -209,19 +209,24 @@ def show_prometheus(url: str) -> None:
     """What Prometheus now knows: its targets, then a few live series, each with its query."""
     wait_for(lambda: len(prom_query(url, 'up{job="mars"} == 1')) == 3, 30, "Prometheus to scrape all three exporters")
     out(f"      targets: {url}/targets    alerts: {url}/alerts    graph: {url}/graph")
-    for expr, label in (
-            ('up{job="mars"}', "instance"),
+    for expr, label, unit in (
+            ('up{job="mars"}', "instance", ""),
             ('max by (host, mars_member_repl_state) (mars_member_repl_state{resource="demo"} == 1)',
-             "mars_member_repl_state"),
-            ('max by (host) (mars_member_replay_lag_seconds{resource="demo"})', None),
-            ('sum by (host) (rate(mars_nbd_request_bytes_total{command="write"}[1m]))', None),
-            ('histogram_quantile(0.99, sum by (le) (rate(mars_write_latency_seconds_bucket[5m])))', None),
-            ('count by (level) (mars_finding)', "level")):
+             "mars_member_repl_state", ""),
+            ('max by (host) (mars_member_replay_lag_seconds{resource="demo"})', None, "s"),
+            ('sum by (host) (rate(mars_nbd_request_bytes_total{command="write"}[1m]))', None, "bytes/s"),
+            ('histogram_quantile(0.99, sum by (le) (rate(mars_write_latency_seconds_bucket[5m])))', None, "s"),
+            ('count by (level) (mars_finding)', "level", "findings")):
         out(f"      {expr}")
         for r in prom_query(url, expr) or [{"metric": {}, "value": [0, "(no series)"]}]:
             who = r["metric"].get("host") or r["metric"].get(label or "", "")
             extra = f" {r['metric'][label]}" if label and label in r["metric"] and label != "instance" else ""
-            out(f"          {who:<16}{extra:<14} {r['value'][1]}")
+            value = r["value"][1]
+            try:
+                value = f"{float(value):.6g} {unit}".rstrip()
+            except ValueError:
+                pass
+            out(f"          {who:<16}{extra:<14} {value}")
 
 
 def mib(v: str | None) -> float:
