@@ -28,7 +28,6 @@ from typing import NamedTuple
 from .. import __version__
 from ..engine.model import (
     DEFAULT_PEER_PORT,
-    LEVELS,
     Finding,
     LogFileStatus,
     Member,
@@ -39,6 +38,8 @@ from ..engine.model import (
     held_back,
     human_bytes,
     human_seconds,
+    relevant,
+    verdict,
     worst,
 )
 
@@ -187,13 +188,6 @@ def _selected(snap: Snapshot, opts: Options) -> list[ResourceStatus]:
         return [snap.resources[r] for r in sorted(snap.resources)]
     r = snap.resources.get(opts.resource)
     return [r] if r is not None else []
-
-
-def relevant(fs: list[Finding], resource: str | None) -> list[Finding]:
-    """With ``--resource``: that resource's findings and the cluster/node-level ones."""
-    if resource is None:
-        return list(fs)
-    return [f for f in fs if f.res is None or f.res == resource]
 
 
 def _node_order(snap: Snapshot, r: ResourceStatus) -> list[str]:
@@ -571,36 +565,12 @@ def plain(lines: list[Line]) -> str:
 
 # --- the monitor function ------------------------------------------------------------------------
 
-CHECK_OK, CHECK_WARNING, CHECK_CRITICAL, CHECK_UNKNOWN = 0, 1, 2, 3
-_CHECK_WORD = {CHECK_OK: "OK", CHECK_WARNING: "WARNING", CHECK_CRITICAL: "CRITICAL", CHECK_UNKNOWN: "UNKNOWN"}
-CHECK_LISTED = 3  # findings named in the summary line; the rest are counted
-
-
-def _summary(level: str, fs: list[Finding]) -> str:
-    picked = [f for f in fs if f.level == level]
-    text = "; ".join(f"{f.code} {f.where}: {f.text}" for f in picked[:CHECK_LISTED])
-    more = len(picked) - CHECK_LISTED
-    return f"{len(picked)} {level.lower()}: {text}" + (f" (and {more} more)" if more > 0 else "")
-
-
 def check(snap: Snapshot | None, fs: list[Finding], error: str | None = None) -> tuple[int, str]:
-    """The monitor's verdict with Nagios semantics: 0 OK, 1 WARNING (hints only), 2 CRITICAL (a
-    TODO), 3 UNKNOWN (the state cannot be read). One line, perfdata after ``|``."""
-    if snap is None or error is not None:
-        return CHECK_UNKNOWN, f"MARS UNKNOWN - {error or 'no status snapshot'}"
-    count = {lv: sum(1 for f in fs if f.level == lv) for lv in LEVELS}
-    alive = sum(1 for ns in snap.nodes.values() if ns.alive)
-    perf = (f"resources={len(snap.resources)} nodes={len(snap.nodes)} nodes_alive={alive} "
-            f"todo={count['TODO']} hint={count['HINT']} work={count['WORK']}")
-    if count["TODO"]:
-        code, text = CHECK_CRITICAL, _summary("TODO", fs)
-    elif count["HINT"]:
-        code, text = CHECK_WARNING, _summary("HINT", fs)
-    else:
-        code = CHECK_OK
-        text = f"{len(snap.resources)} resource{'s' if len(snap.resources) != 1 else ''}, " \
-               f"{alive} of {len(snap.nodes)} nodes alive"
-        if count["WORK"]:
-            text += ", " + _summary("WORK", fs)
-    text = text.replace("|", "/")  # "|" starts Nagios perfdata
-    return code, f"MARS {_CHECK_WORD[code]} - {text} | {perf}"
+    """The model's :func:`verdict` as the one line of ``--check`` (the exit code and
+    ``MARS <STATE> - <summary> | <counts>``): check_mars renders the same verdict, so the two
+    cannot disagree."""
+    v = verdict(snap, fs, error)
+    line = f"MARS {v.state} - {v.summary}"
+    if v.figures:
+        line += " | " + " ".join(f"{f.name}={f.value_text}" for f in v.figures)
+    return v.code, line

@@ -8,6 +8,9 @@ What is here, by module:
 * :mod:`.snapshot` — :func:`build` turns the tree into one typed, frozen :class:`Snapshot`;
   :meth:`Snapshot.to_json` and :meth:`Snapshot.from_json` are its wire form.
 * :mod:`.findings` — :func:`findings`, the one verdict (WORK / TODO / HINT) on a snapshot.
+* :mod:`.check` — :func:`verdict`, the monitor's verdict on the findings (exit code 0..3, its
+  word, a summary line and the counts as typed :class:`PerfFigure` values), shared by
+  ``mars-status --check`` and ``check_mars``.
 * :mod:`.states` — the original's state names (diskstate, replstate, flags, role) of a
   :class:`Member`, and :func:`held_back`: why a transfer cannot move.
 * :mod:`.units` — bytes, seconds and percentages as every face prints them; sizes as typed.
@@ -21,6 +24,8 @@ from ..errors import MarsError, UsageError
 from ..log.values import LogPos, ReplayCode, ReplayLink, Version
 from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
 from ..tree import DEFAULT_MARS_DIR, check_name, default_host, mars_dir_from
+from .check import (CHECK_CRITICAL, CHECK_LISTED, CHECK_OK, CHECK_STATES, CHECK_UNITS, CHECK_UNKNOWN, CHECK_WARNING,
+                    PerfFigure, Verdict, number_text, relevant, verdict)
 from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
                      stream_events)
 from .findings import CODES, LEVELS, Finding, findings, worst
@@ -31,6 +36,8 @@ from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, state_name
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
 
 __all__ = [
+    "CHECK_CRITICAL", "CHECK_LISTED", "CHECK_OK", "CHECK_STATES", "CHECK_UNITS", "CHECK_UNKNOWN", "CHECK_WARNING",
+    "PerfFigure", "Verdict", "number_text", "relevant", "verdict",
     "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "DISKSTATES", "LEVELS",
     "REPLSTATES", "ROLES", "Counters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
