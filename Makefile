@@ -6,7 +6,9 @@ PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
 APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux prometheus \
-            iptables rsync iperf3 man-db
+            iptables rsync iperf3 man-db \
+            postgresql zabbix-server-pgsql zabbix-frontend-php php-pgsql apache2 libapache2-mod-php zabbix-agent sudo
+# The Zabbix packages: tests/zabbix_server.py starts a real Zabbix 6.0 (server, frontend API, agent) on 127.0.0.1.
 
 # `make install`: the wheel of this tree in its own venv, commands and man pages linked into PREFIX,
 # the systemd unit into /etc (docs/install.md). DESTDIR stages it under another root, used in place:
@@ -15,7 +17,7 @@ PREFIX    ?= /usr/local
 MARS_HOME ?= /opt/mars
 DESTDIR   ?=
 UNITDIR   ?= /etc/systemd/system
-COMMANDS  := marsd marsadm mars-status mars-exporter
+COMMANDS  := marsd marsadm mars-status mars-exporter mars-zabbix check_mars
 MANPAGES  := man8/marsd.8 man8/marsadm.8 man1/mars-status.1 man8/mars-exporter.8
 UNITS     := marsd.service mars-exporter.service
 

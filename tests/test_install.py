@@ -25,7 +25,7 @@ def test_make_install_into_destdir(workdir):
     assert f"installed MARS into {dest}/opt/mars" in r.stdout
 
     bindir = dest / "usr/local/bin"
-    for cmd in ("marsd", "marsadm", "mars-status", "mars-exporter"):
+    for cmd in ("marsd", "marsadm", "mars-status", "mars-exporter", "mars-zabbix", "check_mars"):
         link = bindir / cmd
         assert link.is_symlink() and not os.path.isabs(os.readlink(link)), cmd  # right in the final root too
         assert link.resolve() == (dest / "opt/mars/bin" / cmd).resolve(), cmd
