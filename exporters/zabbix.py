@@ -90,8 +90,8 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "SYNC_RUNNING": ("member",), "FETCH_RUNNING": ("member",), "REPLAY_RUNNING": ("member",),
 }
 
-# TODO findings where data is at risk or not served now; the other TODOs are AVERAGE.
-HIGH = frozenset({"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY", "NODE_DOWN"})
+# TODO findings where data is at risk or not served now (the model's URGENT); the other TODOs are AVERAGE.
+HIGH = model.URGENT
 # HINT findings that leave a copy behind or a disk filling up if nobody acts; the other HINTs are INFO.
 WARNING = frozenset({"SPACE_WARN", "SYNC_PAUSED", "FETCH_PAUSED", "REPLAY_PAUSED", "DETACHED", "LOGS_HELD_BACK",
                      "CLOCK_SLIP"})

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from mars.engine.model import CODES
+from mars.engine.model import CODES, URGENT
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES_FILE = ROOT / "dashboards" / "prometheus" / "mars-alerts.yml"
@@ -39,8 +39,7 @@ JOB = "mars"
 
 #: TODO codes that page: data is at risk or nothing serves the resource. The other TODO codes
 #: need an operator too, but during working hours.
-CRITICAL = frozenset({"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY",
-                      "NODE_DOWN"})
+CRITICAL = URGENT  # the model's, so Zabbix's HIGH triggers and these agree
 
 #: How long a finding must last before it alerts, where 1m is wrong for it:
 FOR = {

@@ -28,7 +28,7 @@ from .check import (CHECK_CRITICAL, CHECK_LISTED, CHECK_OK, CHECK_STATES, CHECK_
                     PerfFigure, Verdict, number_text, relevant, verdict)
 from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
                      stream_events)
-from .findings import CODES, LEVELS, Finding, findings, worst
+from .findings import CODES, LEVELS, URGENT, Finding, findings, worst
 from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatus, Message, NodeResource, NodeStatus,
                        Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
                        build)
@@ -39,7 +39,7 @@ __all__ = [
     "CHECK_CRITICAL", "CHECK_LISTED", "CHECK_OK", "CHECK_STATES", "CHECK_UNITS", "CHECK_UNKNOWN", "CHECK_WARNING",
     "PerfFigure", "Verdict", "number_text", "relevant", "verdict",
     "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "DISKSTATES", "LEVELS",
-    "REPLSTATES", "ROLES", "Counters", "Histogram", "ResourceCounters", "state_name",
+    "REPLSTATES", "ROLES", "URGENT", "Counters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "TreeCache",
     "Tunable",

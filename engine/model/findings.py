@@ -47,6 +47,10 @@ SPACE_LOW_FRACTION = 0.10  # below this share of /mars free (or below SPACE_LOW_
 SPACE_LOW_BYTES = 1 * GiB
 SPACE_WARN_FRACTION = 0.20  # below this share free: HINT
 
+# The TODO codes where data is at risk or not served now: every face's most urgent class (a
+# Prometheus alert's severity critical, a Zabbix trigger's HIGH), named once so the faces agree.
+URGENT = frozenset({"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY", "NODE_DOWN"})
+
 CODES: dict[str, tuple[str, str]] = {
     # WORK: in progress, finishes by itself.
     "SYNC_RUNNING": ("WORK", "a member's full sync has bytes left and is switched on or running, on a live node"),
