@@ -41,6 +41,7 @@ from typing import Any
 from .. import __version__
 from ..engine import model
 from ..engine.model import (
+    value_text,
     CODES,
     DISKSTATES,
     REPLSTATES,
@@ -328,14 +329,6 @@ KEY_FORMS = ("<res>/<host>/<name> (a member: r/b/replay-rest), <res>/<name> (a r
              "<host>:<name> (a node: b:rest-space-bytes), <name> (this node: marsd-up, todo)")
 
 
-def _value_text(v: object) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() else f"{v:.2f}"
-    return str(v)
-
-
 def _pick(row: dict[str, Any], name: str, aliases: dict[str, str], what: str) -> object:
     field_ = aliases.get(name, name.replace("-", "_"))
     v = row.get(field_)
@@ -357,14 +350,14 @@ def value(doc: dict[str, Any], key: str) -> str:
         if row is None:
             known = ", ".join(f"{m['resource']}/{m['host']}" for m in doc["members"]) or "none"
             raise MarsError(f"{host} is no member of resource {res} here", f"the members are: {known}")
-        return _value_text(_pick(row, name, MEMBER_ALIASES, f"member {res}/{host}"))
+        return value_text(_pick(row, name, MEMBER_ALIASES, f"member {res}/{host}"))
     if len(parts) == 2:
         res, name = parts
         row = next((r for r in doc["resources"] if r["resource"] == res), None)
         if row is None:
             known = ", ".join(r["resource"] for r in doc["resources"]) or "none"
             raise MarsError(f"resource {res} does not exist", f"the resources are: {known}")
-        return _value_text(_pick(row, name, RESOURCE_ALIASES, f"resource {res}"))
+        return value_text(_pick(row, name, RESOURCE_ALIASES, f"resource {res}"))
     if ":" in key:
         host, _, name = key.partition(":")
         rows = [doc["node"], *doc["peers"]]
@@ -372,9 +365,9 @@ def value(doc: dict[str, Any], key: str) -> str:
         if row is None:
             known = ", ".join(n.get("host", n.get("peer", "")) for n in rows)
             raise MarsError(f"node {host} is not known here", f"the nodes are: {known}")
-        return _value_text(_pick(row, name, NODE_ALIASES, f"node {host}"))
+        return value_text(_pick(row, name, NODE_ALIASES, f"node {host}"))
     flat = {k: v for k, v in doc.items() if not isinstance(v, (dict, list))} | doc["counts"]
-    return _value_text(_pick(flat, key, GLOBAL_ALIASES, "this node's document"))
+    return value_text(_pick(flat, key, GLOBAL_ALIASES, "this node's document"))
 
 
 # --- the template: what it holds (data), then its XML ---------------------------------------------

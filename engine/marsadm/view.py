@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import model
 from ..errors import UsageError
-from ..model import Finding, Member, figure, findings, human_bytes, human_seconds
+from ..model import Finding, Member, figure, findings, human_bytes, human_seconds, value_text
 from ..tree import check_name, require_cluster
 from .base import Ctx, command
 
@@ -211,14 +211,6 @@ def _gib(nbytes: int) -> int:
 
 
 _register()
-
-
-def _value_text(v: object) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() else f"{v:.2f}"
-    return str(v)
 
 
 def _help_text() -> str:
@@ -452,7 +444,7 @@ def _view_macro(ctx: Ctx, name: str, spec: str | None) -> None:
             raise UsageError(f"macro {name} prints one value and takes one resource, not {spec!r}",
                              f"run 'marsadm view-{name} <resource>' once per resource")
         member = Member(snap, snap.resources[names[0]], ctx.host)
-    print(_value_text(mac.func(snap, member, ctx.host)))
+    print(value_text(mac.func(snap, member, ctx.host)))
 
 
 __all__ = ["MACROS", "Member", "render", "to_json", "view"]

@@ -33,7 +33,7 @@ from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatu
                        Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
                        build)
 from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, state_name
-from .units import figure, human_bytes, human_seconds, parse_size, percent_shown
+from .units import figure, human_bytes, human_seconds, parse_size, percent_shown, value_text
 
 __all__ = [
     "CHECK_CRITICAL", "CHECK_LISTED", "CHECK_OK", "CHECK_STATES", "CHECK_UNITS", "CHECK_UNKNOWN", "CHECK_WARNING",
@@ -47,5 +47,5 @@ __all__ = [
     "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "held_back",
     "human_bytes", "human_seconds",
     "live_snapshot", "mars_dir_from", "parse_size", "percent_shown", "read_snapshot", "request_snapshot",
-    "stream_events", "worst",
+    "stream_events", "value_text", "worst",
 ]

@@ -12,7 +12,7 @@ import math
 
 from ..errors import UsageError
 
-__all__ = ["figure", "human_bytes", "human_seconds", "parse_size", "percent_shown"]
+__all__ = ["figure", "human_bytes", "human_seconds", "parse_size", "percent_shown", "value_text"]
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
@@ -95,3 +95,13 @@ def parse_size(text: str) -> int:
     if value <= 0:
         raise UsageError(f"size {text!r} must be positive", "give a size above 0")
     return value
+
+
+def value_text(v: object) -> str:
+    """One macro value as `marsadm view-<macro>` prints it (and so every face that offers the same
+    values to scripts): booleans 0/1, whole floats without a point, others with two decimals."""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.2f}"
+    return str(v)
