@@ -67,6 +67,12 @@ class Daemon:
         self.peer_server: PeerServer | None = None
         self.peer_clients: dict[str, PeerClient] = {}
         self._pulls: dict[str, asyncio.Task[None]] = {}
+        self._heard: set[str] = set()  # peers whose first tree pull has ended, answered or not
+        self._pushes: dict[str, asyncio.Task[None]] = {}
+        self._pushed_ns = 0  # the Lamport time of the last push: entries newer than it go with the next
+        self._triggered = False  # marsadm changed the tree since the last round
+        self._roles_changed = False  # a runtime started or stopped in the last round
+        self._waiting_noted = False
         self.logrot_auto = logrot_auto
         self.nbd_listen = nbd_listen
         self.interval = interval
@@ -125,6 +131,9 @@ class Daemon:
             while not self._stop.is_set():
                 await self.exchange()
                 await self.reconcile()
+                if self._triggered or self._roles_changed:
+                    self._triggered = self._roles_changed = False
+                    self.push()
                 self._wake.clear()
                 await self.control.refresh()
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stop.wait())]
@@ -147,7 +156,7 @@ class Daemon:
         await self.control.close()
         for s in self._servers:
             s.close()
-        for t in self._pulls.values():
+        for t in [*self._pulls.values(), *self._pushes.values()]:
             t.cancel()
         if self.peer_server is not None:
             await self.peer_server.close()
@@ -185,6 +194,7 @@ class Daemon:
                     pass
             except BlockingIOError:
                 pass
+            self._triggered = True
             self._wake.set()
 
         loop.add_reader(sock.fileno(), readable)
@@ -234,24 +244,65 @@ class Daemon:
                 except PeerError:
                     return
             try:
-                reply = await c.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=10)
-            except PeerError as e:
-                # What failed, for every node's findings (which name the remedy themselves); the log
-                # line, once per change, has the remedy too.
-                if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != e.what:
-                    log.warning("exchange with %s: %s", host, e)
-                self.tree.set(node_actual(self.host, f"msg-peer-{host}"), e.what, durable=False)
-                return
-            self.tree.delete(node_actual(self.host, f"msg-peer-{host}"), durable=False)
-            changed = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: sum(self.tree.apply(e) for e in reply.entries))
-            if changed:
-                self._wake.set()
+                try:
+                    reply = await c.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=10)
+                except PeerError as e:
+                    # What failed, for every node's findings (which name the remedy themselves); the log
+                    # line, once per change, has the remedy too.
+                    if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != e.what:
+                        log.warning("exchange with %s: %s", host, e)
+                    self.tree.set(node_actual(self.host, f"msg-peer-{host}"), e.what, durable=False)
+                    return
+                self.tree.delete(node_actual(self.host, f"msg-peer-{host}"), durable=False)
+                changed = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, lambda: sum(self.tree.apply(e) for e in reply.entries))
+                if changed:
+                    self._wake.set()
+            finally:
+                if host not in self._heard:
+                    self._heard.add(host)
+                    self._wake.set()
 
         for h in peers:
             t = self._pulls.get(h)
             if t is None or t.done():
                 self._pulls[h] = asyncio.get_running_loop().create_task(pull(h), name=f"exchange-{h}")
+
+    def push(self) -> None:
+        """Send every peer the entries that changed here since the last push, without waiting.
+
+        After an operator's command or a role change the peers should not wait for their next
+        pull: a handover is a chain of such changes (``(none)`` here, ``is-primary`` 0 there,
+        the new primary here), and each pull round would add up to ``--interval`` to it.
+        """
+        since, self._pushed_ns = self._pushed_ns, self.tree.clock.now()
+        loop = asyncio.get_running_loop()
+
+        async def send(host: str, entries: list) -> None:
+            c = self.peer_clients.get(host)
+            if c is None:
+                return
+            try:
+                for batch in P.entry_batches(entries):
+                    await c.request(lambda req, b=batch: P.TreeEntries(req=req, entries=b), timeout=10)
+            except PeerError:
+                pass  # the next pull (there or here) carries them anyway
+
+        async def push_all() -> None:
+            walked = await loop.run_in_executor(self.executor, self.tree.walk, ())
+            entries = [e for e in walked if e.stamp_ns > since]
+            if not entries:
+                return
+            for h in [h for h in nodes_of(self.tree) if h != self.host]:
+                t = self._pushes.get(h)
+                if t is None or t.done():
+                    self._pushes[h] = loop.create_task(send(h, entries), name=f"push-{h}")
+
+        t = self._pushes.get("")
+        if t is None or t.done():
+            self._pushes[""] = loop.create_task(push_all(), name="push")
+        else:
+            self._pushed_ns = since  # still walking the last one: the next push takes these too
 
     def _forget_gone(self, peers: list[str]) -> None:
         """A node that left the cluster leaves no link, no pull and no 'cannot reach' behind."""
@@ -286,11 +337,17 @@ class Daemon:
         self.stats.keep(members | set(self.runtimes))
         for res in list(self.runtimes):
             w = wanted.get(res)
-            if w is None or w[2] != self.runtimes[res].role:
-                await self._stop_resource(res)
+            rt = self.runtimes[res]
+            if w is None or w[2] != rt.role:
+                # A primary that is no longer the designated one finishes its history here; one
+                # that is only detached goes on with it when attached again.
+                demoted = rt.role == "primary" and tree.get(f"{res_dir(res)}/primary") != self.host
+                await self._stop_resource(res, finish=demoted, switching=w is not None)
         for res, (data, size, role) in wanted.items():
             rt = self.runtimes.get(res)
             if rt is None:
+                if role == "primary" and not self._peers_heard():
+                    continue
                 await self._start_resource(res, data, size, role)
                 rt = self.runtimes.get(res)
             if rt is not None:
@@ -336,6 +393,7 @@ class Daemon:
             return
         self.failed.pop(res, None)
         self.runtimes[res] = rt
+        self._roles_changed = True
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
         self.tree.set(actual(res, self.host, "replay-code"), ReplayCode(1), durable=False)
         if role == "primary":
@@ -343,18 +401,40 @@ class Daemon:
         else:
             log.info("resource %s: attached %s as secondary", res, data)
 
+    def _peers_heard(self) -> bool:
+        """Whether every peer's first tree pull since this marsd started has ended.
+
+        A node that was primary before it went down may have been replaced meanwhile (a forced
+        failover while it was dead): its own tree still names it. Serving before asking the
+        peers could acknowledge writes on a node that is no longer the primary; so a primary
+        starts only once each peer answered (and told it the newest ``primary``) or failed to
+        (a partition: then nobody can tell it, and it serves as before, as the original does).
+        """
+        missing = [h for h in nodes_of(self.tree) if h != self.host and h not in self._heard]
+        if missing and not self._waiting_noted:
+            log.info("waiting for the trees of %s before serving as primary", ", ".join(missing))
+        self._waiting_noted = bool(missing)
+        return not missing
+
     def _may_sync(self) -> bool:
         """The host's sync limit (defaults-<host>/sync-limit, 0 = none): how many syncs at once."""
         limit = self.tree.get_int(f"defaults-{self.host}/sync-limit")
         running = sum(1 for rt in self.runtimes.values() if rt.syncing)
         return limit <= 0 or running < limit
 
-    async def _stop_resource(self, res: str) -> None:
+    async def _stop_resource(self, res: str, finish: bool = False, switching: bool = False) -> None:
         rt = self.runtimes.pop(res, None)
         if rt is None:
             return
-        await rt.stop()
-        log.info("resource %s: detached", res)
+        await rt.stop(finish=finish)
+        self._roles_changed = True
+        if finish:
+            log.info("resource %s: stopped serving: %s is the primary now", res,
+                     self.tree.get(f"{res_dir(res)}/primary") or "nobody")
+        elif switching:
+            log.info("resource %s: stopped as %s to change roles", res, rt.role)
+        else:
+            log.info("resource %s: detached", res)
         if self.tree.get(f"{res_dir(res)}/size") is not None:
             self._publish(res)
 

@@ -18,11 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..tree import Tree, res_dir
+from ..tree import NONE, Tree, res_dir
 from .format import END, NEED_DATA, Decoded, LogCorruption, RecordReader
-from .values import ReplayLink, Version, first_record, log_name, parse_log_name
+from .values import LogPos, ReplayLink, Version, first_record, log_name, parse_log_name
 
-__all__ = ["LogFile", "ScanResult", "VersionHasher", "deletable_logs", "finished_length", "list_logs",
+__all__ = ["LogFile", "ScanResult", "VersionHasher", "deletable_logs", "designated_primary", "finished_length",
+           "list_logs", "next_origin",
            "pread_file", "read_replay", "read_version", "replay_path", "scan_file", "version_path"]
 
 
@@ -75,10 +76,51 @@ def read_version(tree: Tree, res: str, seq: int, host: str) -> Version | None:
     return Version.parse(tree.get(version_path(res, seq, host)))
 
 
+def designated_primary(tree: Tree, res: str) -> str | None:
+    """The host ``primary`` names, None for ``(none)`` or no entry."""
+    p = tree.get(f"{res_dir(res)}/primary")
+    return None if p in (None, "", NONE) else p
+
+
 def finished_length(tree: Tree, res: str, seq: int, origin: str) -> int | None:
-    """The final length of log ``seq`` of ``origin``, once its origin wrote the version entry."""
-    v = read_version(tree, res, seq, origin)
-    return v.length_bytes if v is not None else None
+    """The length log ``seq`` of ``origin`` has in the history that goes on: None while it may grow.
+
+    Usually its origin's version entry says it. After a forced failover the new primary's
+    history holds only the part of the old primary's last file that it had fetched: its own
+    version entry for that file (naming the same origin) is then the length everyone follows,
+    and the old primary's longer version is the other side of a split brain.
+    """
+    for h in dict.fromkeys((designated_primary(tree, res), origin)):
+        if h is None:
+            continue
+        v = read_version(tree, res, seq, h)
+        if v is not None and v.origin == origin:
+            return v.length_bytes
+    return None
+
+
+def next_origin(tree: Tree, res: str, seq: int) -> str | None:
+    """Who wrote log file ``seq`` of the history that goes on, or None while nobody knows yet.
+
+    A role switch changes the origin from one file to the next (``log-7-a`` is followed by
+    ``log-8-b``), so a fetcher at the end of a file cannot assume the same origin goes on. The
+    local copy says it once there is one; else the designated primary's version entry or log
+    position; else the designated primary itself, the only node that starts new files.
+    """
+    d = res_dir(res)
+    local = {f.origin for f in list_logs(tree, res) if f.seq == seq}
+    if len(local) == 1:
+        return local.pop()
+    primary = designated_primary(tree, res)
+    if primary is not None:
+        v = read_version(tree, res, seq, primary)
+        if v is not None:
+            return v.origin
+        pos = LogPos.parse(tree.get(f"{d}/actual-{primary}/log-pos"))
+        if pos is not None and pos.seq == seq and pos.origin:
+            return pos.origin
+        return primary
+    return None
 
 
 class VersionHasher:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..device import DataDevice
 from ..errors import MarsError
-from ..tree import Tree
+from ..tree import Tree, fsync_dir, res_dir
 from . import format as lf
 from .apply import apply_record
 from .files import LogFile, VersionHasher, list_logs, read_replay, read_version, replay_path, version_path
@@ -65,9 +65,8 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
     """Blocking: replay the log onto ``device`` and return where appends continue."""
     host = tree.host
     logs = list_logs(tree, res)
-    own = [f for f in logs if f.origin == host]
-    if not own:
-        first = tree.root / f"resource-{res}" / log_name(1, host)
+    if not logs:
+        first = tree.root / res_dir(res) / log_name(max(1, tree.get_int(f"{res_dir(res)}/maxnr")), host)
         first.touch(mode=0o600)
         logs = list_logs(tree, res)
     link = read_replay(tree, res, host) or ReplayLink(logs[0].seq, logs[0].origin, 0, 0)
@@ -91,7 +90,7 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
         # can a torn tail be an interrupted append rather than damage.
         open_for_appends = newest or (tree.get(version_path(res, f.seq, f.origin)) is None
                                       and all(g.size() == 0 for g in todo_files[i + 1:]))
-        prev_version = read_version(tree, res, f.seq - 1, f.origin)
+        prev_version = read_version(tree, res, f.seq - 1, host) or read_version(tree, res, f.seq - 1, f.origin)
         hasher = VersionHasher(Version.digest_of(prev_version))
         start_apply = link.pos if f.seq == link.seq else 0
 
@@ -122,15 +121,43 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
         st = LogState(seq=f.seq, path=f.path, end=result.end,
                       next_record=first_record(f.seq) + result.count,
                       hasher=hasher, prev_version=prev_version)
-        if not newest and tree.get(version_path(res, f.seq, f.origin)) is None:
-            # A crash between rotation and its version entry: write it now from the scan.
-            tree.set(version_path(res, f.seq, f.origin),
+        if not newest and tree.get(version_path(res, f.seq, host)) is None:
+            # A crash between rotation and its version entry, or a file of another origin this
+            # node replayed last: write our version now from the scan.
+            tree.set(version_path(res, f.seq, host),
                      Version.of(hasher.hexdigest(), f.seq, f.origin, result.end, prev_version))
         state = st
     assert state is not None
+    last = todo_files[-1]
+    if last.origin != host or tree.get(version_path(res, last.seq, host)) is not None:
+        state = _continue_after(tree, res, last, state)
     device.fdatasync()
     tree.set(replay_path(res, host), ReplayLink(state.seq, host, state.end, 0))
     return RecoveryResult(state, replayed, replayed_bytes, cut)
+
+
+def _continue_after(tree: Tree, res: str, last: LogFile, state: LogState) -> LogState:
+    """This node becomes primary where the history ends in a file it must not append to: a
+    file of another origin (a handover or a forced failover: the old primary's last file) or
+    its own file that it finished when it stopped being primary. The history goes on in a new
+    file of this node, chained to this node's version of that last file."""
+    host = tree.host
+    mine = read_version(tree, res, last.seq, host)
+    if mine is None:
+        mine = Version.of(state.hasher.hexdigest(), last.seq, last.origin, state.end, state.prev_version)
+        tree.set(version_path(res, last.seq, host), mine)
+    seq = last.seq + 1
+    path = last.path.parent / log_name(seq, host)
+    with open(path, "ab"):
+        pass
+    os.chmod(path, 0o600)
+    fsync_dir(path.parent)
+    if tree.get_int(f"{res_dir(res)}/maxnr") < seq:
+        tree.set(f"{res_dir(res)}/maxnr", seq)
+    log.info("resource %s: the history goes on after %s (%d bytes) in %s", res, last.name, mine.length_bytes,
+             path.name)
+    return LogState(seq=seq, path=path, end=0, next_record=first_record(seq),
+                    hasher=VersionHasher(mine.digest), prev_version=mine)
 
 
 def check_contiguous(res: str, files: list[LogFile]) -> None:

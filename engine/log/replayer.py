@@ -73,6 +73,7 @@ class Replayer:
             # A new start after a stop on damage (the position was written anew): the old verdict goes.
             self.tree.set(code, ReplayCode(1), durable=False)
             self.tree.delete(actual(self.res, self.tree.host, "msg-err-replay-stop"), durable=False)
+        self.tree.delete(actual(self.res, self.tree.host, "msg-err-split-brain"), durable=False)
         self.damage = None
         self._stopped_stamp = None
         link = read_replay(self.tree, self.res, self.tree.host)
@@ -94,6 +95,9 @@ class Replayer:
             name = log_name(self.position.seq, self.position.origin)
             path = self._dir() / name
             avail = self.available(name) if path.exists() else 0
+            final = finished_length(self.tree, self.res, self.position.seq, self.position.origin)
+            if final is not None:
+                avail = min(avail, final)  # the history goes on elsewhere after that (a forced failover)
             progressed = False
             if avail > read_at:
                 if ahead is None or ahead[:2] != (path, read_at):
@@ -123,11 +127,15 @@ class Replayer:
                     self.position = ReplayLink(self.position.seq, self.position.origin, batch[-1].end, 0)
                     progressed = True
             else:
-                final = finished_length(self.tree, self.res, self.position.seq, self.position.origin)
                 if final is not None and self.position.pos >= final:
                     nxt = self._next_file()
                     if nxt is not None:
                         await loop.run_in_executor(self.executor, self._write_version, self.position, digest)
+                        same = self._same_history(self.position.seq, nxt[1])
+                        if same is False:
+                            await loop.run_in_executor(self.executor, self._split, nxt)
+                            return
+                    if nxt is not None and same:
                         self.position = ReplayLink(nxt[0], nxt[1], 0, 0)
                         digest = self._start_digest(self.position)
                         reader = lf.RecordReader(log_name(*nxt), start_offset=0)
@@ -144,6 +152,33 @@ class Replayer:
                     await asyncio.wait_for(self.wake.wait(), self.checkpoint_interval)
                 except asyncio.TimeoutError:
                     pass
+
+    def _same_history(self, seq: int, next_origin: str) -> bool | None:
+        """Whether the next file continues this node's history: its origin's version of file
+        ``seq`` equals ours (the original's check before switching log files). None while
+        either is not known here yet."""
+        mine = read_version(self.tree, self.res, seq, self.tree.host)
+        theirs = read_version(self.tree, self.res, seq, next_origin)
+        if mine is None or theirs is None:
+            return None
+        return (mine.digest, mine.origin, mine.length_bytes) == (theirs.digest, theirs.origin, theirs.length_bytes)
+
+    def _split(self, nxt: tuple[int, str]) -> None:
+        """Stop before a file of another history: this device holds writes the next file's
+        origin never had (a split brain). Replaying on would mix two histories into garbage."""
+        assert self.position is not None
+        seq = self.position.seq
+        mine = read_version(self.tree, self.res, seq, self.tree.host)
+        theirs = read_version(self.tree, self.res, seq, nxt[1])
+        text = (f"split brain: this node's history of log {seq} ({mine.name if mine else '?'}, "
+                f"{mine.length_bytes if mine else '?'} bytes) differs from {nxt[1]}'s "
+                f"({theirs.name if theirs else '?'}, {theirs.length_bytes if theirs else '?'} bytes), "
+                f"on which {log_name(*nxt)} builds; replay stopped before it, the data device is unchanged")
+        log.error("resource %s: %s", self.res, text)
+        self.tree.set(actual(self.res, self.tree.host, "msg-err-split-brain"), text, durable=False)
+        self._checkpoint(self.position)
+        entry = self.tree.entry(replay_path(self.res, self.tree.host))
+        self._stopped_stamp = entry.stamp_ns if entry is not None else 0
 
     def _next_file(self) -> tuple[int, str] | None:
         seq = self.position.seq + 1
@@ -172,11 +207,17 @@ class Replayer:
         if digest is not None and digest[0] == prev:
             hasher, end = digest[1], pos.pos  # every record up to the end went through it
         else:
+            # Up to where replay got, not to the copy's end: the copy may hold more of a file
+            # than the history that goes on (the part a forced primary never fetched).
             hasher = VersionHasher(Version.digest_of(prev))
-            r = LogFile(pos.seq, pos.origin, self._dir() / pos.name).scan(lambda d: hasher.update(d.check))
-            if r.error is not None:
+
+            def take(d: lf.Decoded) -> None:
+                if d.end <= pos.pos:
+                    hasher.update(d.check)
+            r = LogFile(pos.seq, pos.origin, self._dir() / pos.name).scan(take)
+            if r.end < pos.pos:
                 return
-            end = r.end
+            end = pos.pos
         self.tree.set(version_path(self.res, pos.seq, self.tree.host),
                       Version.of(hasher.hexdigest(), pos.seq, pos.origin, end, prev))
 

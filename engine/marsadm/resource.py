@@ -13,6 +13,7 @@ from ..log.values import ReplayLink, log_name
 from ..entry import DELETED
 from ..tree import check_name, connect_list, require_cluster, res_dir, set_connect_list, todo
 from ..model.units import human_bytes, parse_size
+from . import roles
 from .base import RES_ARG, Ctx, command
 from .switches import SWITCHES, _attached, _refuse_if_open
 
@@ -224,6 +225,10 @@ def invalidate(ctx: Ctx) -> None:
         ctx.wait(f"stop replaying and fetching {ctx.res}",
                  lambda: ctx.actual("is-replaying") != "1" and ctx.actual("is-copying") != "1")
     aside = _set_aside_damaged_copies(ctx, link.seq)
+    # After a split brain: this host's own files of the discarded history go aside, and its
+    # version entries become the primary's, so the history it replays from now on is one.
+    split = roles.set_aside(roles.other_history(tree, ctx.res, primary), "split-brain")
+    adopted = roles.adopt_history(tree, ctx.res, primary)
     tree.set(replay_path(ctx.res, ctx.host), ReplayLink(link.seq, link.origin, 0, 0), restamp=True)
     tree.set(f"{d}/syncstatus-{ctx.host}", 0, restamp=True)
     tree.delete(f"{d}/syncpos-{ctx.host}")
@@ -235,6 +240,11 @@ def invalidate(ctx: Ctx) -> None:
         ctx.say(f"{ctx.res}: set aside the damaged log cop{'ies' if len(aside) > 1 else 'y'} "
                 f"{', '.join(f.name for f in aside)} in {aside[0].path.parent.parent.name}/ (kept for inspection); "
                 f"{'they are' if len(aside) > 1 else 'it is'} fetched again from {primary}")
+    if split is not None or adopted:
+        ctx.say(f"{ctx.res}: discarded this host's history after the split brain: "
+                + (f"its log files of it are in {split.parent.name}/{split.name}/ (kept for inspection; "
+                   f"'marsadm log-purge-all {ctx.res} --force' deletes them), " if split is not None else "")
+                + f"its version entries are {primary}'s now")
     ctx.say(f"{ctx.res}: invalidated; a fast full sync from {primary} starts, then replay from {link}")
     ctx.poke()
 
@@ -280,6 +290,11 @@ def leave_resource(ctx: Ctx) -> None:
     for name in (f"data-{ctx.host}", f"device-{ctx.host}", f"replay-{ctx.host}", f"syncstatus-{ctx.host}",
                  f"syncpos-{ctx.host}", f"connect-{ctx.host}"):
         tree.delete(f"{d}/{name}")
+    # Its version entries said which history it held; a host that left holds none (and one of
+    # a discarded split-brain history would go on reporting the split).
+    for name in tree.names(d):
+        if name.startswith("version-") and name.endswith(f"-{ctx.host}"):
+            tree.delete(f"{d}/{name}")
     for sub in (f"todo-{ctx.host}", f"actual-{ctx.host}"):
         for n in tree.names(f"{d}/{sub}"):
             tree.delete(f"{d}/{sub}/{n}", durable=False)
@@ -289,6 +304,9 @@ def leave_resource(ctx: Ctx) -> None:
         for f in list_logs(tree, ctx.res):
             if f.origin != ctx.host:
                 f.path.unlink(missing_ok=True)
+        primary = tree.get(f"{d}/primary")
+        if primary and primary != ctx.host:
+            roles.set_aside(roles.other_history(tree, ctx.res, primary), "split-brain")
     ctx.poke()
     ctx.say(f"{ctx.res}: host {ctx.host} left the resource; its log positions no longer hold logs back")
 

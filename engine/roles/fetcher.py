@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..device import start_writeout
 from ..log import format as lf
-from ..log.files import LogFile, finished_length, list_logs, read_replay
+from ..log.files import LogFile, designated_primary, finished_length, list_logs, next_origin, read_replay
 from ..log.values import LogPos, ReplayLink, log_name
 from ..peer import protocol as P
 from ..peer.link import PeerClient, PeerError
@@ -61,8 +61,10 @@ class Fetcher:
         d = res_dir(self.res)
         prefs = [h for h in connect_list(self.tree, self.res, self.tree.host)
                  if h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None and not self._leads_back(h)]
-        primary = self.tree.get(f"{d}/primary")
-        if primary and primary not in prefs:
+        # Without a primary (a handover under way, or after 'marsadm secondary'), the last one
+        # still has the end of the history for whoever has not fetched it yet.
+        primary = designated_primary(self.tree, self.res) or self.tree.get(f"{d}/prev-primary")
+        if primary and primary != self.tree.host and primary not in prefs:
             prefs.append(primary)
         return prefs
 
@@ -132,7 +134,10 @@ class Fetcher:
                 if client is None:
                     sources = self.sources()
                     if not sources:
-                        raise PeerError("no node to fetch from", "the resource has no primary")
+                        # No primary (marsadm secondary, or a handover under way): wait quietly.
+                        self.error, self.source = None, None  # NO_PRIMARY says it; not a fetch failure
+                        await asyncio.sleep(RETRY_S)
+                        continue
                     self.source = sources[attempt % len(sources)]
                     client = self.connect(self.source)
                 await self._stream(client, seq, origin)
@@ -173,27 +178,39 @@ class Fetcher:
                 name = log_name(seq, origin)
                 path = self._dir() / name
                 offset = self.complete.get(name, 0)
-                self._fill(links, inflight, name, offset, known)
-                if not inflight:
-                    inflight.append((offset, 0, asyncio.ensure_future(self._fetch(links[0], name, offset, WAIT_MS))))
-                _, _, task = inflight.popleft()
-                reply = await task
-                self.error = None
-                known = max(known, reply.size)
-                self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
-                got = await self._store(path, LogPos(seq, offset, origin), reply)
-                if got < FETCH_BYTES and inflight:
-                    await self._drain(inflight)  # a short reply: what was asked after it does not follow on
-                if not got and not path.exists():
-                    path.touch(mode=0o600)
+                final = finished_length(self.tree, self.res, seq, origin)
+                if final is not None and offset >= final and not inflight:
+                    # Complete here already (our own file of an earlier role, or a copy of more
+                    # than the history that goes on holds): nothing to ask for.
+                    got, finished = 0, True
+                else:
+                    self._fill(links, inflight, name, offset, known)
+                    if not inflight:
+                        inflight.append((offset, 0, asyncio.ensure_future(
+                            self._fetch(links[0], name, offset, WAIT_MS))))
+                    _, _, task = inflight.popleft()
+                    reply = await task
+                    self.error = None
+                    known = max(known, reply.size)
+                    self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
+                    got = await self._store(path, LogPos(seq, offset, origin), reply)
+                    if got < FETCH_BYTES and inflight:
+                        await self._drain(inflight)  # a short reply: what was asked after it does not follow on
+                    if not got and not path.exists():
+                        path.touch(mode=0o600)
+                    final = finished_length(self.tree, self.res, seq, origin)
+                    finished = reply.finished or final is not None
                 preferred = self.sources()
                 if preferred and (preferred.index(self.source) > 0 if self.source in preferred else True):
                     return
-                final = finished_length(self.tree, self.res, seq, origin)
                 done = offset + got
-                finished = reply.finished or final is not None
                 if finished and done >= (final if final is not None else known) and not inflight:
-                    seq += 1
+                    nxt = next_origin(self.tree, self.res, seq + 1)
+                    if nxt is None:
+                        # Nobody has started the next file yet: a handover is under way.
+                        await asyncio.sleep(RETRY_S)
+                        continue
+                    seq, origin = seq + 1, nxt
                     known = 0
                     self.on_data()
         finally:

@@ -20,10 +20,10 @@ from typing import ClassVar
 
 from ..device import DataDevice
 from ..log import format as lf
-from ..log.files import list_logs, replay_path
+from ..log.files import list_logs, replay_path, version_path
 from ..log.recovery import recover
 from ..log.values import LogPos, ReplayLink, log_name
-from ..log.writer import Logger, LogWriteError
+from ..log.writer import Logger, LogWriteError, finish_version
 from ..nbd import protocol as nbd
 from ..nbd.server import Export, NbdSession
 from ..tree import actual, res_dir
@@ -102,13 +102,19 @@ class PrimaryRuntime(Attached):
         self._checkpoint_task = loop.create_task(self._checkpoints(), name=f"checkpoint-{self.res}")
         self.serving = True
 
-    async def stop(self) -> None:
-        """Close client connections, drain the logger, sync and record the final replay position."""
+    async def stop(self, finish: bool = False) -> None:
+        """Stop serving, drain the logger, sync and record the final replay position.
+
+        New requests fail at once; those already queued are made durable and answered before
+        the connections close (a client that flushed has its writes). ``finish``: this node is
+        no longer the designated primary, so its current log file takes no more records and
+        gets its version entry, which tells the new primary where the old history ends.
+        """
         self.serving = False
-        for s in list(self.sessions):
-            s.close()
         if self.logger is not None:
             await self.logger.close()
+        for s in list(self.sessions):
+            s.close()
         if self._checkpoint_task is not None:
             self._checkpoint_task.cancel()
             try:
@@ -117,9 +123,23 @@ class PrimaryRuntime(Attached):
                 pass
         if self.device is not None and self.logger is not None:
             await self._checkpoint()
+            if finish:
+                await asyncio.get_running_loop().run_in_executor(self.executor, self._finish, self.logger)
         if self.device is not None:
             self.device.close()
             self.device = None
+
+    def _finish(self, logger: Logger) -> None:
+        """The end of this node's history as primary: the version of its last file, and its data
+        device as the complete copy of that history (it syncs from nobody when it follows)."""
+        st = logger.state
+        if self.tree.get(version_path(self.res, st.seq, self.tree.host)) is None:
+            finish_version(self.tree, self.res, st)
+        self.tree.set(actual(self.res, self.tree.host, "log-pos"), logger.acked, durable=False)
+        self.tree.set(f"{res_dir(self.res)}/syncstatus-{self.tree.host}", self.size)
+        # Restamped even if it said 0 already: the new primary waits for a report newer than its ask.
+        self.tree.set(actual(self.res, self.tree.host, "is-primary"), 0, durable=False, restamp=True)
+        log.info("resource %s: no longer primary; %s finished at %d bytes", self.res, st.path.name, st.end)
 
     def _progress(self, pos: LogPos) -> None:
         self._changed.set()

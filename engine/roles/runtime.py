@@ -125,8 +125,9 @@ class Runtime(Protocol):
     async def start(self) -> None:
         """Open the device and start working; MarsError (and stays closed) when it cannot."""
 
-    async def stop(self) -> None:
-        """Stop working, make what was done durable, close the device."""
+    async def stop(self, finish: bool = False) -> None:
+        """Stop working, make what was done durable, close the device. ``finish``: the role ends
+        here (a primary that is no longer the designated one finishes its log)."""
 
     def follow(self, wanted: Wanted) -> None:
         """One reconcile round: act on the switches and on requests in the tree (log-rotate)."""

@@ -15,7 +15,10 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ..device import DataDevice
+from ..log.files import designated_primary, list_logs, read_replay, version_path
+from ..log.recovery import recover
 from ..log.replayer import Replayer
+from ..log.writer import finish_version
 from ..log.values import parse_log_name
 from ..nbd.server import Export
 from ..tree import actual, res_dir
@@ -65,8 +68,34 @@ class SecondaryRuntime(Attached):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.device = await loop.run_in_executor(self.executor, DataDevice, self.data_path, self.res)
+        try:
+            await loop.run_in_executor(self.executor, self._finish_own_history)
+        except BaseException:
+            self.device.close()
+            self.device = None
+            raise
         self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived,
                                self.deps.stats)
+
+    def _finish_own_history(self) -> None:
+        """A node that was primary and stopped without finishing its log (it crashed, and
+        another node was made primary meanwhile) ends its own history first: recovery brings
+        its device to the end of what it acknowledged, and the version entry of that file says
+        how far that is. Whether the new primary's history contains all of it (the two versions
+        agree) or not (a split brain) is then plain to every node; nothing is thrown away."""
+        assert self.device is not None
+        link = read_replay(self.tree, self.res, self.tree.host)
+        logs = [f for f in list_logs(self.tree, self.res) if link is None or f.seq >= link.seq]
+        if not logs or logs[-1].origin != self.tree.host:
+            return
+        last = logs[-1]
+        if self.tree.get(version_path(self.res, last.seq, self.tree.host)) is not None:
+            return
+        result = recover(self.tree, self.res, self.device)
+        finish_version(self.tree, self.res, result.state)
+        self.tree.set(f"{res_dir(self.res)}/syncstatus-{self.tree.host}", self.size)
+        log.info("resource %s: finished this node's history as primary in %s at %d bytes", self.res,
+                 result.state.path.name, result.state.end)
 
     def _data_arrived(self) -> None:
         if self.replayer is not None:
@@ -83,12 +112,12 @@ class SecondaryRuntime(Attached):
         self._switch("fetch", wanted.fetch, self.fetcher.run)
         if syncing:
             self._switch("replay", False, None)
-            if wanted.sync and "sync" not in self._tasks:
+            primary = designated_primary(self.tree, self.res)
+            if wanted.sync and "sync" not in self._tasks and primary is not None:
                 if not self.deps.may_sync():
                     return  # the host's sync limit is reached; the next round tries again
-                primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
                 self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor,
-                                     lambda: self.deps.connect(primary), self.deps.stats)
+                                     lambda: self.deps.connect(primary or ""), self.deps.stats)
             self._switch("sync", wanted.sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
@@ -156,7 +185,7 @@ class SecondaryRuntime(Attached):
         else:
             t.delete(actual(r, h, "msg-warn-fetch"), durable=False)
 
-    async def stop(self) -> None:
+    async def stop(self, finish: bool = False) -> None:
         for task in self._tasks.values():
             task.cancel()
         for task in self._tasks.values():
