@@ -47,7 +47,7 @@ def rich():
     s = dataclasses.replace(healthy(), counters=counters())
     member(s, "b", fetch=Progress(4 * GiB, LOG_END, 100.0 * MiB), replay=Progress(3 * GiB, LOG_END, 0.0),
            fetch_lag_s=12.0, replay_lag_s=20.0)
-    resource(s, split_brain=[SplitBrain(3, {"a": "a:1", "b": "b:2"})], held_back_by=["c"],
+    resource(s, split_brain=[SplitBrain(3, {"a": "a:1", "c": "c:2"})], held_back_by=["c"],
              deletable_logs=["log-000000001-a"], deletable_bytes=4096)
     member(s, "c", fetch=Progress(LOG_END, LOG_END, None))
     node(s, "c", link_errors={"b": "connection refused"}, emergency=True)

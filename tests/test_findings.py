@@ -111,6 +111,12 @@ def no_primary(s: Snapshot) -> None:
     member(s, "a", designated_primary=False, actual={"primary": False})
 
 
+def handover(s: Snapshot, age_s: float) -> None:
+    """'marsadm primary r' on b, ``age_s`` ago: a stopped serving; b replayed all of a's log."""
+    resource(s, primary=None, handover_to="b", handover_age_s=age_s, prev_primary="a")
+    member(s, "a", designated_primary=False, actual={"primary": False})
+
+
 def held_back(s: Snapshot) -> None:
     resource(s, held_back_by=["c"])
     member(s, "c", switches={"replay": False}, replay=Progress(4 * GiB, LOG_END, 0.0))
@@ -180,6 +186,12 @@ ROWS = [
         ("HINT", "MARSD_VERSIONS_DIFFER", None, None)),
     Row("CONNECT_CYCLE", lambda s: (member(s, "b", connect_list=["c"]), member(s, "c", connect_list=["b"])),
         ("HINT", "CONNECT_CYCLE", "r", "b")),
+    Row("HANDOVER", lambda s: handover(s, 4.0), ("WORK", "HANDOVER", "r", "b")),
+    Row("HANDOVER_STALLED", lambda s: handover(s, 61.0), ("TODO", "HANDOVER_STALLED", "r", "b"),
+        frozenset({"NO_PRIMARY"})),
+    Row("TWO_PRIMARIES", lambda s: member(s, "c", actual={"primary": True}), ("TODO", "TWO_PRIMARIES", "r", "c")),
+    Row("FORCED_PRIMARY", lambda s: (resource(s, forced_primary="a", prev_primary="c"), member(s, "a", forced=True)),
+        ("HINT", "FORCED_PRIMARY", "r", "a")),
 ]
 
 
@@ -362,14 +374,58 @@ def test_replay_code_minus_one_from_a_failed_attach():
 
 def test_split_brain_text_and_remedy():
     f = one(run(ROWS[7].mutate), "SPLIT_BRAIN")
-    assert f.text == "log versions of r differ: log 7: a has a:11aa, b has b:22bb, c has a:11aa"
-    assert f.remedy.startswith("decide which node's data survives; run 'marsadm invalidate r' on the others")
+    assert f.text == ("r is in a split brain: from log 7 on, the designated primary's side, a, c, hold log 7 from a "
+                      "(digest 11aa); the other side, b, holds log 7 from b (digest 22bb)")
+    # three members: the diverged one leaves and joins again with its own device
+    assert f.remedy.startswith("discard the diverged history on b: 'marsadm down r', 'marsadm leave-resource r', "
+                               "then 'marsadm join-resource r /dev/vg/r-b' on b; then 'marsadm log-purge-all r'")
+    two = one(run(lambda s: (ROWS[7].mutate(s), s.resources["r"].nodes.pop("c"))), "SPLIT_BRAIN")
+    assert two.remedy.startswith("discard the diverged history: 'marsadm invalidate r' on b; then ")
 
 
 def test_split_brain_by_log_file_origin():
     f = one(run(lambda s: resource(s, split_brain=[SplitBrain(5, {"a": "a:log file", "b": "b:log file"})])),
             "SPLIT_BRAIN")
-    assert f.text == "log versions of r differ: log 5 exists from 2 origins: a, b"
+    assert f.text == ("r is in a split brain: from log 5 on, the designated primary's side, a, holds a log file "
+                      "log-000000005-a; the other side, b, holds a log file log-000000005-b")
+
+
+def test_split_brain_bytes_beyond_and_no_primary():
+    split = SplitBrain(5, {"a": "a:11aa", "b": "a:22bb"}, {"a": MiB, "b": 3 * MiB}, reference="b")
+    def forced(s):
+        resource(s, split_brain=[split], primary=None)
+        member(s, "a", designated_primary=False, actual={"primary": False})
+    f = one(run(forced), "SPLIT_BRAIN")
+    assert f.text == ("r is in a split brain: from log 5 on, the side with the furthest log end, b, holds log 5 from "
+                      "a (digest 22bb) and 3.0 MiB beyond the split point; the other side, a, holds log 5 from a "
+                      "(digest 11aa) and 1.0 MiB beyond the split point")
+    assert f.remedy.startswith("first make the side to keep primary: 'marsadm primary r' on b keeps b's side")
+    assert "on a:" in f.remedy and "'marsadm join-resource r /dev/vg/r-a' on a" in f.remedy
+
+
+def test_split_brain_reported_by_a_member_alone():
+    f = one(run(lambda s: member(s, "c", messages=[msg("c", "err-split-brain", "history differs from a's")])),
+            "SPLIT_BRAIN")
+    assert f.text == "r is in a split brain: c's marsd reports: history differs from a's"
+    assert "discard the diverged history on c:" in f.remedy
+
+
+def test_handover_texts():
+    f = one(run(lambda s: (handover(s, 4.0), member(s, "b", replay=Progress(4 * GiB, LOG_END, 80.0 * MiB)))),
+            "HANDOVER")
+    assert f.text == ("planned handover of r from a to b in progress for 4 s: b has 1.0 GiB of log left to replay "
+                      "(80.0 MiB/s, about 13 s left); nothing serves r until then")
+    f = one(run(lambda s: handover(s, 61.0)), "HANDOVER_STALLED")
+    assert f.remedy == ("'marsadm primary r' on b again, or 'marsadm primary r' on a to go back; if a is lost, "
+                        "'marsadm primary --force r' on b")
+    assert one(run(lambda s: handover(s, 61.0)), "NO_PRIMARY").remedy.startswith("see HANDOVER_STALLED")
+
+
+def test_no_primary_names_the_member_to_make_primary():
+    assert one(run(no_primary), "NO_PRIMARY").remedy == \
+        "make a primary, the member whose replay got furthest: 'marsadm primary r' on a"
+    f = one(run(lambda s: (no_primary(s), resource(s, prev_primary="c"))), "NO_PRIMARY")
+    assert f.remedy == "make c primary, the last primary: 'marsadm primary r' on c"
 
 
 def test_fetch_failing_needs_the_fetch_switch():
@@ -673,7 +729,10 @@ def test_every_state_a_member_can_be_in_is_a_declared_one(s: Snapshot):
 def test_several_split_logs_in_one_finding():
     f = one(run(lambda s: resource(s, split_brain=[SplitBrain(9, {"a": "a:3", "b": "b:4"}),
                                                    SplitBrain(8, {"a": "a:1", "b": "b:2"})])), "SPLIT_BRAIN")
-    assert f.text == "log versions of r differ: log 8: a has a:1, b has b:2 / log 9: a has a:3, b has b:4"
+    assert f.text == ("r is in a split brain: from log 8 on, the designated primary's side, a, holds log 8 from a "
+                      "(digest 1); the other side, b, holds log 8 from b (digest 2) / from log 9 on, the designated "
+                      "primary's side, a, holds log 9 from a (digest 3); the other side, b, holds log 9 from b "
+                      "(digest 4)")
 
 
 def test_a_snapshot_built_from_an_empty_tree(tmp_path):

@@ -28,24 +28,24 @@ from .check import (CHECK_CRITICAL, CHECK_LISTED, CHECK_OK, CHECK_STATES, CHECK_
                     PerfFigure, Verdict, number_text, relevant, verdict)
 from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, read_snapshot, request_snapshot,
                      stream_events)
-from .findings import CODES, LEVELS, URGENT, Finding, findings, worst
+from .findings import CODES, HANDOVER_STALL_WINDOWS, LEVELS, URGENT, Finding, findings, worst
 from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatus, Message, NodeResource, NodeStatus,
                        Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
                        build)
-from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, state_name
+from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, role_lines, state_name
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown, value_text
 
 __all__ = [
     "CHECK_CRITICAL", "CHECK_LISTED", "CHECK_OK", "CHECK_STATES", "CHECK_UNITS", "CHECK_UNKNOWN", "CHECK_WARNING",
     "PerfFigure", "Verdict", "number_text", "relevant", "verdict",
     "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "DISKSTATES", "LEVELS",
-    "REPLSTATES", "ROLES", "URGENT", "Counters", "Histogram", "ResourceCounters", "state_name",
+    "REPLSTATES", "ROLES", "URGENT", "HANDOVER_STALL_WINDOWS", "Counters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "TreeCache",
     "Tunable",
     "UsageError", "Version",
     "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "held_back",
-    "human_bytes", "human_seconds",
+    "human_bytes", "human_seconds", "role_lines",
     "live_snapshot", "mars_dir_from", "parse_size", "percent_shown", "read_snapshot", "request_snapshot",
     "stream_events", "value_text", "worst",
 ]

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 
 from ..peer.protocol import DEFAULT_PORT as DEFAULT_PEER_PORT
 from ..peer.protocol import FOREIGN_CERT
-from .snapshot import Message, NodeResource, NodeStatus, Progress, ResourceStatus, Snapshot
+from .snapshot import Message, NodeResource, NodeStatus, Progress, ResourceStatus, Snapshot, SplitBrain
 from .units import figure, human_bytes, human_seconds
 
-__all__ = ["Finding", "CODES", "LEVELS", "findings", "worst"]
+__all__ = ["Finding", "CODES", "HANDOVER_STALL_WINDOWS", "LEVELS", "URGENT", "findings", "worst"]
 
 LEVELS = ("TODO", "HINT", "WORK")  # severity order: what sorts first is the most urgent
 
@@ -49,13 +49,19 @@ SPACE_WARN_FRACTION = 0.20  # below this share free: HINT
 
 # The TODO codes where data is at risk or not served now: every face's most urgent class (a
 # Prometheus alert's severity critical, a Zabbix trigger's HIGH), named once so the faces agree.
-URGENT = frozenset({"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY", "NODE_DOWN"})
+URGENT = frozenset({"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY", "NODE_DOWN",
+                    "TWO_PRIMARIES"})
+# A planned handover that has not finished after this many alive windows has stalled: the old
+# primary stops within a round, and the target only replays what it had nearly all fetched.
+HANDOVER_STALL_WINDOWS = 2
 
 CODES: dict[str, tuple[str, str]] = {
     # WORK: in progress, finishes by itself.
     "SYNC_RUNNING": ("WORK", "a member's full sync has bytes left and is switched on or running, on a live node"),
     "FETCH_RUNNING": ("WORK", "a synced secondary on a live node is fetching the log, with bytes left to fetch"),
     "REPLAY_RUNNING": ("WORK", "a synced secondary on a live node is replaying the log, with bytes left to replay"),
+    "HANDOVER": ("WORK", "a planned handover (marsadm primary) is in progress: the target replays the old "
+                         "primary's log, then serves"),
     # TODO: wrong, needs an operator.
     "MARSD_DOWN": ("TODO", "marsd is not running on this host; the status is what the tree last knew"),
     "NODE_DOWN": ("TODO", "a node has not reported within the alive window (or never did)"),
@@ -65,6 +71,10 @@ CODES: dict[str, tuple[str, str]] = {
     "ATTACH_FAILED": ("TODO", "marsd could not attach the resource on a member (msg-err-attach)"),
     "FETCH_FAILING": ("TODO", "a member with fetch switched on reports a fetch error (msg-warn-fetch)"),
     "NO_PRIMARY": ("TODO", "a resource has no designated primary: nothing serves it"),
+    "HANDOVER_STALLED": ("TODO", "a planned handover has not finished within twice the alive window, or its target "
+                                 "is not alive: nothing serves the resource"),
+    "TWO_PRIMARIES": ("TODO", "more than one member reports serving a resource (an old primary cut off by a forced "
+                              "failover still serving)"),
     "PRIMARY_NOT_MEMBER": ("TODO", "a resource's designated primary is not one of its members"),
     "PRIMARY_NOT_SERVING": ("TODO", "the designated primary is alive with attach on, but does not serve"),
     "SPACE_LOW": ("TODO", "a live node has less than 10 % or less than 1 GiB free in its MARS directory"),
@@ -75,6 +85,8 @@ CODES: dict[str, tuple[str, str]] = {
     "FETCH_PAUSED": ("HINT", "an attached secondary's fetch (connect) is switched off"),
     "REPLAY_PAUSED": ("HINT", "an attached secondary's replay is switched off"),
     "DETACHED": ("HINT", "a member's attach switch is off"),
+    "FORCED_PRIMARY": ("HINT", "a resource was made primary by force: writes only the old primary has may exist; "
+                               "check for a split brain once it is back"),
     "LOGS_DELETABLE": ("HINT", "log files replayed by every member can be deleted"),
     "LOGS_HELD_BACK": ("HINT", "a member's replay position keeps older log files from being deletable"),
     "RESIZE_POSSIBLE": ("HINT", "every member's disk is larger than the resource"),
@@ -175,6 +187,7 @@ def _cmd(command: str, host: str | None) -> str:
 
 def _work(snap: Snapshot) -> Iterator[Finding]:
     for res, rs in sorted(snap.resources.items()):
+        diverged = set(rs.diverged)
         for h, nr in sorted(rs.nodes.items()):
             if not snap.alive(h):
                 continue  # a dead node does no work; NODE_DOWN says so
@@ -186,6 +199,8 @@ def _work(snap: Snapshot) -> Iterator[Finding]:
                 yield Finding("WORK", "SYNC_RUNNING", res, h, text, "")
             if _is_primary(rs, h, nr) or not sync.reached:
                 continue  # fetch and replay follow the sync (replay never runs during a sync)
+            if h in diverged:
+                continue  # its history is not the primary's: it cannot catch up by itself (SPLIT_BRAIN)
             if nr.fetch is not None and nr.fetch.rest_bytes > 0 and sw.fetch:
                 src = nr.fetch_source or rs.primary or "the primary"
                 yield Finding("WORK", "FETCH_RUNNING", res, h,
@@ -337,15 +352,17 @@ def _resource(snap: Snapshot) -> Iterator[Finding]:
     for res, rs in sorted(snap.resources.items()):
         primary = rs.primary
         members = sorted(rs.nodes.items())
-        if primary is None:
-            yield Finding("TODO", "NO_PRIMARY", res, None,
-                          f"resource {res} has no primary: nothing serves it and no log is written",
-                          f"make the member with the newest data primary: {_cmd('primary ' + res, '<that node>')}")
-        elif primary not in rs.nodes:
+        stalled = _handover_stalled(snap, rs)
+        if primary is None and (rs.handover_to is None or stalled):
+            yield _no_primary(res, rs, stalled)
+        elif primary is not None and primary not in rs.nodes:
             yield Finding("TODO", "PRIMARY_NOT_MEMBER", res, primary,
                           f"resource {res} names {primary} as its primary, but {primary} is not a member "
                           f"(members: {', '.join(h for h, _ in members) or 'none'})",
                           f"make a member primary: {_cmd('primary ' + res, '<that node>')}")
+        yield from _handover(snap, res, rs, stalled)
+        yield from _two_primaries(snap, res, rs)
+        yield from _forced(res, rs)
         yield from _split(res, rs)
         yield from _cycles(res, rs)
         yield from _logs(snap, res, rs, local)
@@ -354,22 +371,189 @@ def _resource(snap: Snapshot) -> Iterator[Finding]:
             yield from _member(snap, res, rs, h, nr)
 
 
-def _split(res: str, rs: ResourceStatus) -> Iterator[Finding]:
-    if not rs.split_brain:
+# --- roles: handover, two primaries, forced failover, split brain --------------------------------
+
+def _handover_stalled(snap: Snapshot, rs: ResourceStatus) -> bool:
+    """A handover is in progress (``handover-to``) but its target is not alive (or no member),
+    or it started more than HANDOVER_STALL_WINDOWS alive windows ago."""
+    target = rs.handover_to
+    if target is None:
+        return False
+    if target not in rs.nodes or not snap.alive(target):
+        return True
+    age, window = figure(rs.handover_age_s), figure(snap.window_s)
+    return age is not None and window is not None and age > HANDOVER_STALL_WINDOWS * window
+
+
+def _serving(rs: ResourceStatus) -> list[str]:
+    return [h for h, nr in sorted(rs.nodes.items()) if nr.actual.primary]
+
+
+def _newest(rs: ResourceStatus) -> tuple[str, str] | None:
+    """The member with the newest data and why: the last primary when it is a member (it wrote
+    the log), else the member whose replay got furthest."""
+    if rs.prev_primary is not None and rs.prev_primary in rs.nodes:
+        return rs.prev_primary, "the last primary"
+    replayed = [(nr.replay.pos_bytes, h) for h, nr in sorted(rs.nodes.items()) if nr.replay is not None]
+    if not replayed:
+        return None
+    best = max(p for p, _ in replayed)
+    return next(h for p, h in replayed if p == best), "the member whose replay got furthest"
+
+
+def _no_primary(res: str, rs: ResourceStatus, stalled: bool) -> Finding:
+    text = f"resource {res} has no primary: nothing serves it and no log is written"
+    if stalled and rs.handover_to is not None:
+        text += f" (the handover to {rs.handover_to} has stalled)"
+    newest = _newest(rs)
+    if newest is None:
+        remedy = f"make the member with the newest data primary: {_cmd('primary ' + res, '<that node>')}"
+    else:
+        h, why = newest
+        remedy = f"make {h} primary, {why}: {_cmd('primary ' + res, h)}"
+    if stalled:
+        remedy = f"see HANDOVER_STALLED; or {remedy}"
+    return Finding("TODO", "NO_PRIMARY", res, None, text, remedy)
+
+
+def _handover(snap: Snapshot, res: str, rs: ResourceStatus, stalled: bool) -> Iterator[Finding]:
+    target = rs.handover_to
+    if target is None:
         return
-    parts: list[str] = []
-    hosts: set[str] = set()
-    for s in sorted(rs.split_brain, key=lambda s: s.seq):
-        digests = sorted(s.digests.items())
-        hosts.update(h for h, _ in digests)
-        if digests and all(v.endswith(":log file") for _, v in digests):
-            parts.append(f"log {s.seq} exists from {len(digests)} origins: " + ", ".join(h for h, _ in digests))
+    old = rs.prev_primary
+    was = old or "the old primary"
+    age = figure(rs.handover_age_s)
+    head = f"planned handover of {res} from {was} to {target}"
+    nr = rs.nodes.get(target)
+    replay = nr.replay if nr is not None else None
+    if nr is None:
+        left = f"{target} is no member of {res}"
+    elif replay is None:
+        left = f"{target} has no replay position yet"
+    elif replay.reached:
+        left = f"{target} has replayed {was}'s log and takes over"
+    else:
+        left = f"{target} has {human_bytes(replay.rest_bytes)} of log left to replay"
+        if replay.stalled:
+            left += f" (no progress for {human_seconds(replay.moved_age_s)})"
+        elif replay.moving:
+            left += (f" ({human_bytes(replay.rate_bytes_per_s)}/s, about {human_seconds(replay.remaining_s)} "
+                     f"left)")
         else:
-            parts.append(f"log {s.seq}: " + ", ".join(f"{h} has {v}" for h, v in digests))
-    yield Finding("TODO", "SPLIT_BRAIN", res, None,
-                  f"log versions of {res} differ: {' / '.join(parts)}",
-                  f"decide which node's data survives; run 'marsadm invalidate {res}' on the others"
-                  + (f" (of {', '.join(sorted(hosts))})" if hosts else ""))
+            left += " (rate unknown)"
+    serving = _serving(rs)
+    gap = f"; nothing serves {res} until then" if not serving else \
+        f"; {' and '.join(serving)} still serve{'s' if len(serving) == 1 else ''} {res}"
+    if not stalled:
+        since = f" for {human_seconds(age)}" if age is not None else ""
+        yield Finding("WORK", "HANDOVER", res, target, f"{head} in progress{since}: {left}{gap}", "")
+        return
+    if nr is None or not snap.alive(target):
+        why = f"{target} is no member of {res}" if nr is None else f"{target} is not alive"
+    else:
+        window = figure(snap.window_s)
+        why = (f"it started {human_seconds(age)} ago, more than {HANDOVER_STALL_WINDOWS} times the "
+               f"{human_seconds(window)} alive window")
+    detail = f"; {left}" if nr is not None and snap.alive(target) else ""
+    again = _cmd(f"primary {res}", target) + " again"
+    if nr is not None and not snap.alive(target):
+        again = f"start marsd on {target}, then {again}"
+    back = _cmd(f"primary {res}", old) if old else f"'marsadm primary {res}' on the old primary"
+    yield Finding("TODO", "HANDOVER_STALLED", res, target,
+                  f"{head} has stalled: {why}{detail}" + (f"; nothing serves {res}" if not serving else gap),
+                  f"{again}, or {back} to go back; if {was} is lost, {_cmd(f'primary --force {res}', target)}")
+
+
+def _two_primaries(snap: Snapshot, res: str, rs: ResourceStatus) -> Iterator[Finding]:
+    serving = _serving(rs)
+    if len(serving) < 2:
+        return
+    primary = rs.primary
+    others = [h for h in serving if h != primary]
+    text = f"{' and '.join(serving)} {'both' if len(serving) == 2 else 'all'} serve {res} (is-primary 1): "
+    text += f"{primary} is the designated primary" if primary in serving else \
+        (f"{primary}, the designated primary, is not among them" if primary else "none is the designated primary")
+    for h in others:
+        ns = snap.nodes.get(h)
+        if ns is not None and not ns.alive:
+            seen = f"{human_seconds(ns.seen_age_s)} old" if ns.seen_age_s is not None else "unknown"
+            text += f"; {h} is not alive (its last report is {seen}): cut off, it may still serve its clients"
+    if primary in serving:
+        remedy = "; ".join(f"stop the applications using {res} on {h}, then {_cmd(f'secondary {res}', h)}, "
+                           f"or {_cmd(f'down {res}', h)}" for h in others)
+    else:
+        remedy = (f"decide which of {', '.join(serving)} goes on; on each other one stop the applications using "
+                  f"{res}, then 'marsadm secondary {res}' there, or 'marsadm down {res}' there")
+    yield Finding("TODO", "TWO_PRIMARIES", res, others[0] if len(others) == 1 else None, text, remedy)
+
+
+def _forced(res: str, rs: ResourceStatus) -> Iterator[Finding]:
+    h = rs.forced_primary
+    if h is None:
+        return
+    old = rs.prev_primary if rs.prev_primary not in (None, h) else None
+    was = old or "the old primary"
+    yield Finding("HINT", "FORCED_PRIMARY", res, h,
+                  f"{res} was made primary on {h} by force ('marsadm primary --force'): writes {was} acknowledged "
+                  f"that {h} never fetched exist only on {was}",
+                  f"once {was} is back, check for a split brain: 'marsadm view {res}' (SPLIT_BRAIN then names the "
+                  f"commands)")
+
+
+def _history(value: str, seq: int) -> str:
+    """What a side holds at the split, from its :class:`SplitBrain` digest value."""
+    origin, _, what = value.partition(":")
+    if what == "log file":
+        return f"a log file log-{seq:09d}-{origin}"
+    if what == "being written":
+        return f"log {seq} from {origin} (being written)"
+    return f"log {seq} from {origin} (digest {what[:8]})"
+
+
+def _split_text(rs: ResourceStatus, s: SplitBrain) -> str:
+    sides = s.sides
+    out = []
+    for i, hs in enumerate(sides):
+        if rs.primary is not None and rs.primary in hs:
+            which = "the designated primary's side"
+        elif rs.primary is None and s.reference in hs:
+            which = "the side with the furthest log end"
+        else:
+            which = "the other side" if len(sides) == 2 else "another side"
+        text = f"{which}, {', '.join(hs)}, {'holds' if len(hs) == 1 else 'hold'} {_history(s.digests[hs[0]], s.seq)}"
+        beyond = [(h, s.beyond_bytes[h]) for h in hs if h in s.beyond_bytes]
+        if len(beyond) == 1 and len(hs) == 1:
+            text += f" and {human_bytes(beyond[0][1])} beyond the split point"
+        elif beyond:
+            text += " and " + ", ".join(f"{human_bytes(n)} ({h})" for h, n in beyond) + " beyond the split point"
+        out.append(text)
+    return f"from log {s.seq} on, " + "; ".join(out)
+
+
+def _split(res: str, rs: ResourceStatus) -> Iterator[Finding]:
+    """Two histories: which hosts hold which, what each has beyond the split point, and the
+    commands that keep the designated primary's side and bring the others onto it."""
+    if not rs.is_split_brain:
+        return
+    parts = [_split_text(rs, s) for s in sorted(rs.split_brain, key=lambda s: s.seq)]
+    parts += [f"{h}'s marsd reports: {text}" for h, text in rs.split_reported.items()]
+    steps = []
+    if rs.primary is None:
+        keep = next((s.reference for s in sorted(rs.split_brain, key=lambda s: s.seq) if s.reference), None)
+        steps.append("first make the side to keep primary: " + (
+            f"{_cmd('primary ' + res, keep)} keeps {keep}'s side (the commands below assume it)" if keep
+            else _cmd('primary ' + res, '<a host of that side>')))
+    diverged = [h for h in rs.diverged if h in rs.nodes]
+    if not diverged:
+        steps.append(f"decide which side's data survives; run {_cmd('invalidate ' + res, '<each host of the others>')}")
+    elif len(rs.nodes) <= 2:
+        steps.append("discard the diverged history: " + ", ".join(_cmd(f"invalidate {res}", h) for h in diverged))
+    else:
+        steps += [f"discard the diverged history on {h}: 'marsadm down {res}', 'marsadm leave-resource {res}', then "
+                  f"'marsadm join-resource {res} {rs.nodes[h].disk or '<its device>'}' on {h}" for h in diverged]
+    steps.append(f"then 'marsadm log-purge-all {res}' on each member lists the log files left of the discarded "
+                 f"history (--force deletes them)")
+    yield Finding("TODO", "SPLIT_BRAIN", res, None, f"{res} is in a split brain: {' / '.join(parts)}", "; ".join(steps))
 
 
 def _cycles(res: str, rs: ResourceStatus) -> Iterator[Finding]:

@@ -166,10 +166,34 @@ class LogFileStatus:
 
 @dataclass(frozen=True, slots=True)
 class SplitBrain:
-    """Two histories for the same log number: different origins or different digests."""
+    """Two histories for the same log number ``seq``, the split point: different origins or digests.
+
+    ``digests`` says what each host holds of log ``seq``: ``<origin>:<digest>`` from its version
+    entry, ``<origin>:being written`` for a file its origin has no version of yet (its log end),
+    ``<origin>:log file`` when only the log files of two origins show the split. Hosts with the
+    same value are one side (:attr:`sides`). ``beyond_bytes``: per host, the bytes of log in its
+    history beyond the split point (what it has that the other side has not). ``reference``: the
+    host the others were compared with, the designated primary (else the one with the furthest
+    log end); its side comes first.
+    """
+
+    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("sides",)
 
     seq: int
     digests: dict[str, str]  # host -> "<origin>:<digest>"
+    beyond_bytes: dict[str, int] = field(default_factory=dict)  # host -> bytes beyond the split point
+    reference: str | None = None
+
+    @property
+    def sides(self) -> list[list[str]]:
+        """The hosts grouped by the history they hold at the split, the reference's side first."""
+        groups: dict[str, list[str]] = {}
+        for h, v in sorted(self.digests.items()):
+            groups.setdefault(v, []).append(h)
+        return sorted(groups.values(), key=lambda hs: (self.reference not in hs, hs))
+
+    def side_of(self, host: str) -> list[str] | None:
+        return next((hs for hs in self.sides if host in hs), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,14 +221,25 @@ class NodeResource:
     replay_lag_s: float | None  # how much older its replay position is than the primary's (0 when none left)
     messages: list[Message]
     connect_list: list[str] = field(default_factory=list)  # connect-<host>: where it fetches from first
+    forced: bool = False  # made primary by force: ``forced-primary`` names it
 
     @property
     def role(self) -> str:
-        if self.actual.primary:
-            return "Primary"
+        """The original's role names, plus ForcedPrimary (see :data:`~mars.engine.model.ROLES`):
+        serving and designated is Primary (ForcedPrimary when made so by ``primary --force``),
+        designated but not serving yet NotYetPrimary, serving but not designated (an old primary
+        that has not stopped yet, or one cut off after a forced failover) RemainsPrimary."""
         if self.designated_primary:
-            return "NotYetPrimary"
-        return "Secondary"
+            if not self.actual.primary:
+                return "NotYetPrimary"
+            return "ForcedPrimary" if self.forced else "Primary"
+        return "RemainsPrimary" if self.actual.primary else "Secondary"
+
+    @property
+    def split_brain_message(self) -> str | None:
+        """What this member's marsd says when its replay refuses to go on because its history
+        diverges from the designated primary's (``msg-err-split-brain``); None when it does not."""
+        return next((m.text or "(no text)" for m in self.messages if m.key == "err-split-brain"), None)
 
     @property
     def consistent(self) -> bool:
@@ -227,23 +262,59 @@ class NodeResource:
 
 @dataclass(frozen=True, slots=True)
 class ResourceStatus:
-    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("members",)
+    JSON_EXTRAS: ClassVar[tuple[str, ...]] = ("members", "is_split_brain", "diverged")
 
     name: str
     size_bytes: int
     primary: str | None
     nodes: dict[str, NodeResource]
     logs: list[LogFileStatus]
-    log_end: LogPos | None  # the primary's acknowledged log end (``actual-<primary>/log-pos``)
+    log_end: LogPos | None  # the primary's acknowledged log end (``actual-<primary>/log-pos``); with none
+    #                        designated, the last primary's final one (``prev-primary``'s)
     split_brain: list[SplitBrain]
     deletable_logs: list[str]
     deletable_bytes: int
     held_back_by: list[str]  # members whose replay position keeps older logs from being deletable
     logs_deleted_below: int
+    # Role switching (marsadm primary / primary --force / secondary). Defaults: a document of an
+    # older marsd, without them, still reads.
+    handover_to: str | None = None  # the target of a planned handover in progress (``handover-to``)
+    handover_age_s: float | None = None  # since that handover started (its entry's stamp)
+    prev_primary: str | None = None  # the designated primary before the current value (``prev-primary``)
+    forced_primary: str | None = None  # made primary by ``primary --force`` (until the next planned handover)
 
     @property
     def members(self) -> list[str]:
         return sorted(self.nodes)
+
+    @property
+    def split_reported(self) -> dict[str, str]:
+        """Members whose marsd refuses to replay because their history diverges from the
+        primary's (``msg-err-split-brain``), with what it says: a split brain the version
+        entries may not show yet."""
+        return {h: t for h, n in sorted(self.nodes.items()) if (t := n.split_brain_message) is not None}
+
+    @property
+    def is_split_brain(self) -> bool:
+        """Two histories exist: the version entries (or log files) say so, or a member's marsd does."""
+        return bool(self.split_brain) or bool(self.split_reported)
+
+    @property
+    def diverged(self) -> list[str]:
+        """The hosts whose history is not the one going on: off the reference's side of a split
+        (the designated primary's, else the furthest log end's), or reporting the split brain
+        themselves. Never the designated primary."""
+        out = set(self.split_reported)
+        for s in self.split_brain:
+            sides = s.sides
+            kept = next((hs for hs in sides if self.primary in hs), sides[0] if sides else [])
+            out.update(h for hs in sides if hs is not kept for h in hs)
+        out.discard(self.primary or "")
+        return sorted(out)
+
+    def split_of(self, host: str) -> SplitBrain | None:
+        """The first split that names ``host``."""
+        return next((s for s in sorted(self.split_brain, key=lambda s: s.seq) if host in s.digests), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,7 +684,7 @@ class _Entries:
 def _aged(name: str) -> bool:
     """Entries whose age the snapshot shows; ``time`` (every node's, every round) also keeps
     the Lamport clock current, since it is the newest stamp in any live tree."""
-    return name in ("time", "fetch-pos", "log-pos") or name.startswith(("replay-", "msg-", "syncstatus-"))
+    return name in ("time", "fetch-pos", "log-pos", "handover-to") or name.startswith(("replay-", "msg-", "syncstatus-"))
 
 
 def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIVE_WINDOW_S,
@@ -705,20 +776,125 @@ def _log_files(e: _Entries, d: str) -> dict[tuple[int, str], LogFileStatus]:
             for k in local.keys() | versions.keys()}
 
 
-def _split_brain(logs: dict[tuple[int, str], LogFileStatus]) -> list[SplitBrain]:
-    """Log numbers with two histories: nodes' versions that differ, or files from two origins."""
-    by_seq: dict[int, dict[str, Version]] = {}
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One log file in one host's history: its origin, its length and its digest (None for the
+    open tail: the file its origin is writing, or stopped writing without a version entry)."""
+
+    origin: str
+    length: int
+    digest: str | None
+
+    @property
+    def text(self) -> str:
+        return f"{self.origin}:{self.digest}" if self.digest is not None else f"{self.origin}:being written"
+
+
+def _histories(e: _Entries, d: str, logs: dict[tuple[int, str], LogFileStatus]) -> dict[str, dict[int, _Piece]]:
+    """Per host, its history: log number -> the file it holds under that number.
+
+    A host's history is its version entries (every host writes one for each file it finished
+    or replayed completely), plus its open tail: the file its ``log-pos`` names, when that file
+    is its own and it has no version of it yet (a primary writing, or one stopped while writing).
+    """
+    hist: dict[str, dict[int, _Piece]] = {}
+    for f in logs.values():
+        for h, v in f.versions.items():
+            hist.setdefault(h, {})[v.seq] = _Piece(v.origin, v.length_bytes, v.digest)
+    prefix = f"{d}/actual-"
+    for a in e.dirs:
+        if not a.startswith(prefix) or "/" in a[len(prefix):]:
+            continue
+        h = a[len(prefix):]
+        pos = LogPos.parse(e.get(f"{a}/log-pos"))
+        if pos is not None and pos.origin == h and pos.seq not in hist.get(h, {}):
+            hist.setdefault(h, {})[pos.seq] = _Piece(h, pos.offset, None)
+    return hist
+
+
+def _differ(x: _Piece, y: _Piece) -> bool:
+    """Two histories part at this file: other origins, or other digests. An open tail has no
+    digest yet: of the same origin, one is a prefix of the other as far as the tree knows."""
+    if x.origin != y.origin:
+        return True
+    return x.digest is not None and y.digest is not None and x.digest != y.digest
+
+
+def _log_end(pieces: dict[int, _Piece]) -> tuple[int, int]:
+    """How far a history goes: its last file's number and length."""
+    if not pieces:
+        return (0, 0)
+    last = max(pieces)
+    return (last, pieces[last].length)
+
+
+def _beyond(mine: dict[int, _Piece], other: _Piece, seq: int) -> int:
+    """Bytes of ``mine`` beyond the split at ``seq`` from a history holding ``other`` there: of
+    the split file, what ``mine`` has past the common prefix (all of it when the origins
+    differ), and every later file of ``mine``."""
+    x = mine[seq]
+    at = x.length - min(x.length, other.length) if x.origin == other.origin else x.length
+    return at + sum(p.length for k, p in mine.items() if k > seq)
+
+
+def _split_brain(logs: dict[tuple[int, str], LogFileStatus], hist: dict[str, dict[int, _Piece]],
+                 primary: str | None) -> list[SplitBrain]:
+    """Where histories part: the first log number at which two hosts hold different files.
+
+    Every pair of hosts is compared number by number (a version entry or open tail of each);
+    a split is reported at the first number where a pair that was one history so far parts, so
+    two histories that went on apart after their split are one split, not one per later file.
+    A number where only this host's log files come from two origins (no version or log end says
+    it) is a split too. The reference is the designated primary (else the host with the furthest
+    log end): its side comes first, and the others' bytes beyond are counted against it.
+    """
+    ref = primary if primary in hist else max(sorted(hist), key=lambda h: _log_end(hist[h]), default=None)
+    by_seq: dict[int, dict[str, _Piece]] = {}
+    for h, pieces in hist.items():
+        for k, p in pieces.items():
+            by_seq.setdefault(k, {})[h] = p
     origins: dict[int, set[str]] = {}
-    for (seq, origin), f in logs.items():
-        by_seq.setdefault(seq, {}).update(f.versions)
+    for seq, origin in logs:
         origins.setdefault(seq, set()).add(origin)
-    split = []
-    for seq, vers in sorted(by_seq.items()):
-        if len({f"{v.origin}:{v.digest}" for v in vers.values()}) > 1:
-            split.append(SplitBrain(seq, {h: f"{v.origin}:{v.digest}" for h, v in sorted(vers.items())}))
-        elif len(origins[seq]) > 1:
-            split.append(SplitBrain(seq, {o: f"{o}:log file" for o in sorted(origins[seq])}))
-    return split
+    apart: set[frozenset[str]] = set()  # pairs already on two sides of an earlier split
+    out = []
+    for seq in sorted(by_seq.keys() | origins.keys()):
+        held = by_seq.get(seq, {})
+        hosts = sorted(held)
+        pairs = {frozenset((x, y)) for i, x in enumerate(hosts) for y in hosts[i + 1:] if _differ(held[x], held[y])}
+        if pairs:
+            if pairs <= apart:
+                continue
+            digests = {h: held[h].text for h in hosts}
+        elif len(origins.get(seq, ())) > 1:
+            pairs = {frozenset((x, y)) for x in origins[seq] for y in origins[seq] if x < y}
+            if pairs <= apart:
+                continue
+            digests = {o: f"{o}:log file" for o in sorted(origins[seq])}
+        else:
+            continue
+        split = SplitBrain(seq, digests, reference=ref if ref in digests else None)
+        sides = split.sides
+        if split.reference is None and held:
+            # the reference is not at this number: the furthest log end there stands in for it
+            lead = max(sorted(h for h in digests if h in held), key=lambda h: _log_end(hist[h]), default=None)
+            if lead is not None:
+                split = dataclasses.replace(split, reference=lead)
+                sides = split.sides
+        kept = sides[0] if sides else []
+        beyond: dict[str, int] = {}
+        for h in sorted(digests):
+            if h not in held:
+                continue
+            if h in kept:
+                others = [held[hs[0]] for hs in sides[1:] if hs[0] in held]
+            else:
+                others = [held[kept[0]]] if kept and kept[0] in held else []
+            if others:
+                beyond[h] = max(_beyond(hist[h], o, seq) for o in others)
+        out.append(dataclasses.replace(split, beyond_bytes=beyond))
+        apart.update(frozenset((x, y)) for i, a in enumerate(sides) for b in sides[i + 1:] for x in a for y in b)
+    return out
 
 
 class _Chain:
@@ -754,12 +930,16 @@ class _Chain:
 def _resource(e: _Entries, res: str, lamport: float) -> ResourceStatus:
     d = f"resource-{res}"
     size = e.integer(f"{d}/size", 0) or 0
-    primary = e.get(f"{d}/primary")
-    primary = None if primary in (None, NONE, "") else primary
+    primary, handover_to, prev_primary, forced_primary = (_host(e.get(f"{d}/{name}")) for name in (
+        "primary", "handover-to", "prev-primary", "forced-primary"))
     members = sorted(h for h, _ in e.names(d, "data-"))
     logs = _log_files(e, d)
     chain = _Chain(logs)
-    log_end = LogPos.parse(e.get(f"{d}/actual-{primary}/log-pos")) if primary else None
+    # Every member's target is the primary's log end; while none is designated (a handover in
+    # progress, or after 'marsadm secondary'), the last primary's: a demoted primary's log-pos
+    # stays at its final position.
+    source = primary or prev_primary
+    log_end = LogPos.parse(e.get(f"{d}/actual-{source}/log-pos")) if source else None
     end_abs = chain.absolute(log_end)
     if end_abs is None:
         end_abs = chain.total
@@ -770,13 +950,22 @@ def _resource(e: _Entries, res: str, lamport: float) -> ResourceStatus:
         for pos in (LogPos.parse(e.get(f"{d}/actual-{h}/fetch-pos")), _replay_pos(e.get(f"{d}/replay-{h}"))):
             if (where := chain.absolute(pos)) is not None:
                 end_abs = max(end_abs, where)
-    nodes = {h: _member(e, d, h, primary, size, chain, end_abs, log_end, lamport) for h in members}
+    nodes = {h: _member(e, d, h, primary, source, size, chain, end_abs, log_end, lamport, h == forced_primary)
+             for h in members}
     deletable, held = _deletable(logs, nodes)
     return ResourceStatus(
         name=res, size_bytes=size, primary=primary, nodes=nodes,
-        logs=[logs[k] for k in sorted(logs)], log_end=log_end, split_brain=_split_brain(logs),
+        logs=[logs[k] for k in sorted(logs)], log_end=log_end,
+        split_brain=_split_brain(logs, _histories(e, d, logs), primary),
         deletable_logs=[logs[k].name for k in deletable], deletable_bytes=sum(logs[k].local_bytes or 0 for k in deletable),
-        held_back_by=held, logs_deleted_below=e.integer(f"{d}/logs-deleted-below", 0) or 0)
+        held_back_by=held, logs_deleted_below=e.integer(f"{d}/logs-deleted-below", 0) or 0,
+        handover_to=handover_to, handover_age_s=e.age(f"{d}/handover-to", lamport) if handover_to else None,
+        prev_primary=prev_primary, forced_primary=forced_primary)
+
+
+def _host(value: str | None) -> str | None:
+    """A host-valued entry (``primary``, ``handover-to``, ...): None for none (``(none)``)."""
+    return None if value in (None, NONE, "") else value
 
 
 def _replay_pos(value: str | None) -> LogPos | None:
@@ -791,8 +980,8 @@ def _rate(e: _Entries, path: str, running: bool) -> float | None:
     return rate if rate is not None and rate >= MIN_RATE else None
 
 
-def _member(e: _Entries, d: str, h: str, primary: str | None, size: int, chain: _Chain, end_abs: int,
-            log_end: LogPos | None, lamport: float) -> NodeResource:
+def _member(e: _Entries, d: str, h: str, primary: str | None, source: str | None, size: int, chain: _Chain,
+            end_abs: int, log_end: LogPos | None, lamport: float, forced: bool) -> NodeResource:
     a, td = f"{d}/actual-{h}", f"{d}/todo-{h}"
     sw = Switches(attach=e.flag(f"{td}/attach"), fetch=e.flag(f"{td}/connect"), sync=e.flag(f"{td}/sync"),
                   replay=e.flag(f"{td}/allow-replay"))
@@ -835,10 +1024,10 @@ def _member(e: _Entries, d: str, h: str, primary: str | None, size: int, chain: 
         sync=sync, fetch=fetch, replay=replay, replay_link=link, fetch_pos=fetch_pos,
         fetch_source=e.get(f"{a}/fetch-source"), replay_code=code,
         fetch_age_s=e.age(f"{a}/fetch-pos", lamport), replay_age_s=e.age(f"{d}/replay-{h}", lamport),
-        fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{primary}/log-pos"),
-        replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{primary}"),
+        fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{source}/log-pos"),
+        replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{source}"),
         messages=_messages(e, a, h, d[len("resource-"):], lamport),
-        connect_list=parse_hosts(e.get(f"{d}/connect-{h}")))
+        connect_list=parse_hosts(e.get(f"{d}/connect-{h}")), forced=forced)
 
 
 def _deletable(logs: dict[tuple[int, str], LogFileStatus],

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from ..log.values import LogPos
 from . import snapshot as model
+from .units import human_bytes, human_seconds
 
-__all__ = ["DISKSTATES", "REPLSTATES", "ROLES", "Member", "state_name"]
+__all__ = ["DISKSTATES", "REPLSTATES", "ROLES", "Member", "role_lines", "state_name"]
 
 # Every name the first-match rules below can give, in the original's order: the exporters show a
 # state as one series per possible value (a Prometheus stateset, a Zabbix value map), so the set
@@ -24,7 +25,9 @@ DISKSTATES = ("NotJoined", "Detaching", "Detached", "DefectiveLog", "NoAttach", 
 REPLSTATES = ("MarsdNotRunning", "UnResponsive", "NotJoined", "NotStarted", "EmergencyMode", "Replicating",
               "NotYetPrimary", "Syncing", "PausedSync", "PausedFetch", "PausedReplay", "NoPrimaryDesignated",
               "PrimaryUnreachable", "Replaying")
-ROLES = ("None", "Primary", "NotYetPrimary", "RemainsPrimary", "Secondary")
+# ForcedPrimary is ours (the original showed a forced primary as Primary): last, so the numbers
+# the Zabbix value map gives the original's names stay what they were.
+ROLES = ("None", "Primary", "NotYetPrimary", "RemainsPrimary", "Secondary", "ForcedPrimary")
 
 
 def state_name(state: str) -> str:
@@ -266,12 +269,10 @@ class Member:
         ))
 
     def role(self) -> str:
+        """The member's own :attr:`~mars.engine.model.NodeResource.role` (one definition: marsd's
+        state events name it too); None for a host that is no member."""
         n = self.n
-        if n is None:
-            return "None"
-        if self.designated:
-            return "Primary" if n.actual.primary else "NotYetPrimary"
-        return "RemainsPrimary" if n.actual.primary else "Secondary"
+        return "None" if n is None else n.role
 
     def todo_role(self) -> str:
         if self.n is None:
@@ -299,3 +300,47 @@ def held_back(snap: model.Snapshot, n: model.NodeResource, what: str) -> str:
         return "stopped"
     on = {"sync": n.switches.sync, "fetch": n.switches.fetch, "replay": n.switches.replay}[what]
     return "" if on else "paused"
+
+
+def role_lines(r: model.ResourceStatus) -> list[tuple[str, str]]:
+    """The resource's role switching as every face shows it, one fact a line: a handover in
+    progress, a forced primary, and per split brain which side is kept and which diverged, with
+    each host's bytes beyond the split point. Facts of the snapshot, no verdict (the findings
+    say what is wrong and what to do); empty for a resource that is in none of these states.
+
+    Each line is (what, text), ``what`` one of "handover", "forced", "split": a face that
+    styles lines styles by it, never by the text.
+    """
+    out: list[tuple[str, str]] = []
+    if r.handover_to is not None:
+        since = f" for {human_seconds(r.handover_age_s)}" if r.handover_age_s is not None else ""
+        out.append(("handover", f"handover of {r.name} from {r.prev_primary or 'the old primary'} to {r.handover_to} "
+                   f"in progress{since}"))
+    if r.forced_primary is not None:
+        before = r.prev_primary if r.prev_primary not in (None, r.forced_primary) else "unknown"
+        out.append(("forced", f"forced primary: {r.forced_primary} (made primary by force; the primary before was "
+                               f"{before})"))
+    shown: set[str] = set()
+    for s in sorted(r.split_brain, key=lambda s: s.seq):
+        sides = s.sides
+        kept = next((hs for hs in sides if r.primary in hs), sides[0] if sides else [])
+        parts = []
+        for hs in sides:
+            beyond = [(h, s.beyond_bytes[h]) for h in hs if h in s.beyond_bytes]
+            if len(hs) == 1 and beyond:
+                figures = f"{human_bytes(beyond[0][1])} beyond the split point"
+            elif beyond:
+                figures = ", ".join(f"{human_bytes(n)} ({h})" for h, n in beyond) + " beyond the split point"
+            else:
+                figures = ""
+            if hs is kept:
+                why = "the designated primary's side" if r.primary in hs else "the furthest log end, once made primary"
+                parts.append(f"kept {', '.join(hs)} ({why}{', ' + figures if figures else ''})")
+            else:
+                parts.append(f"diverged {', '.join(hs)}" + (f" ({figures})" if figures else ""))
+            shown.update(hs)
+        out.append(("split", f"split brain from log {s.seq} on: " + "; ".join(parts)))
+    for h, text in r.split_reported.items():
+        if h not in shown:
+            out.append(("split", f"split brain: diverged {h} (its marsd reports it: {text})"))
+    return out
