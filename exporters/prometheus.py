@@ -108,8 +108,8 @@ def _specs() -> list[Spec]:
     add("mars_resource_deletable_bytes", "gauge", "resource", "Bytes of the deletable log files")
     add("mars_resource_deletion_held_back", "gauge", "resource host", "1 for each member whose replay position "
         "keeps older log files from being deletable")
-    add("mars_resource_split_brain", "gauge", "resource", "1 when members hold different versions of a log file "
-        "(split brain)")
+    add("mars_resource_split_brain", "gauge", "resource", "1 when members hold different versions of a log file, "
+        "or a member's marsd reports that its history diverges from the primary's (split brain)")
     # a member: one node's part in one resource
     add("mars_member_role", "stateset", "resource host", "The member's role as marsadm view names it: " + ", ".join(ROLES))
     add("mars_member_disk_state", "stateset", "resource host",
@@ -280,7 +280,7 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
         o.gauge("mars_resource_deletable_bytes", r.deletable_bytes, name)
         for h in sorted(set(r.held_back_by)):
             o.gauge("mars_resource_deletion_held_back", 1, name, h)
-        o.gauge("mars_resource_split_brain", bool(r.split_brain), name)
+        o.gauge("mars_resource_split_brain", r.is_split_brain, name)
         for h in r.members:
             if members == "all" or h == here:
                 _member(o, Member(snap, r, h))

@@ -89,6 +89,10 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "FETCH_PAUSED": ("member",), "REPLAY_PAUSED": ("member",), "LOGS_HELD_BACK": ("member",),
     "CONNECT_CYCLE": ("member",),
     "SYNC_RUNNING": ("member",), "FETCH_RUNNING": ("member",), "REPLAY_RUNNING": ("member",),
+    # role switching: about the member it names (the handover's target, the forced primary, the
+    # one serving without being designated), about the resource when that is no member or none
+    "HANDOVER": ("member", "resource"), "HANDOVER_STALLED": ("member", "resource"),
+    "TWO_PRIMARIES": ("member", "resource"), "FORCED_PRIMARY": ("member", "resource"),
 }
 
 # TODO findings where data is at risk or not served now (the model's URGENT); the other TODOs are AVERAGE.
@@ -254,7 +258,7 @@ def document(snap: Snapshot, found: list[Finding], answered: bool | None = None,
         resources.append({
             "resource": name, "size_bytes": r.size_bytes, "primary": r.primary or "", "members": len(r.members),
             "members_alive": sum(1 for h in r.members if snap.alive(h)), "member_hosts": ",".join(r.members),
-            "split_brain": int(bool(r.split_brain)), "log_files": len(local_logs),
+            "split_brain": int(r.is_split_brain), "log_files": len(local_logs),
             "log_bytes": sum(lf.local_bytes or 0 for lf in local_logs), "deletable_log_files": len(r.deletable_logs),
             "deletable_bytes": r.deletable_bytes,
             "findings": _finding_map("resource", placed.get(("resource", name), [])),

@@ -572,7 +572,8 @@ def all_triggers() -> dict[str, tuple[str, str]]:
 
 def test_every_todo_and_hint_code_has_its_trigger_with_the_right_priority():
     triggers = all_triggers()
-    high = {"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY", "NODE_DOWN"}
+    high = {"SPLIT_BRAIN", "REPLAY_STOPPED", "NO_PRIMARY", "PRIMARY_NOT_SERVING", "EMERGENCY", "NODE_DOWN",
+            "TWO_PRIMARIES"}
     for code, (level, _) in CODES.items():
         mine = {n: p for n, (p, _) in triggers.items() if n.endswith(f": {code}")}
         if level == "WORK":

@@ -61,7 +61,8 @@ MEMBER_LEGEND = "{{resource}} on {{host}}"
 _STATE_GROUPS = {
     "green": ("UpToDate", "Replicating", "Replaying", "Primary", "Secondary"),
     "blue": ("InConsistent", "WriteBack", "Recovery", "OutDated", "Syncing", "NotYetPrimary"),
-    "orange": ("Detaching", "Detached", "NotStarted", "PausedSync", "PausedFetch", "PausedReplay", "RemainsPrimary"),
+    "orange": ("Detaching", "Detached", "NotStarted", "PausedSync", "PausedFetch", "PausedReplay", "RemainsPrimary",
+               "ForcedPrimary"),
     "red": ("DefectiveLog", "NoAttach", "EmergencyMode", "MarsdNotRunning", "UnResponsive", "NoPrimaryDesignated",
             "PrimaryUnreachable"),
     "text": ("NotJoined", "None"),
