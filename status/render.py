@@ -39,6 +39,7 @@ from ..engine.model import (
     human_bytes,
     human_seconds,
     relevant,
+    role_lines,
     verdict,
     worst,
 )
@@ -103,6 +104,7 @@ CLUSTER_ASPECTS: tuple[tuple[str, frozenset[str]], ...] = (
 )
 
 _LEVEL_STYLE = {"WORK": "work", "TODO": "todo", "HINT": "hint"}
+_ROLE_STYLE = {"handover": "work", "forced": "hint", "split": "todo"}  # the model's role_lines kinds
 BAR_MIN, BAR_MAX = 10, 50
 
 
@@ -332,6 +334,7 @@ def _resource_block(snap: Snapshot, r: ResourceStatus, fs: list[Finding]) -> lis
     primary = r.primary or "(none)"
     out = [_line(Span(f"-> check resource {r.name}", "head"), ", with ", _v(human_bytes(r.size_bytes)),
                  ", Primary Node is ", _v(primary))]
+    out += [(Span(f"   -> {text}", _ROLE_STYLE[what]),) for what, text in role_lines(r)]
     for h in _node_order(snap, r):
         out += _node_block(snap, r, h, fs)
     count = len(r.nodes)

@@ -3,19 +3,24 @@ primaries, split brain (issue 13).
 
 Every test writes the entries marsd and marsadm would write (``Tree.set`` with stamps fixed
 relative to NOW, so every age is the same on every run), builds the one snapshot and checks
-what the model and its findings make of it.
+what the model and its findings make of it. The faces render these same findings; the last
+tests check that marsadm view and mars-status show them.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from pathlib import Path
 
 import pytest
 
+from mars.engine import marsadm
 from mars.engine.model import CODES, ROLES, URGENT, Finding, Member, Snapshot, build, findings
 from mars.engine.tree import NONE, Tree
 from mars.engine.trigger import take_lock
+from mars.status.render import Options, plain, render
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -107,6 +112,12 @@ def _cluster(root: Path, hosts: str, now: float = NOW):
 @pytest.fixture
 def two(tmp_path):
     yield from _cluster(tmp_path / "two", "ab")
+
+
+@pytest.fixture
+def live(tmp_path):
+    """Two members whose stamps are relative to the wall clock: for marsadm, which reads it."""
+    yield from _cluster(tmp_path / "live", "ab", time.time())
 
 
 @pytest.fixture
@@ -436,3 +447,56 @@ def test_an_older_document_without_the_new_fields_still_reads(two):
     assert (back.handover_to, back.handover_age_s, back.prev_primary, back.forced_primary) == (None,) * 4
     assert back.split_brain[0].beyond_bytes == {} and back.split_brain[0].reference is None
     assert back.diverged == ["b"]  # the primary a's side is kept
+
+
+# --- the faces show it ---------------------------------------------------------------------------
+
+def _view(c: Cluster, capsys, host: str, *argv: str) -> str:
+    code = marsadm.main(["--mars-dir", str(c.root), "--host", host, *argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def test_view_shows_a_handover(live, capsys):
+    handover(live)
+    out = _view(live, capsys, "a", "view", "r")
+    assert re.search(r"^  handover of r from a to b in progress for \d+ s$", out, re.M), out
+    assert "WORK HANDOVER r@b: planned handover of r from a to b in progress" in out
+
+
+def test_view_shows_the_split_brain_sides_and_the_macro_says_so(live, capsys):
+    forced_split(live)
+    out = _view(live, capsys, "a", "view", "r")
+    assert "  forced primary: b (made primary by force; the primary before was a)" in out
+    assert ("  split brain from log 5 on: kept b (the designated primary's side, 3.0 MiB beyond the split point); "
+            "diverged a (1.0 MiB beyond the split point)") in out
+    node_b = next(ln for ln in out.splitlines() if ln.startswith("    node b:"))
+    assert node_b.split()[5] == "ForcedPrimary"
+    assert _view(live, capsys, "a", "view-is-split-brain", "r").strip() == "1"
+    assert _view(live, capsys, "a", "view-role", "r").strip() == "Secondary"
+
+
+def test_view_is_split_brain_from_a_message_alone(live, capsys):
+    assert _view(live, capsys, "a", "view-is-split-brain", "r").strip() == "0"
+    live.put(f"{R}/actual-b/msg-err-split-brain", "history differs")
+    assert _view(live, capsys, "a", "view-is-split-brain", "r").strip() == "1"
+    out = _view(live, capsys, "a", "view", "r")
+    assert "  split brain: diverged b (its marsd reports it: history differs)" in out
+
+
+def test_mars_status_shows_handover_forced_primary_and_split_brain(two):
+    handover(two)
+    s = two.snap()
+    text = plain(render(s, findings(s), Options()))
+    assert "   -> handover of r from a to b in progress for 4 s" in text
+    assert "---> WORK: planned handover of r from a to b in progress" in text
+    two.drop(f"{R}/handover-to")
+    forced_split(two)
+    s = two.snap()
+    text = plain(render(s, findings(s), Options()))
+    assert "   -> forced primary: b (made primary by force; the primary before was a)" in text
+    assert ("   -> split brain from log 5 on: kept b (the designated primary's side, 3.0 MiB beyond the split point); "
+            "diverged a (1.0 MiB beyond the split point)") in text
+    assert "---> TODO: r is in a split brain" in text
+    assert "Status=ForcedPrimary" in text

@@ -307,7 +307,10 @@ def test_history_draws_versions_per_node(tree):
     assert ascii[-1].startswith("        `--> Secondary Node: c ")
     # The split brain is a verdict of the findings, shown as a TODO line with its remedy.
     out = _render(tree)
-    assert "---> TODO: log versions of r differ: log 1: a has a:" in out
+    assert ("---> TODO: r is in a split brain: from log 1 on, the designated primary's side, a, b, hold log 1 "
+            "from a (digest 11111111)") in out
+    assert ("   -> split brain from log 1 on: kept a, b (the designated primary's side, 1.0 KiB (a), 0 B (b) beyond "
+            "the split point); diverged c (0 B beyond the split point)") in out
     assert "Transactions: TODO" in out
 
 

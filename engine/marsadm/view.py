@@ -33,7 +33,7 @@ from typing import Any
 
 from .. import model
 from ..errors import UsageError
-from ..model import Finding, Member, figure, findings, human_bytes, human_seconds, value_text
+from ..model import Finding, Member, figure, findings, human_bytes, human_seconds, role_lines, value_text
 from ..tree import check_name, require_cluster
 from .base import Ctx, command
 
@@ -106,8 +106,9 @@ def _register() -> None:
            lambda s, m, h: bool(s.nodes.get(h) and s.nodes[h].alive), per_resource=False)
     _macro("is-module-loaded", "1 when marsd runs on this host (the original's kernel module)",
            lambda s, m, h: s.marsd_running, per_resource=False)
-    _macro("is-split-brain", "1 when members hold different histories for the same log number",
-           lambda s, m, h: bool(m.r.split_brain))
+    _macro("is-split-brain", "1 when members hold different histories for the same log number, or a member's "
+           "marsd reports that its history diverges from the primary's",
+           lambda s, m, h: m.r.is_split_brain)
     _macro("is-emergency", "1 when this host is in emergency mode (/mars short of space)",
            lambda s, m, h: bool(s.nodes.get(h) and s.nodes[h].emergency))
     _macro("is-consistent", "1 when this host's data device holds a consistent state",
@@ -177,7 +178,8 @@ def _register() -> None:
     _macro("flags", "six flags: disk D(device served)/d(disk only)/-, consistent C/c/-, attached A/a/-, "
            "sync S/s/-, fetch F/f/-, replay R/r/- (capital: done; small: switched on, not there yet; -: off)",
            lambda s, m, h: m.flags())
-    _macro("role", "None, Secondary, NotYetPrimary, Primary or RemainsPrimary", lambda s, m, h: m.role())
+    _macro("role", "None, Secondary, NotYetPrimary, Primary, ForcedPrimary (made primary by force) or "
+           "RemainsPrimary (serving, but no longer designated)", lambda s, m, h: m.role())
     _macro("todo-role", "the designated role: None, Primary or Secondary", lambda s, m, h: m.todo_role())
     _macro("primarynode", "this host when it is the designated primary, else the primary or (none)",
            lambda s, m, h: m.primarynode())
@@ -370,6 +372,7 @@ def render(snap: model.Snapshot, names: list[str], fs: list[Finding], verbose: b
                 lines += _repl_lines(me, snap.window_s)
         else:
             lines.append(f"  {name} {peers} host {host} is no member; primary {r.primary or '(none)'}")
+        lines += [f"  {text}" for _, text in role_lines(r)]
         for h in members:
             if h != host:
                 lines.append(_node_line(Member(snap, r, h)))
