@@ -365,6 +365,19 @@ def test_two_primaries_writing_the_same_number_split_by_origin(two):
     assert "holds log 6 from b (being written)" in one(s, "SPLIT_BRAIN").text
 
 
+def test_after_invalidate_the_stale_log_end_of_the_discarded_side_is_no_history(two):
+    """b's side was discarded: its versions are a's now (the one of its own log 6 is gone) and it
+    replays a's log 6; its last log-pos still names its own log 6, which is no history of it."""
+    test_two_primaries_writing_the_same_number_split_by_origin(two)
+    two.put(f"{R}/actual-b/is-primary", 0)
+    two.primary("a")
+    two.put(f"{R}/replay-b", f"{log(6, 'a')},0,0")
+    s = two.snap()
+    assert s.resources["r"].split_brain == [] and "SPLIT_BRAIN" not in codes(s)
+    two.put(f"{R}/replay-b", f"{log(5, 'a')},{2 * MiB},0")  # not yet following a there: still b's own log 6
+    assert [x.seq for x in two.snap().resources["r"].split_brain] == [6]
+
+
 def test_a_secondary_merely_behind_is_no_split(three):
     """Equal versions of log 5 everywhere; a writes log 6; c has not even fetched all of log 5."""
     for h in "ab":

@@ -12,7 +12,8 @@ What is here, by module:
   word, a summary line and the counts as typed :class:`PerfFigure` values), shared by
   ``mars-status --check`` and ``check_mars``.
 * :mod:`.states` — the original's state names (diskstate, replstate, flags, role) of a
-  :class:`Member`, and :func:`held_back`: why a transfer cannot move.
+  :class:`Member`, :func:`held_back`: why a transfer cannot move, and :func:`role_lines`: a
+  handover, a forced primary and a split brain's sides as every face shows them.
 * :mod:`.units` — bytes, seconds and percentages as every face prints them; sizes as typed.
 * :mod:`.client` — marsd's control socket, and :func:`read_snapshot`: the snapshot a face shows,
   also while marsd is down.

@@ -796,6 +796,9 @@ def _histories(e: _Entries, d: str, logs: dict[tuple[int, str], LogFileStatus]) 
     A host's history is its version entries (every host writes one for each file it finished
     or replayed completely), plus its open tail: the file its ``log-pos`` names, when that file
     is its own and it has no version of it yet (a primary writing, or one stopped while writing).
+    Not when its replay position is in another origin's file of that number or a later one: it
+    follows another history from there on (``invalidate`` after a split brain leaves a demoted
+    primary's last ``log-pos`` behind, and takes its versions of the discarded files away).
     """
     hist: dict[str, dict[int, _Piece]] = {}
     for f in logs.values():
@@ -807,8 +810,12 @@ def _histories(e: _Entries, d: str, logs: dict[tuple[int, str], LogFileStatus]) 
             continue
         h = a[len(prefix):]
         pos = LogPos.parse(e.get(f"{a}/log-pos"))
-        if pos is not None and pos.origin == h and pos.seq not in hist.get(h, {}):
-            hist.setdefault(h, {})[pos.seq] = _Piece(h, pos.offset, None)
+        if pos is None or pos.origin != h or pos.seq in hist.get(h, {}):
+            continue
+        link = ReplayLink.parse(e.get(f"{d}/replay-{h}"))
+        if link is not None and link.origin != h and link.seq >= pos.seq:
+            continue
+        hist.setdefault(h, {})[pos.seq] = _Piece(h, pos.offset, None)
     return hist
 
 
