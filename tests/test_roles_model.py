@@ -247,7 +247,8 @@ def test_two_primaries(two):
     assert f.node == "a"
     assert f.text.startswith("a and b both serve r (is-primary 1): b is the designated primary; a is not alive")
     assert f.remedy == ("stop the applications using r on a, then 'marsadm secondary r' on a, "
-                        "or 'marsadm down r' on a")
+                        "or 'marsadm down r' on a; if a is gone for good, on a survivor "
+                        "'marsadm leave-resource r --host a --force'")
     r = s.resources["r"]
     assert (Member(s, r, "a").role(), Member(s, r, "b").role()) == ("RemainsPrimary", "ForcedPrimary")
 

@@ -481,6 +481,10 @@ def _two_primaries(snap: Snapshot, res: str, rs: ResourceStatus) -> Iterator[Fin
     if primary in serving:
         remedy = "; ".join(f"stop the applications using {res} on {h}, then {_cmd(f'secondary {res}', h)}, "
                            f"or {_cmd(f'down {res}', h)}" for h in others)
+        gone = [h for h in others if _down(snap, h)]
+        if gone:
+            remedy += "; if " + " or ".join(gone) + " is gone for good, on a survivor " + ", ".join(
+                f"'marsadm leave-resource {res} --host {h} --force'" for h in gone)
     else:
         remedy = (f"decide which of {', '.join(serving)} goes on; on each other one stop the applications using "
                   f"{res}, then 'marsadm secondary {res}' there, or 'marsadm down {res}' there")
