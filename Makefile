@@ -54,6 +54,7 @@ bench: venv
 	$(PY) bench/bench_replication.py
 	$(PY) bench/bench_status.py
 	$(PY) bench/bench_exporter.py
+	$(PY) bench/bench_handover.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \
