@@ -10,7 +10,8 @@ once the secondaries have caught up; the log files every member has replayed del
 view all` on c showing every node's state and the findings. Beside the nodes run one
 mars-exporter each and a real Prometheus scraping them with the alert rules of
 dashboards/prometheus/; at the end the demo prints the URLs of its targets and alerts pages and
-a few live series, asked through its HTTP API.
+a few live series, asked through its HTTP API. It ends with a planned handover: b becomes the
+primary (``marsadm primary demo``) and serves, and a follows b as a secondary without a sync.
 
 The three nodes run on 127.0.0.2, 127.0.0.3 and 127.0.0.4, each with its own mars dir and image
 under one demo directory; they share the peer port (7777, or a free one if 7777 is taken).
@@ -399,6 +400,22 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     if prom is not None:
         say("8b. the same cluster in Prometheus, through the exporters")
         show_prometheus(prom)
+
+    say("9. a planned handover: b becomes the primary, a follows b (no sync: the histories are one)")
+    t0 = time.monotonic()
+    sh(*b.adm("primary", "demo"))
+    b_uri = f"nbd+unix:///demo?socket={b.mars_dir / 'nbd.sock'}"
+    sh("qemu-io", "-f", "raw", "-c", "write -P 0x62 100M 1M", b_uri)
+    out(f"      b serves demo and acknowledged a write {time.monotonic() - t0:.1f} s after 'marsadm primary'")
+    wait_for(lambda: all(n.value("resource-demo/replay-" + n.host) == b.value("resource-demo/replay-b")
+                         for n in (a, c)), 60, "a and c to follow b")
+    sums = {h: sha256(base / f"{h}.img") for h in NODES}
+    if len(set(sums.values())) != 1:
+        print(f"demo: MISMATCH after the handover: {sums}", file=sys.stderr)
+        return 1
+    copied = sum(mib(n.value(f"resource-demo/actual-{n.host}/sync-copied-bytes")) for n in (a, c))
+    say(f"identical again, with b as the primary; a and c synced {copied:.1f} MiB for it")
+    sh(*a.adm("view", "demo"))
     return 0
 
 

@@ -124,3 +124,46 @@ async def test_a_retry_loop_stops_when_its_stop_was_swallowed():
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 5)
     assert rounds == 1
+
+
+async def test_a_replayer_whose_stop_was_swallowed_still_ends(tmp_path, monkeypatch):
+    """The replayer waits for more log with wait_for, which in Python 3.11 can swallow the
+    cancellation meant for the replayer itself. It then went on replaying after pause-replay,
+    and a role switch waited for it for ever (marsd hung in 'marsadm primary')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mars.engine.device import DataDevice
+    from mars.engine.log import replayer as rp
+    from mars.engine.log.values import ReplayLink, log_name
+    from mars.engine.tree import Tree
+
+    tree = Tree(tmp_path / "mars", "b")
+    d = tree.root / "resource-r"
+    d.mkdir(parents=True)
+    (d / log_name(1, "a")).touch()
+    tree.set("resource-r/replay-b", ReplayLink(1, "a", 0, 0))
+    img = tmp_path / "b.img"
+    img.write_bytes(bytes(1 << 16))
+    waits = 0
+    real_wait_for = asyncio.wait_for
+
+    async def swallowing_wait_for(aw, timeout):
+        nonlocal waits
+        waits += 1
+        try:
+            return await real_wait_for(aw, timeout)
+        except asyncio.CancelledError:
+            return None  # the 3.11 race: the inner wait finished as the cancel came
+
+    monkeypatch.setattr(rp.asyncio, "wait_for", swallowing_wait_for)
+    with ThreadPoolExecutor(2) as ex:
+        device = DataDevice(img, "r")
+        r = rp.Replayer(tree, "r", device, ex, lambda name: 0, checkpoint_interval=30)
+        task = asyncio.ensure_future(r.run())
+        while waits == 0:
+            await one_turn()
+        task.cancel()
+        await asyncio.wait([task], timeout=5)  # not wait_for: it would wait for a task that never ends
+        assert task.done(), "the replayer went on after its stop"
+        assert task.cancelled()
+        device.close()

@@ -107,7 +107,7 @@ class Daemon:
         if ip is None:
             raise PeerError(f"no address known for host {host}", "it has not joined the cluster")
         return PeerClient(ip, self.port, self.hello(), client_context(self.tree.root, self.host),
-                          self.tree.get("uuid"))
+                          self.tree.get("uuid"), local_ip=self.ip)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -397,6 +397,8 @@ class Daemon:
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
         self.tree.set(actual(res, self.host, "replay-code"), ReplayCode(1), durable=False)
         if role == "primary":
+            # Its history is the one that goes on now: a split it saw as a secondary is the others'.
+            self.tree.delete(actual(res, self.host, "msg-err-split-brain"), durable=False)
             log.info("resource %s: attached %s, serving NBD export %r", res, data, res)
         else:
             log.info("resource %s: attached %s as secondary", res, data)

@@ -104,14 +104,16 @@ def next_origin(tree: Tree, res: str, seq: int) -> str | None:
 
     A role switch changes the origin from one file to the next (``log-7-a`` is followed by
     ``log-8-b``), so a fetcher at the end of a file cannot assume the same origin goes on. The
-    local copy says it once there is one; else the designated primary's version entry or log
-    position; else the designated primary itself, the only node that starts new files.
+    local copy says it once there is one; else the designated (or, during a handover, the last)
+    primary's version entry or log position; else that primary itself, the only node that starts
+    new files.
     """
     d = res_dir(res)
     local = {f.origin for f in list_logs(tree, res) if f.seq == seq}
     if len(local) == 1:
         return local.pop()
-    primary = designated_primary(tree, res)
+    # While a handover runs nobody is designated; the last primary's history is the one that ends.
+    primary = designated_primary(tree, res) or tree.get(f"{d}/prev-primary") or None
     if primary is not None:
         v = read_version(tree, res, seq, primary)
         if v is not None:

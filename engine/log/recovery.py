@@ -65,6 +65,13 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
     """Blocking: replay the log onto ``device`` and return where appends continue."""
     host = tree.host
     logs = list_logs(tree, res)
+    link = read_replay(tree, res, host)
+    if link is not None and link.origin != host and link.pos == 0 and not any(f.seq == link.seq for f in logs):
+        # Replay stands at the start of another origin's file that nothing has been fetched of
+        # yet (a handover right after a join, or a forced one before any fetch): the history
+        # here holds none of it, and goes on after it. An empty copy says so.
+        (tree.root / res_dir(res) / log_name(link.seq, link.origin)).touch(mode=0o600)
+        logs = list_logs(tree, res)
     if not logs:
         first = tree.root / res_dir(res) / log_name(max(1, tree.get_int(f"{res_dir(res)}/maxnr")), host)
         first.touch(mode=0o600)

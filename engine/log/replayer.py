@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from ..device import DataDevice, drop_behind
+from ..roles.runtime import stop_if_stopping
 from ..stats import ResourceStats
 from ..tree import Tree, actual, res_dir
 from . import format as lf
@@ -92,6 +93,10 @@ class Replayer:
         digest = self._start_digest(link) if link.pos == 0 else None
         ahead: tuple[Path, int, asyncio.Future[bytes]] | None = None  # the next chunk, being read
         while True:
+            # A stop that the wait for more log swallowed (wait_for can, in 3.11) must still end
+            # this task: a replayer that went on would write a device its runtime has closed,
+            # and the runtime's stop would wait for it for ever.
+            stop_if_stopping()
             name = log_name(self.position.seq, self.position.origin)
             path = self._dir() / name
             avail = self.available(name) if path.exists() else 0

@@ -36,6 +36,7 @@ from .base import RES_ARG, Ctx, command
 from .switches import _attached
 
 POLL_S = 0.1  # a waiting CLI's polling interval (marsd itself never polls for marsadm)
+OPEN_RECHECK_S = 3.0  # how long an open count > 0 is watched for the next report before refusing
 
 
 @command("primary", "make this host the primary: a planned handover from the current one "
@@ -79,6 +80,9 @@ def primary(ctx: Ctx) -> None:
     if old is not None:
         _refuse_open(ctx, rs, old)
     _refuse_unsynced_members(ctx, snap, rs)
+    if ctx.args.no_wait and (old or rs.prev_primary) not in (None, host):
+        raise ctx.fail("a handover cannot be only recorded: each step waits for the one before",
+                       "run it without --no-wait")
     for switch, cmd in (("connect", "resume-fetch"), ("allow-replay", "resume-replay")):
         if tree.get(todo(res, host, switch)) != "1":
             raise ctx.fail(f"{switch} is switched off on {host}: it cannot catch up with the primary's log",
@@ -152,9 +156,28 @@ def _refuse_open(ctx: Ctx, rs: model.ResourceStatus, old: str) -> None:
                        f"with 'marsadm primary --force {ctx.res}'")
     n = node.actual.open_count if node is not None else 0
     if n and not ctx.force:
+        n = _fresh_open_count(ctx, old)
+    if n and not ctx.force:
         raise ctx.fail(f"the NBD export {ctx.res} is open on {old} by {n} client(s)",
                        f"stop the applications and disconnect them on {old} first, or pass --force: {old} then "
                        "answers the writes it has, and closes those connections")
+
+
+def _fresh_open_count(ctx: Ctx, host: str) -> int:
+    """The open count ``host`` reports, after its next report: a client that disconnected a
+    moment ago is still counted in the tree until then. Waits at most OPEN_RECHECK_S."""
+    path = actual(ctx.res, host, "open-count")
+    time_path = f"actual-{host}/time"
+    before = ctx.tree.entry(time_path)
+    deadline = time.monotonic() + OPEN_RECHECK_S
+    while time.monotonic() < deadline:
+        now = ctx.tree.entry(time_path)
+        if int(ctx.tree.get(path) or 0) == 0:
+            return 0
+        if before is not None and now is not None and now.stamp_ns > before.stamp_ns:
+            break  # a newer report came with the same pull as the count: it stands
+        time.sleep(POLL_S)
+    return int(ctx.tree.get(path) or 0)
 
 
 def _refuse_unsynced_members(ctx: Ctx, snap: model.Snapshot, rs: model.ResourceStatus) -> None:

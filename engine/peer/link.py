@@ -140,9 +140,13 @@ class PeerServer:
 class PeerClient:
     """One link to a peer for one purpose; ``request`` sends a message and returns its reply."""
 
-    def __init__(self, ip: str, port: int, hello: P.Hello, ctx: ssl.SSLContext, cluster: str | None) -> None:
+    def __init__(self, ip: str, port: int, hello: P.Hello, ctx: ssl.SSLContext, cluster: str | None,
+                 local_ip: str | None = None) -> None:
         self.ip = ip
         self.port = port
+        # Leave from this node's own address (the one it listens on), not whatever the route
+        # picks: peers and firewalls then see every link of a node come from one address.
+        self.local_ip = local_ip
         self._hello = hello
         self._ctx = ctx
         self._cluster = cluster
@@ -167,7 +171,8 @@ class PeerClient:
     async def connect(self) -> None:
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(self.ip, self.port, ssl=self._ctx, server_hostname=None),
+                asyncio.open_connection(self.ip, self.port, ssl=self._ctx, server_hostname=None,
+                                        local_addr=(self.local_ip, 0) if self.local_ip else None),
                 CONNECT_TIMEOUT)
         except ssl.SSLCertVerificationError as e:
             # It answered, so it runs and the port is open: its certificate is another cluster's.

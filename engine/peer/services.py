@@ -122,9 +122,13 @@ class PeerServices:
             if msg.offset < limit or finished or timed_out:
                 break
             timed_out = not await pulse.wait(deadline - loop.time())
-        if msg.offset > limit and finished:
-            raise MarsError(f"{msg.name} of {msg.res} ends at {limit} bytes in the history this node follows, "
-                            f"before offset {msg.offset}", "the asking node holds more of it: a split brain")
+        if msg.offset > limit:
+            if finished:
+                raise MarsError(f"{msg.name} of {msg.res} ends at {limit} bytes in the history this node follows, "
+                                f"before offset {msg.offset}", "the asking node holds more of it: a split brain")
+            # The asker holds more of this copy than we do yet (we lag behind it): nothing to send.
+            return P.LogData(req=msg.req, res=msg.res, name=msg.name, offset=msg.offset, size=msg.offset,
+                             finished=False, data=b"")
         n = max(0, min(msg.max_bytes, MAX_FETCH, limit - msg.offset))
         data = b""
         if n:
