@@ -402,6 +402,7 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
         show_prometheus(prom)
 
     say("9. a planned handover: b becomes the primary, a follows b (no sync: the histories are one)")
+    synced_before = sum(mib(n.value(f"resource-demo/actual-{n.host}/sync-copied-bytes")) for n in (a, c))
     t0 = time.monotonic()
     sh(*b.adm("primary", "demo"))
     b_uri = f"nbd+unix:///demo?socket={b.mars_dir / 'nbd.sock'}"
@@ -413,7 +414,7 @@ def run(args: argparse.Namespace, base: Path, nodes: dict[str, Node], procs: lis
     if len(set(sums.values())) != 1:
         print(f"demo: MISMATCH after the handover: {sums}", file=sys.stderr)
         return 1
-    copied = sum(mib(n.value(f"resource-demo/actual-{n.host}/sync-copied-bytes")) for n in (a, c))
+    copied = sum(mib(n.value(f"resource-demo/actual-{n.host}/sync-copied-bytes")) for n in (a, c)) - synced_before
     say(f"identical again, with b as the primary; a and c synced {copied:.1f} MiB for it")
     sh(*a.adm("view", "demo"))
     return 0
@@ -456,7 +457,7 @@ def main() -> int:
                 text = n.log.read_text(errors="replace") if n.log.exists() else ""
                 for line in [ln for ln in text.splitlines() if " WARNING " in ln or " ERROR " in ln][-3:]:
                     out(f"      marsd-{n.host}.log: {line}")
-        say("9. stop all three marsd with SIGTERM")
+        say("10. stop all three marsd with SIGTERM")
         for n in nodes.values():
             n.terminate()
         for n in nodes.values():

@@ -197,7 +197,9 @@ def test_marsds_counters_count_what_happened_and_restart_with_it(pair):
     assert answered and light.debug_lines == [] and light.counters.resources["r"].log_records >= c1.log_records
     assert request_snapshot(a.mars_dir, cmd="counters")["local_host"] == "a"
     a.restart()
-    restarted = wait_until(lambda: live_snapshot(a.mars_dir, "a")[0].counters, 30, "a's marsd to answer")
+    # A restarted primary serves (and counts) once its peer's tree came in: wait for that.
+    restarted = wait_until(lambda: (c := live_snapshot(a.mars_dir, "a")[0].counters) and "r" in c.resources and c,
+                           30, "a's marsd to answer and serve r")
     assert restarted.started_at_s > after.started_at_s and restarted.resources["r"].nbd_requests["write"] == 0
     a.kill()
     assert live_snapshot(a.mars_dir, "a")[0].counters is None  # no marsd, no counters: not stale ones
