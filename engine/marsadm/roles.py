@@ -112,8 +112,16 @@ def primary(ctx: Ctx) -> None:
     ctx.poke()
     _wait_serving(ctx, start)
     if source and source != host:
+        end = _final_pos(tree, res, source)
+        mine = read_version(tree, res, end.seq, host) if end is not None else None
+        theirs = read_version(tree, res, end.seq, source) if end is not None else None
+        if mine is None or theirs is None or str(mine) != str(theirs):
+            raise ctx.fail(f"{host} serves {res}, but its version of {end.name if end else 'the last log file'} "
+                           f"({mine}) is not {source}'s ({theirs}): the histories differ",
+                           f"'marsadm view {res}' shows the split brain and the commands to resolve it")
         ctx.say(f"{res}: {host} is the primary now, handed over from {source} in {time.monotonic() - start:.1f} s "
-                "with every write it acknowledged; it follows as a secondary")
+                f"with every write it acknowledged (version of {end.name} equal on both); {source} follows as a "
+                "secondary")
     else:
         ctx.say(f"{res}: {host} is the primary now")
 
