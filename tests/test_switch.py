@@ -366,6 +366,7 @@ def test_switch2primary_force(three):
     same_images(a, b, c)
     w3.check(image(a).read_bytes(), "a after invalidate")
     copied = sync_copied(a)
+    print(f"invalidate after the split copied {copied} B of {SIZE} B ({100 * copied / SIZE:.1f} %)")  # -s shows it
     assert 0 < copied < SIZE * 5 // 100, f"invalidate copied {copied} B of {SIZE} B"
     for n in (a, b, c):
         wait_until(lambda n=n: "SPLIT_BRAIN" not in codes(n), 30, f"SPLIT_BRAIN gone on {n.host}")
