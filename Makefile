@@ -55,6 +55,7 @@ bench: venv
 	$(PY) bench/bench_status.py
 	$(PY) bench/bench_exporter.py
 	$(PY) bench/bench_handover.py
+	$(PY) bench/bench_quiet.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \
