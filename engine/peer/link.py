@@ -184,7 +184,7 @@ class PeerClient:
                             "--secret-file <file>'") from None
         except (OSError, asyncio.TimeoutError, ssl.SSLError) as e:
             self._reader = self._writer = None
-            raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {e or type(e).__name__}",
+            raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {str(e) or type(e).__name__}",
                             "check that marsd runs there, the address is right and the port is open") from None
         self._conn = P.PeerConnection(self._hello)
         self._writer.write(self._conn.initial_bytes())
@@ -223,7 +223,7 @@ class PeerClient:
                     pushed.extend(reply.entries)  # a listing too large for one frame: the first parts
             except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
                 await self.close()
-                raise PeerError(f"link to {self.peer or self.ip} failed: {e or type(e).__name__}",
+                raise PeerError(f"link to {self.peer or self.ip} failed: {str(e) or type(e).__name__}",
                                 "it is retried") from None
             if isinstance(reply, P.Closed):
                 await self.close()
