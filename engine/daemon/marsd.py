@@ -242,6 +242,7 @@ class Daemon:
                 try:
                     c = self.peer_clients[host] = self.client_for(host)
                 except PeerError:
+                    self._heard.add(host)  # nothing to ask: a primary must not wait for it
                     return
             try:
                 try:
