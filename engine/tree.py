@@ -25,9 +25,13 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .entry import DELETED, Entry
 from .errors import MarsError, UsageError
+
+if TYPE_CHECKING:
+    from .peer.changes import ChangeIndex
 
 NONE = "(none)"
 DEFAULT_MARS_DIR = "/mars"
@@ -84,11 +88,31 @@ class Tree:
         self.root = Path(root)
         self.host = host
         self.clock = clock or LamportClock()
+        #: marsd's index of changes (peer/changes.py); every write through this object reports to it.
+        self.changes: ChangeIndex | None = None
+        self.wrote = False  # whether anything was written through this object (marsadm then pokes marsd)
 
     # -- reading -----------------------------------------------------------------------------
 
     def entry(self, path: str) -> Entry | None:
-        """The entry at ``path`` including a ``.deleted`` one; None when there is none."""
+        """The entry at ``path`` including a ``.deleted`` one; None when there is none.
+
+        In marsd, from its index of the tree (peer/changes.py) once that holds the whole tree:
+        a reconcile round reads thousands of entries, and two system calls each made an idle
+        node with many resources busy. The index knows every write of marsd itself and every
+        peer's; another process's write (marsadm, which then triggers marsd) is indexed by the
+        scan marsd runs before its next round. Writing still reads the disk (:meth:`_read`).
+        """
+        changes = self.changes
+        if changes is not None and changes.complete and path.partition("/")[0] not in LOCAL_DIRS:
+            e = changes.get(path)
+            if e is not None:
+                self.clock.observe(e.stamp_ns)
+            return e
+        return self._read(path)
+
+    def _read(self, path: str) -> Entry | None:
+        """The entry at ``path`` as it is on disk."""
         full = self.root / path
         try:
             value = os.readlink(full)
@@ -132,20 +156,21 @@ class Tree:
     # -- writing -----------------------------------------------------------------------------
 
     def set(self, path: str, value: str | int, *, durable: bool = True, stamp_ns: int | None = None,
-            restamp: bool = False) -> Entry:
+            restamp: bool = False, source: str | None = None) -> Entry:
         """Write ``value`` at ``path`` atomically with a stamp newer than the one it replaces.
 
         An unchanged value is left alone (its stamp too) unless ``restamp``: a fresh stamp on the
         same value is how an operator says "again" (e.g. retry an attach that failed).
         ``durable`` syncs the directory so the value survives a power loss; fast-changing actual
         state (rates, counters) passes False, desired state from marsadm keeps the default.
+        ``source`` is the peer a value came from (apply), None for this node's own writes.
         """
         value = str(value)
         if not value:
             raise ValueError(f"empty value for tree entry {path}")
         full = self.root / path
         full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        old = self.entry(path)
+        old = self._read(path)
         if old is not None and old.value == value and stamp_ns is None and not restamp:
             return old
         stamp = stamp_ns if stamp_ns is not None else self.clock.now()
@@ -160,9 +185,13 @@ class Tree:
         os.symlink(value, tmp)
         os.utime(tmp, ns=(stamp, stamp), follow_symlinks=False)
         os.replace(tmp, full)
+        self.wrote = True
         if durable:
             fsync_dir(full.parent)
-        return Entry(path, value, stamp)
+        entry = Entry(path, value, stamp)
+        if self.changes is not None and path.partition("/")[0] not in LOCAL_DIRS:
+            self.changes.note(entry, source)
+        return entry
 
     def delete(self, path: str, *, durable: bool = True) -> None:
         """Mark ``path`` deleted (a replicated tombstone), if it holds a live value."""
@@ -201,12 +230,21 @@ class Tree:
                 out.append(Entry(rel, value, st.st_mtime_ns))
         return out
 
-    def apply(self, entry: Entry) -> bool:
-        """Take a peer's entry if it is newer than ours (the newest Lamport stamp wins)."""
+    def apply(self, entry: Entry, source: str | None = None) -> bool:
+        """Take a peer's entry if it is newer than ours (the newest Lamport stamp wins).
+
+        Equal stamps with different values (two nodes wrote in the same nanosecond) go to the
+        greater value, so that every node picks the same one and their trees end up equal.
+        """
         self.clock.observe(entry.stamp_ns)
         parts = entry.path.split("/")
         if parts[0] in LOCAL_DIRS or any(p in ("", ".", "..") for p in parts):
             return False  # the credential never comes from a peer; no path leaves the tree
+        known = self.changes.get(entry.path) if self.changes is not None else None
+        if known is not None and _wins(known, entry):
+            # What the index holds is on disk or older than what is (writes only move forward),
+            # so this answers without a system call: the common case of an exchange.
+            return False
         d = self.root
         for p in parts[:-1]:
             d = d / p
@@ -215,13 +253,68 @@ class Tree:
         full = self.root / entry.path
         if os.path.lexists(full) and not os.path.islink(full):
             return False  # a log file or directory here: entries never replace those
-        mine = self.entry(entry.path)
-        if mine is not None and mine.stamp_ns >= entry.stamp_ns:
+        mine = self._read(entry.path)
+        if mine is not None and _wins(mine, entry):
             return False
         if mine is None and entry.deleted:
             return False  # never create a tombstone for something we never had
-        self.set(entry.path, entry.value, durable=False, stamp_ns=entry.stamp_ns)
+        self.set(entry.path, entry.value, durable=False, stamp_ns=entry.stamp_ns, source=source)
         return True
+
+    def scan(self, seen: dict[str, tuple[int, tuple[str, ...]] | None]) -> tuple[list[Entry], list[str], list[str]]:
+        """The entries of every directory that changed since the last scan, those directories,
+        and the directories that are gone.
+
+        Why: marsadm writes the tree from its own process, and an operator may write an entry by
+        hand, as with the original's /mars; marsd must notice such writes to send them on. A
+        write into a directory (each value is renamed into place) changes the directory's mtime,
+        so one ``stat`` per directory finds them, and only a changed directory is read. ``seen``
+        maps a directory to its mtime and subdirectories as of the last scan (updated here); a
+        directory modified in the last 100 ms is not remembered as read, because another write in
+        the same clock tick would leave its mtime as it is.
+        """
+        found: list[Entry] = []
+        read: list[str] = []
+        recent = time.time_ns() - 100_000_000
+        root = str(self.root)
+        stack = [""]
+        present: set[str] = set()
+        while stack:
+            rel = stack.pop()
+            full = os.path.join(root, rel) if rel else root
+            try:
+                mtime = os.stat(full).st_mtime_ns
+            except OSError:
+                continue
+            present.add(rel)
+            cached = seen.get(rel)
+            if cached is not None and cached[0] == mtime:
+                stack.extend(cached[1])
+                continue
+            subdirs: list[str] = []
+            try:
+                with os.scandir(full) as it:
+                    for d in it:
+                        name = d.name
+                        if name.startswith(".tmp"):
+                            continue
+                        path = f"{rel}/{name}" if rel else name
+                        if d.is_symlink():
+                            try:
+                                found.append(Entry(path, os.readlink(d.path), d.stat(follow_symlinks=False).st_mtime_ns))
+                            except OSError:
+                                continue  # replaced or removed meanwhile: the next scan sees it
+                        elif d.is_dir(follow_symlinks=False) and not (not rel and name in LOCAL_DIRS):
+                            subdirs.append(path)
+            except OSError:
+                continue
+            read.append(rel)
+            seen[rel] = (mtime, tuple(subdirs)) if mtime < recent else None
+            stack.extend(subdirs)
+        gone = [d for d in seen if d not in present]
+        for d in gone:
+            del seen[d]
+        return found, read, gone
 
     # -- names of the tree (the original's, §3.2–3.3 of the upstream reference) ----------------
 
@@ -237,6 +330,11 @@ class Tree:
         """Hosts with a live ``data-<host>`` entry in the resource: its members."""
         d = res_dir(res)
         return sorted(n[len("data-"):] for n in self.names(d) if n.startswith("data-") and self.exists(f"{d}/{n}"))
+
+
+def _wins(mine: Entry, theirs: Entry) -> bool:
+    """Whether our entry stays against a peer's: the newer stamp wins, a tie the greater value."""
+    return mine.stamp_ns > theirs.stamp_ns or (mine.stamp_ns == theirs.stamp_ns and mine.value >= theirs.value)
 
 
 def parse_int(value: str | None) -> int | None:

@@ -38,8 +38,10 @@ from mars.engine.peer.protocol import (
     PeerProtocolError,
     ReadReply,
     ReadRequest,
+    TreeChanges,
     TreeEntries,
     TreeRequest,
+    TreeSince,
     decode,
     encode,
 )
@@ -63,7 +65,7 @@ def frame(type_: int, meta: dict | list | bytes | str, data: bytes = b"") -> byt
 
 OUR = Hello(host="alpha", cluster="c0ffee", proto=PROTO_VERSION, lamport_ns=1_000)
 THEIRS = Hello(host="beta", cluster="c0ffee", proto=PROTO_VERSION, lamport_ns=2_000)
-THEIR_HELLO_BYTES = frame(HELLO, {"host": "beta", "cluster": "c0ffee", "proto": 1, "lamport_ns": 2000})
+THEIR_HELLO_BYTES = frame(HELLO, {"host": "beta", "cluster": "c0ffee", "proto": PROTO_VERSION, "lamport_ns": 2000})
 
 
 def opened() -> PeerConnection:
@@ -104,6 +106,13 @@ def log_data(draw) -> LogData:
     return LogData(draw(reqs), draw(components), draw(components), offset, size, draw(st.booleans()), data)
 
 
+@st.composite
+def tree_changes(draw) -> TreeChanges:
+    from_seq = draw(ints)
+    return TreeChanges(draw(reqs), draw(ints), from_seq, draw(st.integers(from_seq, MAX_INT)), draw(ints),
+                       tuple(draw(st.lists(entries, max_size=5))))
+
+
 def hellos(proto=ints):
     return st.builds(Hello, components, st.one_of(st.just(""), components), proto, ints)
 
@@ -118,6 +127,8 @@ body_messages = st.one_of(
     st.builds(ReadRequest, reqs, components, ints, st.integers(0, MAX_DATA)),
     st.builds(ReadReply, reqs, ints, payloads),
     st.builds(ErrorReply, st.integers(0, MAX_INT), codes, texts, texts),
+    st.builds(TreeSince, reqs, ints, ints, st.booleans()),
+    tree_changes(),
 )
 all_messages = st.one_of(body_messages, hellos(), st.builds(Bye, texts))
 
@@ -138,6 +149,7 @@ def test_type_numbers_are_the_wire_format():
     assert {n: cls.__name__ for n, cls in P.MESSAGE_TYPES.items()} == {
         1: "Hello", 2: "TreeRequest", 3: "TreeEntries", 4: "FetchRequest", 5: "LogData",
         6: "DigestRequest", 7: "DigestReply", 8: "ReadRequest", 9: "ReadReply", 10: "ErrorReply", 11: "Bye",
+            12: "TreeSince", 13: "TreeChanges",
     }
 
 
@@ -153,7 +165,7 @@ def test_encoding_is_the_documented_layout():
 
 
 def test_decoding_accepts_any_whitespace_and_key_order():
-    raw = b' { "lamport_ns" : 2000 ,\n "proto":1, "cluster":"c0ffee","host":"beta" } '
+    raw = b' { "lamport_ns" : 2000 ,\n "proto":2, "cluster":"c0ffee","host":"beta" } '
     assert decode(frame(HELLO, raw)) == THEIRS
 
 
@@ -312,7 +324,7 @@ def test_mutated_frames_only_raise_protocol_error(msg, data):
 # --- strict validation: what a peer may not send -------------------------------------------
 
 GOOD = {
-    HELLO: {"host": "beta", "cluster": "c", "proto": 1, "lamport_ns": 5},
+    HELLO: {"host": "beta", "cluster": "c", "proto": PROTO_VERSION, "lamport_ns": 5},
     TREE_REQUEST: {"req": 1, "prefixes": ["resource-r/"]},
     TREE_ENTRIES: {"req": 1, "entries": [["resource-r/size", "4096", 7]]},
     FETCH_REQUEST: {"req": 1, "res": "r", "name": "log-000000001-a", "offset": 0, "max_bytes": 1 << 20,
@@ -662,7 +674,7 @@ def test_first_non_hello_is_refused_from_its_header_alone():
 def test_protocol_version_must_match():
     conn = PeerConnection(OUR)
     conn.receive_data(encode(Hello("beta", "c0ffee", PROTO_VERSION + 1, 1)))
-    with pytest.raises(PeerProtocolError, match="protocol version 2"):
+    with pytest.raises(PeerProtocolError, match=f"protocol version {PROTO_VERSION + 1}"):
         conn.next_event()
 
 

@@ -22,9 +22,12 @@ Protocol: newline-delimited JSON. The client sends one request line.
 
 Why a reader can never hurt marsd: every connection writes through a bounded transport buffer,
 waits for it to drain at most ``DRAIN_TIMEOUT`` seconds, and its bus queue is bounded too; past
-either bound the connection is dropped. The snapshot is rebuilt once per reconcile round (in
-the disk executor) and served from that copy, so a busy poller costs marsd a socket write, not a
-tree scan.
+either bound the connection is dropped. While a reader follows the events, the snapshot is
+rebuilt after every reconcile round that changed the tree, and at least once a second (in the
+disk executor); a request is served from that copy, so a busy poller costs marsd a socket write,
+not a tree scan. With nobody following, no round builds one (an idle node would spend most of
+its CPU on snapshots nobody reads): a request then builds it, and requests within a second of
+it share that one.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import os
 import select
 import socket
 import struct
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
@@ -55,6 +59,7 @@ DRAIN_TIMEOUT = 5.0  # seconds a reader may leave a full buffer unread before it
 WRITE_HIGH = 256 << 10  # transport write buffer high-water mark per connection
 SEND_BUFFER = 64 << 10  # kernel send buffer per connection (SO_SNDBUF)
 QUEUE_EVENTS = 1000  # bus events a reader may be behind before it is dropped
+FRESH_S = 1.0  # a snapshot this old is served as it is; an older one is built anew first
 USAGE = 'send one JSON line: {"cmd": "snapshot"}, {"cmd": "counters"} or {"cmd": "events"}'
 
 StateKey = tuple[str | None, str, str]  # (resource or None for the node itself, node, field)
@@ -123,18 +128,23 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._latest: tuple[str, str, int] | None = None  # snapshot JSON, findings JSON, bus seq
+        self._built = -math.inf  # monotonic time the latest snapshot was built
         self._findings: dict[tuple, dict] = {}
         self._states: dict[StateKey, Any] = {}
         self._failing = False
 
     # -- the round's snapshot -----------------------------------------------------------------
 
-    async def refresh(self) -> None:
+    async def refresh(self, changed: bool = True) -> None:
         """After a reconcile round: rebuild the snapshot and publish what changed. Never raises.
 
-        Status is a by-product of replication: a bug here is logged (once, until it heals) and
-        must not stop the round that called it.
+        Only while someone follows the events (see the module), and only when the round
+        ``changed`` the tree or the last build is FRESH_S old. Status is a by-product of
+        replication: a bug here is logged (once, until it heals) and must not stop the round
+        that called it.
         """
+        if not self.bus.subscribers or (not changed and time.monotonic() - self._built < FRESH_S):
+            return
         try:
             self._adopt(*await self._in_thread(self._build), publish=self._latest is not None)
         except Exception:
@@ -148,6 +158,7 @@ class ControlServer:
 
     def _build(self) -> tuple[model.Snapshot, list[dict], str, str]:
         """Disk-bound (one pass over the tree) and JSON-heavy: runs in the executor."""
+        self._built = time.monotonic()
         snap = model.build(self.mars_dir, self.host, debug_lines=self.bus.recent_lines())
         found = [f.to_json() for f in findings(snap)]
         return snap, found, json.dumps(snap.to_json(), separators=(",", ":"), default=str), \
@@ -176,10 +187,14 @@ class ControlServer:
         self._latest = (snap_json, found_json, self.bus.seq)
 
     async def _snapshot_line(self) -> bytes:
-        """The reply to ``snapshot``, from the latest round (built now only before the first round)."""
-        if self._latest is None:
+        """The reply to ``snapshot``: the latest one, built now when it is older than FRESH_S.
+
+        Built here, it is news to nobody: the rounds publish changes while someone follows, and
+        then the latest one is fresh; a new follower takes this line as its starting point.
+        """
+        if self._latest is None or time.monotonic() - self._built >= FRESH_S:
             built = await self._in_thread(self._build)
-            self._adopt(*built, publish=self._latest is not None)
+            self._adopt(*built, publish=False)
         assert self._latest is not None
         snap_json, found_json, seq = self._latest
         # The counters are read now, not with the round's snapshot: a scrape's rate is then

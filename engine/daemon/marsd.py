@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ... import __version__
@@ -39,10 +40,14 @@ from ..trigger import TRIGGER_NAME, take_lock
 from . import logs
 from .bus import Bus
 from .control import ControlServer
+from .exchange import Exchange
 
 log = logging.getLogger("mars.marsd")
 
 NBD_SOCKET = "nbd.sock"
+#: How often a node reports (actual-<host>/time) when nothing asks it to: a few times within the
+#: status model's alive window (30 s), and no more, since every peer stores every report.
+REPORT_S = 5.0
 #: The runtime for each role a member can have; ``reconcile`` starts the one the tree asks for.
 RUNTIMES: dict[str, type[PrimaryRuntime] | type[SecondaryRuntime]] = {"primary": PrimaryRuntime,
                                                                       "secondary": SecondaryRuntime}
@@ -65,13 +70,9 @@ class Daemon:
         self.port = port
         self.ip = ip or tree.get(f"ips/ip-{tree.host}") or "127.0.0.1"
         self.peer_server: PeerServer | None = None
-        self.peer_clients: dict[str, PeerClient] = {}
-        self._pulls: dict[str, asyncio.Task[None]] = {}
-        self._heard: set[str] = set()  # peers whose first tree pull has ended, answered or not
-        self._pushes: dict[str, asyncio.Task[None]] = {}
-        self._pushed_ns = 0  # the Lamport time of the last push: entries newer than it go with the next
         self._triggered = False  # marsadm changed the tree since the last round
-        self._roles_changed = False  # a runtime started or stopped in the last round
+        self._reported = 0.0  # monotonic time of the last report (actual-<host>/time)
+        self._status_digest = -1  # the tree's digest as of the last status refresh
         self._waiting_noted = False
         self.logrot_auto = logrot_auto
         self.nbd_listen = nbd_listen
@@ -86,7 +87,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
-        self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self._wake.set)
+        self.exchange = Exchange(tree, self.executor, self.client_for, self._wake.set, self.report)
+        self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self.exchange)
         self.bus = Bus()
         self.stats = Stats()  # counters since this marsd started, served beside the snapshot
         self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.stats.to_json)
@@ -114,6 +116,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self._log_tasks)
+        await self.exchange.load()
         # What the tree says about this node is stale after a crash: nothing runs yet. Say so
         # before the sockets appear, so nobody acts on the last life's state.
         for res in self.tree.resources():
@@ -129,13 +132,22 @@ class Daemon:
         log.info("marsd %s on host %s started, tree %s", __version__, self.host, self.tree.root)
         try:
             while not self._stop.is_set():
-                await self.exchange()
-                await self.reconcile()
-                if self._triggered or self._roles_changed:
-                    self._triggered = self._roles_changed = False
-                    self.push()
+                # Cleared first: whatever wakes it during this round (a trigger, a peer's change)
+                # makes the next round start at once instead of being lost.
                 self._wake.clear()
-                await self.control.refresh()
+                triggered, self._triggered = self._triggered, False
+                if triggered or self.exchange.scan_due():
+                    await self.exchange.scan()  # marsadm's writes, to be pushed with ours
+                if triggered:
+                    # After a command every node reports afresh, this one and (asked by the pulls)
+                    # the peers: 'wait-cluster' and a handover wait for that.
+                    self.report()
+                self.exchange.start_pulls(fresh=triggered)
+                await self.reconcile()
+                self.exchange.push()
+                digest = self.exchange.index.digest
+                await self.control.refresh(changed=digest != self._status_digest)
+                self._status_digest = digest
                 waits = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(self._stop.wait())]
                 await asyncio.wait(waits, timeout=self.interval, return_when=asyncio.FIRST_COMPLETED)
                 for w in waits:
@@ -156,12 +168,9 @@ class Daemon:
         await self.control.close()
         for s in self._servers:
             s.close()
-        for t in [*self._pulls.values(), *self._pushes.values()]:
-            t.cancel()
         if self.peer_server is not None:
             await self.peer_server.close()
-        for c in self.peer_clients.values():
-            await c.close()
+        await self.exchange.close()
         for name in list(self.runtimes):
             await self._stop_resource(name)
         self.services.close()
@@ -227,99 +236,10 @@ class Daemon:
         log.info("peer links on %s:%d (TLS, cluster CA %s)", self.ip, self.port,
                  cluster_fingerprint(self.tree.root))
 
-    async def exchange(self) -> None:
-        """Start pulling every peer's tree (keeping the newer entries), without waiting for it.
-
-        Each peer's pull is its own task, at most one per peer at a time, so an unreachable
-        peer (a 10 s timeout) never delays this node's own reconcile round or another peer.
-        """
-        peers = [h for h in nodes_of(self.tree) if h != self.host]
-        self._forget_gone(peers)
-
-        async def pull(host: str) -> None:
-            c = self.peer_clients.get(host)
-            if c is None:
-                try:
-                    c = self.peer_clients[host] = self.client_for(host)
-                except PeerError:
-                    self._heard.add(host)  # nothing to ask: a primary must not wait for it
-                    return
-            try:
-                try:
-                    reply = await c.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=10)
-                except PeerError as e:
-                    # What failed, for every node's findings (which name the remedy themselves); the log
-                    # line, once per change, has the remedy too.
-                    if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != e.what:
-                        log.warning("exchange with %s: %s", host, e)
-                    self.tree.set(node_actual(self.host, f"msg-peer-{host}"), e.what, durable=False)
-                    return
-                self.tree.delete(node_actual(self.host, f"msg-peer-{host}"), durable=False)
-                changed = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, lambda: sum(self.tree.apply(e) for e in reply.entries))
-                if changed:
-                    self._wake.set()
-            finally:
-                if host not in self._heard:
-                    self._heard.add(host)
-                    self._wake.set()
-
-        for h in peers:
-            t = self._pulls.get(h)
-            if t is None or t.done():
-                self._pulls[h] = asyncio.get_running_loop().create_task(pull(h), name=f"exchange-{h}")
-
-    def push(self) -> None:
-        """Send every peer the entries that changed here since the last push, without waiting.
-
-        After an operator's command or a role change the peers should not wait for their next
-        pull: a handover is a chain of such changes (``(none)`` here, ``is-primary`` 0 there,
-        the new primary here), and each pull round would add up to ``--interval`` to it.
-        """
-        since, self._pushed_ns = self._pushed_ns, self.tree.clock.now()
-        loop = asyncio.get_running_loop()
-
-        async def send(host: str, entries: list) -> None:
-            c = self.peer_clients.get(host)
-            if c is None:
-                return
-            try:
-                for batch in P.entry_batches(entries):
-                    await c.request(lambda req, b=batch: P.TreeEntries(req=req, entries=b), timeout=10)
-            except PeerError:
-                pass  # the next pull (there or here) carries them anyway
-
-        async def push_all() -> None:
-            walked = await loop.run_in_executor(self.executor, self.tree.walk, ())
-            entries = [e for e in walked if e.stamp_ns > since]
-            if not entries:
-                return
-            for h in [h for h in nodes_of(self.tree) if h != self.host]:
-                t = self._pushes.get(h)
-                if t is None or t.done():
-                    self._pushes[h] = loop.create_task(send(h, entries), name=f"push-{h}")
-
-        t = self._pushes.get("")
-        if t is None or t.done():
-            self._pushes[""] = loop.create_task(push_all(), name="push")
-        else:
-            self._pushed_ns = since  # still walking the last one: the next push takes these too
-
-    def _forget_gone(self, peers: list[str]) -> None:
-        """A node that left the cluster leaves no link, no pull and no 'cannot reach' behind."""
-        for name in self.tree.names(f"actual-{self.host}"):
-            gone = name[len("msg-peer-"):] if name.startswith("msg-peer-") else None
-            if gone and gone not in peers:
-                self.tree.delete(node_actual(self.host, name), durable=False)
-        for host in [h for h in self.peer_clients if h not in peers]:
-            task = self._pulls.pop(host, None)
-            if task is not None:
-                task.cancel()
-            asyncio.get_running_loop().create_task(self.peer_clients.pop(host).close())
-
     async def reconcile(self) -> None:
         tree = self.tree
-        tree.set(node_actual(self.host, "time"), f"{tree.clock.now() / 1e9:.9f}", durable=False)
+        if time.monotonic() - self._reported >= max(REPORT_S, self.interval):
+            self.report()
         self._publish_node()
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
@@ -394,7 +314,6 @@ class Daemon:
             return
         self.failed.pop(res, None)
         self.runtimes[res] = rt
-        self._roles_changed = True
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
         self.tree.set(actual(res, self.host, "replay-code"), ReplayCode(1), durable=False)
         if role == "primary":
@@ -413,7 +332,7 @@ class Daemon:
         starts only once each peer answered (and told it the newest ``primary``) or failed to
         (a partition: then nobody can tell it, and it serves as before, as the original does).
         """
-        missing = [h for h in nodes_of(self.tree) if h != self.host and h not in self._heard]
+        missing = [h for h in nodes_of(self.tree) if h != self.host and not self.exchange.heard(h)]
         if missing and not self._waiting_noted:
             log.info("waiting for the trees of %s before serving as primary", ", ".join(missing))
         self._waiting_noted = bool(missing)
@@ -430,7 +349,6 @@ class Daemon:
         if rt is None:
             return
         await rt.stop(finish=finish)
-        self._roles_changed = True
         if finish:
             log.info("resource %s: stopped serving: %s is the primary now", res,
                      self.tree.get(f"{res_dir(res)}/primary") or "nobody")
@@ -440,6 +358,11 @@ class Daemon:
             log.info("resource %s: detached", res)
         if self.tree.get(f"{res_dir(res)}/size") is not None:
             self._publish(res)
+
+    def report(self) -> None:
+        """This node's report: its time, by which every node tells that it is alive (ALIVE_WINDOW_S)."""
+        self._reported = time.monotonic()
+        self.tree.set(node_actual(self.host, "time"), f"{self.tree.clock.now() / 1e9:.9f}", durable=False)
 
     def tunables(self) -> dict[str, str]:
         """What this marsd runs with, by tunable name (the --system view shows them beside the set values)."""

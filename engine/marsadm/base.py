@@ -106,12 +106,18 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         ctx.say(note)
     if cmd.node:
         require_node(ctx.tree)
-    if cmd.per_resource:
-        for res in ctx.resource_list(args.resource):
-            ctx.res = res
+    try:
+        if cmd.per_resource:
+            for res in ctx.resource_list(args.resource):
+                ctx.res = res
+                cmd.func(ctx)
+        else:
             cmd.func(ctx)
-    else:
-        cmd.func(ctx)
+    finally:
+        if ctx.tree.wrote:
+            # marsd indexes what others write when poked (and every few seconds regardless): a
+            # command that wrote, even one that failed half-way or did not wait, says so at once.
+            ctx.poke()
     return 0
 
 
@@ -185,9 +191,9 @@ class Ctx:
         This polls the tree, which is fine for a command-line tool (the original's LOOP phases
         did the same every second); marsd itself never polls for marsadm.
         """
+        self.poke()
         if self.args.no_wait:
             return
-        self.poke()
         if done():
             return
         if self.marsd_pid() is None:

@@ -177,6 +177,7 @@ def _fresh_open_count(ctx: Ctx, host: str) -> int:
     path = actual(ctx.res, host, "open-count")
     time_path = f"actual-{host}/time"
     before = ctx.tree.entry(time_path)
+    ctx.poke()  # marsd then asks every peer for a fresh report
     deadline = time.monotonic() + OPEN_RECHECK_S
     while time.monotonic() < deadline:
         now = ctx.tree.entry(time_path)

@@ -10,8 +10,10 @@ that fails any of this is dropped before it sees a single tree entry or log byte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,6 +27,26 @@ log = logging.getLogger("mars.peer")
 DEFAULT_PORT = P.DEFAULT_PORT
 READ_CHUNK = 4 << 20
 CONNECT_TIMEOUT = 5.0
+#: TCP keepalive on every peer link: probes after 5 s of silence, every 2 s, 3 unanswered end the
+#: link (about 11 s). A fetch long-polls for 10 s; without this, a peer that vanished without a
+#: word (a cut cable, a partition) would be noticed only when the poll's own timeout ran out.
+KEEPALIVE = (5, 2, 3)
+USER_TIMEOUT_MS = 15_000  # sent data unacknowledged this long ends the link too
+
+
+def _keepalive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        idle, interval, count = KEEPALIVE
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
+    except OSError:
+        pass  # not TCP (a test's socketpair): nothing to keep alive
 
 
 class PeerError(MarsError):
@@ -106,6 +128,7 @@ class PeerServer:
         assert task is not None
         self._tasks.add(task)
         addr = writer.get_extra_info("peername")
+        _keepalive(writer)
         conn = P.PeerConnection(self._hello())
         who = f"{addr[0]}:{addr[1]}" if addr else "?"
         try:
@@ -186,6 +209,7 @@ class PeerClient:
             self._reader = self._writer = None
             raise PeerError(f"cannot reach peer {self.ip}:{self.port}: {str(e) or type(e).__name__}",
                             "check that marsd runs there, the address is right and the port is open") from None
+        _keepalive(self._writer)
         self._conn = P.PeerConnection(self._hello)
         self._writer.write(self._conn.initial_bytes())
         try:
@@ -230,8 +254,8 @@ class PeerClient:
                 raise PeerError(f"peer {self.peer or self.ip} closed the link", "it is retried")
             if isinstance(reply, P.ErrorReply):
                 raise PeerError(f"peer {self.peer}: {reply.what}", reply.remedy)
-            if pushed and isinstance(reply, P.TreeEntries):
-                reply = P.TreeEntries(req=reply.req, entries=tuple(pushed) + reply.entries)
+            if pushed and isinstance(reply, (P.TreeEntries, P.TreeChanges)):
+                reply = dataclasses.replace(reply, entries=tuple(pushed) + reply.entries)
             return reply
 
     async def push(self, msg: Any) -> None:

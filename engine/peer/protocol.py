@@ -77,6 +77,8 @@ __all__ = [
     "Hello",
     "TreeRequest",
     "TreeEntries",
+    "TreeSince",
+    "TreeChanges",
     "FetchRequest",
     "LogData",
     "DigestRequest",
@@ -95,7 +97,7 @@ __all__ = [
     "entry_batches",
 ]
 
-PROTO_VERSION = 1
+PROTO_VERSION = 2  # 2: TreeSince and TreeChanges, the incremental tree exchange
 #: The TCP port of peer links unless ``marsd --port`` says otherwise: the original's 7777.
 DEFAULT_PORT = 7777
 # How a link error says the peer answered with another cluster's certificate: marsd records the
@@ -292,17 +294,77 @@ class TreeEntries:
 
     def __post_init__(self) -> None:
         _req("TreeEntries", self.req, reply_to_nothing_ok=True)
-        if type(self.entries) is not tuple:
-            raise ValueError(f"TreeEntries.entries must be a tuple, not {type(self.entries).__name__}")
-        for e in self.entries:
-            if type(e) is not Entry:
-                raise ValueError(f"TreeEntries.entries holds a {type(e).__name__}, not an Entry")
-            _tree_path("TreeEntries", "entry.path", e.path)
-            # Empty values are refused because a symlink cannot have an empty target.
-            n = _utf8_len("TreeEntries", "entry.value", e.value)
-            if not 0 < n <= MAX_VALUE:
-                raise ValueError(f"TreeEntries entry {show(e.path)}: value of {n} bytes is not 1..{MAX_VALUE}")
-            _int("TreeEntries", "entry.stamp_ns", e.stamp_ns)
+        _entries("TreeEntries", self.entries)
+
+
+def _entries(cls: str, entries: Any) -> None:
+    if type(entries) is not tuple:
+        raise ValueError(f"{cls}.entries must be a tuple, not {type(entries).__name__}")
+    for e in entries:
+        if type(e) is not Entry:
+            raise ValueError(f"{cls}.entries holds a {type(e).__name__}, not an Entry")
+        _tree_path(cls, "entry.path", e.path)
+        # Empty values are refused because a symlink cannot have an empty target.
+        n = _utf8_len(cls, "entry.value", e.value)
+        if not 0 < n <= MAX_VALUE:
+            raise ValueError(f"{cls} entry {show(e.path)}: value of {n} bytes is not 1..{MAX_VALUE}")
+        _int(cls, "entry.stamp_ns", e.stamp_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSince:
+    """Ask for the entries that changed on the peer after its change number ``seq``.
+
+    Change numbers count the changes of one life of the peer's marsd (``incarnation``, a random
+    number drawn at its start). They order changes by when they reached the peer, which Lamport
+    stamps do not (an entry relayed from a node that was cut off arrives with an old stamp), so
+    "everything after ``seq``" misses nothing. An ``incarnation`` that is not the peer's current
+    one (0, or a life that ended) gets the whole tree: that is how a requester starts, and how
+    a restart on either side is made safe. ``fresh`` asks the peer to report (its ``time``
+    entry) before answering, for a command waiting for every node's next report.
+    """
+
+    TYPE: ClassVar[int] = 12
+    req: int
+    incarnation: int
+    seq: int
+    fresh: bool = False
+
+    def __post_init__(self) -> None:
+        _req("TreeSince", self.req)
+        _int("TreeSince", "incarnation", self.incarnation)
+        _int("TreeSince", "seq", self.seq)
+        _bool("TreeSince", "fresh", self.fresh)
+
+
+@dataclass(frozen=True, slots=True)
+class TreeChanges:
+    """The changes ``from_seq`` (exclusive) .. ``seq`` (inclusive) of the sender's life
+    ``incarnation``: a reply to TreeSince, or pushed as a request of its own when they happen.
+
+    ``from_seq == 0`` is the whole tree. ``digest`` sums up the sender's tree as of ``seq``
+    (:mod:`mars.engine.peer.changes`): equal digests mean equal trees, which is how a receiver
+    notices, cheaply, a difference that no change carried. A large reply goes as unasked
+    TreeEntries first, then this message with the rest (as a TreeEntries reply does).
+    """
+
+    TYPE: ClassVar[int] = 13
+    req: int
+    incarnation: int
+    from_seq: int
+    seq: int
+    digest: int
+    entries: tuple[Entry, ...]
+
+    def __post_init__(self) -> None:
+        _req("TreeChanges", self.req)
+        _int("TreeChanges", "incarnation", self.incarnation)
+        _int("TreeChanges", "from_seq", self.from_seq)
+        _int("TreeChanges", "seq", self.seq)
+        if self.from_seq > self.seq:
+            raise ValueError(f"TreeChanges: from_seq {self.from_seq} is after seq {self.seq}")
+        _int("TreeChanges", "digest", self.digest)
+        _entries("TreeChanges", self.entries)
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,14 +540,14 @@ class Bye:
 
 Message = (
     Hello | TreeRequest | TreeEntries | FetchRequest | LogData | DigestRequest | DigestReply
-    | ReadRequest | ReadReply | ErrorReply | Bye
+    | ReadRequest | ReadReply | ErrorReply | Bye | TreeSince | TreeChanges
 )
 
 #: type byte -> message class. The numbers are the wire format: never renumber, only add.
 MESSAGE_TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (Hello, TreeRequest, TreeEntries, FetchRequest, LogData, DigestRequest, DigestReply,
-                ReadRequest, ReadReply, ErrorReply, Bye)
+                ReadRequest, ReadReply, ErrorReply, Bye, TreeSince, TreeChanges)
 }
 _DATA_TYPES = frozenset(cls for cls in MESSAGE_TYPES.values() if "data" in cls.__slots__)
 #: Fields that travel in the JSON meta, in declaration order (everything but ``data``).
@@ -516,8 +578,10 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 
 def _meta_of(msg: Any) -> dict[str, Any]:
     cls = type(msg)
-    if cls is TreeEntries:
-        return {"req": msg.req, "entries": [[e.path, e.value, e.stamp_ns] for e in msg.entries]}
+    if cls is TreeEntries or cls is TreeChanges:
+        meta = {name: getattr(msg, name) for name in _META_FIELDS[cls]}
+        meta["entries"] = [[e.path, e.value, e.stamp_ns] for e in msg.entries]
+        return meta
     return {name: getattr(msg, name) for name in _META_FIELDS[cls]}  # json writes tuples as lists
 
 
@@ -635,8 +699,8 @@ def _decode_body(cls: type, meta_raw: bytes, data: bytes, at: int) -> Message:
             if type(value) is not list:
                 raise ValueError(f"{name}.{key} must be a list, not {type(value).__name__}")
             meta[key] = tuple(value)
-        if cls is TreeEntries:
-            meta["entries"] = _entries_from_json(meta["entries"])
+        if cls is TreeEntries or cls is TreeChanges:
+            meta["entries"] = _entries_from_json(name, meta["entries"])
         if cls in _DATA_TYPES:
             meta["data"] = data
         return cls(**meta)
@@ -644,13 +708,13 @@ def _decode_body(cls: type, meta_raw: bytes, data: bytes, at: int) -> Message:
         raise PeerProtocolError(f"{name} at byte {at}: {e}") from None
 
 
-def _entries_from_json(items: Any) -> tuple[Entry, ...]:
+def _entries_from_json(cls: str, items: Any) -> tuple[Entry, ...]:
     if type(items) is not list:
-        raise ValueError(f"TreeEntries.entries must be a list, not {type(items).__name__}")
+        raise ValueError(f"{cls}.entries must be a list, not {type(items).__name__}")
     out = []
     for item in items:
         if type(item) is not list or len(item) != 3:
-            raise ValueError("TreeEntries.entries holds something other than a [path, value, stamp] list")
+            raise ValueError(f"{cls}.entries holds something other than a [path, value, stamp] list")
         out.append(Entry(item[0], item[1], item[2]))  # TreeEntries checks the three fields
     return tuple(out)
 

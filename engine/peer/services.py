@@ -8,8 +8,8 @@ instead of making it poll.
 
 The services get what they use explicitly (:class:`PeerServices`' arguments): the tree, the
 disk executor, the runtime of a resource (through the one runtime interface, whatever its
-role), its log pulse, and a callback that wakes the daemon's reconcile round when a peer's
-entries changed the tree.
+role), its log pulse, and the tree exchange (daemon/exchange.py), which answers what changed
+and takes a peer's changes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MarsError
 from ..log.files import finished_length, pread_file
@@ -29,21 +29,27 @@ from ..roles.syncer import chunk_digests
 from ..tree import Tree, check_name, res_dir
 from . import protocol as P
 
+if TYPE_CHECKING:
+    from ..daemon.exchange import Exchange
+
 MAX_FETCH = 16 << 20
 MAX_READ = 32 << 20
 MAX_WAIT_S = 10.0  # longest long poll a peer may ask for
+#: A copy (this node relays another's log) is checked this often while a fetch waits at its end:
+#: its end can also come with a tree entry (the origin's version of it), which fires no pulse.
+COPY_RECHECK_S = 1.0
 
 
 class PeerServices:
     """The answers of this node's end of every peer link; one instance per marsd."""
 
     def __init__(self, tree: Tree, executor: Executor, runtime: Callable[[str], Runtime | None],
-                 log_pulse: Callable[[str], LogPulse], wake: Callable[[], None]) -> None:
+                 log_pulse: Callable[[str], LogPulse], exchange: Exchange) -> None:
         self.tree = tree
         self.executor = executor
         self.runtime = runtime
         self.log_pulse = log_pulse
-        self.wake = wake
+        self.exchange = exchange
         self._fds: dict[str, tuple[str, int]] = {}  # resource -> (data device path, read-only fd)
 
     def close(self) -> None:
@@ -54,17 +60,19 @@ class PeerServices:
     async def handle(self, msg: Any, peer: str) -> Any:
         loop = asyncio.get_running_loop()
         tree = self.tree
+        if isinstance(msg, P.TreeSince):
+            return self.exchange.answer(msg, peer)
+        if isinstance(msg, (P.TreeChanges, P.TreeEntries)):
+            self.exchange.refuse_removed(peer, msg.entries)
+            await self.exchange.take(msg.entries, peer)
+            return P.TreeEntries(req=msg.req, entries=()) if msg.req else None
         if isinstance(msg, P.TreeRequest):
+            # The whole tree read from disk: what a joining node (marsadm join-cluster) asks for.
             entries = await loop.run_in_executor(self.executor, tree.walk, tuple(msg.prefixes))
             # A listing larger than one frame goes as unasked pushes, then the reply with the rest.
             batches = list(P.entry_batches(entries)) or [()]
             return [P.TreeEntries(req=0, entries=b) for b in batches[:-1]] + \
                 [P.TreeEntries(req=msg.req, entries=batches[-1])]
-        if isinstance(msg, P.TreeEntries):
-            changed = await loop.run_in_executor(self.executor, lambda: sum(tree.apply(e) for e in msg.entries))
-            if changed:
-                self.wake()
-            return P.TreeEntries(req=msg.req, entries=()) if msg.req else None
         if isinstance(msg, P.FetchRequest):
             return await self._fetch(msg)
         if isinstance(msg, P.DigestRequest):
@@ -116,12 +124,12 @@ class PeerServices:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(msg.wait_ms / 1000, MAX_WAIT_S)
         pulse = self.log_pulse(msg.res)
-        timed_out = False
         while True:
             limit, finished = self._limit(msg.res, seq, origin, path)
-            if msg.offset < limit or finished or timed_out:
+            left = deadline - loop.time()
+            if msg.offset < limit or finished or left <= 0:
                 break
-            timed_out = not await pulse.wait(deadline - loop.time())
+            await pulse.wait(left if origin == tree.host else min(left, COPY_RECHECK_S))
         if msg.offset > limit:
             if finished:
                 raise MarsError(f"{msg.name} of {msg.res} ends at {limit} bytes in the history this node follows, "

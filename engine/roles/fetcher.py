@@ -3,8 +3,11 @@
 Its position is never remembered, always recomputed from the copy on disk (at start and after
 every error): the size of the local copy after cutting an incomplete last record. So a crash,
 a cut link or a restart resumes exactly where the bytes on disk end, with nothing fetched twice
-and nothing skipped. The serving side long-polls (``wait_ms``), so an idle fetcher costs one
-request a second and a busy one streams as fast as the link allows.
+and nothing skipped. The serving side long-polls (``wait_ms``) and answers the moment the log
+grows, so an idle fetcher costs one request every WAIT_MS (a node with many resources has one
+fetcher each: a short poll would make an idle cluster's cost grow with them), and a busy one
+streams as fast as the link allows. A link that dies meanwhile is noticed by TCP keepalive
+(peer/link.py), not by the poll's end.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ log = logging.getLogger("mars.fetcher")
 
 FETCH_BYTES = 16 << 20
 DEPTH = 3  # requests in flight while catching up, one per link
-WAIT_MS = 1000
+WAIT_MS = 10_000
 RETRY_S = 1.0
 
 

@@ -125,6 +125,7 @@ class PrimaryRuntime(Attached):
             await self._checkpoint()
             if finish:
                 await asyncio.get_running_loop().run_in_executor(self.executor, self._finish, self.logger)
+                self.deps.log_pulse.fire()  # a fetch long-polling at our end learns it is the end
         if self.device is not None:
             self.device.close()
             self.device = None

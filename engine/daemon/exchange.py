@@ -1,0 +1,350 @@
+"""The tree exchange between marsd peers: what changed travels, not the tree.
+
+Three paths, each for what the other two cannot do:
+
+* **Push.** After each round, this node's own changes since the last push go to every peer at
+  once, so an operator's command on one node is seen everywhere within a round trip, not a
+  polling period.
+* **Pull.** Every round, each peer is asked for what changed there since the last answer
+  (:class:`~mars.engine.peer.protocol.TreeSince` with the peer's change number, the per-peer
+  high-water mark). That carries what pushes cannot: changes relayed from nodes this node does
+  not reach, and everything after a partition or a restart (a new life of either side starts
+  from the whole tree). Idle, a pull is two small frames.
+* **Repair.** Each answer carries the peer's tree digest (peer/changes.py). Equal to ours: the
+  trees are equal. Different in the same way for a while, or different all along for a long
+  time: something was missed, and the next pull asks for the whole tree (the old full exchange,
+  now the exception), backing off while the difference stays.
+
+The disk work (applying entries, scanning for marsadm's writes) runs in the daemon's thread
+pool, one task per peer at most, so a slow or unreachable peer delays nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from ..entry import Entry
+from ..errors import MarsError
+from ..peer import protocol as P
+from ..peer.changes import ChangeIndex, Changes
+from ..peer.link import PeerClient, PeerError
+from ..tree import Tree, node_actual, nodes_of
+
+log = logging.getLogger("mars.marsd")
+
+PULL_TIMEOUT_S = 10.0
+#: A difference of digests that stays the same this long is not a change on its way: repair it.
+STABLE_MISMATCH_S = 5.0
+#: A difference that keeps changing (a busy cluster) is repaired after this long all the same.
+MAX_MISMATCH_S = 120.0
+REPAIR_BACKOFF_S = (30.0, 600.0)  # after a repair that did not end the difference: first, longest wait
+#: How often the tree is scanned for writes by other processes when no marsadm trigger came.
+SCAN_S = 10.0
+
+
+@dataclass(slots=True)
+class _Peer:
+    """What this node knows of its exchange with one peer."""
+
+    incarnation: int = 0  # the peer's life, and its change number, as of its last answer
+    seq: int = 0
+    heard: bool = False  # its first pull since this marsd started has ended, answered or not
+    repair: bool = False  # the next pull asks for the whole tree
+    pair: tuple[int, int] | None = None  # (its digest, ours) while they differ
+    pair_since: float = 0.0
+    differ_since: float | None = None
+    next_repair: float = 0.0
+    backoff: float = REPAIR_BACKOFF_S[0]
+    pull: asyncio.Task[None] | None = None
+    push: asyncio.Task[None] | None = None
+
+
+@dataclass(slots=True)
+class ExchangeCounters:
+    """Since this marsd started; the quiet-cluster bench and the tests read them."""
+
+    pulls: int = 0
+    full_pulls: int = 0
+    repairs: int = 0
+    pushes: int = 0
+    entries_received: int = 0
+    entries_taken: int = 0
+    entries_sent: int = 0
+    scans: int = 0
+    external_changes: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+@dataclass(slots=True)
+class _Scan:
+    seen: dict[str, tuple[int, tuple[str, ...]] | None] = field(default_factory=dict)
+    last: float = 0.0
+    task: asyncio.Future[int] | None = None
+
+
+class Exchange:
+    """This node's end of the tree exchange with every peer."""
+
+    def __init__(self, tree: Tree, executor: Executor, connect: Callable[[str], PeerClient],
+                 wake: Callable[[], None], report: Callable[[], None]) -> None:
+        self.tree = tree
+        self.host = tree.host
+        self.executor = executor
+        self.connect = connect
+        self.wake = wake  # a change that matters to the reconcile round: run one now
+        self.report = report  # publish this node's report (its time) now: a peer asked fresh
+        self.index = tree.changes = ChangeIndex()
+        self.counters = ExchangeCounters()
+        self.clients: dict[str, PeerClient] = {}
+        self.peers: dict[str, _Peer] = {}
+        self._pushed = 0  # the change number the last push went up to
+        self._scan = _Scan()
+        self._removed_noted = False
+
+    # -- the round's part ----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Index the tree as it is at start: the first scan reads every directory."""
+        await self.scan()
+        self.index.complete = True
+
+    def heard(self, host: str) -> bool:
+        p = self.peers.get(host)
+        return p is not None and p.heard
+
+    async def scan(self) -> int:
+        """Index what other processes wrote (marsadm, an operator by hand); how many changes.
+
+        One scan at a time: a second caller waits for the running one.
+        """
+        if self._scan.task is None or self._scan.task.done():
+            self._scan.task = asyncio.get_running_loop().run_in_executor(self.executor, self._scan_now)
+        return await self._scan.task
+
+    def _scan_now(self) -> int:
+        index = self.index
+        start = index.seq
+        found, read, gone = self.tree.scan(self._scan.seen)
+        self._scan.last = time.monotonic()
+        self.counters.scans += 1
+        changed = sum(index.note(e) for e in found)
+        on_disk = {e.path for e in found}
+        for d in read:
+            for path in index.paths_in(d):
+                if path not in on_disk:
+                    index.forget(path, noted_by=start)
+        for d in gone:
+            for path in index.paths_in(d):
+                index.forget(path, noted_by=start)
+        self.counters.external_changes += changed if self.counters.scans > 1 else 0
+        log.debug("scan: %d dirs read, %d changes, %d gone", len(read), changed, len(gone))
+        return changed
+
+    def scan_due(self) -> bool:
+        return time.monotonic() - self._scan.last >= SCAN_S
+
+    def start_pulls(self, fresh: bool = False) -> None:
+        """Start a pull from every peer that has none running, without waiting for any."""
+        peers = [h for h in nodes_of(self.tree) if h != self.host]
+        self._forget_gone(peers)
+        loop = asyncio.get_running_loop()
+        for h in peers:
+            p = self.peers.setdefault(h, _Peer())
+            if p.pull is None or p.pull.done():
+                p.pull = loop.create_task(self._pull(h, p, fresh), name=f"exchange-{h}")
+
+    def push(self) -> None:
+        """Send every peer this node's own changes since the last push, without waiting.
+
+        Only this node's own writes: what came from a peer reached the others from that peer
+        (or reaches them with their next pull of us). A peer whose last push is still on its
+        way is left out this time; its next pull carries the changes anyway.
+        """
+        index = self.index
+        if index.own_seq <= self._pushed or self._removed():
+            return
+        changes = index.since(index.incarnation, self._pushed, own_only=True)
+        self._pushed = changes.seq
+        if not changes.entries:
+            return
+        loop = asyncio.get_running_loop()
+        for h, p in self.peers.items():
+            if h in self.clients and (p.push is None or p.push.done()):
+                p.push = loop.create_task(self._push(h, changes), name=f"push-{h}")
+
+    async def close(self) -> None:
+        for p in self.peers.values():
+            for t in (p.pull, p.push):
+                if t is not None:
+                    t.cancel()
+        for c in self.clients.values():
+            await c.close()
+
+    # -- pulling and pushing -------------------------------------------------------------------
+
+    def _client(self, host: str) -> PeerClient | None:
+        c = self.clients.get(host)
+        if c is None:
+            try:
+                c = self.clients[host] = self.connect(host)
+            except PeerError:
+                return None
+        return c
+
+    async def _pull(self, host: str, p: _Peer, fresh: bool) -> None:
+        try:
+            c = self._client(host)
+            if c is None:
+                return  # no address to ask: a primary must not wait for it
+            full = p.repair or not p.incarnation
+            inc, seq = (0, 0) if p.repair else (p.incarnation, p.seq)
+            try:
+                reply = await c.request(lambda req: P.TreeSince(req=req, incarnation=inc, seq=seq, fresh=fresh),
+                                        timeout=PULL_TIMEOUT_S)
+                if not isinstance(reply, P.TreeChanges):
+                    raise PeerError(f"peer {host} answered a tree request with {type(reply).__name__}",
+                                    "it runs another version of marsd; update it")
+            except PeerError as e:
+                # What failed, for every node's findings (which name the remedy themselves); the log
+                # line, once per change, has the remedy too.
+                if self.tree.get(node_actual(self.host, f"msg-peer-{host}")) != e.what:
+                    log.warning("exchange with %s: %s", host, e)
+                self.tree.set(node_actual(self.host, f"msg-peer-{host}"), e.what, durable=False)
+                return
+            self.tree.delete(node_actual(self.host, f"msg-peer-{host}"), durable=False)
+            self.counters.pulls += 1
+            self.counters.full_pulls += reply.from_seq == 0
+            p.repair = False
+            await self.take(reply.entries, host)
+            if reply.incarnation != p.incarnation and p.incarnation and not full:
+                log.info("exchange with %s: it restarted; took its whole tree", host)
+            p.incarnation, p.seq = reply.incarnation, reply.seq
+            self._compare(host, p, reply.digest)
+        finally:
+            if not p.heard:
+                p.heard = True
+                self.wake()
+
+    async def _push(self, host: str, changes: Changes) -> None:
+        c = self.clients.get(host)
+        if c is None:
+            return
+        try:
+            for batch in P.entry_batches(changes.entries):
+                await c.request(lambda req, b=batch: P.TreeChanges(
+                    req=req, incarnation=changes.incarnation, from_seq=changes.from_seq, seq=changes.seq,
+                    digest=changes.digest, entries=b), timeout=PULL_TIMEOUT_S)
+                self.counters.entries_sent += len(batch)
+            self.counters.pushes += 1
+        except PeerError:
+            pass  # its next pull of us carries them
+
+    async def take(self, entries: tuple[Entry, ...], source: str) -> int:
+        """Apply a peer's entries (the newer win); wake the round if one matters to it."""
+        if not entries:
+            return 0
+        self.counters.entries_received += len(entries)
+        changed = await asyncio.get_running_loop().run_in_executor(
+            self.executor, lambda: [e.path for e in entries if self.tree.apply(e, source)])
+        self.counters.entries_taken += len(changed)
+        if any(self._matters(path) for path in changed):
+            self.wake()
+        return len(changed)
+
+    def _matters(self, path: str) -> bool:
+        """Whether a change from a peer needs a reconcile round now.
+
+        Another node's actual state (``actual-<h>/…``, ``resource-*/actual-<h>/…``) never
+        changes what this node runs; its rounds read it when they come. Everything else
+        (desired state, roles, members) may.
+        """
+        parts = path.split("/")
+        for part in parts[:2]:
+            if part.startswith("actual-"):
+                return part == f"actual-{self.host}"
+        return True
+
+    def _compare(self, host: str, p: _Peer, theirs: int) -> None:
+        """Digests after an answer: equal, or a difference to repair if it stays (see the module)."""
+        mine = self.index.digest
+        now = time.monotonic()
+        if theirs == mine:
+            if p.differ_since is not None and now - p.differ_since > STABLE_MISMATCH_S:
+                log.debug("exchange with %s: trees equal again", host)
+            p.pair, p.differ_since, p.backoff = None, None, REPAIR_BACKOFF_S[0]
+            return
+        if p.differ_since is None:
+            p.differ_since = now
+        if p.pair != (theirs, mine):
+            p.pair, p.pair_since = (theirs, mine), now
+        stable = now - p.pair_since >= STABLE_MISMATCH_S
+        if (stable or now - p.differ_since >= MAX_MISMATCH_S) and now >= p.next_repair:
+            log.info("exchange with %s: its tree and this one differ (digests %016x, %016x %s); asking for its "
+                     "whole tree", host, theirs, mine, "for a while" if stable else "all along")
+            p.repair = True
+            p.next_repair = now + p.backoff
+            p.backoff = min(p.backoff * 2, REPAIR_BACKOFF_S[1])
+            self.counters.repairs += 1
+
+    def _forget_gone(self, peers: list[str]) -> None:
+        """A node that left the cluster leaves no link, no pull and no 'cannot reach' behind."""
+        for name in self.tree.names(f"actual-{self.host}"):
+            gone = name[len("msg-peer-"):] if name.startswith("msg-peer-") else None
+            if gone and gone not in peers:
+                self.tree.delete(node_actual(self.host, name), durable=False)
+        for host in [h for h in self.peers if h not in peers]:
+            p = self.peers.pop(host)
+            for t in (p.pull, p.push):
+                if t is not None:
+                    t.cancel()
+            c = self.clients.pop(host, None)
+            if c is not None:
+                asyncio.get_running_loop().create_task(c.close())
+
+    def _removed(self) -> bool:
+        """Whether this host was removed from the cluster (its ``ips`` entry is a tombstone).
+
+        Then its pushes would only be refused: it goes on pulling, so it learns what the others
+        decided, and says once what to do.
+        """
+        e = self.tree.entry(f"ips/ip-{self.host}")
+        removed = e is not None and e.deleted
+        if removed and not self._removed_noted:
+            log.error("host %s was removed from the cluster by another node; it sends no changes any more. "
+                      "To make it a node again: 'marsadm join-cluster --force <ip of a node> --secret-file <file>'",
+                      self.host)
+        self._removed_noted = removed
+        return removed
+
+    # -- the peers' requests -------------------------------------------------------------------
+
+    def answer(self, msg: P.TreeSince, peer: str) -> list[P.TreeEntries | P.TreeChanges]:
+        """What changed here since the peer's last answer; the whole tree for a new life."""
+        if msg.fresh:
+            self.report()
+        ch = self.index.since(msg.incarnation, msg.seq, skip_source=peer)
+        self.counters.entries_sent += len(ch.entries)
+        batches = list(P.entry_batches(ch.entries)) or [()]
+        return [P.TreeEntries(req=0, entries=b) for b in batches[:-1]] + \
+            [P.TreeChanges(req=msg.req, incarnation=ch.incarnation, from_seq=ch.from_seq, seq=ch.seq,
+                           digest=ch.digest, entries=batches[-1])]
+
+    def refuse_removed(self, peer: str, entries: tuple[Entry, ...]) -> None:
+        """A removed node's changes are refused, unless they make it a node again (a new ``ips``
+        entry, newer than the tombstone, from 'marsadm join-cluster --force')."""
+        path = f"ips/ip-{peer}"
+        mine = self.tree.entry(path)
+        if mine is None or not mine.deleted:
+            return
+        if any(e.path == path and not e.deleted and e.stamp_ns > mine.stamp_ns for e in entries):
+            return
+        raise MarsError(f"host {peer} was removed from the cluster; its tree changes are refused",
+                        f"on {peer}: 'marsadm join-cluster --force <ip of a node> --secret-file <file>' makes it a "
+                        "node again")
