@@ -26,8 +26,9 @@ either bound the connection is dropped. While a reader follows the events, the s
 rebuilt after every reconcile round that changed the tree, and at least once a second (in the
 disk executor); a request is served from that copy, so a busy poller costs marsd a socket write,
 not a tree scan. With nobody following, no round builds one (an idle node would spend most of
-its CPU on snapshots nobody reads): a request then builds it, and requests within a second of
-it share that one.
+its CPU on snapshots nobody reads): a request then builds it, unless the tree is as it was
+when the latest one was built (``version``, marsd's change number) and that is less than a
+second ago.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ class ControlServer:
     """marsd's end: keeps the latest snapshot, publishes what changed, serves the socket."""
 
     def __init__(self, mars_dir: Path, host: str, bus: Bus, executor: Executor | None = None,
-                 counters: Callable[[], dict[str, Any]] | None = None) -> None:
+                 counters: Callable[[], dict[str, Any]] | None = None,
+                 version: Callable[[], int] | None = None) -> None:
         self.path = Path(mars_dir) / CONTROL_NAME
         self.counters = counters  # marsd's live counters (engine/stats.py), read at every reply
         self.mars_dir = Path(mars_dir)
@@ -129,6 +131,8 @@ class ControlServer:
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._latest: tuple[str, str, int] | None = None  # snapshot JSON, findings JSON, bus seq
         self._built = -math.inf  # monotonic time the latest snapshot was built
+        self.version = version  # the tree's change number: a snapshot of an unchanged tree stays true
+        self._built_version: int | None = None
         self._findings: dict[tuple, dict] = {}
         self._states: dict[StateKey, Any] = {}
         self._failing = False
@@ -159,6 +163,7 @@ class ControlServer:
     def _build(self) -> tuple[model.Snapshot, list[dict], str, str]:
         """Disk-bound (one pass over the tree) and JSON-heavy: runs in the executor."""
         self._built = time.monotonic()
+        self._built_version = self.version() if self.version is not None else None
         snap = model.build(self.mars_dir, self.host, debug_lines=self.bus.recent_lines())
         found = [f.to_json() for f in findings(snap)]
         return snap, found, json.dumps(snap.to_json(), separators=(",", ":"), default=str), \
@@ -192,7 +197,8 @@ class ControlServer:
         Built here, it is news to nobody: the rounds publish changes while someone follows, and
         then the latest one is fresh; a new follower takes this line as its starting point.
         """
-        if self._latest is None or time.monotonic() - self._built >= FRESH_S:
+        stale = self._built_version is None or self.version is None or self.version() != self._built_version
+        if self._latest is None or stale or time.monotonic() - self._built >= FRESH_S:
             built = await self._in_thread(self._build)
             self._adopt(*built, publish=False)
         assert self._latest is not None

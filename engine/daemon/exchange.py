@@ -93,13 +93,15 @@ class Exchange:
     """This node's end of the tree exchange with every peer."""
 
     def __init__(self, tree: Tree, executor: Executor, connect: Callable[[str], PeerClient],
-                 wake: Callable[[], None], report: Callable[[], None]) -> None:
+                 wake: Callable[[], None], report: Callable[[], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.tree = tree
         self.host = tree.host
         self.executor = executor
         self.connect = connect
         self.wake = wake  # a change that matters to the reconcile round: run one now
         self.report = report  # publish this node's report (its time) now: a peer asked fresh
+        self.clock = clock  # monotonic seconds: when a scan is due, how long digests differed
         self.index = tree.changes = ChangeIndex()
         self.counters = ExchangeCounters()
         self.clients: dict[str, PeerClient] = {}
@@ -132,7 +134,7 @@ class Exchange:
         index = self.index
         start = index.seq
         found, read, gone = self.tree.scan(self._scan.seen)
-        self._scan.last = time.monotonic()
+        self._scan.last = self.clock()
         self.counters.scans += 1
         changed = sum(index.note(e) for e in found)
         on_disk = {e.path for e in found}
@@ -148,7 +150,7 @@ class Exchange:
         return changed
 
     def scan_due(self) -> bool:
-        return time.monotonic() - self._scan.last >= SCAN_S
+        return self.clock() - self._scan.last >= SCAN_S
 
     def start_pulls(self, fresh: bool = False) -> None:
         """Start a pull from every peer that has none running, without waiting for any."""
@@ -274,7 +276,7 @@ class Exchange:
     def _compare(self, host: str, p: _Peer, theirs: int) -> None:
         """Digests after an answer: equal, or a difference to repair if it stays (see the module)."""
         mine = self.index.digest
-        now = time.monotonic()
+        now = self.clock()
         if theirs == mine:
             if p.differ_since is not None and now - p.differ_since > STABLE_MISMATCH_S:
                 log.debug("exchange with %s: trees equal again", host)

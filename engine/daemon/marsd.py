@@ -91,7 +91,8 @@ class Daemon:
         self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self.exchange)
         self.bus = Bus()
         self.stats = Stats()  # counters since this marsd started, served beside the snapshot
-        self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.stats.to_json)
+        self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.stats.to_json,
+                                     version=lambda: self.exchange.index.seq)
 
     def exports(self) -> dict[str, Export]:
         return {name: export for name, rt in self.runtimes.items() if (export := rt.export) is not None}
