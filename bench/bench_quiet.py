@@ -3,7 +3,7 @@
 
 Run:  python bench/bench_quiet.py [--configs 2x1,4x1,8x1,12x1,2x50,8x50] [--quick] [--window 20] [--settle 10]
 
-The baseline for issue 14. Each configuration ``NxR`` is a fresh live cluster of N marsd on
+What issue 14 asked for, measured. Each configuration ``NxR`` is a fresh live cluster of N marsd on
 127.0.0.2 .. 127.0.0.(N+1), one peer port for all, joined the way tests/harness.py and
 bench_replication.py do it (create-cluster, export-secret, join-cluster IP:PORT --secret-file), every
 marsd with its production defaults (``--interval 1``). R resources on sparse images (64 MiB) are
@@ -23,7 +23,8 @@ os.readlink every 20 ms), then the same for ``resume-replay``.
 A configuration with R > 1 grows in stages (--stages, default 10 and 25 resources, then R), measured
 at each, so that a cluster that takes too long to set up (--setup-limit, default 300 s) still leaves
 figures for fewer resources. The goals are issue 14's; the bench prints them with what it measured
-and whether they are met (today they are not).
+and whether they are met. Each marsd's tree-exchange counters (control socket) are printed too:
+pulls, whole-tree pulls and repairs in the window (a quiet cluster needs none of the last two).
 
 All processes started here are stopped, and the directory removed, on success, error, Ctrl-C or
 SIGTERM (--keep keeps the directory).
@@ -146,6 +147,13 @@ def socket_counts(pids: set[int]) -> dict[int, tuple[int, int, int]]:
             out[cur[0]] = (cur[1], int(sent.group(1)) if sent else 0, int(recv.group(1)) if recv else 0)
             cur = None
     return out
+
+
+def exchange_counters(mars_dir: Path) -> dict[str, int]:
+    """The marsd's tree-exchange counters from its control socket ({} when it does not answer)."""
+    from mars.engine.model.client import request_snapshot
+    reply = request_snapshot(mars_dir, cmd="counters")
+    return dict((reply or {}).get("counters", {}).get("exchange") or {})
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -408,6 +416,7 @@ class Bench:
         ru0 = (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
         first = socket_counts(set(pids))
         cpu0 = {n.host: n.cpu() for n in c.nodes}
+        ex0 = {n.host: exchange_counters(n.mars_dir) for n in c.nodes}
         mach0 = cpu_ticks()
         t0 = time.monotonic()
         seen = dict(first)
@@ -417,6 +426,7 @@ class Bench:
             if end - time.monotonic() > 0.5:
                 seen.update(socket_counts(set(pids)))
         cpu1 = {n.host: n.cpu() for n in c.nodes}
+        ex1 = {n.host: exchange_counters(n.mars_dir) for n in c.nodes}
         mach1 = cpu_ticks()
         t1 = time.monotonic()
         last = socket_counts(set(pids))
@@ -456,6 +466,8 @@ class Bench:
         m["others_cpu_pct"] = max(0.0, m["machine_busy_pct"] * os.cpu_count() - m["cpu_pct_all"] - m["bench_cpu_pct"])
         m["saturated"] = m["machine_busy_pct"] >= 90
         m["listings_per_peer_s_mean"] = statistics.mean(x["listings_per_peer_s"] for x in per.values())
+        m["exchange"] = {k: sum(ex1[h].get(k, 0) - ex0[h].get(k, 0) for h in ex0)
+                         for k in ("pulls", "full_pulls", "repairs", "entries_sent", "pushes")}
         res = c.resources[0]
         status(f"  propagation: pause-replay {res} on {c.nodes[-1].host} ...")
         m["pause"] = self.propagation(c, res, "pause-replay", "0")
@@ -517,6 +529,10 @@ class Bench:
         p(f"  {name.split('x')[0]}x{m['resources']}: CPU/node mean {m['cpu_pct_mean']:.1f} % max {m['cpu_pct_max']:.1f} %, "
           f"sent/node mean {m['sent_b_s_mean'] / 1024:,.1f} KiB/s, {m['entries_mean']:,.0f} entries/node, "
           f"pause-replay seen everywhere after {prop}")
+        x = m.get("exchange") or {}
+        p(f"  {name.split('x')[0]}x{m['resources']}: tree exchange in the window, all nodes: {x.get('pulls', 0):,} pulls "
+          f"({x.get('full_pulls', 0)} whole-tree, {x.get('repairs', 0)} repairs), {x.get('pushes', 0):,} pushes, "
+          f"{x.get('entries_sent', 0):,} entries sent")
 
     def goals(self) -> list[tuple[str, str, str]]:
         stages = [(o, m) for o in self.results for m in o["stages"]]
@@ -603,7 +619,7 @@ class Bench:
         a = self.args
         p = print
         p()
-        p(f"MARS quiet-cluster benchmark (issue 14 baseline)  {mf['date']}")
+        p(f"MARS quiet-cluster benchmark (issue 14)  {mf['date']}")
         p(f"machine: {mf['nproc']} CPUs ({mf['cpu']}), {mf['memory']} RAM, kernel {mf['kernel']}, python {mf['python']}")
         p(f"fs:      {mf['df_T']}")
         p(f"load:    /proc/loadavg at the start {self.loadavg0}, at the end {load1}")

@@ -168,6 +168,12 @@ class Tree:
         value = str(value)
         if not value:
             raise ValueError(f"empty value for tree entry {path}")
+        if not durable and stamp_ns is None and not restamp and self.changes is not None and self.changes.complete:
+            # marsd's own actual state, republished every round and mostly unchanged: the index
+            # says so without a system call (only marsd writes these entries).
+            known = self.changes.get(path)
+            if known is not None and known.value == value:
+                return known
         full = self.root / path
         full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         old = self._read(path)

@@ -166,6 +166,15 @@ def _specs() -> list[Spec]:
     add("mars_fetched_bytes_total", "counter", "resource host", "Log bytes fetched from peers")
     add("mars_replayed_bytes_total", "counter", "resource host", "Bytes of log records replayed onto the data device")
     add("mars_synced_bytes_total", "counter", "resource host", "Bytes copied by the full sync")
+    add("mars_tree_pulls_total", "counter", "host", "Answered pulls of the peers' tree changes (one per peer and "
+        "round)")
+    add("mars_tree_full_pulls_total", "counter", "host", "Pulls answered with a peer's whole tree: its first, "
+        "after a restart of either side, and repairs")
+    add("mars_tree_repairs_total", "counter", "host", "Whole-tree pulls asked for because this tree and a peer's "
+        "differed without a change to explain it (stays 0 in a healthy cluster)")
+    add("mars_tree_entries_sent_total", "counter", "host", "Tree entries sent to peers (answers and pushes)")
+    add("mars_tree_entries_received_total", "counter", "host", "Tree entries received from peers")
+    add("mars_tree_entries_taken_total", "counter", "host", "Received tree entries newer than this node's, written")
     return m
 
 
@@ -304,6 +313,12 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
             o.fam("mars_fetched_bytes_total").add_metric(list(lab), c.fetched_bytes)
             o.fam("mars_replayed_bytes_total").add_metric(list(lab), c.replayed_bytes)
             o.fam("mars_synced_bytes_total").add_metric(list(lab), c.synced_bytes)
+        x = snap.counters.exchange
+        if x is not None:
+            for metric, value in (("pulls", x.pulls), ("full_pulls", x.full_pulls), ("repairs", x.repairs),
+                                  ("entries_sent", x.entries_sent), ("entries_received", x.entries_received),
+                                  ("entries_taken", x.entries_taken)):
+                o.fam(f"mars_tree_{metric}_total").add_metric([here], value)
     return o.families()
 
 

@@ -234,3 +234,20 @@ def start_cluster(base: Path, nodes: list[Node], hosts: str = "ab") -> list[Node
         n.join_cluster(made[0])
         n.start()
     return made
+
+
+class Partition:
+    """iptables rules that drop everything between two loopback addresses, both ways."""
+
+    def __init__(self) -> None:
+        self.rules: list[list[str]] = []
+
+    def cut(self, x: Node, y: Node) -> None:
+        for s, d in ((x.ip, y.ip), (y.ip, x.ip)):
+            rule = ["INPUT", "-s", s, "-d", d, "-j", "DROP"]
+            run(["iptables", "-I", *rule])
+            self.rules.append(rule)
+
+    def heal(self) -> None:
+        while self.rules:
+            run(["iptables", "-D", *self.rules.pop()], check=False)

@@ -23,7 +23,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.parser import text_string_to_metric_families
 
 from mars.engine.model import (DISKSTATES, REPLSTATES, ROLES, Counters, Histogram, MarsError, Member, Progress,
-                               ResourceCounters, SplitBrain, findings, state_name)
+                               ResourceCounters, SplitBrain, ExchangeCounters, findings, state_name)
 from mars.engine.stats import LATENCY_BOUNDS_S
 from mars.exporters import prometheus as px
 from test_findings import GiB, MiB, LOG_END, healthy, member, node, resource
@@ -39,7 +39,9 @@ def counters() -> Counters:
                           log_records=10, log_bytes=41760, group_commits=4,
                           write_latency=Histogram(list(LATENCY_BOUNDS_S), [0] * 3 + [6, 4] + [0] * 12, 0.011),
                           fetched_bytes=0, replayed_bytes=0, synced_bytes=0)
-    return Counters(started_at_s=1_699_999_000.0, resources={"r": rc})
+    ex = ExchangeCounters(pulls=120, full_pulls=2, repairs=0, pushes=7, entries_received=300, entries_taken=150,
+                          entries_sent=290, scans=12, external_changes=3)
+    return Counters(started_at_s=1_699_999_000.0, resources={"r": rc}, exchange=ex)
 
 
 def rich():

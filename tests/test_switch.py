@@ -38,7 +38,7 @@ from pathlib import Path
 import nbd  # python3-libnbd (Debian package; the Makefile installs it)
 import pytest
 
-from harness import Node, caught_up, cleanup, run, sha256, short_tempdir, start_cluster, wait_until
+from harness import Node, Partition, caught_up, cleanup, sha256, short_tempdir, start_cluster, wait_until
 
 BLOCK = 4096
 SIZE = 32 << 20
@@ -194,23 +194,6 @@ def refused(node: Node, *args: str) -> str:
 
 def unreachable(seen_from: Node, host: str) -> bool:
     return not view(seen_from)["nodes"][host]["alive"]
-
-
-class Partition:
-    """iptables rules that drop everything between two loopback addresses, both ways."""
-
-    def __init__(self) -> None:
-        self.rules: list[list[str]] = []
-
-    def cut(self, x: Node, y: Node) -> None:
-        for s, d in ((x.ip, y.ip), (y.ip, x.ip)):
-            rule = ["INPUT", "-s", s, "-d", d, "-j", "DROP"]
-            run(["iptables", "-I", *rule])
-            self.rules.append(rule)
-
-    def heal(self) -> None:
-        while self.rules:
-            run(["iptables", "-D", *self.rules.pop()], check=False)
 
 
 @pytest.fixture

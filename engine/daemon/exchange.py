@@ -31,11 +31,15 @@ from dataclasses import dataclass, field
 from ..entry import Entry
 from ..errors import MarsError
 from ..peer import protocol as P
-from ..peer.changes import ChangeIndex, Changes
+from ..peer.changes import VOLATILE, ChangeIndex, Changes
 from ..peer.link import PeerClient, PeerError
 from ..tree import Tree, node_actual, nodes_of
 
 log = logging.getLogger("mars.marsd")
+
+
+def _volatile(path: str) -> bool:
+    return path.rpartition("/")[2] in VOLATILE
 
 PULL_TIMEOUT_S = 10.0
 #: A difference of digests that stays the same this long is not a change on its way: repair it.
@@ -174,8 +178,8 @@ class Exchange:
             return
         changes = index.since(index.incarnation, self._pushed, own_only=True)
         self._pushed = changes.seq
-        if not changes.entries:
-            return
+        if not any(not _volatile(e.path) for e in changes.entries):
+            return  # only reports: the peers' next pull carries them, and that is soon enough
         loop = asyncio.get_running_loop()
         for h, p in self.peers.items():
             if h in self.clients and (p.push is None or p.push.done()):
@@ -224,7 +228,11 @@ class Exchange:
             self.counters.pulls += 1
             self.counters.full_pulls += reply.from_seq == 0
             p.repair = False
-            await self.take(reply.entries, host)
+            try:
+                await self.take(reply.entries, host)
+            except MarsError as e:
+                log.warning("exchange with %s: %s; %s", host, e.what, e.remedy)
+                return  # the same changes are asked for again next round
             if reply.incarnation != p.incarnation and p.incarnation and not full:
                 log.info("exchange with %s: it restarted; took its whole tree", host)
             p.incarnation, p.seq = reply.incarnation, reply.seq
@@ -253,8 +261,13 @@ class Exchange:
         if not entries:
             return 0
         self.counters.entries_received += len(entries)
-        changed = await asyncio.get_running_loop().run_in_executor(
-            self.executor, lambda: [e.path for e in entries if self.tree.apply(e, source)])
+        try:
+            changed = await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: [e.path for e in entries if self.tree.apply(e, source)])
+        except OSError as e:
+            raise MarsError(f"cannot write tree entries from {source} into {self.tree.root}: "
+                            f"{e.strerror or e}", f"free space in {self.tree.root} (df -h); nothing of theirs "
+                            "is lost, they are asked for again") from None
         self.counters.entries_taken += len(changed)
         if any(self._matters(path) for path in changed):
             self.wake()
@@ -332,11 +345,30 @@ class Exchange:
         if msg.fresh:
             self.report()
         ch = self.index.since(msg.incarnation, msg.seq, skip_source=peer)
-        self.counters.entries_sent += len(ch.entries)
-        batches = list(P.entry_batches(ch.entries)) or [()]
+        entries = ch.entries
+        if ch.from_seq:
+            entries = tuple(e for e in entries if not self._reaches_itself(e.path, peer))
+        self.counters.entries_sent += len(entries)
+        batches = list(P.entry_batches(entries)) or [()]
         return [P.TreeEntries(req=0, entries=b) for b in batches[:-1]] + \
             [P.TreeChanges(req=msg.req, incarnation=ch.incarnation, from_seq=ch.from_seq, seq=ch.seq,
                            digest=ch.digest, entries=batches[-1])]
+
+    def _reaches_itself(self, path: str, peer: str) -> bool:
+        """Whether ``peer`` gets this report from its origin itself, so relaying it is waste.
+
+        Another node's report (``actual-<h>/time``) changes every round; relayed by every node to
+        every node, the reports alone would grow with the square of the cluster. A peer that
+        reaches ``h`` has it from ``h``'s own answers; one that does not says so in the tree
+        (``actual-<peer>/msg-peer-<h>``), and then it gets the report from here.
+        """
+        if not _volatile(path):
+            return False
+        top = path.partition("/")[0]
+        origin = top[len("actual-"):] if top.startswith("actual-") else None
+        if origin is None or origin in (self.host, peer):
+            return False
+        return self.tree.get(node_actual(peer, f"msg-peer-{origin}")) is None
 
     def refuse_removed(self, peer: str, entries: tuple[Entry, ...]) -> None:
         """A removed node's changes are refused, unless they make it a node again (a new ``ips``

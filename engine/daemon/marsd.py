@@ -45,9 +45,11 @@ from .exchange import Exchange
 log = logging.getLogger("mars.marsd")
 
 NBD_SOCKET = "nbd.sock"
-#: How often a node reports (actual-<host>/time) when nothing asks it to: a few times within the
-#: status model's alive window (30 s), and no more, since every peer stores every report.
-REPORT_S = 5.0
+#: How often a node reports (actual-<host>/time) at least apart, whatever --interval: once a
+#: round and no faster. The faces' alive window may be as short as 2 s (--window), so a report
+#: must come more often than that; it costs the peers one entry each, carried by the pull they
+#: make every round anyway (never pushed, never relayed to a node that reaches this one).
+REPORT_S = 1.0
 #: The runtime for each role a member can have; ``reconcile`` starts the one the tree asks for.
 RUNTIMES: dict[str, type[PrimaryRuntime] | type[SecondaryRuntime]] = {"primary": PrimaryRuntime,
                                                                       "secondary": SecondaryRuntime}
@@ -91,8 +93,12 @@ class Daemon:
         self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self.exchange)
         self.bus = Bus()
         self.stats = Stats()  # counters since this marsd started, served beside the snapshot
-        self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.stats.to_json,
+        self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.counters,
                                      version=lambda: self.exchange.index.seq)
+
+    def counters(self) -> dict:
+        """What the control socket serves as counters: the resources' and the tree exchange's."""
+        return {**self.stats.to_json(), "exchange": self.exchange.counters.to_json()}
 
     def exports(self) -> dict[str, Export]:
         return {name: export for name, rt in self.runtimes.items() if (export := rt.export) is not None}
@@ -239,7 +245,7 @@ class Daemon:
 
     async def reconcile(self) -> None:
         tree = self.tree
-        if time.monotonic() - self._reported >= max(REPORT_S, self.interval):
+        if time.monotonic() - self._reported >= max(REPORT_S, self.interval) * 0.9:
             self.report()
         self._publish_node()
         wanted: dict[str, tuple[str, int, str]] = {}

@@ -31,7 +31,7 @@ from .client import (CONTROL_NAME, check_readable, control_path, live_snapshot, 
                      stream_events)
 from .findings import CODES, HANDOVER_STALL_WINDOWS, LEVELS, URGENT, Finding, findings, worst
 from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatus, Message, NodeResource, NodeStatus,
-                       Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
+                       ExchangeCounters, Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
                        build)
 from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, role_lines, state_name
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown, value_text
@@ -40,7 +40,7 @@ __all__ = [
     "CHECK_CRITICAL", "CHECK_LISTED", "CHECK_OK", "CHECK_STATES", "CHECK_UNITS", "CHECK_UNKNOWN", "CHECK_WARNING",
     "PerfFigure", "Verdict", "number_text", "relevant", "verdict",
     "ALIVE_WINDOW_S", "CODES", "CONTROL_NAME", "DEFAULT_MARS_DIR", "DEFAULT_PEER_PORT", "DISKSTATES", "LEVELS",
-    "REPLSTATES", "ROLES", "URGENT", "HANDOVER_STALL_WINDOWS", "Counters", "Histogram", "ResourceCounters", "state_name",
+    "REPLSTATES", "ROLES", "URGENT", "HANDOVER_STALL_WINDOWS", "Counters", "ExchangeCounters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "TreeCache",
     "Tunable",
