@@ -96,6 +96,11 @@ class Stats:
             if res not in resources:
                 del self._resources[res]
 
+    def activity(self) -> tuple:
+        """A summary that changes whenever any resource did anything (marsd's quiet rounds)."""
+        return tuple((r, s.log_records, s.fetched_bytes, s.replayed_bytes, s.synced_bytes, sum(s.requests.values()))
+                     for r, s in self._resources.items())
+
     def to_json(self) -> dict[str, Any]:
         return {"started_at_s": self.started_at_s,
                 "resources": {r: s.to_json() for r, s in sorted(self._resources.items())}}

@@ -174,8 +174,7 @@ class Tree:
             known = self.changes.get(path)
             if known is not None and known.value == value:
                 return known
-        full = self.root / path
-        full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.root / path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         old = self._read(path)
         if old is not None and old.value == value and stamp_ns is None and not restamp:
             return old
@@ -183,12 +182,20 @@ class Tree:
         if stamp_ns is None and old is not None and stamp <= old.stamp_ns:
             stamp = old.stamp_ns + 1
             self.clock.observe(stamp)
+        return self._write(path, value, stamp, durable=durable, source=source, mkdir=False)
+
+    def _write(self, path: str, value: str, stamp: int, *, durable: bool, source: str | None,
+               mkdir: bool) -> Entry:
+        """Put ``value`` with ``stamp`` at ``path``: a temporary symlink renamed into place."""
+        full = self.root / path
+        if mkdir:
+            full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = full.parent / f".tmp.{os.getpid()}.{threading.get_ident()}.{full.name}"
         try:
+            os.symlink(value, tmp)
+        except FileExistsError:  # left by a write that died half-way
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.symlink(value, tmp)
+            os.symlink(value, tmp)
         os.utime(tmp, ns=(stamp, stamp), follow_symlinks=False)
         os.replace(tmp, full)
         self.wrote = True
@@ -251,20 +258,23 @@ class Tree:
             # What the index holds is on disk or older than what is (writes only move forward),
             # so this answers without a system call: the common case of an exchange.
             return False
-        d = self.root
-        for p in parts[:-1]:
-            d = d / p
-            if os.path.islink(d):
-                return False  # an entry is a leaf: never write through one into elsewhere
-        full = self.root / entry.path
-        if os.path.lexists(full) and not os.path.islink(full):
-            return False  # a log file or directory here: entries never replace those
-        mine = self._read(entry.path)
+        if known is None:
+            # A path new here: it must lead through directories only and end where no log file
+            # or directory is. One the index holds is an entry already, so it passed this once.
+            d = self.root
+            for p in parts[:-1]:
+                d = d / p
+                if os.path.islink(d):
+                    return False  # an entry is a leaf: never write through one into elsewhere
+            full = self.root / entry.path
+            if os.path.lexists(full) and not os.path.islink(full):
+                return False  # a log file or directory here: entries never replace those
+        mine = self._read(entry.path)  # the disk, not the index: marsadm may have written since
         if mine is not None and _wins(mine, entry):
             return False
         if mine is None and entry.deleted:
             return False  # never create a tombstone for something we never had
-        self.set(entry.path, entry.value, durable=False, stamp_ns=entry.stamp_ns, source=source)
+        self._write(entry.path, entry.value, entry.stamp_ns, durable=False, source=source, mkdir=mine is None)
         return True
 
     def scan(self, seen: dict[str, tuple[int, tuple[str, ...]] | None]) -> tuple[list[Entry], list[str], list[str]]:

@@ -49,6 +49,7 @@ MAX_MISMATCH_S = 120.0
 REPAIR_BACKOFF_S = (30.0, 600.0)  # after a repair that did not end the difference: first, longest wait
 #: How often the tree is scanned for writes by other processes when no marsadm trigger came.
 SCAN_S = 10.0
+INLINE_ENTRIES = 8  # at most this many received entries are written on the event loop itself
 
 
 @dataclass(slots=True)
@@ -261,9 +262,15 @@ class Exchange:
         if not entries:
             return 0
         self.counters.entries_received += len(entries)
+
+        def apply() -> list[str]:
+            return [e.path for e in entries if self.tree.apply(e, source)]
+
         try:
-            changed = await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: [e.path for e in entries if self.tree.apply(e, source)])
+            # A few entries (a quiet round: the peer's report) cost less here than the hand-over to
+            # a disk thread and back; a listing goes to the thread pool.
+            changed = apply() if len(entries) <= INLINE_ENTRIES else \
+                await asyncio.get_running_loop().run_in_executor(self.executor, apply)
         except OSError as e:
             raise MarsError(f"cannot write tree entries from {source} into {self.tree.root}: "
                             f"{e.strerror or e}", f"free space in {self.tree.root} (df -h); nothing of theirs "

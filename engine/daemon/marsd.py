@@ -50,6 +50,9 @@ NBD_SOCKET = "nbd.sock"
 #: must come more often than that; it costs the peers one entry each, carried by the pull they
 #: make every round anyway (never pushed, never relayed to a node that reaches this one).
 REPORT_S = 1.0
+#: A round with nothing new (no trigger, no change of the tree but reports, no I/O of any resource)
+#: skips the resources; one in this many seconds goes through them all the same.
+QUIET_FULL_S = 5.0
 #: The runtime for each role a member can have; ``reconcile`` starts the one the tree asks for.
 RUNTIMES: dict[str, type[PrimaryRuntime] | type[SecondaryRuntime]] = {"primary": PrimaryRuntime,
                                                                       "secondary": SecondaryRuntime}
@@ -75,6 +78,7 @@ class Daemon:
         self._triggered = False  # marsadm changed the tree since the last round
         self._reported = 0.0  # monotonic time of the last report (actual-<host>/time)
         self._status_digest = -1  # the tree's digest as of the last status refresh
+        self._quiet: tuple[int, tuple, float] = (-1, (), 0.0)  # digest, activity, time of the last full round
         self._waiting_noted = False
         self.logrot_auto = logrot_auto
         self.nbd_listen = nbd_listen
@@ -141,6 +145,7 @@ class Daemon:
             while not self._stop.is_set():
                 # Cleared first: whatever wakes it during this round (a trigger, a peer's change)
                 # makes the next round start at once instead of being lost.
+                woken = self._wake.is_set()
                 self._wake.clear()
                 triggered, self._triggered = self._triggered, False
                 if triggered or self.exchange.scan_due():
@@ -150,7 +155,7 @@ class Daemon:
                     # the peers: 'wait-cluster' and a handover wait for that.
                     self.report()
                 self.exchange.start_pulls(fresh=triggered)
-                await self.reconcile()
+                await self.reconcile(full=triggered or woken or self._moved())
                 self.exchange.push()
                 digest = self.exchange.index.digest
                 await self.control.refresh(changed=digest != self._status_digest)
@@ -243,10 +248,21 @@ class Daemon:
         log.info("peer links on %s:%d (TLS, cluster CA %s)", self.ip, self.port,
                  cluster_fingerprint(self.tree.root))
 
-    async def reconcile(self) -> None:
+    def _moved(self) -> bool:
+        """Whether anything happened since the last full round: the tree changed (more than the
+        reports), a resource did I/O, or QUIET_FULL_S passed. An idle node then costs a round
+        of its pulls, not a pass over every resource, and what the resources publish (positions,
+        rates) is as fresh as ever while they move."""
+        digest, activity, at = self._quiet
+        return (self.exchange.index.digest != digest or self.stats.activity() != activity
+                or time.monotonic() - at >= QUIET_FULL_S)
+
+    async def reconcile(self, full: bool = True) -> None:
         tree = self.tree
         if time.monotonic() - self._reported >= max(REPORT_S, self.interval) * 0.9:
             self.report()
+        if not full:
+            return
         self._publish_node()
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
@@ -285,6 +301,7 @@ class Daemon:
             if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
                 self._delete_replayed_logs(res)
+        self._quiet = (self.exchange.index.digest, self.stats.activity(), time.monotonic())
 
     def _delete_replayed_logs(self, res: str) -> None:
         """Follow a cluster-wide log-delete: drop local logs below the mark that we have replayed."""
@@ -306,7 +323,7 @@ class Daemon:
         deps = RuntimeDeps(tree=self.tree, executor=self.executor, log_pulse=self.log_pulse(res),
                            connect=self.client_for, may_sync=self._may_sync,
                            checkpoint_interval=self.checkpoint_interval, logrot_auto=self.logrot_auto,
-                           stats=self.stats.resource(res))
+                           stats=self.stats.resource(res), wake=self._wake.set)
         rt: Runtime = RUNTIMES[role](deps, res, data, size)
         attach = self.tree.entry(todo(res, self.host, "attach"))
         try:

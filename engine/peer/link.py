@@ -28,7 +28,7 @@ DEFAULT_PORT = P.DEFAULT_PORT
 READ_CHUNK = 4 << 20
 CONNECT_TIMEOUT = 5.0
 #: TCP keepalive on every peer link: probes after 5 s of silence, every 2 s, 3 unanswered end the
-#: link (about 11 s). A fetch long-polls for 10 s; without this, a peer that vanished without a
+#: link (about 11 s). A fetch long-polls for 30 s; without this, a peer that vanished without a
 #: word (a cut cable, a partition) would be noticed only when the poll's own timeout ran out.
 KEEPALIVE = (5, 2, 3)
 USER_TIMEOUT_MS = 15_000  # sent data unacknowledged this long ends the link too

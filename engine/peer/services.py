@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 MAX_FETCH = 16 << 20
 MAX_READ = 32 << 20
-MAX_WAIT_S = 10.0  # longest long poll a peer may ask for
+MAX_WAIT_S = 30.0  # longest long poll a peer may ask for
 #: A copy (this node relays another's log) is checked this often while a fetch waits at its end:
 #: its end can also come with a tree entry (the origin's version of it), which fires no pulse.
 COPY_RECHECK_S = 1.0

@@ -34,7 +34,7 @@ log = logging.getLogger("mars.fetcher")
 
 FETCH_BYTES = 16 << 20
 DEPTH = 3  # requests in flight while catching up, one per link
-WAIT_MS = 10_000
+WAIT_MS = 30_000
 RETRY_S = 1.0
 
 
@@ -55,6 +55,16 @@ class Fetcher:
         self.source: str | None = None
         self.active = False
         self.position: LogPos | None = None  # how far the copy being fetched is, for the tree
+        self._better = asyncio.Event()  # a more preferred source than the current one is listed
+
+    def reconsider(self) -> None:
+        """Every round: a source listed before the current one ends the long poll at once, so a
+        changed connect list (or a new primary) takes effect now, not when the poll runs out."""
+        if self.source is None or self._better.is_set():
+            return
+        prefs = self.sources()
+        if prefs and prefs[0] != self.source:
+            self._better.set()
 
     def _dir(self) -> Path:
         return self.tree.root / res_dir(self.res)
@@ -176,6 +186,7 @@ class Fetcher:
         links = [client]
         inflight: deque[tuple[int, int, asyncio.Task[P.LogData]]] = deque()  # (offset, link, request)
         known = 0  # how much of the current file the source said it has
+        self._better.clear()
         try:
             while True:
                 name = log_name(seq, origin)
@@ -189,10 +200,15 @@ class Fetcher:
                 else:
                     self._fill(links, inflight, name, offset, known)
                     if not inflight:
+                        # A file not copied yet is asked for without waiting: the answer (even an
+                        # empty one) proves it exists there, and its copy here lets replay move
+                        # on into it at once, not after a whole long poll of a file nobody writes.
                         inflight.append((offset, 0, asyncio.ensure_future(
-                            self._fetch(links[0], name, offset, WAIT_MS))))
+                            self._fetch(links[0], name, offset, WAIT_MS if path.exists() else 0))))
                     _, _, task = inflight.popleft()
-                    reply = await task
+                    reply = await self._reply_or_better(task)
+                    if reply is None:
+                        return  # a more preferred source: go to it from the start
                     self.error = None
                     known = max(known, reply.size)
                     self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
@@ -220,6 +236,19 @@ class Fetcher:
             await self._drain(inflight, cancel=True)
             for extra in links[1:]:
                 await extra.close()
+
+    async def _reply_or_better(self, task: asyncio.Task[P.LogData]) -> P.LogData | None:
+        """The request's reply, or None when a better source appeared first (the request is
+        cancelled; its link is closed by the caller, as the reply may still come on it)."""
+        better = asyncio.ensure_future(self._better.wait())
+        try:
+            await asyncio.wait({task, better}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            better.cancel()
+            if not task.done():
+                task.cancel()
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return None if task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
         """Ask for more whole chunks the source has, up to ``DEPTH`` in flight, one per link."""

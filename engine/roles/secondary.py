@@ -110,6 +110,7 @@ class SecondaryRuntime(Attached):
         assert self.device is not None and self.fetcher is not None
         syncing = self.sync_needed()
         self._switch("fetch", wanted.fetch, self.fetcher.run)
+        self.fetcher.reconsider()
         if syncing:
             self._switch("replay", False, None)
             primary = designated_primary(self.tree, self.res)
@@ -145,7 +146,10 @@ class SecondaryRuntime(Attached):
             if name == "sync":
                 return  # finished: the next round sees the sync complete
         if on and task is None and run is not None:
-            self._tasks[name] = asyncio.get_running_loop().create_task(run(), name=f"{name}-{self.res}")
+            task = self._tasks[name] = asyncio.get_running_loop().create_task(run(), name=f"{name}-{self.res}")
+            # A task that ends (a sync done, a fetch that gave up) is the next round's business
+            # at once: a quiet daemon may not run one for seconds otherwise.
+            task.add_done_callback(lambda _t: self.deps.wake())
         elif not on and task is not None:
             task.cancel()
             del self._tasks[name]
