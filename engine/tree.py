@@ -24,6 +24,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -277,7 +278,8 @@ class Tree:
         self._write(entry.path, entry.value, entry.stamp_ns, durable=False, source=source, mkdir=mine is None)
         return True
 
-    def scan(self, seen: dict[str, tuple[int, tuple[str, ...]] | None]) -> tuple[list[Entry], list[str], list[str]]:
+    def scan(self, seen: dict[str, tuple[int, tuple[str, ...]] | None],
+             skip: Callable[[str], bool] | None = None) -> tuple[list[Entry], list[str], list[str]]:
         """The entries of every directory that changed since the last scan, those directories,
         and the directories that are gone.
 
@@ -287,7 +289,8 @@ class Tree:
         so one ``stat`` per directory finds them, and only a changed directory is read. ``seen``
         maps a directory to its mtime and subdirectories as of the last scan (updated here); a
         directory modified in the last 100 ms is not remembered as read, because another write in
-        the same clock tick would leave its mtime as it is.
+        the same clock tick would leave its mtime as it is. ``skip`` leaves directories out (and
+        then no directory counts as gone).
         """
         found: list[Entry] = []
         read: list[str] = []
@@ -297,6 +300,8 @@ class Tree:
         present: set[str] = set()
         while stack:
             rel = stack.pop()
+            if skip is not None and skip(rel):
+                continue
             full = os.path.join(root, rel) if rel else root
             try:
                 mtime = os.stat(full).st_mtime_ns
@@ -327,7 +332,7 @@ class Tree:
             read.append(rel)
             seen[rel] = (mtime, tuple(subdirs)) if mtime < recent else None
             stack.extend(subdirs)
-        gone = [d for d in seen if d not in present]
+        gone = [d for d in seen if d not in present] if skip is None else []
         for d in gone:
             del seen[d]
         return found, read, gone

@@ -189,8 +189,9 @@ class Sim:
 
     async def round(self, h: str) -> None:
         ex = self.nodes[h]
-        if ex.scan_due():
-            await ex.scan()
+        due = ex.scan_due()
+        if due is not None:
+            await ex.scan(full=due)
         ex.start_pulls()
         ex.push()
         await asyncio.gather(*(t for p in ex.peers.values() for t in (p.pull, p.push) if t is not None and not t.done()))

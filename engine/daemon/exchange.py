@@ -41,14 +41,21 @@ log = logging.getLogger("mars.marsd")
 def _volatile(path: str) -> bool:
     return path.rpartition("/")[2] in VOLATILE
 
+
+def _actual_dir(rel: str) -> bool:
+    return rel.rpartition("/")[2].startswith("actual-")
+
 PULL_TIMEOUT_S = 10.0
 #: A difference of digests that stays the same this long is not a change on its way: repair it.
 STABLE_MISMATCH_S = 5.0
 #: A difference that keeps changing (a busy cluster) is repaired after this long all the same.
 MAX_MISMATCH_S = 120.0
 REPAIR_BACKOFF_S = (30.0, 600.0)  # after a repair that did not end the difference: first, longest wait
-#: How often the tree is scanned for writes by other processes when no marsadm trigger came.
-SCAN_S = 10.0
+#: How often the desired state (every directory but the actual state, ``actual-*``) is scanned
+#: for writes by other processes when no marsadm trigger came: an entry written by hand counts.
+SCAN_S = 2.0
+#: ... and how often the whole tree (marsadm, which writes actual state too, always triggers).
+FULL_SCAN_S = 30.0
 INLINE_ENTRIES = 8  # at most this many received entries are written on the event loop itself
 
 
@@ -91,6 +98,7 @@ class ExchangeCounters:
 class _Scan:
     seen: dict[str, tuple[int, tuple[str, ...]] | None] = field(default_factory=dict)
     last: float = 0.0
+    last_full: float = 0.0
     task: asyncio.Future[int] | None = None
 
 
@@ -126,20 +134,24 @@ class Exchange:
         p = self.peers.get(host)
         return p is not None and p.heard
 
-    async def scan(self) -> int:
+    async def scan(self, full: bool = True) -> int:
         """Index what other processes wrote (marsadm, an operator by hand); how many changes.
 
-        One scan at a time: a second caller waits for the running one.
+        ``full`` False leaves out the actual state, which only marsd and marsadm write. One
+        scan at a time: a caller waits for the running one, then starts its own.
         """
-        if self._scan.task is None or self._scan.task.done():
-            self._scan.task = asyncio.get_running_loop().run_in_executor(self.executor, self._scan_now)
+        while self._scan.task is not None and not self._scan.task.done():
+            await asyncio.wait([self._scan.task])
+        self._scan.task = asyncio.get_running_loop().run_in_executor(self.executor, self._scan_now, full)
         return await self._scan.task
 
-    def _scan_now(self) -> int:
+    def _scan_now(self, full: bool = True) -> int:
         index = self.index
         start = index.seq
-        found, read, gone = self.tree.scan(self._scan.seen)
+        found, read, gone = self.tree.scan(self._scan.seen, None if full else _actual_dir)
         self._scan.last = self.clock()
+        if full:
+            self._scan.last_full = self._scan.last
         self.counters.scans += 1
         changed = sum(index.note(e) for e in found)
         on_disk = {e.path for e in found}
@@ -154,8 +166,12 @@ class Exchange:
         log.debug("scan: %d dirs read, %d changes, %d gone", len(read), changed, len(gone))
         return changed
 
-    def scan_due(self) -> bool:
-        return self.clock() - self._scan.last >= SCAN_S
+    def scan_due(self) -> bool | None:
+        """True when a whole scan is due, False for one of the desired state, None for none."""
+        now = self.clock()
+        if now - self._scan.last_full >= FULL_SCAN_S:
+            return True
+        return False if now - self._scan.last >= SCAN_S else None
 
     def start_pulls(self, fresh: bool = False) -> None:
         """Start a pull from every peer that has none running, without waiting for any."""

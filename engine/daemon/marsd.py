@@ -79,6 +79,7 @@ class Daemon:
         self._reported = 0.0  # monotonic time of the last report (actual-<host>/time)
         self._status_digest = -1  # the tree's digest as of the last status refresh
         self._quiet: tuple[int, tuple, float] = (-1, (), 0.0)  # digest, activity, time of the last full round
+        self._ended = False  # a runtime's task ended since the last full round
         self._waiting_noted = False
         self.logrot_auto = logrot_auto
         self.nbd_listen = nbd_listen
@@ -148,8 +149,9 @@ class Daemon:
                 woken = self._wake.is_set()
                 self._wake.clear()
                 triggered, self._triggered = self._triggered, False
-                if triggered or self.exchange.scan_due():
-                    await self.exchange.scan()  # marsadm's writes, to be pushed with ours
+                due = self.exchange.scan_due()
+                if triggered or due is not None:
+                    await self.exchange.scan(full=triggered or bool(due))  # others' writes, pushed with ours
                 if triggered:
                     # After a command every node reports afresh, this one and (asked by the pulls)
                     # the peers: 'wait-cluster' and a handover wait for that.
@@ -248,13 +250,16 @@ class Daemon:
         log.info("peer links on %s:%d (TLS, cluster CA %s)", self.ip, self.port,
                  cluster_fingerprint(self.tree.root))
 
+    def _task_ended(self) -> None:
+        self._ended = True
+
     def _moved(self) -> bool:
         """Whether anything happened since the last full round: the tree changed (more than the
         reports), a resource did I/O, or QUIET_FULL_S passed. An idle node then costs a round
         of its pulls, not a pass over every resource, and what the resources publish (positions,
         rates) is as fresh as ever while they move."""
         digest, activity, at = self._quiet
-        return (self.exchange.index.digest != digest or self.stats.activity() != activity
+        return (self._ended or self.exchange.index.digest != digest or self.stats.activity() != activity
                 or time.monotonic() - at >= QUIET_FULL_S)
 
     async def reconcile(self, full: bool = True) -> None:
@@ -263,6 +268,7 @@ class Daemon:
             self.report()
         if not full:
             return
+        self._ended = False
         self._publish_node()
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
@@ -323,7 +329,7 @@ class Daemon:
         deps = RuntimeDeps(tree=self.tree, executor=self.executor, log_pulse=self.log_pulse(res),
                            connect=self.client_for, may_sync=self._may_sync,
                            checkpoint_interval=self.checkpoint_interval, logrot_auto=self.logrot_auto,
-                           stats=self.stats.resource(res), wake=self._wake.set)
+                           stats=self.stats.resource(res), ended=self._task_ended)
         rt: Runtime = RUNTIMES[role](deps, res, data, size)
         attach = self.tree.entry(todo(res, self.host, "attach"))
         try:

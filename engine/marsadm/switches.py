@@ -86,10 +86,13 @@ def _flip(ctx: Ctx, switch: str, on: bool, actual_key: str, what: str) -> None:
     if switch == "allow-replay" and on and ctx.actual("is-syncing") == "1":
         ctx.say(f"{ctx.res}: replay resumes when the sync is done")
         return
-    if switch == "sync" and on and ctx.tree.get_int(f"resource-{ctx.res}/syncstatus-{ctx.host}") >= \
-            ctx.tree.get_int(f"resource-{ctx.res}/size"):
+    def synced() -> bool:
+        return ctx.tree.get_int(f"resource-{ctx.res}/syncstatus-{ctx.host}") >= ctx.tree.get_int(f"resource-{ctx.res}/size")
+
+    if switch == "sync" and on and synced():
         return  # nothing left to sync
-    ctx.wait(f"{what} {ctx.res}", lambda: (ctx.actual(actual_key) == "1") == on,
+    # A resumed sync with little left may be over before this looks: done is done, too.
+    ctx.wait(f"{what} {ctx.res}", lambda: (ctx.actual(actual_key) == "1") == on or (switch == "sync" and on and synced()),
              (lambda: _replay_stopped(ctx)) if switch == "allow-replay" and on else lambda: None)
 
 

@@ -92,7 +92,7 @@ class RuntimeDeps:
     checkpoint_interval: float = 1.0  # minimum seconds between device syncs that advance replay-<host>
     logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
     stats: ResourceStats = field(default_factory=ResourceStats)  # the resource's counters, kept across runtimes
-    wake: Callable[[], None] = lambda: None  # run a reconcile round now (a task of the runtime ended)
+    ended: Callable[[], None] = lambda: None  # a task of the runtime ended: the next round looks at it
 
 
 @dataclass(frozen=True)

@@ -147,9 +147,9 @@ class SecondaryRuntime(Attached):
                 return  # finished: the next round sees the sync complete
         if on and task is None and run is not None:
             task = self._tasks[name] = asyncio.get_running_loop().create_task(run(), name=f"{name}-{self.res}")
-            # A task that ends (a sync done, a fetch that gave up) is the next round's business
-            # at once: a quiet daemon may not run one for seconds otherwise.
-            task.add_done_callback(lambda _t: self.deps.wake())
+            # A task that ends (a sync done, a fetch that gave up) is the next round's business:
+            # a quiet daemon would not look at the resources for seconds otherwise.
+            task.add_done_callback(lambda _t: self.deps.ended())
         elif not on and task is not None:
             task.cancel()
             del self._tasks[name]
