@@ -149,6 +149,9 @@ def test_a_partition_of_a_minute_with_changes_on_both_sides_converges_without_a_
     wait_until(lambda: time.monotonic() >= end, PARTITION_S + 5, "the partition to last", interval=1)
     assert c.tree_value("resource-r/todo-b/allow-replay") == "1" and a.tree_value("defaults-c/sync-limit") != "5"
     part.heal()
+    # A pull that was waiting for its connect timeout when the links healed reports once more.
+    wait_until(lambda: all(n.tree_value(f"actual-{x}/msg-peer-{y}") is None for n in (a, b, c)
+                           for x, y in (("a", "c"), ("b", "c"), ("c", "a"), ("c", "b"))), 60, "the link messages to clear")
     wait_converged(a, b, c, timeout=60)
     for n in (a, b, c):
         assert n.tree_value("resource-r/todo-b/allow-replay") == "0" and n.tree_value("resource-r/todo-c/allow-replay") == "0"

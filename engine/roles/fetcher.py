@@ -16,7 +16,8 @@ import asyncio
 import logging
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 from concurrent.futures import Executor
 from pathlib import Path
 
@@ -36,6 +37,15 @@ FETCH_BYTES = 16 << 20
 DEPTH = 3  # requests in flight while catching up, one per link
 WAIT_MS = 30_000
 RETRY_S = 1.0
+
+
+def _request(coro: Coroutine[Any, Any, P.LogData]) -> asyncio.Task[P.LogData]:
+    """A fetch request as a task whose failure counts as seen even when nobody waits for it any
+    more (a request given up on: the fetcher stopped, or moved to a better source); whoever
+    still awaits it gets the exception as before."""
+    task = asyncio.ensure_future(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 class Fetcher:
@@ -203,7 +213,7 @@ class Fetcher:
                         # A file not copied yet is asked for without waiting: the answer (even an
                         # empty one) proves it exists there, and its copy here lets replay move
                         # on into it at once, not after a whole long poll of a file nobody writes.
-                        inflight.append((offset, 0, asyncio.ensure_future(
+                        inflight.append((offset, 0, _request(
                             self._fetch(links[0], name, offset, WAIT_MS if path.exists() else 0))))
                     _, _, task = inflight.popleft()
                     reply = await self._reply_or_better(task)
@@ -258,7 +268,7 @@ class Fetcher:
             idx = next(i for i in range(DEPTH) if i not in busy)
             if idx == len(links):
                 links.append(self.connect(self.source or ""))
-            inflight.append((next_off, idx, asyncio.ensure_future(self._fetch(links[idx], name, next_off, 0))))
+            inflight.append((next_off, idx, _request(self._fetch(links[idx], name, next_off, 0))))
             next_off += FETCH_BYTES
 
     @staticmethod
