@@ -6,6 +6,7 @@ which pytest's nested tmp_path names can exceed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -251,3 +252,27 @@ class Partition:
     def heal(self) -> None:
         while self.rules:
             run(["iptables", "-D", *self.rules.pop()], check=False)
+
+
+@contextlib.contextmanager
+def three_members(size: str, image: Callable[[Node], Path],
+                  synced: Callable[[Node, Node, Node], bool]) -> Iterator[tuple[Node, Node, Node, Partition]]:
+    """a primary of resource r (``size``), b and c secondaries, until ``synced``; at the end the
+    iptables rules go, every process stops, and no marsd log may hold a traceback."""
+    base = short_tempdir()
+    nodes: list[Node] = []
+    part = Partition()
+    try:
+        a, b, c = start_cluster(base, nodes, "abc")
+        a.marsadm("create-resource", "r", str(image(a)), size)
+        for n in (b, c):
+            wait_until(lambda n=n: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
+            n.marsadm("join-resource", "r", str(image(n)), "--create")
+        wait_until(lambda: synced(a, b, c), 60, "b and c to sync")
+        yield a, b, c, part
+    finally:
+        part.heal()
+        logs = {n.host: n.log() for n in nodes if n.proc is not None}
+        cleanup(base, nodes)
+    for host, text in logs.items():
+        assert "Traceback" not in text, f"marsd {host}:\n{text}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import Node, Partition, caught_up, cleanup, run, short_tempdir, start_cluster, wait_until
+from harness import Node, caught_up, run, three_members, wait_until
 
 from mars.engine.entry import Entry
 from mars.engine.model.client import request_snapshot
@@ -31,24 +31,9 @@ PARTITION_S = float(os.environ.get("MARS_PARTITION_S", "60"))
 @pytest.fixture
 def three():
     """a primary of r (16 MiB), b and c secondaries, synced; iptables rules removed at the end."""
-    base = short_tempdir()
-    nodes: list[Node] = []
-    part = Partition()
-    try:
-        a, b, c = start_cluster(base, nodes, "abc")
-        a.marsadm("create-resource", "r", str(image(a)), SIZE)
-        for n in (b, c):
-            wait_until(lambda n=n: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
-            n.marsadm("join-resource", "r", str(image(n)), "--create")
-        wait_until(lambda: all(caught_up(a, n, "r") and n.tree_value("resource-r/syncstatus-" + n.host) == SIZE
-                               for n in (b, c)), 60, "b and c to sync")
-        yield a, b, c, part
-    finally:
-        part.heal()
-        logs = {n.host: n.log() for n in nodes if n.proc is not None}
-        cleanup(base, nodes)
-    for host, text in logs.items():
-        assert "Traceback" not in text, f"marsd {host}:\n{text}"
+    with three_members(SIZE, image, lambda a, b, c: all(
+            caught_up(a, n, "r") and n.tree_value("resource-r/syncstatus-" + n.host) == SIZE for n in (b, c))) as t:
+        yield t
 
 
 def image(n: Node) -> Path:

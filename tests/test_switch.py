@@ -38,7 +38,7 @@ from pathlib import Path
 import nbd  # python3-libnbd (Debian package; the Makefile installs it)
 import pytest
 
-from harness import Node, Partition, caught_up, cleanup, sha256, short_tempdir, start_cluster, wait_until
+from harness import Node, caught_up, sha256, three_members, wait_until
 
 BLOCK = 4096
 SIZE = 32 << 20
@@ -199,23 +199,8 @@ def unreachable(seen_from: Node, host: str) -> bool:
 @pytest.fixture
 def three():
     """a primary of r (32 MiB), b and c secondaries, synced; iptables rules removed at the end."""
-    base = short_tempdir()
-    nodes: list[Node] = []
-    part = Partition()
-    try:
-        a, b, c = start_cluster(base, nodes, "abc")
-        a.marsadm("create-resource", "r", str(image(a)), str(SIZE))
-        for n in (b, c):
-            wait_until(lambda n=n: n.tree_value("resource-r/size") is not None, 20, f"{n.host} to learn r")
-            n.marsadm("join-resource", "r", str(image(n)), "--create")
-        wait_until(lambda: converged(a, b, c), 60, "b and c to sync")
-        yield a, b, c, part
-    finally:
-        part.heal()
-        logs = {n.host: n.log() for n in nodes if n.proc is not None}
-        cleanup(base, nodes)
-    for host, text in logs.items():
-        assert "Traceback" not in text, f"marsd {host}:\n{text}"
+    with three_members(str(SIZE), image, converged) as t:
+        yield t
 
 
 def test_switch2primary(three):
