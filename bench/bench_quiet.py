@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Quiet-cluster benchmark: what an idle cluster costs each node, and how fast one change spreads.
 
-Run:  python bench/bench_quiet.py [--configs 2x1,4x1,8x1,12x1,2x50,8x50] [--quick] [--window 20] [--settle 10]
+Run:  python bench/bench_quiet.py [--configs 2x1,4x1,8x1,12x1,2x50,8x50] [--quick] [--window 20] [--settle 10] [--profile DIR]
 
 What issue 14 asked for, measured. Each configuration ``NxR`` is a fresh live cluster of N marsd on
 127.0.0.2 .. 127.0.0.(N+1), one peer port for all, joined the way tests/harness.py and
@@ -25,6 +25,10 @@ at each, so that a cluster that takes too long to set up (--setup-limit, default
 figures for fewer resources. The goals are issue 14's; the bench prints them with what it measured
 and whether they are met. Each marsd's tree-exchange counters (control socket) are printed too:
 pulls, whole-tree pulls and repairs in the window (a quiet cluster needs none of the last two).
+
+--profile DIR records the first node (the primary of every resource) and the last one with
+py-spy over each window (collapsed stacks, DIR/<config>-<host>.txt), to see where an idle node's
+CPU goes; the figures of such a run include py-spy's load on the machine.
 
 All processes started here are stopped, and the directory removed, on success, error, Ctrl-C or
 SIGTERM (--keep keeps the directory).
@@ -418,6 +422,7 @@ class Bench:
         cpu0 = {n.host: n.cpu() for n in c.nodes}
         ex0 = {n.host: exchange_counters(n.mars_dir) for n in c.nodes}
         mach0 = cpu_ticks()
+        spies = self.profile(c)
         t0 = time.monotonic()
         seen = dict(first)
         end = t0 + a.window
@@ -428,6 +433,8 @@ class Bench:
         cpu1 = {n.host: n.cpu() for n in c.nodes}
         ex1 = {n.host: exchange_counters(n.mars_dir) for n in c.nodes}
         mach1 = cpu_ticks()
+        for spy in spies:
+            spy.wait(timeout=30)
         t1 = time.monotonic()
         last = socket_counts(set(pids))
         seen.update(last)
@@ -474,6 +481,19 @@ class Bench:
         status(f"  propagation: resume-replay {res} on {c.nodes[-1].host} ...")
         m["resume"] = self.propagation(c, res, "resume-replay", "1")
         return m
+
+    def profile(self, c: Cluster) -> list[subprocess.Popen]:
+        """With --profile DIR: py-spy records the first and the last node over the window (collapsed
+        stacks, non-blocking: the nodes are not paused), to find where an idle node's CPU goes."""
+        if not self.args.profile:
+            return []
+        self.args.profile.mkdir(parents=True, exist_ok=True)
+        name = f"{len(c.nodes)}x{len(c.resources)}"
+        return [subprocess.Popen([str(BIN / "py-spy"), "record", "--nonblocking", "-r", "250", "-f", "raw",
+                                  "-d", str(int(self.args.window)), "-p", str(n.proc.pid),
+                                  "-o", str(self.args.profile / f"{name}-{n.host}.txt")],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for n in {c.nodes[0].host: c.nodes[0], c.nodes[-1].host: c.nodes[-1]}.values()]
 
     def propagation(self, c: Cluster, res: str, command: str, want: str) -> dict:
         """From the entry's write on the last node until every other node's tree has it.
@@ -531,7 +551,7 @@ class Bench:
           f"pause-replay seen everywhere after {prop}")
         x = m.get("exchange") or {}
         p(f"  {name.split('x')[0]}x{m['resources']}: tree exchange in the window, all nodes: {x.get('pulls', 0):,} pulls "
-          f"({x.get('full_pulls', 0)} whole-tree, {x.get('repairs', 0)} repairs), {x.get('pushes', 0):,} pushes, "
+          f"({x.get('full_pulls', 0)} whole-tree, {x.get('repairs', 0)} repairs), {x.get('pushes', 0):,} feeds, "
           f"{x.get('entries_sent', 0):,} entries sent")
 
     def goals(self) -> list[tuple[str, str, str]]:
@@ -652,8 +672,8 @@ class Bench:
         p("least 90 %: saturated, the per-node figures are then what the nodes got, not what they would have taken);")
         p("sent = bytes_sent of every TCP socket of the marsd (tcp_info, TLS included) over the window; trees/peer/s =")
         p("sent / one whole-tree reply of the node (its listing in the engine's codec) / peers: about how many whole")
-        p("trees each node sent each peer per second (an estimate: sent also holds requests, pushes, fetch polls and")
-        p("TLS; with one pull per --interval it would be about 1); propagation = from the write of")
+        p("trees each node sent each peer per second (an estimate: sent also holds feeds, pulls, fetch polls and")
+        p("TLS; with the old whole-tree pull per --interval it would be about 1); propagation = from the write of")
         p("todo-<last>/allow-replay on the last node (pause-replay / resume-replay there) until the last other node's")
         p("tree has it (polled every 20 ms).")
         for o in self.results:
@@ -753,6 +773,8 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where to make the temporary directory (default /var/tmp)")
     ap.add_argument("--port", type=int, default=0, help="peer port of every marsd (default 7777 if free, else a free one)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    ap.add_argument("--profile", type=Path, help="record the first and last node with py-spy over each window "
+                    "into this directory (collapsed stacks; the figures then include py-spy's load)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (trees, marsd logs)")
     args = ap.parse_args()
     if args.configs is None:

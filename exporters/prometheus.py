@@ -166,13 +166,13 @@ def _specs() -> list[Spec]:
     add("mars_fetched_bytes_total", "counter", "resource host", "Log bytes fetched from peers")
     add("mars_replayed_bytes_total", "counter", "resource host", "Bytes of log records replayed onto the data device")
     add("mars_synced_bytes_total", "counter", "resource host", "Bytes copied by the full sync")
-    add("mars_tree_pulls_total", "counter", "host", "Answered pulls of the peers' tree changes (one per peer and "
-        "round)")
+    add("mars_tree_pulls_total", "counter", "host", "Answered pulls of the peers' tree changes (at start, after a "
+        "gap in a peer's feed or its silence, after a command here; a quiet cluster makes almost none)")
     add("mars_tree_full_pulls_total", "counter", "host", "Pulls answered with a peer's whole tree: its first, "
         "after a restart of either side, and repairs")
     add("mars_tree_repairs_total", "counter", "host", "Whole-tree pulls asked for because this tree and a peer's "
         "differed without a change to explain it (stays 0 in a healthy cluster)")
-    add("mars_tree_entries_sent_total", "counter", "host", "Tree entries sent to peers (answers and pushes)")
+    add("mars_tree_entries_sent_total", "counter", "host", "Tree entries sent to peers (answers and feeds)")
     add("mars_tree_entries_received_total", "counter", "host", "Tree entries received from peers")
     add("mars_tree_entries_taken_total", "counter", "host", "Received tree entries newer than this node's, written")
     return m

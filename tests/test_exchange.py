@@ -183,7 +183,7 @@ class Sim:
         tree = Tree(self.base / h, h, SkewedClock(self.skews.get(h, 0)))
         ex = X.Exchange(tree, Inline(), lambda peer, h=h: Link(self, h, peer), lambda: None,
                         lambda t=tree: t.set(f"actual-{h}/time", f"{t.clock.now() / 1e9:.9f}", durable=False),
-                        clock=lambda: self.now)
+                        clock=lambda: self.now, watch=False)
         asyncio.run(ex.load())
         self.nodes[h] = ex
 
@@ -192,9 +192,10 @@ class Sim:
         due = ex.scan_due()
         if due is not None:
             await ex.scan(full=due)
+        ex.report()  # every round, as marsd at its report period
         ex.start_pulls()
-        ex.push()
-        await asyncio.gather(*(t for p in ex.peers.values() for t in (p.pull, p.push) if t is not None and not t.done()))
+        ex.feed()
+        await asyncio.gather(*(t for p in ex.peers.values() for t in (p.pull, p.feed) if t is not None and not t.done()))
 
     def trees(self) -> dict[str, dict[str, tuple[str, int]]]:
         out = {}
@@ -227,6 +228,15 @@ class Link:
             raise PeerError(f"peer {self.peer}: {e.what}", e.remedy) from None
         await there.take(msg.entries, self.me)
         return P.TreeEntries(req=1, entries=())
+
+    async def push(self, msg) -> None:
+        """A one-way feed: the peer's refusal is only its log line, as over a real link."""
+        if frozenset((self.me, self.peer)) in self.sim.cut:
+            raise PeerError(f"cannot reach peer {self.peer}", "it is retried")
+        try:
+            await self.sim.nodes[self.peer].fed(msg, self.me)
+        except MarsError:
+            pass
 
     async def close(self) -> None:
         pass
@@ -323,8 +333,41 @@ def test_an_idle_cluster_exchanges_nothing_and_needs_no_repair(tmp_path):
             asyncio.run(sim.round(h))
     for h, ex in sim.nodes.items():
         now = ex.counters.to_json()
-        assert now["entries_sent"] == before[h]["entries_sent"], h  # pulls answered with nothing
-        assert now["pulls"] == before[h]["pulls"] + 30 and now["repairs"] == 0 and now["full_pulls"] == 3
+        # Each round: its report, one entry in one feed to each of the 3 peers; no pull, no repair.
+        assert now["entries_sent"] == before[h]["entries_sent"] + 30, h
+        assert now["pushes"] == before[h]["pushes"] + 30, h
+        assert now["pulls"] == before[h]["pulls"] and now["repairs"] == 0 and now["full_pulls"] == 3, h
+
+
+def test_a_gap_in_a_feed_or_a_silent_peer_is_pulled(tmp_path):
+    sim = Sim(tmp_path, "ab", {})
+    for _ in range(2):
+        for h in sim.hosts:
+            sim.now += 1
+            asyncio.run(sim.round(h))
+    a, b = sim.nodes["a"], sim.nodes["b"]
+    pulls = b.counters.pulls
+    a.peers["b"].sent -= 1  # a feed that starts before where b is: taken as a step all the same
+    a.tree.set("resource-r/todo-a/attach", 1, durable=False)
+    asyncio.run(sim.round("a"))
+    asyncio.run(sim.round("b"))
+    assert b.counters.pulls == pulls and b.tree.get("resource-r/todo-a/attach") == "1"
+    # A feed lost on the way (the link broke after the bytes left): the next one shows the gap.
+    a.tree.set("resource-r/todo-a/attach", 2, durable=False)
+    a.peers["b"].sent = a.index.seq
+    a.tree.set("resource-r/todo-a/sync", 1, durable=False)
+    asyncio.run(sim.round("a"))
+    assert b.peers["a"].gap and b.tree.get("resource-r/todo-a/attach") == "1"
+    asyncio.run(sim.round("b"))  # pulls what the lost feed carried
+    assert b.counters.pulls == pulls + 1 and b.tree.get("resource-r/todo-a/attach") == "2"
+    assert not b.peers["a"].gap
+    # A peer whose feeds stopped (it lost track of us) is pulled once it was silent for silent_s.
+    a.peers["b"].sent = None
+    for _ in range(3):
+        sim.now += b.silent_s / 2
+        asyncio.run(sim.round("a"))
+        asyncio.run(sim.round("b"))
+    assert b.counters.pulls == pulls + 2 and a.peers["b"].sent is not None
 
 
 def test_a_removed_node_cannot_write_back_into_the_others(tmp_path):
@@ -338,7 +381,8 @@ def test_a_removed_node_cannot_write_back_into_the_others(tmp_path):
     c.tree.set("actual-c/version", "0.9", durable=False)
     with pytest.raises(MarsError, match="host c was removed from the cluster"):
         sim.nodes["a"].refuse_removed("c", (Entry("actual-c/version", "0.9", time.time_ns()),))
-    asyncio.run(sim.round("c"))  # its push is refused; its pulls tell it
+    sim.now += c.silent_s  # the others stopped feeding it: once they were silent, its pulls tell it
+    asyncio.run(sim.round("c"))  # (its feed is refused)
     assert c.tree.entry("ips/ip-c").deleted
     assert sim.nodes["a"].tree.get("actual-c/version") is None
     pushes = c.counters.pushes
@@ -347,3 +391,42 @@ def test_a_removed_node_cannot_write_back_into_the_others(tmp_path):
     assert c.counters.pushes == pushes and sim.nodes["b"].tree.get("actual-c/version") is None
     # Joining again (a new ips entry, newer than the tombstone) is let through.
     sim.nodes["a"].refuse_removed("c", (Entry("ips/ip-c", "10.0.0.99", time.time_ns()),))
+
+
+def test_the_kernel_names_what_another_process_writes_no_scan_needed(tmp_path):
+    """marsadm or an operator's ln -s: indexed as it happens (inotify), a new directory watched
+    after the whole scan it asks for, a removal forgotten, a file that is no entry ignored."""
+
+    async def until(cond, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not cond():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        t = Tree(tmp_path, "a")
+        t.set("ips/ip-a", "127.0.0.2")
+        woken: list[bool] = []
+        ex = X.Exchange(t, Inline(), lambda h: None, lambda: woken.append(True), lambda: None)
+        await ex.load()
+        try:
+            scans = ex.counters.scans
+            assert ex.scan_due() is None  # watched: no periodic scan of the desired state
+            other = Tree(tmp_path, "a")  # another process
+            other.set("ips/ip-b", "127.0.0.3")
+            await until(lambda: ex.index.get("ips/ip-b") is not None, "the new entry indexed")
+            assert woken and ex.counters.external_changes == 1
+            os.unlink(tmp_path / "ips/ip-b")
+            await until(lambda: ex.index.get("ips/ip-b") is None, "the removed entry forgotten")
+            (tmp_path / "stray.txt").write_text("not an entry")
+            other.set("resource-r/todo-a/attach", "1")  # new directories
+            await until(lambda: ex.scan_due() is True, "a whole scan asked for")
+            await ex.scan()
+            assert ex.index.get("resource-r/todo-a/attach").value == "1" and ex.index.get("stray.txt") is None
+            other.set("resource-r/todo-a/attach", "0")
+            await until(lambda: ex.index.get("resource-r/todo-a/attach").value == "0", "the new directory watched")
+            assert ex.counters.scans == scans + 1 and ex.scan_due() is None
+        finally:
+            await ex.close()
+
+    asyncio.run(main())

@@ -2,27 +2,34 @@
 
 Three paths, each for what the other two cannot do:
 
-* **Push.** After each round, this node's own changes since the last push go to every peer at
-  once, so an operator's command on one node is seen everywhere within a round trip, not a
-  polling period.
-* **Pull.** Every round, each peer is asked for what changed there since the last answer
+* **Feed.** After each round, every peer gets what changed here since what it has (this node's
+  own changes, its report among them, and what it relays), one-way: no answer, no round trip.
+  A feed says which change numbers it carries (``from_seq`` .. ``seq``); the receiver takes it
+  as the next step only when it starts where the last one ended. An operator's command on one
+  node is seen everywhere within a round, and an idle node costs each peer one small frame per
+  report (REPORT period, daemon/marsd.py), not a request and an answer every round.
+* **Pull.** A peer is asked for what changed there since its last answer or feed
   (:class:`~mars.engine.peer.protocol.TreeSince` with the peer's change number, the per-peer
-  high-water mark). That carries what pushes cannot: changes relayed from nodes this node does
-  not reach, and everything after a partition or a restart (a new life of either side starts
-  from the whole tree). Idle, a pull is two small frames.
-* **Repair.** Each answer carries the peer's tree digest (peer/changes.py). Equal to ours: the
-  trees are equal. Different in the same way for a while, or different all along for a long
-  time: something was missed, and the next pull asks for the whole tree (the old full exchange,
-  now the exception), backing off while the difference stays.
+  high-water mark) when its feed cannot be trusted: at start, after a gap (a feed that does not
+  start where the last ended: a lost link, a restart of either side), after a command here
+  (``fresh``: the peer reports anew), and when it has been silent longer than ``silent_s``. A
+  new life of either side starts from the whole tree. Answering a pull is also what tells the
+  answering side where that peer's feed starts.
+* **Repair.** Each answer and feed carries the sender's tree digest (peer/changes.py). Equal to
+  ours: the trees are equal. Different in the same way for a while, or different all along for
+  a long time: something was missed, and the next pull asks for the whole tree (the old full
+  exchange, now the exception), backing off while the difference stays.
 
 The disk work (applying entries, scanning for marsadm's writes) runs in the daemon's thread
-pool, one task per peer at most, so a slow or unreachable peer delays nobody.
+pool, one pull and one feed per peer at most at a time, so a slow or unreachable peer delays
+nobody.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -34,6 +41,7 @@ from ..peer import protocol as P
 from ..peer.changes import VOLATILE, ChangeIndex, Changes
 from ..peer.link import PeerClient, PeerError
 from ..tree import Tree, node_actual, nodes_of
+from .watch import Changed, TreeWatch
 
 log = logging.getLogger("mars.marsd")
 
@@ -52,11 +60,15 @@ STABLE_MISMATCH_S = 5.0
 MAX_MISMATCH_S = 120.0
 REPAIR_BACKOFF_S = (30.0, 600.0)  # after a repair that did not end the difference: first, longest wait
 #: How often the desired state (every directory but the actual state, ``actual-*``) is scanned
-#: for writes by other processes when no marsadm trigger came: an entry written by hand counts.
+#: for writes by other processes when no marsadm trigger came and the tree cannot be watched
+#: (daemon/watch.py): an entry written by hand counts.
 SCAN_S = 2.0
 #: ... and how often the whole tree (marsadm, which writes actual state too, always triggers).
 FULL_SCAN_S = 30.0
 INLINE_ENTRIES = 8  # at most this many received entries are written on the event loop itself
+#: A peer whose changes did not come in order (a feed or an answer) for this long is pulled
+#: (its feed may have stopped: it lost its link to us, or it does not know where we are).
+SILENT_S = 15.0
 
 
 @dataclass(slots=True)
@@ -66,6 +78,9 @@ class _Peer:
     incarnation: int = 0  # the peer's life, and its change number, as of its last answer
     seq: int = 0
     heard: bool = False  # its first pull since this marsd started has ended, answered or not
+    heard_at: float = float("-inf")  # when its changes last came in order (an answer, a feed)
+    gap: bool = False  # a feed did not start where we are: the next round pulls
+    sent: int | None = None  # our change number it has (its last pull of us, our feeds since); None: unknown
     repair: bool = False  # the next pull asks for the whole tree
     pair: tuple[int, int] | None = None  # (its digest, ours) while they differ
     pair_since: float = 0.0
@@ -73,7 +88,7 @@ class _Peer:
     next_repair: float = 0.0
     backoff: float = REPAIR_BACKOFF_S[0]
     pull: asyncio.Task[None] | None = None
-    push: asyncio.Task[None] | None = None
+    feed: asyncio.Task[None] | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +114,7 @@ class _Scan:
     seen: dict[str, tuple[int, tuple[str, ...]] | None] = field(default_factory=dict)
     last: float = 0.0
     last_full: float = 0.0
+    dirty: bool = False  # a directory came or went, or events were lost: a whole scan is due
     task: asyncio.Future[int] | None = None
 
 
@@ -107,7 +123,8 @@ class Exchange:
 
     def __init__(self, tree: Tree, executor: Executor, connect: Callable[[str], PeerClient],
                  wake: Callable[[], None], report: Callable[[], None],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, silent_s: float = SILENT_S,
+                 watch: bool = True) -> None:
         self.tree = tree
         self.host = tree.host
         self.executor = executor
@@ -115,20 +132,71 @@ class Exchange:
         self.wake = wake  # a change that matters to the reconcile round: run one now
         self.report = report  # publish this node's report (its time) now: a peer asked fresh
         self.clock = clock  # monotonic seconds: when a scan is due, how long digests differed
+        self.silent_s = silent_s  # more than some report periods of the peers (see SILENT_S)
         self.index = tree.changes = ChangeIndex()
         self.counters = ExchangeCounters()
-        self.clients: dict[str, PeerClient] = {}
+        self.clients: dict[str, PeerClient] = {}  # pulls
+        # Feeds go on links of their own: a feed never waits behind a pull's answer, which a
+        # busy peer may take seconds to give, while the reports in the feed must not age.
+        self.feed_clients: dict[str, PeerClient] = {}
         self.peers: dict[str, _Peer] = {}
-        self._pushed = 0  # the change number the last push went up to
         self._scan = _Scan()
         self._removed_noted = False
+        self._watch: TreeWatch | None = None
+        self._watching = watch  # False: scan every SCAN_S instead (a simulation without a loop of its own)
 
     # -- the round's part ----------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Index the tree as it is at start: the first scan reads every directory."""
+        """Index the tree as it is at start: the first scan reads every directory, and from then
+        on the kernel names what others write (daemon/watch.py), where it can."""
         await self.scan()
         self.index.complete = True
+        if not self._watching:
+            return
+        try:
+            self._watch = TreeWatch(self.tree.root)
+            self._watch.watch(list(self._scan.seen))
+        except OSError as e:
+            if self._watch is not None:
+                self._watch.close()
+            self._watch = None
+            log.warning("cannot watch %s for changes by other processes (%s); scanning it every %g s instead. "
+                        "If the limit fs.inotify.max_user_watches is reached, raise it (sysctl)",
+                        self.tree.root, e.strerror or e, SCAN_S)
+            return
+        asyncio.get_running_loop().add_reader(self._watch.fileno(), self._watched)
+
+    def _watched(self) -> None:
+        """Entries that another process (or this one) wrote or removed: index what is on disk now."""
+        assert self._watch is not None
+        try:
+            ch = self._watch.read()
+        except OSError as e:
+            log.warning("reading the changes of %s: %s; scanning it instead", self.tree.root, e)
+            ch = Changed(overflow=True)
+        if ch.overflow or ch.dirs:
+            self._scan.dirty = True  # a whole scan reads the new directory and watches it
+            self.wake()
+        if not ch.paths:
+            return
+        index, root = self.index, str(self.tree.root)
+        start = index.seq
+        changed = []
+        for path in ch.paths:
+            full = os.path.join(root, path)
+            try:
+                e = Entry(path, os.readlink(full), os.lstat(full).st_mtime_ns)
+            except FileNotFoundError:
+                index.forget(path, noted_by=start)
+                continue
+            except OSError:
+                continue  # not an entry (a socket of marsd's in the root, a file someone left)
+            if index.note(e):
+                changed.append(path)
+        self.counters.external_changes += len(changed)
+        if any(self._matters(p) for p in changed):
+            self.wake()
 
     def heard(self, host: str) -> bool:
         p = self.peers.get(host)
@@ -142,8 +210,17 @@ class Exchange:
         """
         while self._scan.task is not None and not self._scan.task.done():
             await asyncio.wait([self._scan.task])
+        self._scan.dirty = False
         self._scan.task = asyncio.get_running_loop().run_in_executor(self.executor, self._scan_now, full)
-        return await self._scan.task
+        changed = await self._scan.task
+        if self._watch is not None:
+            try:
+                self._watch.watch(list(self._scan.seen))
+            except OSError as e:
+                log.warning("cannot watch more directories of %s (%s): changes in them are found by the "
+                            "scan every %g s; raise fs.inotify.max_user_watches (sysctl)",
+                            self.tree.root, e.strerror or e, FULL_SCAN_S)
+        return changed
 
     def _scan_now(self, full: bool = True) -> int:
         index = self.index
@@ -169,45 +246,60 @@ class Exchange:
     def scan_due(self) -> bool | None:
         """True when a whole scan is due, False for one of the desired state, None for none."""
         now = self.clock()
-        if now - self._scan.last_full >= FULL_SCAN_S:
+        if self._scan.dirty or now - self._scan.last_full >= FULL_SCAN_S:
             return True
+        if self._watch is not None:
+            return None  # the kernel names what changes (see load)
         return False if now - self._scan.last >= SCAN_S else None
 
     def start_pulls(self, fresh: bool = False) -> None:
-        """Start a pull from every peer that has none running, without waiting for any."""
+        """Pull from every peer whose feed cannot be trusted (see the module), without waiting;
+        ``fresh`` pulls from all of them and makes them report anew."""
         peers = [h for h in nodes_of(self.tree) if h != self.host]
         self._forget_gone(peers)
         loop = asyncio.get_running_loop()
+        now = self.clock()
         for h in peers:
             p = self.peers.setdefault(h, _Peer())
-            if p.pull is None or p.pull.done():
+            if p.pull is not None and not p.pull.done():
+                continue
+            if fresh or not p.incarnation or p.repair or p.gap or now - p.heard_at >= self.silent_s:
                 p.pull = loop.create_task(self._pull(h, p, fresh), name=f"exchange-{h}")
 
-    def push(self) -> None:
-        """Send every peer this node's own changes since the last push, without waiting.
+    def feed(self) -> None:
+        """Send every peer what changed here since what it has, without waiting for anything.
 
-        Only this node's own writes: what came from a peer reached the others from that peer
-        (or reaches them with their next pull of us). A peer whose last push is still on its
-        way is left out this time; its next pull carries the changes anyway.
+        What came from that peer is left out (it has it, or newer), and so are other nodes'
+        reports that it gets from their origin itself. A peer whose last feed is still on its
+        way is left out this time; the next feed starts where that one ended.
         """
         index = self.index
-        if index.own_seq <= self._pushed or self._removed():
+        if self._removed():
             return
-        changes = index.since(index.incarnation, self._pushed, own_only=True)
-        self._pushed = changes.seq
-        if not any(not _volatile(e.path) for e in changes.entries):
-            return  # only reports: the peers' next pull carries them, and that is soon enough
         loop = asyncio.get_running_loop()
         for h, p in self.peers.items():
-            if h in self.clients and (p.push is None or p.push.done()):
-                p.push = loop.create_task(self._push(h, changes), name=f"push-{h}")
+            if p.sent is None or p.sent >= index.seq or h not in self.clients:
+                continue
+            if p.feed is not None and not p.feed.done():
+                continue
+            ch = index.since(index.incarnation, p.sent, skip_source=h)
+            if not ch.from_seq:
+                p.sent = None  # not a number of ours (cannot be): its next pull tells
+                continue
+            entries = tuple(e for e in ch.entries if not self._reaches_itself(e.path, h))
+            if entries:  # else p.sent stays: the next feed starts there and covers these numbers too
+                p.feed = loop.create_task(self._feed(h, p, ch, entries), name=f"feed-{h}")
 
     async def close(self) -> None:
+        if self._watch is not None:
+            asyncio.get_running_loop().remove_reader(self._watch.fileno())
+            self._watch.close()
+            self._watch = None
         for p in self.peers.values():
-            for t in (p.pull, p.push):
+            for t in (p.pull, p.feed):
                 if t is not None:
                     t.cancel()
-        for c in self.clients.values():
+        for c in [*self.clients.values(), *self.feed_clients.values()]:
             await c.close()
 
     # -- pulling and pushing -------------------------------------------------------------------
@@ -253,25 +345,55 @@ class Exchange:
             if reply.incarnation != p.incarnation and p.incarnation and not full:
                 log.info("exchange with %s: it restarted; took its whole tree", host)
             p.incarnation, p.seq = reply.incarnation, reply.seq
+            p.heard_at, p.gap = self.clock(), False
             self._compare(host, p, reply.digest)
         finally:
             if not p.heard:
                 p.heard = True
                 self.wake()
 
-    async def _push(self, host: str, changes: Changes) -> None:
-        c = self.clients.get(host)
+    async def _feed(self, host: str, p: _Peer, ch: Changes, entries: tuple[Entry, ...]) -> None:
+        c = self.feed_clients.get(host)
         if c is None:
-            return
+            try:
+                c = self.feed_clients[host] = self.connect(host)
+            except PeerError:
+                p.sent, p.gap = None, True
+                return
+        batches = list(P.entry_batches(entries))
         try:
-            for batch in P.entry_batches(changes.entries):
-                await c.request(lambda req, b=batch: P.TreeChanges(
-                    req=req, incarnation=changes.incarnation, from_seq=changes.from_seq, seq=changes.seq,
-                    digest=changes.digest, entries=b), timeout=PULL_TIMEOUT_S)
+            for i, batch in enumerate(batches):
+                # Every part but the last claims no numbers: a link lost half-way leaves the
+                # receiver where it was, and it pulls the rest.
+                last = i == len(batches) - 1
+                await c.push(P.TreeChanges(req=0, incarnation=ch.incarnation, from_seq=ch.from_seq,
+                                           seq=ch.seq if last else ch.from_seq, digest=ch.digest, entries=batch))
                 self.counters.entries_sent += len(batch)
             self.counters.pushes += 1
+            if p.sent is not None:
+                p.sent = max(p.sent, ch.seq)
         except PeerError:
-            pass  # its next pull of us carries them
+            # Where it is now is unknown: no more feeds until it pulls us, and we pull it (which
+            # also tells the tree if it cannot be reached).
+            p.sent, p.gap = None, True
+
+    async def fed(self, msg: P.TreeChanges, peer: str) -> None:
+        """A peer's feed: its entries are taken whatever they follow (the newer win, in any
+        order); they move its high-water mark only when they start where we are."""
+        self.refuse_removed(peer, msg.entries)
+        await self.take(msg.entries, peer)
+        p = self.peers.get(peer)
+        if p is None:
+            return  # not a node we know yet: its entries are here, the pulls start once it is
+        if msg.incarnation == p.incarnation and 0 < msg.from_seq <= p.seq:
+            if msg.seq > msg.from_seq:
+                p.seq = max(p.seq, msg.seq)
+                p.heard_at = self.clock()
+                self._compare(peer, p, msg.digest)
+        elif not p.gap:
+            log.debug("exchange with %s: its feed starts at %d of life %x, we have %d of life %x; pulling",
+                      peer, msg.from_seq, msg.incarnation, p.seq, p.incarnation)
+            p.gap = True
 
     async def take(self, entries: tuple[Entry, ...], source: str) -> int:
         """Apply a peer's entries (the newer win); wake the round if one matters to it."""
@@ -339,12 +461,13 @@ class Exchange:
                 self.tree.delete(node_actual(self.host, name), durable=False)
         for host in [h for h in self.peers if h not in peers]:
             p = self.peers.pop(host)
-            for t in (p.pull, p.push):
+            for t in (p.pull, p.feed):
                 if t is not None:
                     t.cancel()
-            c = self.clients.pop(host, None)
-            if c is not None:
-                asyncio.get_running_loop().create_task(c.close())
+            for clients in (self.clients, self.feed_clients):
+                c = clients.pop(host, None)
+                if c is not None:
+                    asyncio.get_running_loop().create_task(c.close())
 
     def _removed(self) -> bool:
         """Whether this host was removed from the cluster (its ``ips`` entry is a tombstone).
@@ -368,6 +491,8 @@ class Exchange:
         if msg.fresh:
             self.report()
         ch = self.index.since(msg.incarnation, msg.seq, skip_source=peer)
+        # After this answer the peer has our changes up to ch.seq: our feeds go on from there.
+        self.peers.setdefault(peer, _Peer()).sent = ch.seq
         entries = ch.entries
         if ch.from_seq:
             entries = tuple(e for e in entries if not self._reaches_itself(e.path, peer))

@@ -45,11 +45,16 @@ from .exchange import Exchange
 log = logging.getLogger("mars.marsd")
 
 NBD_SOCKET = "nbd.sock"
-#: How often a node reports (actual-<host>/time) at least apart, whatever --interval: once a
-#: round and no faster. The faces' alive window may be as short as 2 s (--window), so a report
-#: must come more often than that; it costs the peers one entry each, carried by the pull they
-#: make every round anyway (never pushed, never relayed to a node that reaches this one).
-REPORT_S = 1.0
+#: How often a node reports (actual-<host>/time): every REPORT_ROUNDS rounds, at most every
+#: REPORT_MAX_S. The report is how every node tells that this one is alive; the faces' alive
+#: window (30 s by default, ALIVE_WINDOW_S) holds ten of them at the default --interval 1 (a
+#: report every 3 s). A report costs each peer one entry in one feed frame, never relayed to a
+#: node that reaches this one. Tests run --interval 0.2 (a report every 0.6 s) with faces of
+#: --window 2: a report each second left live nodes down now and then on a loaded machine.
+REPORT_ROUNDS = 3
+REPORT_MAX_S = 5.0
+#: A peer not heard from in order for this many of our report periods is pulled (exchange.py).
+SILENT_REPORTS = 3
 #: A round with nothing new (no trigger, no change of the tree but reports, no I/O of any resource)
 #: skips the resources; one in this many seconds goes through them all the same.
 QUIET_FULL_S = 5.0
@@ -85,6 +90,7 @@ class Daemon:
         self.nbd_listen = nbd_listen
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
+        self.report_s = report_period(interval)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="marsd-io")
         self.runtimes: dict[str, Runtime] = {}
         self.pulses: dict[str, LogPulse] = {}  # per resource; outlives its runtimes (see LogPulse)
@@ -94,7 +100,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._servers: list[asyncio.AbstractServer] = []
-        self.exchange = Exchange(tree, self.executor, self.client_for, self._wake.set, self.report)
+        self.exchange = Exchange(tree, self.executor, self.client_for, self._wake.set, self.report,
+                                 silent_s=SILENT_REPORTS * self.report_s)
         self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self.exchange)
         self.bus = Bus()
         self.stats = Stats()  # counters since this marsd started, served beside the snapshot
@@ -157,8 +164,11 @@ class Daemon:
                     # the peers: 'wait-cluster' and a handover wait for that.
                     self.report()
                 self.exchange.start_pulls(fresh=triggered)
+                if time.monotonic() - self._reported >= self.report_s * 0.9:
+                    self.report()
+                self.exchange.feed()  # the report and what the scan found, before the resources' work
                 await self.reconcile(full=triggered or woken or self._moved())
-                self.exchange.push()
+                self.exchange.feed()  # what the round changed
                 digest = self.exchange.index.digest
                 await self.control.refresh(changed=digest != self._status_digest)
                 self._status_digest = digest
@@ -264,8 +274,6 @@ class Daemon:
 
     async def reconcile(self, full: bool = True) -> None:
         tree = self.tree
-        if time.monotonic() - self._reported >= max(REPORT_S, self.interval) * 0.9:
-            self.report()
         if not full:
             return
         self._ended = False
@@ -428,6 +436,11 @@ class Daemon:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
         if rt is not None:
             rt.publish()
+
+
+def report_period(interval: float) -> float:
+    """Seconds between two reports of a marsd running rounds every ``interval`` seconds."""
+    return max(interval, min(REPORT_MAX_S, REPORT_ROUNDS * interval))
 
 
 def parse_listen(value: str) -> tuple[str, int]:

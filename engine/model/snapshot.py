@@ -394,18 +394,18 @@ class ResourceCounters:
 class ExchangeCounters:
     """What this node's tree exchange did since marsd started (engine/daemon/exchange.py).
 
-    In a quiet cluster ``pulls`` grows by one per peer and round while ``entries_sent`` hardly
-    moves; ``full_pulls`` grows only when a peer starts (or restarts) and with ``repairs``, which
+    In a quiet cluster ``pushes`` (one-way feeds) grows by one per peer and report period and
+    ``pulls`` hardly moves; ``full_pulls`` grows only when a peer starts (or restarts) and with ``repairs``, which
     stays 0 unless the trees differed without a change to explain it.
     """
 
     pulls: int  # answered pulls of peers' changes
     full_pulls: int  # of them, answered with the whole tree
     repairs: int  # whole-tree pulls asked for because digests differed
-    pushes: int  # change sets pushed to a peer
-    entries_received: int  # entries received from peers (pulls and pushes)
+    pushes: int  # feeds sent to a peer (one-way change sets)
+    entries_received: int  # entries received from peers (answers and feeds)
     entries_taken: int  # of them, newer than ours: written into the tree
-    entries_sent: int  # entries sent to peers (answers and pushes)
+    entries_sent: int  # entries sent to peers (answers and feeds)
     scans: int  # scans of the tree for other processes' writes
     external_changes: int  # entries those scans found changed (marsadm, an operator)
 

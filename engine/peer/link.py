@@ -1,7 +1,8 @@
 """Peer links over TLS (port 7777): asyncio around the sans-I/O peer protocol.
 
 One TLS connection per purpose (tree exchange, a resource's fetch, a resource's sync), each a
-strict request → reply sequence, so a slow log fetch never delays the tree exchange. Both ends
+strict request → reply sequence, so a slow log fetch never delays the tree exchange; a message
+with ``req`` 0 (a tree feed) is one-way and never answered, not even with an error. Both ends
 are authenticated by the cluster CA (see credentials.py); on top of that, the host name a peer
 claims in its Hello must be the name in its certificate, and its cluster id must be ours. A peer
 that fails any of this is dropped before it sees a single tree entry or log byte.
@@ -141,10 +142,18 @@ class PeerServer:
                 msg = await _next_message(conn, reader)
                 if isinstance(msg, (P.Closed, P.Bye)):
                     return
+                req = getattr(msg, "req", 0)
                 try:
                     reply = await self._handler(msg, who)
                 except MarsError as e:
-                    reply = P.ErrorReply(req=getattr(msg, "req", 0), code="refused", what=e.what, remedy=e.remedy)
+                    if not req:
+                        # A one-way message (a feed) has nobody waiting for an answer: an answer
+                        # would be read as the reply to the sender's next request.
+                        log.warning("peer %s: %s; %s", who, e.what, e.remedy)
+                        continue
+                    reply = P.ErrorReply(req=req, code="refused", what=e.what, remedy=e.remedy)
+                if not req:
+                    continue
                 for m in reply if isinstance(reply, list) else [reply] if reply is not None else []:
                     await _send(writer, conn.send_buffers(m))
         except P.PeerProtocolError as e:
@@ -259,13 +268,17 @@ class PeerClient:
             return reply
 
     async def push(self, msg: Any) -> None:
+        """Send a one-way message (``req`` 0, a feed): nothing answers it."""
         async with self._lock:
             if not self.connected:
                 await self.connect()
             assert self._conn is not None and self._writer is not None
-            for buf in self._conn.send_buffers(msg):
-                self._writer.write(buf)
-            await self._writer.drain()
+            try:
+                await _send(self._writer, self._conn.send_buffers(msg))
+            except (OSError, ssl.SSLError) as e:
+                await self.close()
+                raise PeerError(f"link to {self.peer or self.ip} failed: {str(e) or type(e).__name__}",
+                                "it is retried") from None
 
     async def close(self) -> None:
         w, self._writer = self._writer, None

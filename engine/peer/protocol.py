@@ -340,7 +340,7 @@ class TreeSince:
 @dataclass(frozen=True, slots=True)
 class TreeChanges:
     """The changes ``from_seq`` (exclusive) .. ``seq`` (inclusive) of the sender's life
-    ``incarnation``: a reply to TreeSince, or pushed as a request of its own when they happen.
+    ``incarnation``: a reply to TreeSince, or (``req`` 0) a one-way feed after a round.
 
     ``from_seq == 0`` is the whole tree. ``digest`` sums up the sender's tree as of ``seq``
     (:mod:`mars.engine.peer.changes`): equal digests mean equal trees, which is how a receiver
@@ -357,7 +357,7 @@ class TreeChanges:
     entries: tuple[Entry, ...]
 
     def __post_init__(self) -> None:
-        _req("TreeChanges", self.req)
+        _req("TreeChanges", self.req, reply_to_nothing_ok=True)
         _int("TreeChanges", "incarnation", self.incarnation)
         _int("TreeChanges", "from_seq", self.from_seq)
         _int("TreeChanges", "seq", self.seq)

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 MAX_FETCH = 16 << 20
 MAX_READ = 32 << 20
-MAX_WAIT_S = 30.0  # longest long poll a peer may ask for
+MAX_WAIT_S = 120.0  # longest long poll a peer may ask for (a dead link ends sooner: TCP keepalive)
 #: A copy (this node relays another's log) is checked this often while a fetch waits at its end:
 #: its end can also come with a tree entry (the origin's version of it), which fires no pulse.
 COPY_RECHECK_S = 1.0
@@ -62,6 +62,9 @@ class PeerServices:
         tree = self.tree
         if isinstance(msg, P.TreeSince):
             return self.exchange.answer(msg, peer)
+        if isinstance(msg, P.TreeChanges) and not msg.req:
+            await self.exchange.fed(msg, peer)
+            return None
         if isinstance(msg, (P.TreeChanges, P.TreeEntries)):
             self.exchange.refuse_removed(peer, msg.entries)
             await self.exchange.take(msg.entries, peer)
