@@ -33,6 +33,10 @@ from .values import ReplayCode, ReplayLink, Version, log_name
 log = logging.getLogger("mars.replayer")
 
 READ_CHUNK = 16 << 20  # as much as one fetch reply: whole runs of records per pwritev
+#: An idle replayer (all applied, its position on disk) looks again this often by itself. New log
+#: bytes wake it at once (the fetcher), and so does any change of the tree's desired state (its
+#: runtime's follow: the end of a file, a new history after a failover); this is the net under both.
+IDLE_WAIT_S = 5.0
 
 
 class Replayer:
@@ -154,7 +158,7 @@ class Replayer:
             if not progressed:
                 self.wake.clear()
                 try:
-                    await asyncio.wait_for(self.wake.wait(), self.checkpoint_interval)
+                    await asyncio.wait_for(self.wake.wait(), max(self.checkpoint_interval, IDLE_WAIT_S))
                 except asyncio.TimeoutError:
                     pass
 

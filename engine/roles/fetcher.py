@@ -35,7 +35,7 @@ log = logging.getLogger("mars.fetcher")
 
 FETCH_BYTES = 16 << 20
 DEPTH = 3  # requests in flight while catching up, one per link
-WAIT_MS = 30_000
+WAIT_MS = 120_000  # an idle fetcher asks every 2 min; new bytes, a finished file or a better source end it at once
 RETRY_S = 1.0
 
 

@@ -41,6 +41,7 @@ class SecondaryRuntime(Attached):
         self.replayer: Replayer | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._rates: dict[str, Rate] = {}
+        self._tree_digest: int | None = -1  # the tree's digest at the last follow (see follow)
 
     # -- the runtime interface -----------------------------------------------------------------
 
@@ -127,6 +128,12 @@ class SecondaryRuntime(Attached):
                 self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
                                          self.deps.checkpoint_interval, self.deps.stats)
             self._switch("replay", wanted.replay and not stuck, self.replayer.run if self.replayer else None)
+            index = self.tree.changes
+            digest = index.digest if index is not None else None
+            if self.replayer is not None and (digest is None or digest != self._tree_digest):
+                # The tree moved (more than reports): what the replayer waits for may be there now.
+                self.replayer.wake.set()
+            self._tree_digest = digest
 
     def _replay_stuck(self) -> bool:
         """Replay stopped on a damaged record and its position has not been written anew since."""
