@@ -231,6 +231,9 @@ def free_port() -> int:
 
 def test_send_pushes_the_status_document(trio, trapper):
     a = trio[0]
+    # The secondaries caught up by their own trees; a learns it with their next feed. The document
+    # sent and the one read after it are compared, so both must be of the settled cluster.
+    wait_until(lambda: status(a)["counts"]["findings"] == 0, 20, "a's view of the cluster to settle")
     r = mz(a, "send", "--zabbix-server", "127.0.0.1", "--zabbix-port", str(trapper.port), "--zabbix-host", "mars-a",
            "--zabbix-config", "/dev/null")
     assert r.returncode == 0, r.stderr
