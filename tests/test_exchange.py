@@ -401,7 +401,7 @@ def test_the_kernel_names_what_another_process_writes_no_scan_needed(tmp_path):
         deadline = time.monotonic() + 10
         while not cond():
             assert time.monotonic() < deadline, what
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll
 
     async def main() -> None:
         t = Tree(tmp_path, "a")
