@@ -85,7 +85,6 @@ class ChangeIndex:
         self._recs: OrderedDict[str, _Rec] = OrderedDict()  # path -> record, least recently changed first
         self._dirs: dict[str, set[str]] = {}  # directory -> the indexed paths directly in it
         self._digest = 0
-        self._own_seq = 0  # the newest change number of this node's own writes
         #: Whether the index holds the whole tree (after marsd's first scan): only then may a
         #: read that finds nothing here answer "no such entry" without asking the disk.
         self.complete = False
@@ -93,10 +92,6 @@ class ChangeIndex:
     @property
     def seq(self) -> int:
         return self._seq
-
-    @property
-    def own_seq(self) -> int:
-        return self._own_seq
 
     @property
     def digest(self) -> int:
@@ -125,8 +120,6 @@ class ChangeIndex:
                     self._digest ^= entry_hash(old)
                 self._recs.move_to_end(e.path)
             self._seq += 1
-            if source is None:
-                self._own_seq = self._seq
             if rec is None:
                 self._recs[e.path] = _Rec(e, self._seq, source)
                 self._dirs.setdefault(_parent(e.path), set()).add(e.path)
@@ -161,14 +154,12 @@ class ChangeIndex:
         with self._lock:
             return list(self._dirs.get(directory, ()))
 
-    def since(self, incarnation: int, seq: int, *, skip_source: str | None = None,
-              own_only: bool = False) -> Changes:
+    def since(self, incarnation: int, seq: int, *, skip_source: str | None = None) -> Changes:
         """The changes after ``seq`` of life ``incarnation``; all entries for another life or seq 0.
 
         ``skip_source`` leaves out, in an incremental answer, what came from the asker itself
         (it has that entry or a newer one). A whole-tree answer leaves nothing out: it is what a
-        restarted asker, which may have lost entries, starts from. ``own_only`` keeps only this
-        node's own writes (what a push carries).
+        restarted asker, which may have lost entries, starts from.
         """
         with self._lock:
             if incarnation != self.incarnation or seq > self._seq:
@@ -177,8 +168,6 @@ class ChangeIndex:
             for rec in reversed(self._recs.values()):
                 if rec.seq <= seq:
                     break
-                if own_only and rec.source is not None:
-                    continue
                 if seq and skip_source is not None and rec.source == skip_source:
                     continue
                 out.append(rec.entry)
