@@ -145,8 +145,10 @@ class Daemon:
         self.bus.attach_logging(logging.getLogger("mars"))
         self._open_trigger(loop)
         await self.control.start()
-        await self._open_nbd(loop)
+        # Peers first: the NBD socket is what tells a waiting operator (or test) that marsd is up,
+        # so when it appears a 'join-cluster' against this node must already connect.
         await self._open_peers()
+        await self._open_nbd(loop)
         self.tree.set(node_actual(self.host, "alive"), 1, durable=False)
         log.info("marsd %s on host %s started, tree %s", __version__, self.host, self.tree.root)
         try:
