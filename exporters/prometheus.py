@@ -92,6 +92,8 @@ def _specs() -> list[Spec]:
     add("mars_node_dir_size_bytes", "gauge", "host", "Total bytes of the file system holding the node's MARS "
         "directory")
     add("mars_node_emergency", "gauge", "host", "1 when the node is in emergency mode (its MARS directory ran full)")
+    add("mars_node_emergency_level", "gauge", "host",
+        "the node's emergency level: 0 normal, 1..3 short of space, 4 full (primaries write through)")
     add("mars_node_link_up", "gauge", "host peer", "0 when host reports it cannot reach peer, 1 otherwise")
     add("mars_node_tunable_info", "info", "host tunable set_value actual_value", "A tunable: what the tree asks "
         "for (set_value, empty when unset) and what the node's marsd runs with (actual_value)")
@@ -271,6 +273,7 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
         o.gauge("mars_node_dir_free_bytes", ns.rest_space_bytes, h)
         o.gauge("mars_node_dir_size_bytes", ns.total_space_bytes, h)
         o.gauge("mars_node_emergency", ns.emergency, h)
+        o.gauge("mars_node_emergency_level", ns.emergency_level, h)
         for peer in sorted(snap.nodes):
             if peer != h:
                 o.gauge("mars_node_link_up", peer not in ns.link_errors, h, peer)

@@ -372,7 +372,9 @@ def _system_block(snap: Snapshot, opts: Options) -> list[Line]:
             pct = 100.0 * ns.rest_space_bytes / ns.total_space_bytes
             out.append(_line(f"-> Free space on {where_dir}: ", _v(human_bytes(ns.rest_space_bytes)), " of ",
                              _v(human_bytes(ns.total_space_bytes)), " (", _v(f"{pct:.1f}%"), ")",
-                             ", Emergency is ", Span("on", "todo") if ns.emergency else Span("off", "ok")))
+                             ", Emergency is ", Span(f"on (level {ns.emergency_level} of 4)", "todo") if ns.emergency
+                             else Span(f"level {ns.emergency_level} of 4", "todo") if ns.emergency_level
+                             else Span("off", "ok")))
         else:
             out.append(_line(f"-> Free space on {where_dir}: ", Span("unknown", "dim")))
     if not snap.nodes:

@@ -26,7 +26,8 @@ from ..errors import MarsError
 from ..log.files import list_logs, read_replay
 from ..log.recovery import LogDamage
 from ..log.values import ReplayCode
-from ..model.units import parse_size
+from ..model import tunables
+from ..model.units import human_bytes, parse_size
 from ..nbd.server import Export, NbdSession
 from ..peer import protocol as P
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer
@@ -103,6 +104,7 @@ class Daemon:
         self.exchange = Exchange(tree, self.executor, self.client_for, self._wake.set, self.report,
                                  silent_s=SILENT_REPORTS * self.report_s)
         self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self.exchange)
+        self.emergency = 0  # the emergency level, 0..4 (see _space_level)
         self.bus = Bus()
         self.stats = Stats()  # counters since this marsd started, served beside the snapshot
         self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.counters,
@@ -280,6 +282,7 @@ class Daemon:
             return
         self._ended = False
         self._publish_node()
+        level = self._space_level()
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
             d = res_dir(res)
@@ -312,12 +315,44 @@ class Daemon:
                 rt = self.runtimes.get(res)
             if rt is not None:
                 on = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
-                rt.follow(Wanted(sync=on["sync"], fetch=on["connect"], replay=on["allow-replay"]))
+                # Emergency levels (the original's order): 3 stops syncs, 4 stops fetching here.
+                rt.follow(Wanted(sync=on["sync"] and level < 3, fetch=on["connect"] and level < 4,
+                                 replay=on["allow-replay"], level=level))
         for res in tree.resources():
             if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
                 self._delete_replayed_logs(res)
         self._quiet = (self.exchange.index.digest, self.stats.activity(), time.monotonic())
+
+    def _space_level(self) -> int:
+        """This node's emergency level (0..4) from the free space of its MARS directory against
+        its four free-space limits, published as ``actual-<host>/emergency``.
+
+        Up at once, down one level per round (the original's mars_reset_emergency): a primary
+        that writes through logs again only after the whole of the four steps is free, so it
+        does not flap between the two at the edge. A primary that met ENOSPC itself (limits set
+        too low) is at level 4 whatever statvfs says, until the space is back.
+        """
+        st = os.statvfs(self.tree.root)
+        rest, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        limits = tunables.space_limits(self.tree, self.host, total)
+        raw = tunables.space_level(rest, limits)
+        if any(rt.writing_through for rt in self.runtimes.values()) and rest < tunables.writethrough_margin(total):
+            raw = 4  # writing through since an ENOSPC with limits too low to tell: stay until there is room
+        level = raw if raw >= self.emergency else self.emergency - 1
+        if level != self.emergency:
+            texts = {0: "left emergency mode: free space is back", 1: "space in the MARS directory is becoming low",
+                     2: "space is low: deleting replayed log files on secondaries",
+                     3: "space is VERY low: syncs stop", 4: "DISK SPACE IS EXTREMELY LOW: primaries write through, "
+                                                              "secondaries stop fetching"}
+            (log.error if level >= 3 else log.warning if level else log.info)(
+                "emergency level %d (%s free of %s in %s): %s", level, human_bytes(rest), human_bytes(total),
+                self.tree.root, texts[level])
+        self.emergency = level
+        t, h = self.tree, self.host
+        t.set(node_actual(h, "emergency"), level, durable=False)
+        t.set(node_actual(h, "emergency-limits"), ",".join(str(x) for x in limits), durable=False)
+        return level
 
     def _delete_replayed_logs(self, res: str) -> None:
         """Follow a cluster-wide log-delete: drop local logs below the mark that we have replayed."""
@@ -436,6 +471,8 @@ class Daemon:
             t.set(f"{res_dir(res)}/actsize-{self.host}", rt.device.size(), durable=False)  # for resize hints
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
+        if res in self.services.sync_read_bytes:
+            t.set(actual(res, self.host, "sync-served-bytes"), self.services.sync_read_bytes[res], durable=False)
         if rt is not None:
             rt.publish()
 

@@ -252,3 +252,29 @@ def scan_file(
     finally:
         os.close(fd)
     return ScanResult(end, last_seq, count, error)
+
+
+def writethrough_path(res: str, host: str) -> str:
+    return f"{res_dir(res)}/writethrough-{host}"
+
+
+def read_writethrough(tree: Tree, res: str, host: str) -> tuple[int, int] | None:
+    """``writethrough-<host>`` as ``(last, after)``: ``host``'s log ends with file ``last`` before
+    it wrote through to its device (emergency mode, log/dirtymap.py); ``after`` is the file its
+    log went on in (0 while it still writes through). A secondary must not replay from ``last``
+    (or from ``after - 1``) into the next file: it resyncs the map's regions instead. None: no
+    emergency whose resync is unfinished."""
+    raw = tree.get(writethrough_path(res, host))
+    if not raw:
+        return None
+    last, sep, after = raw.partition(":")
+    try:
+        value = int(last), int(after or 0)
+    except ValueError:
+        return None
+    return value if sep and value[0] > 0 and value[1] >= 0 else None
+
+
+def dirtymap_file(tree: Tree, res: str, host: str) -> Path:
+    """The primary's dirty-region map, a regular file beside the logs (not a tree entry)."""
+    return tree.root / res_dir(res) / f"dirtymap-{host}"

@@ -44,7 +44,8 @@ class Replayer:
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, executor: Executor,
                  available: Callable[[str], int], checkpoint_interval: float = 1.0,
-                 stats: ResourceStats | None = None) -> None:
+                 stats: ResourceStats | None = None, barrier: Callable[[int, str], bool] = lambda seq, origin: False
+                 ) -> None:
         self.tree = tree
         self.stats = stats or ResourceStats()
         self.res = res
@@ -56,6 +57,11 @@ class Replayer:
         self.damage: lf.LogCorruption | None = None
         self.applied_bytes = 0
         self.position: ReplayLink | None = None
+        # Whether replay may go on from a finished file into the next: not where the log has a
+        # gap (its origin wrote through meanwhile, an emergency): the runtime resyncs instead.
+        self.barrier = barrier
+        self.at_barrier = False
+        self.deps_ended: Callable[[], None] = lambda: None  # tells the runtime: the next round looks
         self._stopped_stamp: int | None = None
         self._behind: tuple[int, int, Path, int, int] | None = None  # last batch: device and log ranges
 
@@ -138,6 +144,14 @@ class Replayer:
             else:
                 if final is not None and self.position.pos >= final:
                     nxt = self._next_file()
+                    if self.barrier(self.position.seq, self.position.origin):
+                        if not self.at_barrier:
+                            log.warning("resource %s: replay stops at the end of %s: its origin wrote through "
+                                        "to its device after it (emergency mode); a resync follows",
+                                        self.res, self.position.name)
+                            self.deps_ended()
+                        self.at_barrier = True
+                        nxt = None
                     if nxt is not None:
                         await loop.run_in_executor(self.executor, self._write_version, self.position, digest)
                         same = self._same_history(self.position.seq, nxt[1])

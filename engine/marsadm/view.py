@@ -109,8 +109,10 @@ def _register() -> None:
     _macro("is-split-brain", "1 when members hold different histories for the same log number, or a member's "
            "marsd reports that its history diverges from the primary's",
            lambda s, m, h: m.r.is_split_brain)
-    _macro("is-emergency", "1 when this host is in emergency mode (/mars short of space)",
+    _macro("is-emergency", "1 when this host is in emergency mode (/mars full: level 4, or still writing through)",
            lambda s, m, h: bool(s.nodes.get(h) and s.nodes[h].emergency))
+    _macro("emergency-level", "this host's emergency level: 0 normal .. 4 (/mars full), as the original's",
+           lambda s, m, h: s.nodes[h].emergency_level if s.nodes.get(h) else -1, per_resource=False)
     _macro("is-consistent", "1 when this host's data device holds a consistent state",
            lambda s, m, h: bool(m.n and m.n.consistent))
     _macro("is-orphan", "always 0: logs are deleted only after every member has replayed them",

@@ -163,6 +163,13 @@ def space_limits(tree: Tree, host: str, total: int) -> tuple[int, int, int, int]
     return out[0], out[1], out[2], out[3]
 
 
+def writethrough_margin(total: int) -> int:
+    """Free bytes a primary that met ENOSPC needs before it logs again, whatever the limits say
+    (all four 0: an operator turned the levels off): else it would leave emergency mode and run
+    into ENOSPC again at once, a new log file each time."""
+    return int(min(64 * MiB, SPACE_STEP_SHARE * total))
+
+
 def space_level(rest: int, limits: tuple[int, int, int, int]) -> int:
     """The emergency level (0..4) for ``rest`` free bytes, without hysteresis."""
     l1, l2, l3, l4 = limits

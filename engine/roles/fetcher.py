@@ -205,8 +205,11 @@ class Fetcher:
                 final = finished_length(self.tree, self.res, seq, origin)
                 if final is not None and offset >= final and not inflight:
                     # Complete here already (our own file of an earlier role, or a copy of more
-                    # than the history that goes on holds): nothing to ask for.
+                    # than the history that goes on holds): nothing to ask for. A file finished
+                    # empty (an emergency's gap) still gets its empty copy: replay walks the files.
                     got, finished = 0, True
+                    if final == 0 and not path.exists():
+                        path.touch(mode=0o600)
                 else:
                     self._fill(links, inflight, name, offset, known)
                     if not inflight:

@@ -102,6 +102,7 @@ class Wanted:
     sync: bool
     fetch: bool
     replay: bool
+    level: int = 0  # this node's emergency level (0..4): how short of space its MARS directory is
 
 
 class Runtime(Protocol):
@@ -140,6 +141,14 @@ class Runtime(Protocol):
         """Bytes of the local log file ``name`` that peers may fetch now (durable, complete);
         None when this runtime does not write or fetch that file."""
 
+    @property
+    def writing_through(self) -> bool:
+        """Emergency mode on a primary: writes go to its device, not into its log."""
+
+    def dirty_bits(self) -> tuple[int, int, bytes] | None:
+        """The dirty-region map a resync after an emergency copies (region, device size, bits);
+        None where there is none (every secondary, a primary without an emergency)."""
+
 
 class Attached:
     """What a runtime of either role is made of: its resource, its data device, its daemon's parts."""
@@ -152,3 +161,11 @@ class Attached:
         self.data_path = data_path
         self.size = size
         self.device: DataDevice | None = None
+
+    def dirty_bits(self) -> tuple[int, int, bytes] | None:
+        return None
+
+    @property
+    def writing_through(self) -> bool:
+        """A primary in emergency mode: its writes go to the device, not into the log."""
+        return False
