@@ -30,6 +30,7 @@ import nbd  # python3-libnbd
 import pytest
 
 from harness import Node, caught_up, log_end, run, sha256, short_tempdir, start_cluster, wait_until
+from mars.engine import model
 from mars.engine.tree import Tree
 
 MiB = 1 << 20
@@ -183,6 +184,12 @@ def test_each_level_in_turn_then_writethrough_and_a_resync_of_the_dirty_regions_
     wait_until(lambda: int(a.tree_value("resource-r/actual-a/writethrough-bytes")) >= rest + 8 * MiB, 10,
                "a to report what it wrote through")
     rec.verify()
+    # What the original refuses against a node in emergency mode, with the reason and the remedy.
+    wait_until(lambda: b.tree_value("actual-a/emergency") == "4", 10, "b to learn a's level")
+    for cmd in (["invalidate", "r"], ["primary", "r"]):
+        r = b.marsadm(*cmd, check=False)
+        assert r.returncode != 0 and "emergency mode" in r.stderr and "log-delete-all" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
     # The secondaries stop at the end of the last logged file: consistent, older.
     end = f"log-{last:09d}-a,{log_size},0"
     for s in (b, c):
@@ -255,3 +262,41 @@ def test_mars_directory_runs_full_during_a_sync(cluster):
     rec.close()
     for s in (b, c):
         assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+
+
+def test_following_the_emergency_remedy_frees_space_and_a_join_waits_for_it(cluster):
+    """No ballast: the logs themselves fill /mars. The EMERGENCY finding names the remedy; doing
+    what it says (log-delete-all on the primary) frees the space, and the rest happens by itself."""
+    base, mnt, a, b, c = cluster
+    a.stop()
+    a.extra_args = ["--logrot-auto", "4M"]  # as a cron'd log-rotate would: logs that can be deleted
+    a.start()
+    set_limits(a, 8 * MiB)
+    d = Node(base, "d", "127.0.0.5")
+    d.join_cluster(a)
+    d.start()
+    try:
+        rec = Recorder(a, random.Random(18))
+        wait_until(lambda: rec.write(4 * MiB) or level(a) == 4, 120, "the logs to fill /mars", interval=0)
+        rec.write(4 * MiB)  # written through
+        snap = model.build(a.mars_dir, "a")
+        found = [f for f in model.findings(snap) if f.code == "EMERGENCY"]
+        assert found and found[0].node == "a" and "written through" in found[0].text, found
+        assert "'marsadm log-delete-all all' on a" in found[0].remedy, found[0].remedy
+        wait_until(lambda: d.tree_value("actual-a/emergency") == "4", 10, "d to learn a's level")
+        r = d.marsadm("join-resource", "r", str(base / "d.img"), "--create", check=False)
+        assert r.returncode != 0 and "emergency mode" in r.stderr, r.stderr
+        assert d.tree_value("resource-r/data-d") is None, "the refused join registered d"
+        # The remedy, as the finding says it.
+        a.marsadm("log-delete-all", "all")
+        wait_until(lambda: level(a) == 0, 30, "a to leave emergency mode")
+        rec.write(MiB)
+        wait_converged(a, b, c)
+        rec.verify()
+        rec.close()
+        for s in (b, c):
+            assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+        d.marsadm("join-resource", "r", str(base / "d.img"), "--create")
+        wait_converged(a, d)
+    finally:
+        d.kill()
