@@ -93,7 +93,7 @@ def _specs() -> list[Spec]:
         "directory")
     add("mars_node_emergency", "gauge", "host", "1 when the node is in emergency mode (its MARS directory ran full)")
     add("mars_node_emergency_level", "gauge", "host",
-        "the node's emergency level: 0 normal, 1..3 short of space, 4 full (primaries write through)")
+        "Emergency level of the node: 0 normal, 1..3 short of space, 4 full (primaries write through)")
     add("mars_node_link_up", "gauge", "host peer", "0 when host reports it cannot reach peer, 1 otherwise")
     add("mars_node_tunable_info", "info", "host tunable set_value actual_value", "A tunable: what the tree asks "
         "for (set_value, empty when unset) and what the node's marsd runs with (actual_value)")

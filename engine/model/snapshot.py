@@ -343,8 +343,8 @@ class NodeStatus:
     tunables: list[Tunable]
     unreachable: bool = False  # every other live node reports it cannot reach this one (then not alive)
     emergency_level: int = 0  # actual-<host>/emergency: 0 normal .. 4 jammed (the original's levels)
-    space_limits: tuple[int, ...] = ()  # the four free-space steps in bytes (L1..L4), as marsd applies them
-    writing_through: tuple[str, ...] = ()  # resources whose primary here writes through (log stopped)
+    space_limits: list[int] = field(default_factory=list)  # the four free-space steps in bytes (L1..L4)
+    writing_through: list[str] = field(default_factory=list)  # resources this node writes through (its log stopped)
 
     @property
     def space_needed_bytes(self) -> int | None:
@@ -771,15 +771,15 @@ def _node(e: _Entries, h: str, lamport: float, window_s: float, hosts: set[str])
     tunables = [Tunable(n, e.get(f"defaults-{h}/{n}") or e.get(f"defaults/{n}"), e.get(f"{a}/tunable-{n}"))
                 for n in sorted(n for n, _ in e.names(a, "tunable-"))]
     level = max(0, min(4, e.integer(f"{a}/emergency", 0) or 0))
-    limits = tuple(parse_int(x) or 0 for x in (e.get(f"{a}/emergency-limits") or "").split(",") if x)
-    through = tuple(sorted(d.removeprefix("resource-") for d in e.dirs if d.startswith("resource-") and "/" not in d
-                           and (e.get(f"{d}/writethrough-{h}") or "").endswith(":0")))
+    limits = [parse_int(x) or 0 for x in (e.get(f"{a}/emergency-limits") or "").split(",") if x]
+    through = sorted(d.removeprefix("resource-") for d in e.dirs if d.startswith("resource-") and "/" not in d
+                     and (e.get(f"{d}/writethrough-{h}") or "").endswith(":0"))
     return NodeStatus(
         host=h, ip=e.get(f"ips/ip-{h}"), alive=seen_age is not None and seen_age <= window_s,
         seen_age_s=seen_age, version=e.get(f"{a}/version"), rest_space_bytes=e.integer(f"{a}/rest-space"),
         total_space_bytes=e.integer(f"{a}/total-space"), emergency=level >= 4 or bool(through),
         link_errors={p: why for p, why in e.names(a, "msg-peer-") if p in hosts}, tunables=tunables,
-        emergency_level=level, space_limits=limits if len(limits) == 4 else (), writing_through=through)
+        emergency_level=level, space_limits=limits if len(limits) == 4 else [], writing_through=through)
 
 
 def _messages(e: _Entries, directory: str, node: str, res: str | None, lamport: float) -> list[Message]:
