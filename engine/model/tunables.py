@@ -102,8 +102,8 @@ _BIG = float(1 << 60)
 SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("sync-limit", "count", 0, 0, 1 << 20, "how many full syncs run at once on this node", "sync_limit"),
     Spec("logrot-auto", "bytes", 4 * GiB, 0, _BIG, "rotate the primary's log file past this size", "logrot_auto_gb"),
-    Spec("logdel-auto", "bool", 1, 0, 1, "delete log files every member has replayed, without an operator",
-         "(marsadm cron)"),
+    Spec("logdel-auto", "bool", 0, 0, 1, "the primary's marsd deletes log files every member has replayed",
+         "(marsadm cron's log-delete-all)"),
     Spec("loadavg-limit", "load", 0, 0, 1e6, "above this 1-minute load average the node stops fetching",
          "loadavg_limit"),
     Spec("traffic-out-limit", "bytes/s", 0, 0, _BIG, "bytes/s this node sends on peer links (fetch, sync, serving)",

@@ -64,7 +64,7 @@ class PrimaryRuntime(Attached):
 
     def follow(self, wanted: Wanted) -> None:
         """The primary neither syncs, fetches nor replays: it only rotates its log when asked."""
-        self.rotate_if_requested(self.deps.logrot_auto)
+        self.rotate_if_requested(self.deps.limits.logrot_auto)
 
     def publish(self) -> None:
         if self.logger is not None:

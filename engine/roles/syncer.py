@@ -27,6 +27,7 @@ from blake3 import blake3
 
 from ..peer import protocol as P
 from ..device import DataDevice
+from ..ratelimit import RateLimit
 from ..peer.link import PeerClient, PeerError
 from ..stats import ResourceStats
 from ..tree import Tree, res_dir
@@ -90,8 +91,10 @@ class Syncer:
     """One secondary's fast full sync of one resource from its primary, resumable at its position."""
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, size: int, executor: Executor,
-                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None) -> None:
+                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None,
+                 io_limit: RateLimit | None = None) -> None:
         self.tree = tree
+        self.io_limit = io_limit or RateLimit()  # the node's io-limit, shared with replay
         self.stats = stats or ResourceStats()
         self.res = res
         self.device = device
@@ -154,6 +157,7 @@ class Syncer:
                 else:
                     reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
                         req=req, res=self.res, offset=off, length=n))
+                    await self.io_limit.take(len(reply.data))
                     await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
                     self.bytes_copied += len(reply.data)
                     self.stats.synced_bytes += len(reply.data)
