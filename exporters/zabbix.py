@@ -691,7 +691,7 @@ def _build(name: str, trapper: bool) -> Template:
     members.triggers += member_finding_triggers
     title = ENTITY["member"][3]
     # a lag or a standstill whose cause is a finding of the member shows the cause only
-    causes = tuple(f"{title}: {c}" for c in ("REPLAY_STOPPED", "REPLAY_PAUSED", "FETCH_PAUSED", "FETCH_FAILING",
+    causes = tuple(f"{title}: {c}" for c in ("REPLAY_STOPPED", "REPLAY_PAUSED", "FETCH_PAUSED", "FETCH_HELD", "FETCH_FAILING",
                                              "DETACHED", "ATTACH_FAILED", "SYNC_PAUSED")
                    if c in alerting_codes("member"))
     members.triggers.append(Trigger(

@@ -60,9 +60,11 @@ def _get(ctx: Ctx, name: str) -> None:
 def _register(name: str) -> None:
     s = tun.spec(name)
     what = f"{s.help} ({s.unit}; {s.range_text()}; default {s.show(s.default)}; the original's {s.original})"
+    what = what.replace("%", "%%")  # argparse formats help texts with %
     command(f"set-{name}-value", f"set {name}: {what}",
-            ("value", {"help": f"the new value: {s.range_text()}; 'default' removes the set value"}))(lambda ctx: _set(ctx, name))
-    command(f"get-{name}-value", f"print {name} in force on the host (marsd's, else the tree's): {s.help}")(
+            ("value", {"help": f"the new value: {s.range_text()}; the word default removes the set value"}))(lambda ctx: _set(ctx, name))
+    command(f"get-{name}-value",
+            f"print {name} in force on the host (marsd's, else the tree's): {s.help}".replace("%", "%%"))(
         lambda ctx: _get(ctx, name))
 
 

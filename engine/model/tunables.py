@@ -150,6 +150,31 @@ def value(tree: Tree, host: str, name: str) -> int | float | None:
     return v if v is not None else SPECS[name].default
 
 
+def number(name: str, raw: str | None) -> float | None:
+    """A tunable's tree or report text as a number in its unit (None: unset, auto or unreadable)."""
+    s = SPECS.get(name)
+    if raw is None or raw in ("", "None", "auto"):
+        return None
+    if s is None:
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    try:
+        return float(s.parse(raw))
+    except UsageError:
+        return None
+
+
+def show_text(name: str, raw: str | None) -> str | None:
+    """A tunable's tree or report text with its unit ("20.0 MiB/s"), as every face shows it."""
+    s = SPECS.get(name)
+    if raw is None or s is None:
+        return raw
+    v = number(name, raw)
+    return raw if v is None else s.show(v)
+
+
 def space_limits(tree: Tree, host: str, total: int) -> tuple[int, int, int, int]:
     """The four free-space steps of ``host``'s MARS directory of ``total`` bytes, in bytes (L1..L4).
 
