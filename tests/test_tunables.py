@@ -139,3 +139,29 @@ def test_traffic_limits_slow_a_catch_up_and_lifting_restores_it(pair):
     wait_until(lambda: caught_up(a, b, "r"), 60, "b to catch up after the limit was lifted")
     took = time.monotonic() - lifted
     assert took < 15.0, f"the rest of 24 MiB took {took:.1f} s after lifting a 1 MiB/s limit"
+
+
+def test_a_lifted_rate_limit_releases_its_waiters_at_once():
+    """The bucket alone: 8 MiB at 1 MiB/s would take 8 s; lifted after 0.3 s they go at once."""
+    import asyncio
+
+    from mars.engine.ratelimit import RateLimit
+
+    async def go() -> tuple[float, float]:
+        limit = RateLimit(MiB)
+        t0 = time.monotonic()
+
+        async def send() -> None:
+            for _ in range(32):
+                await limit.take(256 << 10)
+
+        task = asyncio.ensure_future(send())
+        await asyncio.sleep(0.3)  # poll: let it run into the limit
+        held = limit.bytes
+        limit.set_rate(0)
+        await asyncio.wait_for(task, 2)
+        return held, time.monotonic() - t0
+
+    held, took = asyncio.run(go())
+    assert held <= 1.5 * MiB, f"{held} bytes passed in 0.3 s at 1 MiB/s"
+    assert took < 1.5, f"lifting took {took:.1f} s to release"
