@@ -359,8 +359,9 @@ def _system_block(snap: Snapshot, opts: Options) -> list[Line]:
                          ", marsd ", _v(ns.version or "unknown"), ", ", _alive_text(snap, h)))
         for t in ns.tunables:
             out.append(_line(f"-> {t.name} is set to ",
-                             _v(t.set_value) if t.set_value is not None else Span("default", "dim"),
-                             ", actually ", _v(t.actual_value) if t.actual_value is not None else Span("unknown", "dim")))
+                             _v(t.set_text) if t.set_text is not None else Span("default", "dim"),
+                             ", actually ", _v(t.actual_text) if t.actual_text is not None else Span("unknown", "dim"),
+                             *((Span(" (not applied yet)", "todo"),) if t.differs else ())))
         if not ns.tunables:
             out.append(_line("-> ", Span("no tunables reported", "dim")))
         port = ns.peer_port

@@ -29,7 +29,7 @@ from pathlib import Path
 import nbd  # python3-libnbd
 import pytest
 
-from harness import Node, caught_up, log_end, run, sha256, short_tempdir, start_cluster, wait_until
+from harness import Node, caught_up, log_end, run, sha256, short_tempdir, wait_until
 from mars.engine import model
 from mars.engine.tree import Tree
 

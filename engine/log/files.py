@@ -165,6 +165,27 @@ def deletable_logs(tree: Tree, res: str) -> list[LogFile]:
     return [f for f in logs if f.seq < oldest and f.seq < newest]
 
 
+def delete_logs(tree: Tree, res: str, files: list[LogFile]) -> int:
+    """Delete ``files`` (from :func:`deletable_logs`) here and tell every member to follow.
+
+    The one way logs go, for an operator's ``marsadm log-delete`` and marsd's logdel-auto alike:
+    ``logs-deleted-below`` is what makes each member drop its own copies once it has replayed
+    them. Returns the bytes freed here.
+    """
+    total = 0
+    for f in files:
+        try:
+            total += f.size()
+            f.path.unlink()
+        except FileNotFoundError:
+            pass  # deleted meanwhile (the other of the two): gone is what was asked
+    if files:
+        below = max(f.seq for f in files) + 1
+        if below > tree.get_int(f"{res_dir(res)}/logs-deleted-below"):
+            tree.set(f"{res_dir(res)}/logs-deleted-below", below)
+    return total
+
+
 def pread_file(path: Path, n: int, offset: int) -> bytes:
     """Up to ``n`` bytes of a log file at ``offset``, with its own descriptor: a copy another task
     appends to or deletes is never held open between reads."""

@@ -83,6 +83,8 @@ CODES: dict[str, tuple[str, str]] = {
     "SPACE_WARN": ("HINT", "a live node has 10-20 % free in its MARS directory (and at least 1 GiB)"),
     "SYNC_PAUSED": ("HINT", "an attached secondary's sync is switched off with bytes left"),
     "FETCH_PAUSED": ("HINT", "an attached secondary's fetch (connect) is switched off"),
+    "FETCH_HELD": ("HINT", "a secondary's fetch is held because its load average is above its loadavg-limit "
+                           "(msg-warn-loadavg); it resumes when the load falls"),
     "REPLAY_PAUSED": ("HINT", "an attached secondary's replay is switched off"),
     "DETACHED": ("HINT", "a member's attach switch is off"),
     "FORCED_PRIMARY": ("HINT", "a resource was made primary by force: writes only the old primary has may exist; "
@@ -683,6 +685,14 @@ def _member(snap: Snapshot, res: str, rs: ResourceStatus, h: str, nr: NodeResour
         yield Finding("TODO", "ATTACH_FAILED", res, h, f"attach of {res} on {h} failed: {' / '.join(attach_errors)}",
                       f"fix what the message names, then {_cmd('attach ' + res, h)} (marsd retries on that)")
 
+    held = _texts(nr, "warn-loadavg")
+    if sw.fetch and held:
+        behind = f" ({human_bytes(nr.fetch.rest_bytes)} of log not fetched)" \
+            if nr.fetch is not None and nr.fetch.rest_bytes > 0 else ""
+        yield Finding("HINT", "FETCH_HELD", res, h, f"fetch of {res} on {h} is held by the load limit{behind}: "
+                      f"{' / '.join(held)}",
+                      f"it resumes by itself when the load falls; to fetch now raise the limit with "
+                      f"{_cmd('set-loadavg-limit-value <load>', h)} (0: no limit), or lower the load there")
     if sw.fetch:
         src = nr.fetch_source or primary or "the primary"
         fetch_errors = _texts(nr, "warn-fetch")

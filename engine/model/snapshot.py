@@ -43,6 +43,7 @@ from ..log.values import LogPos, ReplayCode, ReplayLink, Version, parse_log_name
 from ..entry import DELETED
 from ..tree import LOCAL_DIRS, NONE, parse_hosts, parse_int
 from ..trigger import marsd_running
+from . import tunables
 from .units import percent_shown
 
 ALIVE_WINDOW_S = 30.0  # a node whose last report is older than this is not alive (the original: 30 s in mars-status)
@@ -327,6 +328,34 @@ class Tunable:
     def value(self) -> str | None:
         """What is in force as far as the tree says: the set value, else the one marsd reports."""
         return self.set_value if self.set_value is not None else self.actual_value
+
+    @property
+    def unit(self) -> str | None:
+        """The unit of the table (engine/model/tunables.py); None for marsd's own options (interval, port)."""
+        s = tunables.SPECS.get(self.name)
+        return s.unit if s is not None else None
+
+    @property
+    def set_text(self) -> str | None:
+        return tunables.show_text(self.name, self.set_value)
+
+    @property
+    def actual_text(self) -> str | None:
+        return tunables.show_text(self.name, self.actual_value)
+
+    @property
+    def set_number(self) -> float | None:
+        return tunables.number(self.name, self.set_value)
+
+    @property
+    def actual_number(self) -> float | None:
+        return tunables.number(self.name, self.actual_value)
+
+    @property
+    def differs(self) -> bool:
+        """Set, reported, and not the same figure: marsd has not applied it yet (or is down)."""
+        return (self.set_value is not None and self.actual_value is not None
+                and self.set_number != self.actual_number)
 
 
 @dataclass(frozen=True, slots=True)

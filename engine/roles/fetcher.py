@@ -52,8 +52,10 @@ class Fetcher:
     """Copies one resource's log files from the first reachable source into this node's tree."""
 
     def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[str], PeerClient],
-                 on_data: Callable[[], None], stats: ResourceStats | None = None) -> None:
+                 on_data: Callable[[], None], stats: ResourceStats | None = None,
+                 depth: Callable[[], int] = lambda: DEPTH) -> None:
         self.tree = tree
+        self.depth = depth  # replies in flight while catching up, FETCH_BYTES each (the node's mem-limit)
         self.stats = stats or ResourceStats()
         self.res = res
         self.executor = executor
@@ -264,9 +266,10 @@ class Fetcher:
         return None if task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
-        """Ask for more whole chunks the source has, up to ``DEPTH`` in flight, one per link."""
+        """Ask for more whole chunks the source has, up to ``depth()`` in flight, one per link."""
+        depth = max(1, min(DEPTH, self.depth()))
         next_off = inflight[-1][0] + FETCH_BYTES if inflight else offset
-        while len(inflight) < DEPTH and known - next_off >= FETCH_BYTES:
+        while len(inflight) < depth and known - next_off >= FETCH_BYTES:
             busy = {i for _, i, _ in inflight}
             idx = next(i for i in range(DEPTH) if i not in busy)
             if idx == len(links):

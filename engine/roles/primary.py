@@ -73,7 +73,7 @@ class PrimaryRuntime(Attached):
     def follow(self, wanted: Wanted) -> None:
         """The primary neither syncs, fetches nor replays: it rotates its log when asked, and
         writes through while its MARS directory is at the last emergency level."""
-        self.rotate_if_requested(self.deps.logrot_auto)
+        self.rotate_if_requested(self.deps.limits.logrot_auto)
         self.follow_space(wanted.level)
 
     # -- emergency mode ------------------------------------------------------------------------

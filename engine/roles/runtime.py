@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from ..device import DataDevice
+from ..ratelimit import RateLimit
 from ..stats import ResourceStats
 from ..tree import Tree
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from ..nbd.server import Export
     from ..peer.link import PeerClient
 
-__all__ = ["Attached", "LogPulse", "Runtime", "RuntimeDeps", "Wanted", "stop_if_stopping"]
+__all__ = ["Attached", "Limits", "LogPulse", "Runtime", "RuntimeDeps", "Wanted", "stop_if_stopping"]
 
 
 def stop_if_stopping() -> None:
@@ -80,6 +81,21 @@ class LogPulse:
                 self._waiters.remove(fut)
 
 
+@dataclass
+class Limits:
+    """The node's tunables as the roles use them, set anew by the daemon every round.
+
+    One object shared by every runtime of the node and changed in place, so a value the
+    operator sets is in force in the next round without a restart; the roles read the
+    figures and never the tree's tunable entries (that table is the model's, a layer above).
+    """
+
+    logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
+    io: RateLimit = field(default_factory=RateLimit)  # replay and sync writes to the data device
+    fetch_held: str | None = None  # why this node does not fetch now (the load limit), None: it may
+    buffers: int = 256 << 20  # bytes of fetch replies in flight plus replay read-ahead, per resource
+
+
 @dataclass(frozen=True)
 class RuntimeDeps:
     """What a runtime uses of its daemon: explicit, so a runtime can be built in a test without one."""
@@ -90,7 +106,7 @@ class RuntimeDeps:
     connect: Callable[[str], PeerClient]  # a new link to a peer host (fetch and sync sources)
     may_sync: Callable[[], bool] = lambda: True  # the host's sync limit allows one more
     checkpoint_interval: float = 1.0  # minimum seconds between device syncs that advance replay-<host>
-    logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
+    limits: Limits = field(default_factory=Limits)  # the node's tunables, live
     stats: ResourceStats = field(default_factory=ResourceStats)  # the resource's counters, kept across runtimes
     ended: Callable[[], None] = lambda: None  # a task of the runtime ended: the next round looks at it
 

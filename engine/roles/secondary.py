@@ -22,7 +22,7 @@ from ..log.writer import finish_version
 from ..log.values import ReplayLink, parse_log_name
 from ..nbd.server import Export
 from ..tree import actual, res_dir
-from .fetcher import Fetcher
+from .fetcher import FETCH_BYTES, Fetcher
 from .runtime import Attached, RuntimeDeps, Wanted
 from .syncer import Syncer
 
@@ -76,7 +76,7 @@ class SecondaryRuntime(Attached):
             self.device = None
             raise
         self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived,
-                               self.deps.stats)
+                               self.deps.stats, depth=self._fetch_depth)
 
     def _finish_own_history(self) -> None:
         """A node that was primary and stopped without finishing its log (it crashed, and
@@ -98,6 +98,13 @@ class SecondaryRuntime(Attached):
         log.info("resource %s: finished this node's history as primary in %s at %d bytes", self.res,
                  result.state.path.name, result.state.end)
 
+    def _fetch_depth(self) -> int:
+        """Half the resource's buffer budget goes to fetch replies in flight, half to replay's reads."""
+        return self.deps.limits.buffers // 2 // FETCH_BYTES
+
+    def _replay_chunk(self) -> int:
+        return self.deps.limits.buffers // 4  # two reads at a time: the chunk applied, the one ahead
+
     def _data_arrived(self) -> None:
         if self.replayer is not None:
             self.replayer.wake.set()
@@ -111,7 +118,9 @@ class SecondaryRuntime(Attached):
         assert self.device is not None and self.fetcher is not None
         if wanted.level >= 2:
             self._free_oldest_copy()
-        self._switch("fetch", wanted.fetch, self.fetcher.run)
+        # The load limit holds fetch as the original does: the link goes, the switch stays on,
+        # and fetch resumes by itself when the load is down (publish says why meanwhile).
+        self._switch("fetch", wanted.fetch and self.deps.limits.fetch_held is None, self.fetcher.run)
         self.fetcher.reconsider()
         if self._follow_resync():
             return
@@ -123,14 +132,15 @@ class SecondaryRuntime(Attached):
                 if not self.deps.may_sync():
                     return  # the host's sync limit is reached; the next round tries again
                 self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor,
-                                     lambda: self.deps.connect(primary or ""), self.deps.stats)
+                                     lambda: self.deps.connect(primary or ""), self.deps.stats, self.deps.limits.io)
             self._switch("sync", wanted.sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
             stuck = self._replay_stuck()
             if wanted.replay and "replay" not in self._tasks and not stuck:
                 self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
-                                         self.deps.checkpoint_interval, self.deps.stats, barrier=self._barrier)
+                                         self.deps.checkpoint_interval, self.deps.stats, self.deps.limits.io,
+                                         self._replay_chunk, barrier=self._barrier)
                 self.replayer.deps_ended = self.deps.ended
             self._switch("replay", wanted.replay and not stuck, self.replayer.run if self.replayer else None)
             index = self.tree.changes
@@ -263,6 +273,11 @@ class SecondaryRuntime(Attached):
             t.set(actual(r, h, "msg-warn-fetch"), self.fetcher.error, durable=False)
         else:
             t.delete(actual(r, h, "msg-warn-fetch"), durable=False)
+        held = self.deps.limits.fetch_held
+        if held is not None and t.get(actual(r, h, "msg-warn-loadavg")) != held:
+            t.set(actual(r, h, "msg-warn-loadavg"), held, durable=False)
+        elif held is None:
+            t.delete(actual(r, h, "msg-warn-loadavg"), durable=False)
 
     async def stop(self, finish: bool = False) -> None:
         for task in self._tasks.values():

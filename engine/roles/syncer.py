@@ -29,6 +29,7 @@ from ..peer import protocol as P
 from ..device import DataDevice
 from ..log.dirtymap import runs
 from ..log.files import read_replay, read_writethrough
+from ..ratelimit import RateLimit
 from ..peer.link import PeerClient, PeerError
 from ..stats import ResourceStats
 from ..tree import Tree, res_dir
@@ -92,8 +93,10 @@ class Syncer:
     """One secondary's fast full sync of one resource from its primary, resumable at its position."""
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, size: int, executor: Executor,
-                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None) -> None:
+                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None,
+                 io_limit: RateLimit | None = None) -> None:
         self.tree = tree
+        self.io_limit = io_limit or RateLimit()  # the node's io-limit, shared with replay
         self.stats = stats or ResourceStats()
         self.res = res
         self.device = device
@@ -180,6 +183,7 @@ class Syncer:
                 else:
                     reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
                         req=req, res=self.res, offset=off, length=n))
+                    await self.io_limit.take(len(reply.data))
                     await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
                     self.bytes_copied += len(reply.data)
                     self.stats.synced_bytes += len(reply.data)
@@ -217,6 +221,7 @@ class Syncer:
                 n = min(CHUNK, end - off)
                 reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
                     req=req, res=self.res, offset=off, length=n))
+                await self.io_limit.take(len(reply.data))
                 await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
                 self.bytes_copied += len(reply.data)
                 self.stats.synced_bytes += len(reply.data)
