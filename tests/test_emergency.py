@@ -83,14 +83,14 @@ class Recorder:
 
 
 def level(n: Node) -> int:
-    v = n.tree_value("actual-a/emergency") if n.host == "a" else n.tree_value(f"actual-{n.host}/emergency")
+    v = n.tree_value(f"actual-{n.host}/emergency")
     return int(v) if v else 0
 
 
-def set_limits(a: Node, step: int) -> None:
-    t = Tree(a.mars_dir, "a")
+def set_limits(n: Node, step: int) -> None:
+    t = Tree(n.mars_dir, n.host)
     for i in (1, 2, 3, 4):
-        t.set(f"defaults-a/required-free-space-{i}", step)
+        t.set(f"defaults-{n.host}/required-free-space-{i}", step)
 
 
 def ballast_to(mnt: Path, rest: int) -> Path:
@@ -108,16 +108,20 @@ def own_logs(n: Node) -> list[Path]:
 
 
 @pytest.fixture
-def cluster():
+def cluster(request):
+    """a primary of r, b and c secondaries; the MARS directory of ``request.param`` (default a)
+    on the small filesystem."""
+    small_host = getattr(request, "param", "a")
     base = short_tempdir()
     nodes: list[Node] = []
     logs: dict[str, str] = {}
     try:
         with small_fs(base, 160) as mnt:
-            a = Node(base, "a", "127.0.0.2")
-            a.mars_dir = mnt / "a"
-            b, c = Node(base, "b", "127.0.0.3"), Node(base, "c", "127.0.0.4")
+            a, b, c = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3"), Node(base, "c", "127.0.0.4")
             nodes += [a, b, c]
+            for n in nodes:
+                if n.host == small_host:
+                    n.mars_dir = mnt / n.host
             a.create_cluster()
             a.start()
             for n in (b, c):
@@ -300,3 +304,73 @@ def test_following_the_emergency_remedy_frees_space_and_a_join_waits_for_it(clus
         wait_converged(a, d)
     finally:
         d.kill()
+
+
+def test_a_crash_while_writing_through_loses_nothing_acknowledged(cluster):
+    """SIGKILL in emergency mode: the restarted primary goes on writing through (its log stopped
+    at the same place), every acknowledged write reads back, and the resync still converges."""
+    base, mnt, a, b, c = cluster
+    set_limits(a, 8 * MiB)
+    ballast = ballast_to(mnt, 4 * MiB)
+    rec = Recorder(a, random.Random(19))
+    rec.write(8 * MiB)
+    wait_until(lambda: (a.tree_value("resource-r/writethrough-a") or "").endswith(":0"), 10, "a to write through")
+    entry = a.tree_value("resource-r/writethrough-a")
+    rec.write(4 * MiB)
+    rec.h = None  # the connection dies with marsd
+    a.kill()
+    a.start()
+    rec.h = nbd.NBD()
+    wait_until(lambda: _connects(rec, a), 30, "a to serve again")
+    rec.verify()
+    assert a.tree_value("resource-r/writethrough-a") == entry, "the restart moved the gap"
+    rec.write(4 * MiB)  # still written through
+    wait_until(lambda: int(a.tree_value("resource-r/actual-a/writethrough-bytes") or 0) >= 4 * MiB, 10,
+               "a to write through after the restart")
+    ballast.unlink()
+    wait_until(lambda: level(a) == 0, 20, "a to leave emergency mode")
+    rec.write(MiB)
+    wait_converged(a, b, c)
+    rec.verify()
+    rec.close()
+    for s in (b, c):
+        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+
+
+def _connects(rec: Recorder, a: Node) -> bool:
+    try:
+        rec.h.connect_uri(a.uri("r"))
+        return True
+    except nbd.Error:
+        rec.h = nbd.NBD()
+        return False
+
+
+@pytest.mark.parametrize("cluster", ["b"], indirect=True)
+def test_a_secondary_frees_its_replayed_log_copies_and_stops_fetching_when_full(cluster):
+    """b's MARS directory is the small one: its copies of a's logs fill it. At level 2 it deletes
+    the copies it has replayed, at level 4 it stops fetching instead of running into ENOSPC, and
+    it catches up once it has room again."""
+    base, mnt, a, b, c = cluster
+    a.stop()
+    a.extra_args = ["--logrot-auto", "4M"]
+    a.start()
+    set_limits(b, 8 * MiB)
+    ballast = ballast_to(mnt, 4 * 8 * MiB + 4 * MiB)
+    b.marsadm("pause-replay", "r")  # nothing replayed: nothing b may delete, so it fills up
+    rec = Recorder(a, random.Random(20))
+    wait_until(lambda: rec.write(2 * MiB) or level(b) == 4, 120, "b's copies to fill its MARS directory",
+               interval=0)
+    wait_until(lambda: b.tree_value("resource-r/actual-b/is-copying") == "0", 10, "b to stop fetching")
+    copies = len(list((b.mars_dir / "resource-r").glob("log-*-a")))
+    b.marsadm("resume-replay", "r")  # replayed copies become deletable: level 2 deletes them
+    wait_until(lambda: "deleted" in (b.tree_value("resource-r/actual-b/msg-warn-space-low") or ""), 30,
+               "b to delete replayed copies")
+    ballast.unlink()
+    wait_converged(a, b, c, timeout=90)
+    assert len(list((b.mars_dir / "resource-r").glob("log-*-a"))) < copies + 10
+    assert "No space left" not in b.log(), b.log()
+    rec.verify()
+    rec.close()
+    for s in (b, c):
+        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
