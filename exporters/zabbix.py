@@ -223,6 +223,7 @@ def _node_doc(snap: Snapshot, h: str, found: list[Finding], kind: str) -> dict[s
         "report_age_s": _int(ns.seen_age_s if ns else None), "version": (ns.version if ns else None) or "",
         "dir_free_bytes": -1 if rest is None else rest, "dir_total_bytes": -1 if total is None else total,
         "dir_free_percent": _num(pct), "emergency": int(bool(ns and ns.emergency)),
+        "emergency_level": ns.emergency_level if ns is not None else -1,
         # how this node's marsd sees the link to it (always 1 for this node itself)
         "link_up": int(not (local is not None and h in local.link_errors)),
         "findings": _finding_map(kind, found),
@@ -583,6 +584,8 @@ def _build(name: str, trapper: bool) -> Template:
               "Size of the file system holding this node's MARS directory (-1 unknown)"),
         _item("node", "dir_free_percent", "dir_free_percent", "MARS directory free, in percent", "FLOAT", "%",
               "-1 unknown"),
+        _item("node", "emergency_level", "emergency_level", "MARS emergency level", "FLOAT", "",
+              "0 normal, 1..3 short of space, 4 full: primaries write through (-1 unknown); EMERGENCY says what to do"),
         _item("node", "clock_slip", "clock_slip_s", "Lamport clock ahead of the wall clock", "FLOAT", "s"),
     ]
     triggers = [
