@@ -176,7 +176,12 @@ def test_each_level_in_turn_then_writethrough_and_a_resync_of_the_dirty_regions_
         wait_until(lambda: rec.write(MiB) or level(a) >= want, 60, f"level {want}", interval=0)
         seen.append(level(a))
         view = a.marsadm("view-is-emergency", "r").stdout.strip()
-        assert view == ("1" if want == 4 else "0"), f"view-is-emergency at level {want}: {view}"
+        assert view == ("1" if seen[-1] == 4 else "0"), f"view-is-emergency at level {seen[-1]}: {view}"
+        # The one findings function says it, for every face: the level and what it does.
+        found = {f.code: f for f in model.findings(model.build(a.mars_dir, "a")) if f.node == "a"}
+        code = "EMERGENCY" if seen[-1] == 4 else "SPACE_LOW"
+        assert code in found and f"level {seen[-1]} of 4" in found[code].text, (want, found)
+        assert "log-delete-all all" in found[code].remedy
     assert seen == [1, 2, 3, 4], f"levels seen in turn: {seen}"
     wait_until(lambda: (a.tree_value("resource-r/writethrough-a") or "").endswith(":0"), 10, "a to write through")
     last = int(a.tree_value("resource-r/writethrough-a").split(":")[0])

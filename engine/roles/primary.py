@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import threading
 from typing import ClassVar
 
 from ..device import DataDevice
@@ -51,6 +52,11 @@ class PrimaryRuntime(Attached):
         self.serving = False
         self.dirtymap: DirtyMap | None = None
         self._clearing: asyncio.Future[None] | None = None
+        # A checkpoint that read the acknowledged position before an emergency switch must not
+        # write it after the switch set the replay position to the log's end: a recovery would
+        # then replay old records over written-through blocks. The switch sets a floor.
+        self._link_lock = threading.Lock()
+        self._link_floor: tuple[int, int] = (0, 0)
 
     # -- the runtime interface -----------------------------------------------------------------
 
@@ -111,10 +117,10 @@ class PrimaryRuntime(Attached):
             t.set(path, f"{old[0] if old else st.seq}:0")
             if t.get(version_path(self.res, st.seq, h)) is None:
                 finish_version(t, self.res, st)
-            t.set(replay_path(self.res, h), ReplayLink.at(LogPos(st.seq, st.end, h)))
+            self._set_link_floor(LogPos(st.seq, st.end, h))
             log.warning("resource %s: writing through from the end of %s", self.res, st.path.name)
         else:
-            t.set(replay_path(self.res, h), ReplayLink.at(LogPos(st.seq, 0, h)))
+            self._set_link_floor(LogPos(st.seq, 0, h))
             t.set(f"{res_dir(self.res)}/maxnr", st.seq)
             t.set(path, f"{old[0] if old else st.seq - 1}:{st.seq}")
             log.info("resource %s: logging again in %s; the secondaries resync %s of %s", self.res,
@@ -310,7 +316,15 @@ class PrimaryRuntime(Attached):
     def _sync_and_record(self, pos: LogPos) -> None:
         assert self.device is not None
         self.device.fdatasync()
-        self.tree.set(replay_path(self.res, self.tree.host), ReplayLink.at(pos), durable=False)
+        with self._link_lock:
+            if (pos.seq, pos.offset) >= self._link_floor:
+                self.tree.set(replay_path(self.res, self.tree.host), ReplayLink.at(pos), durable=False)
+
+    def _set_link_floor(self, pos: LogPos) -> None:
+        """The replay position after an emergency switch (durable), and never below it again."""
+        with self._link_lock:
+            self._link_floor = (pos.seq, pos.offset)
+            self.tree.set(replay_path(self.res, self.tree.host), ReplayLink.at(pos))
 
     # -- the NBD export ------------------------------------------------------------------------
 
