@@ -310,6 +310,8 @@ class Daemon:
                     continue
                 await self._start_resource(res, data, size, role)
                 rt = self.runtimes.get(res)
+            if rt is not None and size > rt.size:
+                rt.grow(size)  # marsadm resize: no restart, the runtime takes the new size
             if rt is not None:
                 on = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
                 rt.follow(Wanted(sync=on["sync"], fetch=on["connect"], replay=on["allow-replay"]))
@@ -434,6 +436,7 @@ class Daemon:
         t.set(actual(res, self.host, "open-count"), rt.open_count if rt else 0, durable=False)
         if rt is not None and rt.device is not None:
             t.set(f"{res_dir(res)}/actsize-{self.host}", rt.device.size(), durable=False)  # for resize hints
+            t.set(actual(res, self.host, "size"), rt.size, durable=False)  # the size it works with: resize waits
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
         if rt is not None:

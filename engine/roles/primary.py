@@ -14,6 +14,7 @@ A crash replays from there; replaying a little too much is harmless because repl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 from typing import ClassVar
@@ -77,6 +78,14 @@ class PrimaryRuntime(Attached):
             return None
         acked = self.logger.acked
         return acked.offset if acked.name == name else None
+
+    def grow(self, size: int) -> bool:
+        """New NBD connections see the new size; those open keep the size they negotiated (NBD
+        cannot tell a client its device grew), so a client reconnects to use the new region."""
+        if not super().grow(size):
+            return False
+        self.info = dataclasses.replace(self.info, size=size)
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
