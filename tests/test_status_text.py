@@ -339,7 +339,8 @@ def test_progress_bars_adapt_to_width_and_show_rate_and_time_left(tree):
     assert "      sync    [" + "█" * 12 + "░" * 38 + "]  25.00%" in "\n".join(wide)
     # The resize hint comes from the findings; the device line says the disk is larger.
     out = _render(tree)
-    assert "---> HINT: every member's disk of r is larger than the resource: it can grow by 64.0 MiB" in out
+    assert "---> HINT: marsadm resize would increase resource r by 64.0 MiB (67108864 bytes), from 64.0 MiB to " \
+           "128.0 MiB, the smallest member's disk; you are wasting 64.0 MiB on disk /images/a.img of a" in out
     assert "Device  : Disk-Device /images/c.img, resize possible (disk 192.0 MiB, 128.0 MiB more than the " \
            "resource)" in out
 
