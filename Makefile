@@ -56,6 +56,7 @@ bench: venv
 	$(PY) bench/bench_exporter.py
 	$(PY) bench/bench_handover.py
 	$(PY) bench/bench_quiet.py
+	$(PY) bench/bench_traffic.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \

@@ -92,9 +92,15 @@ def _specs() -> list[Spec]:
     add("mars_node_dir_size_bytes", "gauge", "host", "Total bytes of the file system holding the node's MARS "
         "directory")
     add("mars_node_emergency", "gauge", "host", "1 when the node is in emergency mode (its MARS directory ran full)")
+    add("mars_node_emergency_level", "gauge", "host",
+        "Emergency level of the node: 0 normal, 1..3 short of space, 4 full (primaries write through)")
     add("mars_node_link_up", "gauge", "host peer", "0 when host reports it cannot reach peer, 1 otherwise")
     add("mars_node_tunable_info", "info", "host tunable set_value actual_value", "A tunable: what the tree asks "
         "for (set_value, empty when unset) and what the node's marsd runs with (actual_value)")
+    add("mars_node_tunable_value", "gauge", "host tunable unit", "A tunable's value in force in the node's marsd, in its "
+        "unit (bytes, bytes/s, load, count, bool; 0 = off for a limit)")
+    add("mars_node_tunable_set_value", "gauge", "host tunable unit", "A tunable's value set in the tree for the node "
+        "(absent: not set, the default holds)")
     # resources
     add("mars_resource_size_bytes", "gauge", "resource", "Size of the resource (its replicated device)")
     add("mars_resource_info", "info", "resource primary", "A resource and its designated primary (empty when none)")
@@ -271,12 +277,15 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
         o.gauge("mars_node_dir_free_bytes", ns.rest_space_bytes, h)
         o.gauge("mars_node_dir_size_bytes", ns.total_space_bytes, h)
         o.gauge("mars_node_emergency", ns.emergency, h)
+        o.gauge("mars_node_emergency_level", ns.emergency_level, h)
         for peer in sorted(snap.nodes):
             if peer != h:
                 o.gauge("mars_node_link_up", peer not in ns.link_errors, h, peer)
         for t in ns.tunables:
             o.info("mars_node_tunable_info", host=h, tunable=t.name, set_value=t.set_value or "",
                    actual_value=t.actual_value or "")
+            o.gauge("mars_node_tunable_value", t.actual_number, h, t.name, t.unit or "")
+            o.gauge("mars_node_tunable_set_value", t.set_number, h, t.name, t.unit or "")
 
     for name, r in sorted(snap.resources.items()):
         o.gauge("mars_resource_size_bytes", r.size_bytes, name)

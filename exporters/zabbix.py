@@ -86,7 +86,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
     "LOGS_DELETABLE": ("resource",), "RESIZE_POSSIBLE": ("resource",),
     "REPLAY_STOPPED": ("member",), "ATTACH_FAILED": ("member",), "FETCH_FAILING": ("member",),
     "PRIMARY_NOT_SERVING": ("member",), "DETACHED": ("member",), "SYNC_PAUSED": ("member",),
-    "FETCH_PAUSED": ("member",), "REPLAY_PAUSED": ("member",), "LOGS_HELD_BACK": ("member",),
+    "FETCH_PAUSED": ("member",), "FETCH_HELD": ("member",), "REPLAY_PAUSED": ("member",), "LOGS_HELD_BACK": ("member",),
     "CONNECT_CYCLE": ("member",),
     "SYNC_RUNNING": ("member",), "FETCH_RUNNING": ("member",), "REPLAY_RUNNING": ("member",),
     # role switching: about the member it names (the handover's target, the forced primary, the
@@ -98,7 +98,7 @@ SCOPES: dict[str, tuple[str, ...]] = {
 # TODO findings where data is at risk or not served now (the model's URGENT); the other TODOs are AVERAGE.
 HIGH = model.URGENT
 # HINT findings that leave a copy behind or a disk filling up if nobody acts; the other HINTs are INFO.
-WARNING = frozenset({"SPACE_WARN", "SYNC_PAUSED", "FETCH_PAUSED", "REPLAY_PAUSED", "DETACHED", "LOGS_HELD_BACK",
+WARNING = frozenset({"SPACE_WARN", "SYNC_PAUSED", "FETCH_PAUSED", "FETCH_HELD", "REPLAY_PAUSED", "DETACHED", "LOGS_HELD_BACK",
                      "CLOCK_SLIP"})
 
 
@@ -691,7 +691,7 @@ def _build(name: str, trapper: bool) -> Template:
     members.triggers += member_finding_triggers
     title = ENTITY["member"][3]
     # a lag or a standstill whose cause is a finding of the member shows the cause only
-    causes = tuple(f"{title}: {c}" for c in ("REPLAY_STOPPED", "REPLAY_PAUSED", "FETCH_PAUSED", "FETCH_FAILING",
+    causes = tuple(f"{title}: {c}" for c in ("REPLAY_STOPPED", "REPLAY_PAUSED", "FETCH_PAUSED", "FETCH_HELD", "FETCH_FAILING",
                                              "DETACHED", "ATTACH_FAILED", "SYNC_PAUSED")
                    if c in alerting_codes("member"))
     members.triggers.append(Trigger(

@@ -362,8 +362,9 @@ def _system_block(snap: Snapshot, opts: Options) -> list[Line]:
                          ", marsd ", _v(ns.version or "unknown"), ", ", _alive_text(snap, h)))
         for t in ns.tunables:
             out.append(_line(f"-> {t.name} is set to ",
-                             _v(t.set_value) if t.set_value is not None else Span("default", "dim"),
-                             ", actually ", _v(t.actual_value) if t.actual_value is not None else Span("unknown", "dim")))
+                             _v(t.set_text) if t.set_text is not None else Span("default", "dim"),
+                             ", actually ", _v(t.actual_text) if t.actual_text is not None else Span("unknown", "dim"),
+                             *((Span(" (not applied yet)", "todo"),) if t.differs else ())))
         if not ns.tunables:
             out.append(_line("-> ", Span("no tunables reported", "dim")))
         port = ns.peer_port
@@ -375,7 +376,9 @@ def _system_block(snap: Snapshot, opts: Options) -> list[Line]:
             pct = 100.0 * ns.rest_space_bytes / ns.total_space_bytes
             out.append(_line(f"-> Free space on {where_dir}: ", _v(human_bytes(ns.rest_space_bytes)), " of ",
                              _v(human_bytes(ns.total_space_bytes)), " (", _v(f"{pct:.1f}%"), ")",
-                             ", Emergency is ", Span("on", "todo") if ns.emergency else Span("off", "ok")))
+                             ", Emergency is ", Span(f"on (level {ns.emergency_level} of 4)", "todo") if ns.emergency
+                             else Span(f"level {ns.emergency_level} of 4", "todo") if ns.emergency_level
+                             else Span("off", "ok")))
         else:
             out.append(_line(f"-> Free space on {where_dir}: ", Span("unknown", "dim")))
     if not snap.nodes:

@@ -23,7 +23,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.parser import text_string_to_metric_families
 
 from mars.engine.model import (DISKSTATES, REPLSTATES, ROLES, Counters, Histogram, MarsError, Member, Progress,
-                               ResourceCounters, SplitBrain, ExchangeCounters, findings, state_name)
+                               ResourceCounters, SplitBrain, ExchangeCounters, Tunable, findings, state_name)
 from mars.engine.stats import LATENCY_BOUNDS_S
 from mars.exporters import prometheus as px
 from test_findings import GiB, MiB, LOG_END, healthy, member, node, resource
@@ -53,6 +53,7 @@ def rich():
              deletable_logs=["log-000000001-a"], deletable_bytes=4096)
     member(s, "c", fetch=Progress(LOG_END, LOG_END, None))
     node(s, "c", link_errors={"b": "connection refused"}, emergency=True)
+    node(s, "b", tunables=[Tunable("port", None, "7777"), Tunable("traffic-out-limit", str(20 * MiB), "0")])
     return s
 
 

@@ -192,6 +192,8 @@ ROWS = [
     Row("TWO_PRIMARIES", lambda s: member(s, "c", actual={"primary": True}), ("TODO", "TWO_PRIMARIES", "r", "c")),
     Row("FORCED_PRIMARY", lambda s: (resource(s, forced_primary="a", prev_primary="c"), member(s, "a", forced=True)),
         ("HINT", "FORCED_PRIMARY", "r", "a")),
+    Row("FETCH_HELD", lambda s: member(s, "c", messages=[msg("c", "warn-loadavg", "fetch held: load 3.10")]),
+        ("HINT", "FETCH_HELD", "r", "c")),
 ]
 
 

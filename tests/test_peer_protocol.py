@@ -149,7 +149,7 @@ def test_type_numbers_are_the_wire_format():
     assert {n: cls.__name__ for n, cls in P.MESSAGE_TYPES.items()} == {
         1: "Hello", 2: "TreeRequest", 3: "TreeEntries", 4: "FetchRequest", 5: "LogData",
         6: "DigestRequest", 7: "DigestReply", 8: "ReadRequest", 9: "ReadReply", 10: "ErrorReply", 11: "Bye",
-            12: "TreeSince", 13: "TreeChanges",
+            12: "TreeSince", 13: "TreeChanges", 14: "DirtyMapRequest", 15: "DirtyMapReply",
     }
 
 
@@ -578,6 +578,9 @@ BAD_CONSTRUCTIONS = {
     "digest reply bytes": lambda: DigestReply(1, "r", 0, 1, (b"ab",)),
     "read request too long": lambda: ReadRequest(1, "r", 0, MAX_DATA + 1),
     "read reply list": lambda: ReadReply(1, 0, [1, 2]),
+    "dirty map request no resource": lambda: P.DirtyMapRequest(1, ""),
+    "dirty map reply region 0": lambda: P.DirtyMapReply(1, "r", 0, 8, b"\x01"),
+    "dirty map reply short map": lambda: P.DirtyMapReply(1, "r", 1, 64, b"\x01"),
     "error reply bad code": lambda: ErrorReply(1, "a b", "what"),
     "error reply NUL": lambda: ErrorReply(1, "x", "a\x00"),
     "bye None": lambda: Bye(None),
@@ -821,3 +824,11 @@ def test_trickled_bytes_are_not_buffered_quadratically():
     elapsed = time.perf_counter() - start
     assert got == [msg]
     assert elapsed < 2.0
+
+
+def test_dirty_map_messages_round_trip():
+    """The map travels as data, bit for bit: a resync copies exactly the regions it names."""
+    req = P.DirtyMapRequest(req=3, res="r")
+    reply = P.DirtyMapReply(req=3, res="r", region=65536, size=65536 * 20, data=b"\x05\x00\x08")
+    assert decode(encode(req)) == req
+    assert decode(encode(reply)) == reply

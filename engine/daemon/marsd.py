@@ -23,16 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 from ... import __version__
 from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
 from ..errors import MarsError
-from ..log.files import list_logs, read_replay
+from ..log.files import deletable_logs, delete_logs, list_logs, read_replay
 from ..log.recovery import LogDamage
 from ..log.values import ReplayCode
-from ..model.units import parse_size
+from ..model import tunables as tun
+from ..model.units import human_bytes
 from ..nbd.server import Export, NbdSession
 from ..peer import protocol as P
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer
 from ..peer.services import PeerServices
+from ..ratelimit import Traffic
 from ..roles.primary import PrimaryRuntime
-from ..roles.runtime import LogPulse, Runtime, RuntimeDeps, Wanted
+from ..roles.runtime import Limits, LogPulse, Runtime, RuntimeDeps, Wanted
 from ..roles.secondary import SecondaryRuntime
 from ..stats import Stats
 from ..tree import Tree, actual, default_host, mars_dir_from, node_actual, nodes_of, res_dir, todo
@@ -59,6 +61,12 @@ SILENT_REPORTS = 3
 #: skips the resources; one in this many seconds goes through them all the same.
 QUIET_FULL_S = 5.0
 #: The runtime for each role a member can have; ``reconcile`` starts the one the tree asks for.
+#: logdel-auto deletes a resource's replayed logs at most this often (a file rotated meanwhile
+#: waits for every member's replay anyway; every round would only re-read the replay entries).
+LOGDEL_S = 10.0
+#: A fetch held by the load limit resumes once the load is below this share of the limit: a
+#: load hovering at the limit would otherwise connect and disconnect every round.
+LOAD_RESUME = 0.9
 RUNTIMES: dict[str, type[PrimaryRuntime] | type[SecondaryRuntime]] = {"primary": PrimaryRuntime,
                                                                       "secondary": SecondaryRuntime}
 
@@ -86,7 +94,11 @@ class Daemon:
         self._quiet: tuple[int, tuple, float] = (-1, (), 0.0)  # digest, activity, time of the last full round
         self._ended = False  # a runtime's task ended since the last full round
         self._waiting_noted = False
-        self.logrot_auto = logrot_auto
+        self.logrot_default = logrot_auto  # --logrot-auto: in force while the tree sets none
+        self.limits = Limits(logrot_auto=logrot_auto)  # the tunables the runtimes read, set every round
+        self.traffic = Traffic()  # the node's peer-link limits, shared by every fetch, sync and serving link
+        self._logdel_at: dict[str, float] = {}  # resource -> monotonic time of its last logdel-auto look
+        self._total_space = 0
         self.nbd_listen = nbd_listen
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
@@ -103,6 +115,7 @@ class Daemon:
         self.exchange = Exchange(tree, self.executor, self.client_for, self._wake.set, self.report,
                                  silent_s=SILENT_REPORTS * self.report_s)
         self.services = PeerServices(tree, self.executor, self.runtimes.get, self.log_pulse, self.exchange)
+        self.emergency = 0  # the emergency level, 0..4 (see _space_level)
         self.bus = Bus()
         self.stats = Stats()  # counters since this marsd started, served beside the snapshot
         self.control = ControlServer(tree.root, self.host, self.bus, self.executor, counters=self.counters,
@@ -122,13 +135,17 @@ class Daemon:
         return P.Hello(host=self.host, cluster=self.tree.get("uuid") or "", proto=P.PROTO_VERSION,
                        lamport_ns=self.tree.clock.now())
 
-    def client_for(self, host: str) -> PeerClient:
-        """A new link to ``host`` at the address the tree knows for it."""
+    def client_for(self, host: str, bulk: bool = False) -> PeerClient:
+        """A new link to ``host`` at the address the tree knows for it; ``bulk``: a fetch or sync
+        link, whose incoming bytes count against the traffic-in-limit (the tree exchange's do not)."""
         ip = self.tree.get(f"ips/ip-{host}")
         if ip is None:
             raise PeerError(f"no address known for host {host}", "it has not joined the cluster")
         return PeerClient(ip, self.port, self.hello(), client_context(self.tree.root, self.host),
-                          self.tree.get("uuid"), local_ip=self.ip)
+                          self.tree.get("uuid"), local_ip=self.ip, traffic=self.traffic if bulk else None)
+
+    def bulk_client_for(self, host: str) -> PeerClient:
+        return self.client_for(host, bulk=True)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,6 +186,7 @@ class Daemon:
                 if time.monotonic() - self._reported >= self.report_s * 0.9:
                     self.report()
                 self.exchange.feed()  # the report and what the scan found, before the resources' work
+                self.apply_tunables()  # what the operator set, in force this round
                 await self.reconcile(full=triggered or woken or self._moved())
                 self.exchange.feed()  # what the round changed
                 digest = self.exchange.index.digest
@@ -253,7 +271,7 @@ class Daemon:
     async def _open_peers(self) -> None:
         ensure_node_cert(self.tree.root, self.host)
         self.peer_server = PeerServer(self.hello, server_context(self.tree.root, self.host),
-                                      self.tree.get("uuid") or "", self.services.handle)
+                                      self.tree.get("uuid") or "", self.services.handle, traffic=self.traffic)
         try:
             await self.peer_server.start(self.ip, self.port)
         except OSError as e:
@@ -280,6 +298,7 @@ class Daemon:
             return
         self._ended = False
         self._publish_node()
+        level = self._space_level()
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
             d = res_dir(res)
@@ -314,12 +333,45 @@ class Daemon:
                 rt.grow(size)  # marsadm resize: no restart, the runtime takes the new size
             if rt is not None:
                 on = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
-                rt.follow(Wanted(sync=on["sync"], fetch=on["connect"], replay=on["allow-replay"]))
+                # Emergency levels (the original's order): 3 stops syncs, 4 stops fetching here.
+                rt.follow(Wanted(sync=on["sync"] and level < 3, fetch=on["connect"] and level < 4,
+                                 replay=on["allow-replay"], level=level))
         for res in tree.resources():
             if tree.get(f"{res_dir(res)}/data-{self.host}") is not None:
                 self._publish(res)
                 self._delete_replayed_logs(res)
+                self._logdel_auto(res)
         self._quiet = (self.exchange.index.digest, self.stats.activity(), time.monotonic())
+
+    def _space_level(self) -> int:
+        """This node's emergency level (0..4) from the free space of its MARS directory against
+        its four free-space limits, published as ``actual-<host>/emergency``.
+
+        Up at once, down one level per round (the original's mars_reset_emergency): a primary
+        that writes through logs again only after the whole of the four steps is free, so it
+        does not flap between the two at the edge. A primary that met ENOSPC itself (limits set
+        too low) is at level 4 whatever statvfs says, until the space is back.
+        """
+        st = os.statvfs(self.tree.root)
+        rest, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+        limits = tun.space_limits(self.tree, self.host, total)
+        raw = tun.space_level(rest, limits)
+        if any(rt.writing_through for rt in self.runtimes.values()) and rest < tun.writethrough_margin(total):
+            raw = 4  # writing through since an ENOSPC with limits too low to tell: stay until there is room
+        level = raw if raw >= self.emergency else self.emergency - 1
+        if level != self.emergency:
+            texts = {0: "left emergency mode: free space is back", 1: "space in the MARS directory is becoming low",
+                     2: "space is low: deleting replayed log files on secondaries",
+                     3: "space is VERY low: syncs stop", 4: "DISK SPACE IS EXTREMELY LOW: primaries write through, "
+                                                              "secondaries stop fetching"}
+            (log.error if level >= 3 else log.warning if level else log.info)(
+                "emergency level %d (%s free of %s in %s): %s", level, human_bytes(rest), human_bytes(total),
+                self.tree.root, texts[level])
+        self.emergency = level
+        t, h = self.tree, self.host
+        t.set(node_actual(h, "emergency"), level, durable=False)
+        t.set(node_actual(h, "emergency-limits"), ",".join(str(x) for x in limits), durable=False)
+        return level
 
     def _delete_replayed_logs(self, res: str) -> None:
         """Follow a cluster-wide log-delete: drop local logs below the mark that we have replayed."""
@@ -337,10 +389,51 @@ class Daemon:
                 except FileNotFoundError:
                     pass
 
+    def _logdel_auto(self, res: str) -> None:
+        """logdel-auto: the serving primary deletes what every member has replayed, as
+        'marsadm log-delete' would (the members follow the mark as after that command)."""
+        rt = self.runtimes.get(res)
+        if rt is None or rt.export is None or not tun.value(self.tree, self.host, "logdel-auto"):
+            return
+        now = time.monotonic()
+        if now - self._logdel_at.get(res, 0.0) < LOGDEL_S:
+            return
+        self._logdel_at[res] = now
+        files = deletable_logs(self.tree, res)
+        if files:
+            freed = delete_logs(self.tree, res, files)
+            log.info("resource %s: logdel-auto deleted %s (%s; replayed by every member)", res,
+                     ", ".join(f.name for f in files), human_bytes(freed))
+
+    def apply_tunables(self) -> None:
+        """The tree's tunables for this host into what runs, every round: no restart needed."""
+        t, h = self.tree, self.host
+        lim = self.limits
+        rot = tun.set_value(t, h, "logrot-auto")
+        lim.logrot_auto = int(rot if rot is not None else self.logrot_default)
+        self.traffic.out.set_rate(tun.value(t, h, "traffic-out-limit") or 0)
+        self.traffic.inn.set_rate(tun.value(t, h, "traffic-in-limit") or 0)
+        lim.io.set_rate(tun.value(t, h, "io-limit") or 0)
+        # The node's buffer budget is shared by the secondaries that fetch and replay here.
+        fetching = sum(1 for rt in self.runtimes.values() if rt.role == "secondary")
+        lim.buffers = int(tun.value(t, h, "mem-limit") or tun.SPECS["mem-limit"].default or 0) // max(1, fetching)
+        lim.fetch_held = self._load_held(float(tun.value(t, h, "loadavg-limit") or 0))
+
+    def _load_held(self, limit: float) -> str | None:
+        """Why fetch is held by the load limit now, None when it is not (limit 0: never)."""
+        if limit <= 0:
+            return None
+        load = os.getloadavg()[0]
+        held = self.limits.fetch_held is not None
+        if load > limit or (held and load > limit * LOAD_RESUME):
+            return (f"fetch held: the 1-minute load average {load:.2f} is above loadavg-limit {limit:g}; "
+                    f"it resumes below {limit * LOAD_RESUME:.3g}")
+        return None
+
     async def _start_resource(self, res: str, data: str, size: int, role: str) -> None:
         deps = RuntimeDeps(tree=self.tree, executor=self.executor, log_pulse=self.log_pulse(res),
-                           connect=self.client_for, may_sync=self._may_sync,
-                           checkpoint_interval=self.checkpoint_interval, logrot_auto=self.logrot_auto,
+                           connect=self.bulk_client_for, may_sync=self._may_sync,
+                           checkpoint_interval=self.checkpoint_interval, limits=self.limits,
                            stats=self.stats.resource(res), ended=self._task_ended)
         rt: Runtime = RUNTIMES[role](deps, res, data, size)
         attach = self.tree.entry(todo(res, self.host, "attach"))
@@ -382,7 +475,7 @@ class Daemon:
 
     def _may_sync(self) -> bool:
         """The host's sync limit (defaults-<host>/sync-limit, 0 = none): how many syncs at once."""
-        limit = self.tree.get_int(f"defaults-{self.host}/sync-limit")
+        limit = int(tun.value(self.tree, self.host, "sync-limit") or 0)
         running = sum(1 for rt in self.runtimes.values() if rt.syncing)
         return limit <= 0 or running < limit
 
@@ -407,10 +500,23 @@ class Daemon:
         self.tree.set(node_actual(self.host, "time"), f"{self.tree.clock.now() / 1e9:.9f}", durable=False)
 
     def tunables(self) -> dict[str, str]:
-        """What this marsd runs with, by tunable name (the --system view shows them beside the set values)."""
-        return {"interval": f"{self.interval:g}", "checkpoint-interval": f"{self.checkpoint_interval:g}",
-                "logrot-auto": str(self.logrot_auto), "port": str(self.port),
-                "sync-limit": str(self.tree.get_int(f"defaults-{self.host}/sync-limit"))}
+        """What this marsd runs with, by tunable name (the --system view shows them beside the set values).
+
+        Every tunable of the table as applied this round (a free-space limit on "auto" as the
+        figure it comes to here), so an operator compares set and in force, never set and default.
+        """
+        t, h = self.tree, self.host
+        out = {"interval": f"{self.interval:g}", "checkpoint-interval": f"{self.checkpoint_interval:g}",
+               "port": str(self.port)}
+        for name in tun.SPECS:
+            out[name] = str(tun.value(t, h, name))
+        out["logrot-auto"] = str(self.limits.logrot_auto)
+        out["traffic-out-limit"] = f"{self.traffic.out.rate:.0f}"
+        out["traffic-in-limit"] = f"{self.traffic.inn.rate:.0f}"
+        out["io-limit"] = f"{self.limits.io.rate:.0f}"
+        for i, v in enumerate(tun.space_limits(t, h, self._total_space), start=1):
+            out[f"required-free-space-{i}"] = str(v)
+        return out
 
     def _publish_node(self) -> None:
         """This node's figures for every other node: version, space in /mars, tunables in use."""
@@ -422,6 +528,7 @@ class Daemon:
         if abs(rest - t.get_int(node_actual(h, "rest-space"), -1)) >= 1 << 20:
             t.set(node_actual(h, "rest-space"), rest, durable=False)
         t.set(node_actual(h, "total-space"), total, durable=False)
+        self._total_space = total
         for name, value in self.tunables().items():
             t.set(node_actual(h, f"tunable-{name}"), value, durable=False)
 
@@ -439,6 +546,8 @@ class Daemon:
             t.set(actual(res, self.host, "size"), rt.size, durable=False)  # the size it works with: resize waits
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
+        if res in self.services.sync_read_bytes:
+            t.set(actual(res, self.host, "sync-served-bytes"), self.services.sync_read_bytes[res], durable=False)
         if rt is not None:
             rt.publish()
 
@@ -470,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-interval", type=float, default=1.0,
                    help="minimum seconds between data-device syncs that advance the replay position")
     p.add_argument("--logrot-auto", default="4G", metavar="SIZE",
-                   help="rotate a log file automatically once it is this large (default 4G; 0 = never)")
+                   help="rotate a log file automatically once it is this large (default 4G; 0 = never); "
+                        "the tree's logrot-auto ('marsadm set-logrot-auto-value') overrides it")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="the least severe messages logged (default info)")
     p.add_argument("--log-file", default=None, metavar="PATH",
@@ -519,7 +629,7 @@ def _run(args: argparse.Namespace) -> int:
         if lock is None:
             raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
         tree = Tree(mars_dir, host)
-        logrot = 0 if args.logrot_auto in ("0", "") else parse_size(args.logrot_auto)
+        logrot = int(tun.spec("logrot-auto").parse(args.logrot_auto or "0"))
         asyncio.run(Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip,
                            logrot).run())
     except MarsError as e:

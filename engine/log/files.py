@@ -165,6 +165,27 @@ def deletable_logs(tree: Tree, res: str) -> list[LogFile]:
     return [f for f in logs if f.seq < oldest and f.seq < newest]
 
 
+def delete_logs(tree: Tree, res: str, files: list[LogFile]) -> int:
+    """Delete ``files`` (from :func:`deletable_logs`) here and tell every member to follow.
+
+    The one way logs go, for an operator's ``marsadm log-delete`` and marsd's logdel-auto alike:
+    ``logs-deleted-below`` is what makes each member drop its own copies once it has replayed
+    them. Returns the bytes freed here.
+    """
+    total = 0
+    for f in files:
+        try:
+            total += f.size()
+            f.path.unlink()
+        except FileNotFoundError:
+            pass  # deleted meanwhile (the other of the two): gone is what was asked
+    if files:
+        below = max(f.seq for f in files) + 1
+        if below > tree.get_int(f"{res_dir(res)}/logs-deleted-below"):
+            tree.set(f"{res_dir(res)}/logs-deleted-below", below)
+    return total
+
+
 def pread_file(path: Path, n: int, offset: int) -> bytes:
     """Up to ``n`` bytes of a log file at ``offset``, with its own descriptor: a copy another task
     appends to or deletes is never held open between reads."""
@@ -252,3 +273,29 @@ def scan_file(
     finally:
         os.close(fd)
     return ScanResult(end, last_seq, count, error)
+
+
+def writethrough_path(res: str, host: str) -> str:
+    return f"{res_dir(res)}/writethrough-{host}"
+
+
+def read_writethrough(tree: Tree, res: str, host: str) -> tuple[int, int] | None:
+    """``writethrough-<host>`` as ``(last, after)``: ``host``'s log ends with file ``last`` before
+    it wrote through to its device (emergency mode, log/dirtymap.py); ``after`` is the file its
+    log went on in (0 while it still writes through). A secondary must not replay from ``last``
+    (or from ``after - 1``) into the next file: it resyncs the map's regions instead. None: no
+    emergency whose resync is unfinished."""
+    raw = tree.get(writethrough_path(res, host))
+    if not raw:
+        return None
+    last, sep, after = raw.partition(":")
+    try:
+        value = int(last), int(after or 0)
+    except ValueError:
+        return None
+    return value if sep and value[0] > 0 and value[1] >= 0 else None
+
+
+def dirtymap_file(tree: Tree, res: str, host: str) -> Path:
+    """The primary's dirty-region map, a regular file beside the logs (not a tree entry)."""
+    return tree.root / res_dir(res) / f"dirtymap-{host}"

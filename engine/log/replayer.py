@@ -21,6 +21,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 
 from ..device import DataDevice, drop_behind
+from ..ratelimit import RateLimit
 from ..roles.runtime import stop_if_stopping
 from ..stats import ResourceStats
 from ..tree import Tree, actual, res_dir
@@ -44,8 +45,12 @@ class Replayer:
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, executor: Executor,
                  available: Callable[[str], int], checkpoint_interval: float = 1.0,
-                 stats: ResourceStats | None = None) -> None:
+                 stats: ResourceStats | None = None, io_limit: RateLimit | None = None,
+                 read_chunk: Callable[[], int] = lambda: READ_CHUNK,
+                 barrier: Callable[[int, str], bool] = lambda seq, origin: False) -> None:
         self.tree = tree
+        self.io_limit = io_limit or RateLimit()  # the node's io-limit: replay shares the disk with the primary's
+        self.read_chunk = read_chunk  # two of these are in memory at a time (the node's mem-limit)
         self.stats = stats or ResourceStats()
         self.res = res
         self.device = device
@@ -56,6 +61,11 @@ class Replayer:
         self.damage: lf.LogCorruption | None = None
         self.applied_bytes = 0
         self.position: ReplayLink | None = None
+        # Whether replay may go on from a finished file into the next: not where the log has a
+        # gap (its origin wrote through meanwhile, an emergency): the runtime resyncs instead.
+        self.barrier = barrier
+        self.at_barrier = False
+        self.deps_ended: Callable[[], None] = lambda: None  # tells the runtime: the next round looks
         self._stopped_stamp: int | None = None
         self._behind: tuple[int, int, Path, int, int] | None = None  # last batch: device and log ranges
 
@@ -109,14 +119,16 @@ class Replayer:
                 avail = min(avail, final)  # the history goes on elsewhere after that (a forced failover)
             progressed = False
             if avail > read_at:
+                chunk = max(1 << 20, min(READ_CHUNK, self.read_chunk()))
                 if ahead is None or ahead[:2] != (path, read_at):
                     ahead = (path, read_at, loop.run_in_executor(
-                        self.executor, pread_file, path, min(READ_CHUNK, avail - read_at), read_at))
+                        self.executor, pread_file, path, min(chunk, avail - read_at), read_at))
                 data = await ahead[2]
                 read_at += len(data)
                 # Read the next chunk while this one is checked and applied: the two overlap.
                 ahead = None if avail <= read_at else (path, read_at, loop.run_in_executor(
-                    self.executor, pread_file, path, min(READ_CHUNK, avail - read_at), read_at))
+                    self.executor, pread_file, path, min(chunk, avail - read_at), read_at))
+                await self.io_limit.take(len(data))
                 reader.receive_data(data)
                 try:
                     batch = []
@@ -138,6 +150,14 @@ class Replayer:
             else:
                 if final is not None and self.position.pos >= final:
                     nxt = self._next_file()
+                    if self.barrier(self.position.seq, self.position.origin):
+                        if not self.at_barrier:
+                            log.warning("resource %s: replay stops at the end of %s: its origin wrote through "
+                                        "to its device after it (emergency mode); a resync follows",
+                                        self.res, self.position.name)
+                            self.deps_ended()
+                        self.at_barrier = True
+                        nxt = None
                     if nxt is not None:
                         await loop.run_in_executor(self.executor, self._write_version, self.position, digest)
                         same = self._same_history(self.position.seq, nxt[1])

@@ -11,9 +11,17 @@ Invariants, and why:
 * Group commit: every request that arrives while a batch is being made durable joins the next
   batch, so one ``pwritev`` + one ``fdatasync`` serve all concurrent writers. Under a queue depth
   of 32 that turns ~3k synced writes/s into tens of thousands.
-* A failed batch (ENOSPC, EIO) is cut from the log file again before anything else is appended,
+* A failed batch (EIO) is cut from the log file again before anything else is appended,
   so the log never carries a torn record in its middle; its requests get an error, nothing
   acknowledged is touched.
+* Emergency mode (the MARS directory is full): the logger stops logging and *writes through*,
+  so the application keeps running. The current log file is finished first, the device synced
+  and the replay position set to the log's end, so no recovery ever replays an older record over
+  a written-through one; then each batch sets its regions in the dirty-region map (durably),
+  goes to the device, and is acknowledged after the device's fdatasync. A batch that meets
+  ENOSPC in the log is cut back and goes this way at once: the writer never fails a client
+  because /mars is full, and never acknowledges what is not on disk. Leaving it, logging goes on
+  in a new log file; the map tells the secondaries' resync what to copy (log/dirtymap.py).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..device import DataDevice
+from .dirtymap import DirtyMap
 from ..stats import ResourceStats
 from ..tree import Tree
 from . import format as lf
@@ -60,6 +69,19 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Committed:
+    """What the log thread hands the write-back thread, in order: a logged batch, a batch to
+    write through (``direct``), or a switch of emergency mode (``switch``, with the log state)."""
+
+    batch: list[_Pending]
+    records: list[lf.LogRecord]
+    pos: LogPos
+    direct: bool = False
+    switch: bool | None = None
+    state: LogState | None = None
+
+
+@dataclass(slots=True)
 class LogState:
     """Where the current log file stands; owned by the logger task once it runs."""
 
@@ -84,7 +106,9 @@ class Logger:
     """
 
     def __init__(self, res: str, tree: Tree, device: DataDevice, state: LogState,
-                 on_progress: Callable[[LogPos], None] | None = None, stats: ResourceStats | None = None) -> None:
+                 on_progress: Callable[[LogPos], None] | None = None, stats: ResourceStats | None = None,
+                 dirtymap: DirtyMap | None = None, writethrough: bool = False,
+                 switched: Callable[[bool, LogState], None] | None = None) -> None:
         self.res = res
         self.tree = tree
         self.device = device
@@ -100,8 +124,17 @@ class Logger:
         self._rotate_to: int | None = None  # guarded by _cond
         self._asked = state.seq  # the newest file a rotation was asked for; guarded by _cond
         self._closing = False  # guarded by _cond
-        self._committed: queue.SimpleQueue[tuple[list[_Pending], list[lf.LogRecord], LogPos] | None] = \
-            queue.SimpleQueue()
+        self._committed: queue.SimpleQueue[_Committed | None] = queue.SimpleQueue()
+        # Emergency mode. The map is the log thread's (marks) and the write-back thread's (never);
+        # _wt is the log thread's mode, _wt_asked what the event loop asked for (under _cond),
+        # writethrough what the event loop sees (set on it when the log thread switched).
+        self.dirtymap = dirtymap
+        self.switched = switched  # called in the write-back thread once a switch is on disk
+        self._wt = writethrough
+        self._wt_asked = writethrough  # guarded by _cond
+        self.writethrough = writethrough
+        self.writethrough_bytes = 0
+        self._switch_failed: OSError | None = None  # the write-back thread's: see _writeback_thread
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished: asyncio.Future[None] | None = None
         self._threads = [threading.Thread(target=self._log_thread, name=f"log-{res}", daemon=True),
@@ -135,6 +168,14 @@ class Logger:
                 self._rotate_to = self._asked = seq
                 self._cond.notify()
 
+    def request_writethrough(self, on: bool) -> None:
+        """Enter (True) or leave (False) emergency mode between two batches, in request order."""
+        with self._cond:
+            if on and self.dirtymap is None:
+                return
+            self._wt_asked = on
+            self._cond.notify()
+
     async def close(self) -> None:
         """Finish the queued requests, then stop; new submissions fail with ESHUTDOWN."""
         with self._cond:
@@ -150,41 +191,118 @@ class Logger:
         try:
             while True:
                 with self._cond:
-                    while not self._queue and self._rotate_to is None and not self._closing:
+                    while not self._queue and self._rotate_to is None and not self._closing \
+                            and self._wt_asked == self._wt:
                         self._cond.wait()
                     batch = self._take_batch()
                     rotate = None
-                    if not self._queue and self._rotate_to is not None:
+                    if not self._queue and self._rotate_to is not None and not self._wt:
                         rotate, self._rotate_to = self._rotate_to, None
-                    if not batch and rotate is None and self._closing:
+                    wt = self._wt_asked
+                    if not batch and rotate is None and self._closing and wt == self._wt:
                         break
-                if batch:
+                if wt != self._wt:
+                    self._switch(wt)
+                if batch and self._wt:
+                    self._write_through(batch)
+                elif batch:
                     try:
                         records, pos = self._append(batch)
                     except LogWriteError as e:
-                        self._call(self._fail, batch, e)
+                        if e.errno == errno.ENOSPC and self.dirtymap is not None:
+                            # /mars is full: this batch, and what follows, is written through.
+                            log.error("resource %s: the MARS directory is full (%s); writing through "
+                                      "to the data device, emergency mode", self.res, e)
+                            with self._cond:
+                                self._wt_asked = True
+                            self._switch(True)
+                            self._write_through(batch)
+                        else:
+                            self._call(self._fail, batch, e)
                     else:
-                        self._committed.put((batch, records, pos))
+                        self._committed.put(_Committed(batch, records, pos))
                 if rotate is not None:
                     try:
                         self._rotate(rotate)
                     except (LogWriteError, OSError) as e:
                         log.error("resource %s: cannot rotate to log %d: %s", self.res, rotate, e)
                     else:
-                        self._committed.put(([], [], LogPos(self.state.seq, 0, self.tree.host)))
+                        self._committed.put(_Committed([], [], LogPos(self.state.seq, 0, self.tree.host)))
         finally:
             self._committed.put(None)
 
+    def _switch(self, on: bool) -> None:
+        """In the log thread, between batches: enter or leave write-through. Leaving opens the
+        next log file here, so the batches after it are logged again at once; the write-back
+        thread makes the switch durable (device synced, replay position, the tree) before it
+        applies anything that came after it."""
+        self._wt = on
+        if not on:
+            try:
+                self._rotate(self.state.seq + 1, finish=False)
+            except (LogWriteError, OSError) as e:
+                log.error("resource %s: cannot leave emergency mode, no new log file: %s", self.res, e)
+                self._wt = True
+                with self._cond:
+                    self._wt_asked = True
+                return
+        self._committed.put(_Committed([], [], LogPos(self.state.seq, self.state.end, self.tree.host),
+                                       switch=on, state=self.state))
+        self._call(self._mode, on)
+
+    def _write_through(self, batch: list[_Pending]) -> None:
+        """In the log thread, emergency mode: the batch's regions into the map (durable), then on
+        to the write-back thread, which writes and syncs the device before acknowledging."""
+        assert self.dirtymap is not None
+        try:
+            self.dirtymap.mark((p.offset, p.length) for p in batch)
+        except OSError as e:
+            self._call(self._fail, batch, LogWriteError(e.errno or errno.EIO,
+                                                        f"resource {self.res}: cannot record the written regions "
+                                                        f"in {self.dirtymap.path.name}: {e.strerror}"))
+            return
+        records = [lf.LogRecord(seq=0, lamport_ns=0, offset=p.offset, length=p.length, kind=p.kind, flags=p.flags,
+                                payload=p.payload) for p in batch]
+        self._committed.put(_Committed(batch, records, LogPos(self.state.seq, self.state.end, self.tree.host),
+                                       direct=True))
+
     def _writeback_thread(self) -> None:
         while (item := self._committed.get()) is not None:
-            batch, records, pos = item
             try:
-                self._write_back(records)
-            except LogWriteError as e:
-                self._call(self._fail, batch, e)
+                if item.switch is not None:
+                    self._switch_failed = None
+                    try:
+                        self.device.fdatasync()  # everything logged before is on the device now
+                        if self.switched is not None and item.state is not None:
+                            self.switched(item.switch, item.state)
+                    except OSError as e:
+                        # Without the replay position at the log's end a recovery could replay
+                        # old records over written-through blocks: write nothing through then.
+                        log.error("resource %s: cannot record the switch of emergency mode: %s; writes fail "
+                                  "until it can", self.res, e)
+                        self._switch_failed = e if item.switch else None
+                    continue
+                if item.direct and self._switch_failed is not None:
+                    raise LogWriteError(self._switch_failed.errno or errno.ENOSPC,
+                                        f"resource {self.res}: the MARS directory is full and emergency mode "
+                                        f"could not be recorded: {self._switch_failed.strerror}")
+                self._write_back(item.records)
+                if item.direct:
+                    self.device.fdatasync()  # not in any log: acknowledged only once on the device
+                    self.writethrough_bytes += sum(r.length for r in item.records)
+            except (LogWriteError, OSError) as e:
+                if not isinstance(e, LogWriteError):
+                    log.error("resource %s: write-back: %s", self.res, e)
+                    e = LogWriteError(e.errno or errno.EIO, f"resource {self.res}: data device: {e.strerror}")
+                self._call(self._fail, item.batch, e)
             else:
-                self._call(self._acknowledge, batch, pos)
+                self._call(self._acknowledge, item.batch, item.pos)
         self._call(self._finish)
+
+    def _mode(self, on: bool) -> None:
+        self.writethrough = on
+        if self.on_progress:
+            self.on_progress(self.acked)
 
     def _call(self, fn: Callable[..., None], *args: object) -> None:
         assert self._loop is not None
@@ -284,12 +402,15 @@ class Logger:
             log.error("resource %s: cannot cut %s back to %d after a failed append: %s",
                       self.res, self.state.path.name, offset, e.strerror)
 
-    def _rotate(self, seq: int) -> None:
-        """Finish the current log file with its version entry and continue in ``seq``."""
+    def _rotate(self, seq: int, finish: bool = True) -> None:
+        """Finish the current log file with its version entry and continue in ``seq``
+        (``finish`` False: it was finished already, when emergency mode began)."""
         st = self.state
         if seq <= st.seq:
             return  # already there: a finished file must never be finished twice
-        value = finish_version(self.tree, self.res, st)
+        value = finish_version(self.tree, self.res, st) if finish else (
+            Version.parse(self.tree.get(version_path(self.res, st.seq, self.tree.host)))
+            or finish_version(self.tree, self.res, st))
         new_path = st.path.parent / log_name(seq, self.tree.host)
         fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(self._fd)

@@ -154,6 +154,19 @@ class Ctx:
     def say(self, text: str) -> None:
         print(f"marsadm: {text}", file=sys.stderr)
 
+    def refuse_in_emergency(self, host: str | None, doing: str) -> None:
+        """Refuse ``doing`` while ``host`` (this resource's primary, or this node) is in emergency
+        mode, as the original does: a join, an invalidate or a handover then would have to start
+        over once space is back, and a handover would leave the written-through blocks behind."""
+        if not host:
+            return
+        from .. import model
+        node = model.build(self.tree.root, self.host).nodes.get(host)
+        if node is not None and node.emergency and not self.force:
+            raise self.fail(f"{host} is in emergency mode (its MARS directory is full), so {doing} cannot be done now",
+                            f"free space on {host} ('marsadm log-delete-all all --host {host}' deletes the logs "
+                            f"every member has replayed); {host} leaves emergency mode by itself, then run this again")
+
     def resource_list(self, spec: str) -> list[str]:
         """``all`` (every resource this host is a member of) or a comma-separated list."""
         require_cluster(self.tree)

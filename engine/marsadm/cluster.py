@@ -181,12 +181,3 @@ def leave_cluster(ctx: Ctx) -> None:
         tree.delete(f"actual-{h}/msg-peer-{ctx.host}", durable=False)
     ctx.poke()
     ctx.say(f"host {ctx.host} left the cluster; the others forget it on their next exchange")
-
-
-@command("set-global-sync-limit-value", "how many full syncs may run at once on this host (0: no limit)",
-         ("value", {"type": int, "help": "number of concurrent syncs, 0 = unlimited"}))
-def set_sync_limit(ctx: Ctx) -> None:
-    if ctx.args.value < 0:
-        raise UsageError(f"sync limit {ctx.args.value} is negative", "give 0 (no limit) or a positive number")
-    ctx.tree.set(f"defaults-{ctx.host}/sync-limit", ctx.args.value)
-    ctx.poke()

@@ -11,7 +11,7 @@ import time
 
 from .. import model
 from ..errors import MarsError
-from ..log.files import deletable_logs, list_logs, read_replay, replay_path, version_path
+from ..log.files import deletable_logs, delete_logs, list_logs, read_replay, replay_path, version_path
 from ..log.values import ReplayLink, log_name
 from ..tree import actual, require_cluster, res_dir
 from ..model.units import human_bytes
@@ -52,15 +52,9 @@ def _delete(ctx: Ctx, only_oldest: bool) -> None:
         ctx.say(f"{ctx.res}: no log file can be deleted ({len(logs)} present; the newest is kept, and every "
                 f"member must have replayed a file first: {', '.join(holders)})")
         return
-    total = 0
+    total = delete_logs(tree, ctx.res, files)
     for f in files:
-        total += f.size()
-        f.path.unlink()
         ctx.say(f"{ctx.res}: deleted {f.name}")
-    # Every member deletes its own copies below this number too, once it has replayed them.
-    below = max(f.seq for f in files) + 1
-    if below > tree.get_int(f"{res_dir(ctx.res)}/logs-deleted-below"):
-        tree.set(f"{res_dir(ctx.res)}/logs-deleted-below", below)
     ctx.poke()
     ctx.say(f"{ctx.res}: {len(files)} log file(s) deleted, {human_bytes(total)} freed")
 

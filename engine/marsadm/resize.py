@@ -55,6 +55,7 @@ def resize(ctx: Ctx) -> None:
         raise ctx.fail(f"the disk of {', '.join(small)} is smaller than the new size {human_bytes(new)} ({new} B)",
                        _GROW_FIRST)
     _refuse_if_paused(ctx, rs)
+    ctx.refuse_in_emergency(host, "a resize")
     tree.set(f"{d}/resize-from", old)
     # The primary's data is the complete copy of the new size (the original does the same); the
     # size comes last, so nobody syncs towards it before the primary's entry says so.

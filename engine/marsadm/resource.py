@@ -153,6 +153,7 @@ def join_resource(ctx: Ctx) -> None:
     primary = tree.get(f"{d}/primary")
     if not primary or primary == "(none)":
         raise ctx.fail("the resource has no designated primary", "make one node primary first")
+    ctx.refuse_in_emergency(primary, f"a join (its full sync from {primary})")
     size = tree.get_int(f"{d}/size")
     dev = Path(ctx.args.device)
     if not dev.is_absolute():
@@ -211,6 +212,7 @@ def fake_sync(ctx: Ctx) -> None:
          RES_ARG, per_resource=True)
 def invalidate(ctx: Ctx) -> None:
     primary = _secondary_only(ctx)
+    ctx.refuse_in_emergency(primary, f"an invalidate (a full sync from {primary})")
     tree = ctx.tree
     d = res_dir(ctx.res)
     link = read_replay(tree, ctx.res, primary)

@@ -60,6 +60,8 @@ def primary(ctx: Ctx) -> None:
         _wait_serving(ctx, time.monotonic())
         return
     _refuse_unless_ready(ctx, snap, rs, me)
+    ctx.refuse_in_emergency(old, f"a handover from {old}")
+    ctx.refuse_in_emergency(host, f"a handover to {host}")
     reachable = old is not None and snap.alive(old) and old not in snap.nodes[host].link_errors
     if old is not None and not reachable:
         if not ctx.force:

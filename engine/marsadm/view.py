@@ -85,6 +85,18 @@ def _tunable(snap: model.Snapshot, host: str, name: str) -> str | None:
     return t.value if t else None
 
 
+def _tunable_in_force(snap: model.Snapshot, host: str, name: str) -> str:
+    node = snap.nodes.get(host)
+    t = node.tunable(name) if node else None
+    return (t.actual_value or t.set_value or "") if t else ""
+
+
+def _tunable_set(snap: model.Snapshot, host: str, name: str) -> str:
+    node = snap.nodes.get(host)
+    t = node.tunable(name) if node else None
+    return t.set_value or "" if t else ""
+
+
 def _register() -> None:
     _macro("get-primary", "the designated primary of the resource ('' when none)",
            lambda s, m, h: m.r.primary or "")
@@ -109,8 +121,10 @@ def _register() -> None:
     _macro("is-split-brain", "1 when members hold different histories for the same log number, or a member's "
            "marsd reports that its history diverges from the primary's",
            lambda s, m, h: m.r.is_split_brain)
-    _macro("is-emergency", "1 when this host is in emergency mode (/mars short of space)",
+    _macro("is-emergency", "1 when this host is in emergency mode (/mars full: level 4, or still writing through)",
            lambda s, m, h: bool(s.nodes.get(h) and s.nodes[h].emergency))
+    _macro("emergency-level", "this host's emergency level: 0 normal .. 4 (/mars full), as the original's",
+           lambda s, m, h: s.nodes[h].emergency_level if s.nodes.get(h) else -1, per_resource=False)
     _macro("is-consistent", "1 when this host's data device holds a consistent state",
            lambda s, m, h: bool(m.n and m.n.consistent))
     _macro("is-orphan", "always 0: logs are deleted only after every member has replayed them",
@@ -166,6 +180,11 @@ def _register() -> None:
            lambda s, m, h: len(s.nodes), per_resource=False)
     _macro("global-sync-limit-value", "how many full syncs this host runs at once (0 = no limit)",
            lambda s, m, h: _tunable(s, h, "sync-limit") or 0, per_resource=False)
+    for name, spec in model.TUNABLES.items():
+        _macro(f"{name}-value", f"{name} in force on this host, in {spec.unit} (marsd's report, else the tree's)",
+               lambda s, m, h, name=name: _tunable_in_force(s, h, name), per_resource=False)
+        _macro(f"{name}-set-value", f"{name} set in the tree for this host ('' when unset: the default holds)",
+               lambda s, m, h, name=name: _tunable_set(s, h, name), per_resource=False)
     _macro("uuid", "the cluster's uuid", lambda s, m, h: s.cluster_uuid or "", per_resource=False)
     _macro("time", "the Lamport clock, seconds since the epoch", lambda s, m, h: f"{s.lamport_s:.9f}",
            per_resource=False)

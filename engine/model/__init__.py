@@ -34,6 +34,7 @@ from .snapshot import (ALIVE_WINDOW_S, Actual, Counters, Histogram, LogFileStatu
                        ExchangeCounters, Progress, ResourceCounters, ResourceStatus, Snapshot, SplitBrain, Switches, TreeCache, Tunable,
                        build)
 from .states import DISKSTATES, REPLSTATES, ROLES, Member, held_back, role_lines, state_name
+from .tunables import SPECS as TUNABLES
 from .units import figure, human_bytes, human_seconds, parse_size, percent_shown, value_text
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
     "REPLSTATES", "ROLES", "URGENT", "HANDOVER_STALL_WINDOWS", "Counters", "ExchangeCounters", "Histogram", "ResourceCounters", "state_name",
     "Actual", "Finding", "LogFileStatus", "LogPos", "MarsError", "Member", "Message", "NodeResource", "NodeStatus",
     "Progress", "ReplayCode", "ReplayLink", "ResourceStatus", "Snapshot", "SplitBrain", "Switches", "TreeCache",
-    "Tunable",
+    "Tunable", "TUNABLES",
     "UsageError", "Version",
     "build", "check_name", "check_readable", "control_path", "default_host", "figure", "findings", "held_back",
     "human_bytes", "human_seconds", "role_lines",

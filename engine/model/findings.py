@@ -84,6 +84,8 @@ CODES: dict[str, tuple[str, str]] = {
     "SPACE_WARN": ("HINT", "a live node has 10-20 % free in its MARS directory (and at least 1 GiB)"),
     "SYNC_PAUSED": ("HINT", "an attached secondary's sync is switched off with bytes left"),
     "FETCH_PAUSED": ("HINT", "an attached secondary's fetch (connect) is switched off"),
+    "FETCH_HELD": ("HINT", "a secondary's fetch is held because its load average is above its loadavg-limit "
+                           "(msg-warn-loadavg); it resumes when the load falls"),
     "REPLAY_PAUSED": ("HINT", "an attached secondary's replay is switched off"),
     "DETACHED": ("HINT", "a member's attach switch is off"),
     "FORCED_PRIMARY": ("HINT", "a resource was made primary by force: writes only the old primary has may exist; "
@@ -244,10 +246,7 @@ def _cluster(snap: Snapshot) -> Iterator[Finding]:
         if ns is None:
             continue
         if ns.emergency:
-            yield Finding("TODO", "EMERGENCY", None, h,
-                          f"{h} is in emergency mode: its MARS directory ran full and its log stopped",
-                          f"free space on {h} ({_cmd('log-delete-all all', h)}), then run 'marsadm invalidate "
-                          f"<res>' on every secondary that fell behind")
+            yield _emergency(h, ns)
         if not ns.alive:
             continue
         yield from _unreachable(snap, h, ns)
@@ -332,13 +331,39 @@ def _foreign_remedy(hosts: list[str], addrs: list[str]) -> str:
             "'marsadm join-cluster <ip of a node> --secret-file <file>'")
 
 
+#: What each emergency level does (the original's order), for the findings' texts.
+LEVEL_ACTIONS = {1: "space is becoming low", 2: "its secondaries delete replayed log files",
+                 3: "syncs stop", 4: "its primaries write through, its secondaries stop fetching"}
+
+
+def _emergency(h: str, ns: NodeStatus) -> Finding:
+    through = ", ".join(ns.writing_through)
+    what = (f"{h} is in emergency mode (level {ns.emergency_level} of 4): its MARS directory is full"
+            + (f"; {through} {'is' if len(ns.writing_through) == 1 else 'are'} written through to the data "
+               f"device, not logged, and the secondaries stopped at the last logged write" if through else
+               f"; {LEVEL_ACTIONS[4]}"))
+    need = ns.space_needed_bytes
+    return Finding("TODO", "EMERGENCY", None, h, what,
+                   f"free space on {h}: {_cmd('log-delete-all all', h)} deletes the logs every member has replayed; "
+                   f"remove other files from its MARS directory or grow the filesystem. "
+                   + (f"With {human_bytes(need)} free " if need else "When space is back ")
+                   + f"{h} logs again by itself and the secondaries resync only the written regions")
+
+
 def _space(h: str, ns: NodeStatus) -> Iterator[Finding]:
     rest, total = figure(ns.rest_space_bytes), figure(ns.total_space_bytes)
     if rest is None or total is None or total <= 0:
         return
     text = (f"{h} has {human_bytes(rest)} free of {human_bytes(total)} in its MARS directory "
             f"({100.0 * rest / total:.1f} %)")
-    if rest < SPACE_LOW_FRACTION * total or rest < SPACE_LOW_BYTES:
+    if 1 <= ns.emergency_level <= 3 and not ns.emergency:
+        yield Finding("TODO", "SPACE_LOW", None, h,
+                      f"{text}: emergency level {ns.emergency_level} of 4, {LEVEL_ACTIONS[ns.emergency_level]}",
+                      f"free space on {h}: {_cmd('log-delete-all all', h)} deletes the logs every member has "
+                      f"replayed; otherwise grow the filesystem (at level 4 its primaries stop logging)")
+    elif ns.emergency:
+        return
+    elif rest < SPACE_LOW_FRACTION * total or rest < SPACE_LOW_BYTES:
         yield Finding("TODO", "SPACE_LOW", None, h, text,
                       f"free space on {h}: {_cmd('log-delete-all all', h)} deletes the logs every member has "
                       f"replayed; otherwise grow the filesystem (when it runs full, logging stops)")
@@ -662,6 +687,14 @@ def _member(snap: Snapshot, res: str, rs: ResourceStatus, h: str, nr: NodeResour
         yield Finding("TODO", "ATTACH_FAILED", res, h, f"attach of {res} on {h} failed: {' / '.join(attach_errors)}",
                       f"fix what the message names, then {_cmd('attach ' + res, h)} (marsd retries on that)")
 
+    held = _texts(nr, "warn-loadavg")
+    if sw.fetch and held:
+        behind = f" ({human_bytes(nr.fetch.rest_bytes)} of log not fetched)" \
+            if nr.fetch is not None and nr.fetch.rest_bytes > 0 else ""
+        yield Finding("HINT", "FETCH_HELD", res, h, f"fetch of {res} on {h} is held by the load limit{behind}: "
+                      f"{' / '.join(held)}",
+                      f"it resumes by itself when the load falls; to fetch now raise the limit with "
+                      f"{_cmd('set-loadavg-limit-value <load>', h)} (0: no limit), or lower the load there")
     if sw.fetch:
         src = nr.fetch_source or primary or "the primary"
         fetch_errors = _texts(nr, "warn-fetch")

@@ -43,6 +43,7 @@ from ..log.values import LogPos, ReplayCode, ReplayLink, Version, parse_log_name
 from ..entry import DELETED
 from ..tree import LOCAL_DIRS, NONE, parse_hosts, parse_int
 from ..trigger import marsd_running
+from . import tunables
 from .units import percent_shown
 
 ALIVE_WINDOW_S = 30.0  # a node whose last report is older than this is not alive (the original: 30 s in mars-status)
@@ -342,6 +343,34 @@ class Tunable:
         """What is in force as far as the tree says: the set value, else the one marsd reports."""
         return self.set_value if self.set_value is not None else self.actual_value
 
+    @property
+    def unit(self) -> str | None:
+        """The unit of the table (engine/model/tunables.py); None for marsd's own options (interval, port)."""
+        s = tunables.SPECS.get(self.name)
+        return s.unit if s is not None else None
+
+    @property
+    def set_text(self) -> str | None:
+        return tunables.show_text(self.name, self.set_value)
+
+    @property
+    def actual_text(self) -> str | None:
+        return tunables.show_text(self.name, self.actual_value)
+
+    @property
+    def set_number(self) -> float | None:
+        return tunables.number(self.name, self.set_value)
+
+    @property
+    def actual_number(self) -> float | None:
+        return tunables.number(self.name, self.actual_value)
+
+    @property
+    def differs(self) -> bool:
+        """Set, reported, and not the same figure: marsd has not applied it yet (or is down)."""
+        return (self.set_value is not None and self.actual_value is not None
+                and self.set_number != self.actual_number)
+
 
 @dataclass(frozen=True, slots=True)
 class NodeStatus:
@@ -352,10 +381,18 @@ class NodeStatus:
     version: str | None
     rest_space_bytes: int | None
     total_space_bytes: int | None
-    emergency: bool  # actual-<host>/emergency (no emergency mode exists yet: always False)
+    emergency: bool  # at the last emergency level, or a primary here still writes through
     link_errors: dict[str, str]  # peer -> why this node cannot reach it (msg-peer-<peer>)
     tunables: list[Tunable]
     unreachable: bool = False  # every other live node reports it cannot reach this one (then not alive)
+    emergency_level: int = 0  # actual-<host>/emergency: 0 normal .. 4 jammed (the original's levels)
+    space_limits: list[int] = field(default_factory=list)  # the four free-space steps in bytes (L1..L4)
+    writing_through: list[str] = field(default_factory=list)  # resources this node writes through (its log stopped)
+
+    @property
+    def space_needed_bytes(self) -> int | None:
+        """Free bytes at which the node is out of emergency (level 0): the sum of its four steps."""
+        return sum(self.space_limits) if len(self.space_limits) == 4 else None
 
     def tunable(self, name: str) -> Tunable | None:
         return next((t for t in self.tunables if t.name == name), None)
@@ -776,11 +813,16 @@ def _node(e: _Entries, h: str, lamport: float, window_s: float, hosts: set[str])
     seen_age = None if reported is None else max(0.0, lamport - reported)
     tunables = [Tunable(n, e.get(f"defaults-{h}/{n}") or e.get(f"defaults/{n}"), e.get(f"{a}/tunable-{n}"))
                 for n in sorted(n for n, _ in e.names(a, "tunable-"))]
+    level = max(0, min(4, e.integer(f"{a}/emergency", 0) or 0))
+    limits = [parse_int(x) or 0 for x in (e.get(f"{a}/emergency-limits") or "").split(",") if x]
+    through = sorted(d.removeprefix("resource-") for d in e.dirs if d.startswith("resource-") and "/" not in d
+                     and (e.get(f"{d}/writethrough-{h}") or "").endswith(":0"))
     return NodeStatus(
         host=h, ip=e.get(f"ips/ip-{h}"), alive=seen_age is not None and seen_age <= window_s,
         seen_age_s=seen_age, version=e.get(f"{a}/version"), rest_space_bytes=e.integer(f"{a}/rest-space"),
-        total_space_bytes=e.integer(f"{a}/total-space"), emergency=e.flag(f"{a}/emergency"),
-        link_errors={p: why for p, why in e.names(a, "msg-peer-") if p in hosts}, tunables=tunables)
+        total_space_bytes=e.integer(f"{a}/total-space"), emergency=level >= 4 or bool(through),
+        link_errors={p: why for p, why in e.names(a, "msg-peer-") if p in hosts}, tunables=tunables,
+        emergency_level=level, space_limits=limits if len(limits) == 4 else [], writing_through=through)
 
 
 def _messages(e: _Entries, directory: str, node: str, res: str | None, lamport: float) -> list[Message]:

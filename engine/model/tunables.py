@@ -102,8 +102,8 @@ _BIG = float(1 << 60)
 SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("sync-limit", "count", 0, 0, 1 << 20, "how many full syncs run at once on this node", "sync_limit"),
     Spec("logrot-auto", "bytes", 4 * GiB, 0, _BIG, "rotate the primary's log file past this size", "logrot_auto_gb"),
-    Spec("logdel-auto", "bool", 1, 0, 1, "delete log files every member has replayed, without an operator",
-         "(marsadm cron)"),
+    Spec("logdel-auto", "bool", 0, 0, 1, "the primary's marsd deletes log files every member has replayed",
+         "(marsadm cron's log-delete-all)"),
     Spec("loadavg-limit", "load", 0, 0, 1e6, "above this 1-minute load average the node stops fetching",
          "loadavg_limit"),
     Spec("traffic-out-limit", "bytes/s", 0, 0, _BIG, "bytes/s this node sends on peer links (fetch, sync, serving)",
@@ -150,6 +150,31 @@ def value(tree: Tree, host: str, name: str) -> int | float | None:
     return v if v is not None else SPECS[name].default
 
 
+def number(name: str, raw: str | None) -> float | None:
+    """A tunable's tree or report text as a number in its unit (None: unset, auto or unreadable)."""
+    s = SPECS.get(name)
+    if raw is None or raw in ("", "None", "auto"):
+        return None
+    if s is None:
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    try:
+        return float(s.parse(raw))
+    except UsageError:
+        return None
+
+
+def show_text(name: str, raw: str | None) -> str | None:
+    """A tunable's tree or report text with its unit ("20.0 MiB/s"), as every face shows it."""
+    s = SPECS.get(name)
+    if raw is None or s is None:
+        return raw
+    v = number(name, raw)
+    return raw if v is None else s.show(v)
+
+
 def space_limits(tree: Tree, host: str, total: int) -> tuple[int, int, int, int]:
     """The four free-space steps of ``host``'s MARS directory of ``total`` bytes, in bytes (L1..L4).
 
@@ -161,6 +186,13 @@ def space_limits(tree: Tree, host: str, total: int) -> tuple[int, int, int, int]
         v = value(tree, host, f"required-free-space-{i}")
         out.append(auto if v is None else int(v))
     return out[0], out[1], out[2], out[3]
+
+
+def writethrough_margin(total: int) -> int:
+    """Free bytes a primary that met ENOSPC needs before it logs again, whatever the limits say
+    (all four 0: an operator turned the levels off): else it would leave emergency mode and run
+    into ENOSPC again at once, a new log file each time."""
+    return int(min(64 * MiB, SPACE_STEP_SHARE * total))
 
 
 def space_level(rest: int, limits: tuple[int, int, int, int]) -> int:

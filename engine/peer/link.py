@@ -22,6 +22,7 @@ from typing import Any
 from . import protocol as P
 from ..credentials import peer_host
 from ..errors import MarsError
+from ..ratelimit import RateLimit, Traffic
 
 log = logging.getLogger("mars.peer")
 
@@ -73,36 +74,55 @@ def _check_identity(conn: P.PeerConnection, writer: asyncio.StreamWriter, cluste
     return hello.host
 
 
-async def _next_message(conn: P.PeerConnection, reader: asyncio.StreamReader) -> Any:
+async def _next_message(conn: P.PeerConnection, reader: asyncio.StreamReader, limit: RateLimit | None = None,
+                        idle: float | None = None) -> Any:
+    """The next message; ``idle``: seconds the link may stay silent before TimeoutError.
+
+    Silence, not the whole message: a reply held back by a traffic limit (ours or the
+    sender's) takes as long as the limit says, and is as healthy as long as bytes come.
+    """
     while True:
         ev = conn.next_event()
         if ev is not P.NEED_DATA:
             return ev
-        data = await reader.read(READ_CHUNK)
+        data = await asyncio.wait_for(reader.read(READ_CHUNK), idle)
+        if limit is not None:
+            # Not reading on is what slows the sender: TCP's window closes behind us.
+            await limit.take(len(data))
         conn.receive_data(data)
 
 
 SEND_SLICE = 256 << 10
 
 
-async def _send(writer: asyncio.StreamWriter, bufs: list) -> None:
+async def _send(writer: asyncio.StreamWriter, bufs: list, limit: RateLimit | None = None) -> None:
     """Write in slices, draining between them.
 
     asyncio keeps unsent bytes in one bytearray and shifts it on every partial send; handing it a
-    16 MiB log chunk at once makes that quadratic. Slices keep the buffer near its high-water mark.
+    16 MiB log chunk at once makes that quadratic. Slices keep the buffer near its high-water mark,
+    and a traffic limit charged per slice holds the rate smoothly and changes within one slice.
     """
     for buf in bufs:
         view = memoryview(buf)
         for i in range(0, len(view), SEND_SLICE):
-            writer.write(view[i:i + SEND_SLICE])
+            piece = view[i:i + SEND_SLICE]
+            if limit is not None:
+                await limit.take(len(piece))
+            writer.write(piece)
             await writer.drain()
+
+
+#: Replies that carry a device's or a log's bytes: what the traffic-out-limit holds back.
+BULK_REPLIES = (P.LogData, P.ReadReply)
 
 
 class PeerServer:
     """Accepts authenticated peers and answers their requests with ``handler(msg, peer_host)``."""
 
-    def __init__(self, hello: Callable[[], P.Hello], ctx: ssl.SSLContext, cluster: str, handler: Handler) -> None:
+    def __init__(self, hello: Callable[[], P.Hello], ctx: ssl.SSLContext, cluster: str, handler: Handler,
+                 traffic: Traffic | None = None) -> None:
         self._hello = hello
+        self._out = traffic.out if traffic is not None else None
         self._ctx = ctx
         self._cluster = cluster
         self._handler = handler
@@ -155,7 +175,7 @@ class PeerServer:
                 if not req:
                     continue
                 for m in reply if isinstance(reply, list) else [reply] if reply is not None else []:
-                    await _send(writer, conn.send_buffers(m))
+                    await _send(writer, conn.send_buffers(m), self._out if isinstance(m, BULK_REPLIES) else None)
         except P.PeerProtocolError as e:
             log.warning("peer %s: protocol error: %s; closing that link", who, e.reason)
         except PeerError as e:
@@ -173,8 +193,10 @@ class PeerClient:
     """One link to a peer for one purpose; ``request`` sends a message and returns its reply."""
 
     def __init__(self, ip: str, port: int, hello: P.Hello, ctx: ssl.SSLContext, cluster: str | None,
-                 local_ip: str | None = None) -> None:
+                 local_ip: str | None = None, traffic: Traffic | None = None) -> None:
         self.ip = ip
+        # A fetch or sync link: what it receives counts against the node's traffic-in-limit.
+        self._in = traffic.inn if traffic is not None else None
         self.port = port
         # Leave from this node's own address (the one it listens on), not whatever the route
         # picks: peers and firewalls then see every link of a node come from one address.
@@ -240,7 +262,8 @@ class PeerClient:
         self.peer_hello = first
 
     async def request(self, make: Callable[[int], Any], timeout: float = 60.0) -> Any:
-        """Send ``make(req_id)`` and return the reply; an ErrorReply becomes a PeerError."""
+        """Send ``make(req_id)`` and return the reply; an ErrorReply becomes a PeerError.
+        ``timeout``: seconds the link may stay silent meanwhile."""
         async with self._lock:
             if not self.connected:
                 await self.connect()
@@ -250,7 +273,7 @@ class PeerClient:
                 await _send(self._writer, self._conn.send_buffers(make(req)))
                 pushed: list[P.Entry] = []
                 while True:
-                    reply = await asyncio.wait_for(_next_message(self._conn, self._reader), timeout)
+                    reply = await _next_message(self._conn, self._reader, self._in, idle=timeout)
                     if not (isinstance(reply, P.TreeEntries) and reply.req == 0):
                         break
                     pushed.extend(reply.entries)  # a listing too large for one frame: the first parts

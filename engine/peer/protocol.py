@@ -85,6 +85,8 @@ __all__ = [
     "DigestReply",
     "ReadRequest",
     "ReadReply",
+    "DirtyMapRequest",
+    "DirtyMapReply",
     "ErrorReply",
     "Bye",
     "Message",
@@ -506,6 +508,43 @@ class ReadReply:
 
 
 @dataclass(frozen=True, slots=True)
+class DirtyMapRequest:
+    """Ask the primary of ``res`` for its dirty-region map: what a resync after its emergency
+    mode copies (and all it reads)."""
+
+    TYPE: ClassVar[int] = 14
+    req: int
+    res: str
+
+    def __post_init__(self) -> None:
+        _req("DirtyMapRequest", self.req)
+        _component("DirtyMapRequest", "res", self.res)
+
+
+@dataclass(frozen=True, slots=True)
+class DirtyMapReply:
+    """The map: bit ``i`` of byte ``i // 8`` of ``data`` set means bytes ``[i * region,
+    (i + 1) * region)`` of the device (cut at ``size``) may differ on the secondaries."""
+
+    TYPE: ClassVar[int] = 15
+    req: int
+    res: str
+    region: int
+    size: int
+    data: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _req("DirtyMapReply", self.req)
+        _component("DirtyMapReply", "res", self.res)
+        _int("DirtyMapReply", "region", self.region, 1)
+        _int("DirtyMapReply", "size", self.size)
+        n = _data("DirtyMapReply", self.data)
+        need = ((self.size + self.region - 1) // self.region + 7) // 8
+        if n < need:
+            raise ValueError(f"DirtyMapReply: {n} bytes of map for {need} bytes of regions")
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     """A request failed on the peer (``req``), or the link itself is refused (``req == 0``).
 
@@ -540,14 +579,14 @@ class Bye:
 
 Message = (
     Hello | TreeRequest | TreeEntries | FetchRequest | LogData | DigestRequest | DigestReply
-    | ReadRequest | ReadReply | ErrorReply | Bye | TreeSince | TreeChanges
+    | ReadRequest | ReadReply | ErrorReply | Bye | TreeSince | TreeChanges | DirtyMapRequest | DirtyMapReply
 )
 
 #: type byte -> message class. The numbers are the wire format: never renumber, only add.
 MESSAGE_TYPES: dict[int, type] = {
     cls.TYPE: cls
     for cls in (Hello, TreeRequest, TreeEntries, FetchRequest, LogData, DigestRequest, DigestReply,
-                ReadRequest, ReadReply, ErrorReply, Bye, TreeSince, TreeChanges)
+                ReadRequest, ReadReply, ErrorReply, Bye, TreeSince, TreeChanges, DirtyMapRequest, DirtyMapReply)
 }
 _DATA_TYPES = frozenset(cls for cls in MESSAGE_TYPES.values() if "data" in cls.__slots__)
 #: Fields that travel in the JSON meta, in declaration order (everything but ``data``).

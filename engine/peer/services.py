@@ -51,6 +51,9 @@ class PeerServices:
         self.log_pulse = log_pulse
         self.exchange = exchange
         self._fds: dict[str, tuple[str, int]] = {}  # resource -> (data device path, read-only fd)
+        #: Bytes of each resource's data device read here for peers' syncs (digests and chunks):
+        #: how an operator sees that a resync after an emergency read only the map's regions.
+        self.sync_read_bytes: dict[str, int] = {}
 
     def close(self) -> None:
         for _, fd in self._fds.values():
@@ -83,14 +86,29 @@ class PeerServices:
             count = min(msg.count, 1 << 16)
             digests = await loop.run_in_executor(self.executor, chunk_digests, fd, msg.offset, msg.chunk, count,
                                                  size)
+            self._count(msg.res, sum(min(msg.chunk, size - msg.offset - i * msg.chunk)
+                                     for i, d in enumerate(digests) if d is not None))
             return P.DigestReply(req=msg.req, res=msg.res, offset=msg.offset, chunk=msg.chunk,
                                  digests=tuple(digests))
         if isinstance(msg, P.ReadRequest):
             fd, size = self._device(msg.res)
             n = max(0, min(msg.length, MAX_READ, size - msg.offset))
             data = await loop.run_in_executor(self.executor, os.pread, fd, n, msg.offset)
+            self._count(msg.res, len(data))
             return P.ReadReply(req=msg.req, offset=msg.offset, data=data)
+        if isinstance(msg, P.DirtyMapRequest):
+            self._device(msg.res)  # the same refusals as a sync's reads
+            rt = self.runtime(msg.res)
+            bits = rt.dirty_bits() if rt is not None else None
+            if bits is None:
+                raise MarsError(f"host {tree.host} keeps no dirty-region map of {msg.res}",
+                                "sync the whole device (a fast full sync compares every chunk)")
+            region, size, data = bits
+            return P.DirtyMapReply(req=msg.req, res=msg.res, region=region, size=size, data=data)
         return None
+
+    def _count(self, res: str, n: int) -> None:
+        self.sync_read_bytes[res] = self.sync_read_bytes.get(res, 0) + n
 
     def _device(self, res: str) -> tuple[int, int]:
         """A read-only descriptor of the resource's data device (shares the page cache).
@@ -103,6 +121,10 @@ class PeerServices:
         path = tree.get(f"{res_dir(res)}/data-{tree.host}")
         if path is None or tree.get(f"{res_dir(res)}/primary") != tree.host:
             raise MarsError(f"host {tree.host} is not the primary of {res}", "sync from the primary")
+        if tree.get_int(f"actual-{tree.host}/emergency") >= 4:
+            # The original answers syncs with EMEDIUMTYPE here: a sync now would have to start over.
+            raise MarsError(f"host {tree.host} is in emergency mode (its MARS directory is full)",
+                            f"free space on {tree.host}; the sync goes on by itself once it has left it")
         cached = self._fds.get(res)
         if cached is None or cached[0] != path:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -52,8 +52,10 @@ class Fetcher:
     """Copies one resource's log files from the first reachable source into this node's tree."""
 
     def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[str], PeerClient],
-                 on_data: Callable[[], None], stats: ResourceStats | None = None) -> None:
+                 on_data: Callable[[], None], stats: ResourceStats | None = None,
+                 depth: Callable[[], int] = lambda: DEPTH) -> None:
         self.tree = tree
+        self.depth = depth  # replies in flight while catching up, FETCH_BYTES each (the node's mem-limit)
         self.stats = stats or ResourceStats()
         self.res = res
         self.executor = executor
@@ -205,8 +207,11 @@ class Fetcher:
                 final = finished_length(self.tree, self.res, seq, origin)
                 if final is not None and offset >= final and not inflight:
                     # Complete here already (our own file of an earlier role, or a copy of more
-                    # than the history that goes on holds): nothing to ask for.
+                    # than the history that goes on holds): nothing to ask for. A file finished
+                    # empty (an emergency's gap) still gets its empty copy: replay walks the files.
                     got, finished = 0, True
+                    if final == 0 and not path.exists():
+                        path.touch(mode=0o600)
                 else:
                     self._fill(links, inflight, name, offset, known)
                     if not inflight:
@@ -261,9 +266,10 @@ class Fetcher:
         return None if task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
-        """Ask for more whole chunks the source has, up to ``DEPTH`` in flight, one per link."""
+        """Ask for more whole chunks the source has, up to ``depth()`` in flight, one per link."""
+        depth = max(1, min(DEPTH, self.depth()))
         next_off = inflight[-1][0] + FETCH_BYTES if inflight else offset
-        while len(inflight) < DEPTH and known - next_off >= FETCH_BYTES:
+        while len(inflight) < depth and known - next_off >= FETCH_BYTES:
             busy = {i for _, i, _ in inflight}
             idx = next(i for i in range(DEPTH) if i not in busy)
             if idx == len(links):

@@ -21,10 +21,12 @@ from typing import ClassVar
 
 from ..device import DataDevice
 from ..log import format as lf
-from ..log.files import list_logs, replay_path, version_path
+from ..log.dirtymap import DirtyMap
+from ..log.files import (dirtymap_file, list_logs, read_replay, read_writethrough, replay_path, version_path,
+                         writethrough_path)
 from ..log.recovery import recover
 from ..log.values import LogPos, ReplayLink, log_name
-from ..log.writer import Logger, LogWriteError, finish_version
+from ..log.writer import Logger, LogState, LogWriteError, finish_version
 from ..nbd import protocol as nbd
 from ..nbd.server import Export, NbdSession
 from ..tree import actual, res_dir
@@ -48,6 +50,8 @@ class PrimaryRuntime(Attached):
         self._synced = LogPos()
         self._changed = asyncio.Event()
         self.serving = False
+        self.dirtymap: DirtyMap | None = None
+        self._clearing: asyncio.Future[None] | None = None
 
     # -- the runtime interface -----------------------------------------------------------------
 
@@ -63,14 +67,110 @@ class PrimaryRuntime(Attached):
     def syncing(self) -> bool:
         return False  # the primary is every sync's source, never a target
 
+    @property
+    def writing_through(self) -> bool:
+        return self.logger is not None and self.logger.writethrough
+
     def follow(self, wanted: Wanted) -> None:
-        """The primary neither syncs, fetches nor replays: it only rotates its log when asked."""
-        self.rotate_if_requested(self.deps.logrot_auto)
+        """The primary neither syncs, fetches nor replays: it rotates its log when asked, and
+        writes through while its MARS directory is at the last emergency level."""
+        self.rotate_if_requested(self.deps.limits.logrot_auto)
+        self.follow_space(wanted.level)
+
+    # -- emergency mode ------------------------------------------------------------------------
+
+    def follow_space(self, level: int) -> None:
+        """Level 4: stop logging, write through. Back at level 0 (the hysteresis: the node came
+        down one level per round): log again, in a new file. In between, nothing changes."""
+        if self.logger is None:
+            return
+        if level >= 4 and not self.logger.writethrough:
+            log.error("resource %s: the MARS directory is almost full; writing through to %s "
+                      "(emergency mode), the secondaries resync afterwards", self.res, self.data_path)
+            self.logger.request_writethrough(True)
+        elif level == 0 and self.logger.writethrough:
+            log.info("resource %s: space is back; logging again", self.res)
+            self.logger.request_writethrough(False)
+        elif not self.logger.writethrough:
+            self._clear_if_resynced()
+
+    def _switched(self, on: bool, st: LogState) -> None:
+        """In the logger's write-back thread, once the device holds everything before the switch
+        and before anything after it is written: the tree learns where the log stops or goes on.
+
+        Entering: the entry first (a crash right after must come up writing through), then the
+        finished file's version, then the replay position at the log's end, so no recovery
+        replays an old record over a written-through block. A resync of an earlier emergency
+        that some secondary has not finished keeps its boundary, and the logged writes since
+        it go into the map too: the map then covers everything since that boundary.
+        """
+        t, h, path = self.tree, self.tree.host, writethrough_path(self.res, self.tree.host)
+        old = read_writethrough(t, self.res, h)
+        if on:
+            if old is not None and old[1] and self.dirtymap is not None:
+                self._mark_logged(old[1], st.seq)
+            t.set(path, f"{old[0] if old else st.seq}:0")
+            if t.get(version_path(self.res, st.seq, h)) is None:
+                finish_version(t, self.res, st)
+            t.set(replay_path(self.res, h), ReplayLink.at(LogPos(st.seq, st.end, h)))
+            log.warning("resource %s: writing through from the end of %s", self.res, st.path.name)
+        else:
+            t.set(replay_path(self.res, h), ReplayLink.at(LogPos(st.seq, 0, h)))
+            t.set(f"{res_dir(self.res)}/maxnr", st.seq)
+            t.set(path, f"{old[0] if old else st.seq - 1}:{st.seq}")
+            log.info("resource %s: logging again in %s; the secondaries resync %s of %s", self.res,
+                     st.path.name, _mib(self.dirtymap.dirty_bytes() if self.dirtymap else self.size), self.data_path)
+        self.deps.log_pulse.fire()
+
+    def _mark_logged(self, first: int, last: int) -> None:
+        """Add the regions of our logged records in files ``first``..``last`` to the map."""
+        assert self.dirtymap is not None
+        ranges: list[tuple[int, int]] = []
+        for f in list_logs(self.tree, self.res):
+            if first <= f.seq <= last and f.origin == self.tree.host:
+                f.scan(lambda d: ranges.append((d.record.offset, d.record.length)))
+        self.dirtymap.mark(ranges)
+
+    def _clear_if_resynced(self) -> None:
+        """Once every member has synced the map's regions and replays beyond the boundary, the
+        map and its entry go: the next emergency starts a map of its own."""
+        wt = read_writethrough(self.tree, self.res, self.tree.host)
+        if wt is None or not wt[1] or self._clearing is not None:
+            return
+        d = res_dir(self.res)
+        for h in self.tree.members(self.res):
+            if h == self.tree.host:
+                continue
+            link = read_replay(self.tree, self.res, h)
+            if self.tree.get_int(f"{d}/syncstatus-{h}") < self.size or link is None or link.seq < wt[1]:
+                return
+        loop = asyncio.get_running_loop()
+        self._clearing = loop.run_in_executor(self.executor, self._clear_map, wt)
+        self._clearing.add_done_callback(lambda _f: setattr(self, "_clearing", None))
+
+    def _clear_map(self, wt: tuple[int, int]) -> None:
+        if read_writethrough(self.tree, self.res, self.tree.host) != wt:
+            return
+        if self.dirtymap is not None:
+            self.dirtymap.clear()
+        self.tree.delete(writethrough_path(self.res, self.tree.host))
+        log.info("resource %s: every secondary resynced after the emergency; dirty-region map cleared", self.res)
+
+    def dirty_bits(self) -> tuple[int, int, bytes] | None:
+        """The map for a secondary's resync: region size, device size, bits; None without one."""
+        if self.dirtymap is None or read_writethrough(self.tree, self.res, self.tree.host) is None:
+            return None
+        return self.dirtymap.region, self.dirtymap.size, bytes(self.dirtymap.bits)
 
     def publish(self) -> None:
         if self.logger is not None:
             # The end of the acknowledged log: what secondaries converge to.
             self.tree.set(actual(self.res, self.tree.host, "log-pos"), self.logger.acked, durable=False)
+            self.tree.set(actual(self.res, self.tree.host, "writethrough-bytes"), self.logger.writethrough_bytes,
+                          durable=False)
+            if self.dirtymap is not None:
+                self.tree.set(actual(self.res, self.tree.host, "dirty-bytes"), self.dirtymap.dirty_bytes(),
+                              durable=False)
 
     def servable(self, name: str) -> int | None:
         """Of our own current log file, only what is durable and acknowledged."""
@@ -81,7 +181,29 @@ class PrimaryRuntime(Attached):
 
     def grow(self, size: int) -> bool:
         """New NBD connections see the new size; those open keep the size they negotiated (NBD
-        cannot tell a client its device grew), so a client reconnects to use the new region."""
+        cannot tell a client its device grew), so a client reconnects to use the new region.
+
+        The dirty-region map grows first: a write in the new region that it could not record
+        would be missed by the resync after an emergency. While writing through it waits (the
+        map in use is the record of that emergency; marsadm resize refuses then anyway).
+        """
+        if self.writing_through:
+            if self._grow_refused != size:
+                log.warning("resource %s: not growing to %d bytes while writing through (emergency mode); "
+                            "it grows once logging resumes", self.res, size)
+                self._grow_refused = size
+            return False
+        if self.dirtymap is not None and self.dirtymap.size < size:
+            try:
+                bigger = DirtyMap(self.dirtymap.path, size)  # keeps the bits it has, allocates the rest
+            except OSError as e:
+                log.error("resource %s: cannot grow the dirty-region map to %d bytes (%s); staying at %d bytes",
+                          self.res, size, e.strerror, self.size)
+                return False
+            old, self.dirtymap = self.dirtymap, bigger
+            if self.logger is not None:
+                self.logger.dirtymap = bigger
+            old.close()
         if not super().grow(size):
             return False
         self.info = dataclasses.replace(self.info, size=size)
@@ -104,12 +226,37 @@ class PrimaryRuntime(Attached):
                      result.replayed_records, result.replayed_bytes, self.data_path)
         if result.cut is not None:
             self.tree.set(actual(self.res, self.tree.host, "msg-warn-torn-tail"), str(result.cut))
+        self.dirtymap = await loop.run_in_executor(self.executor, self._open_map)
+        writethrough = await loop.run_in_executor(self.executor, self._resume_writethrough, result.state)
         self.logger = Logger(self.res, self.tree, self.device, result.state,
-                             on_progress=self._progress, stats=self.deps.stats)
+                             on_progress=self._progress, stats=self.deps.stats, dirtymap=self.dirtymap,
+                             writethrough=writethrough, switched=self._switched)
         self.logger.start()
         self._synced = LogPos(result.state.seq, result.state.end, self.tree.host)
         self._checkpoint_task = loop.create_task(self._checkpoints(), name=f"checkpoint-{self.res}")
         self.serving = True
+
+    def _open_map(self) -> DirtyMap | None:
+        """The map, its blocks allocated now: when it is needed /mars is full. Without one (no
+        space even for that) a full /mars fails the writes instead of writing through."""
+        try:
+            return DirtyMap(dirtymap_file(self.tree, self.res, self.tree.host), self.size)
+        except OSError as e:
+            log.error("resource %s: no dirty-region map (%s): if the MARS directory runs full, writes fail "
+                      "instead of going through to the device", self.res, e.strerror)
+            return None
+
+    def _resume_writethrough(self, st: LogState) -> bool:
+        """After a crash in emergency mode: whether to go on writing through (the log had not
+        gone on yet), and finishing what the crash interrupted of the switch either way."""
+        wt = read_writethrough(self.tree, self.res, self.tree.host)
+        if wt is None or wt[1] or self.dirtymap is None:
+            return False
+        if st.seq > wt[0]:  # it had opened the next log file: it was leaving
+            self.tree.set(writethrough_path(self.res, self.tree.host), f"{wt[0]}:{wt[0] + 1}")
+            return False
+        self._switched(True, st)
+        return True
 
     async def stop(self, finish: bool = False) -> None:
         """Stop serving, drain the logger, sync and record the final replay position.
@@ -138,6 +285,9 @@ class PrimaryRuntime(Attached):
         if self.device is not None:
             self.device.close()
             self.device = None
+        if self.dirtymap is not None:
+            self.dirtymap.close()
+            self.dirtymap = None
 
     def _finish(self, logger: Logger) -> None:
         """The end of this node's history as primary: the version of its last file, and its data
@@ -235,3 +385,7 @@ class PrimaryRuntime(Attached):
 COUNTED = {nbd.Cmd.READ: "read", nbd.Cmd.WRITE: "write", nbd.Cmd.TRIM: "trim", nbd.Cmd.WRITE_ZEROES: "write_zeroes"}
 
 __all__ = ["PrimaryRuntime", "LogWriteError"]
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from ..device import DataDevice
+from ..ratelimit import RateLimit
 from ..stats import ResourceStats
 from ..tree import Tree
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mars.resource")
 
-__all__ = ["Attached", "LogPulse", "Runtime", "RuntimeDeps", "Wanted", "stop_if_stopping"]
+__all__ = ["Attached", "Limits", "LogPulse", "Runtime", "RuntimeDeps", "Wanted", "stop_if_stopping"]
 
 
 def stop_if_stopping() -> None:
@@ -83,6 +84,21 @@ class LogPulse:
                 self._waiters.remove(fut)
 
 
+@dataclass
+class Limits:
+    """The node's tunables as the roles use them, set anew by the daemon every round.
+
+    One object shared by every runtime of the node and changed in place, so a value the
+    operator sets is in force in the next round without a restart; the roles read the
+    figures and never the tree's tunable entries (that table is the model's, a layer above).
+    """
+
+    logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
+    io: RateLimit = field(default_factory=RateLimit)  # replay and sync writes to the data device
+    fetch_held: str | None = None  # why this node does not fetch now (the load limit), None: it may
+    buffers: int = 256 << 20  # bytes of fetch replies in flight plus replay read-ahead, per resource
+
+
 @dataclass(frozen=True)
 class RuntimeDeps:
     """What a runtime uses of its daemon: explicit, so a runtime can be built in a test without one."""
@@ -93,7 +109,7 @@ class RuntimeDeps:
     connect: Callable[[str], PeerClient]  # a new link to a peer host (fetch and sync sources)
     may_sync: Callable[[], bool] = lambda: True  # the host's sync limit allows one more
     checkpoint_interval: float = 1.0  # minimum seconds between device syncs that advance replay-<host>
-    logrot_auto: int = 0  # rotate the primary's log file past this many bytes (0: never)
+    limits: Limits = field(default_factory=Limits)  # the node's tunables, live
     stats: ResourceStats = field(default_factory=ResourceStats)  # the resource's counters, kept across runtimes
     ended: Callable[[], None] = lambda: None  # a task of the runtime ended: the next round looks at it
 
@@ -105,6 +121,7 @@ class Wanted:
     sync: bool
     fetch: bool
     replay: bool
+    level: int = 0  # this node's emergency level (0..4): how short of space its MARS directory is
 
 
 class Runtime(Protocol):
@@ -148,6 +165,14 @@ class Runtime(Protocol):
         """Bytes of the local log file ``name`` that peers may fetch now (durable, complete);
         None when this runtime does not write or fetch that file."""
 
+    @property
+    def writing_through(self) -> bool:
+        """Emergency mode on a primary: writes go to its device, not into its log."""
+
+    def dirty_bits(self) -> tuple[int, int, bytes] | None:
+        """The dirty-region map a resync after an emergency copies (region, device size, bits);
+        None where there is none (every secondary, a primary without an emergency)."""
+
 
 class Attached:
     """What a runtime of either role is made of: its resource, its data device, its daemon's parts."""
@@ -181,3 +206,11 @@ class Attached:
         log.info("resource %s: grown from %d to %d bytes", self.res, self.size, size)
         self.size = size
         return True
+
+    def dirty_bits(self) -> tuple[int, int, bytes] | None:
+        return None
+
+    @property
+    def writing_through(self) -> bool:
+        """A primary in emergency mode: its writes go to the device, not into the log."""
+        return False

@@ -15,14 +15,14 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from ..device import DataDevice
-from ..log.files import designated_primary, list_logs, read_replay, version_path
+from ..log.files import designated_primary, list_logs, read_replay, read_writethrough, replay_path, version_path
 from ..log.recovery import recover
 from ..log.replayer import Replayer
 from ..log.writer import finish_version
-from ..log.values import parse_log_name
+from ..log.values import ReplayLink, parse_log_name
 from ..nbd.server import Export
 from ..tree import actual, res_dir
-from .fetcher import Fetcher
+from .fetcher import FETCH_BYTES, Fetcher
 from .runtime import Attached, RuntimeDeps, Wanted
 from .syncer import Syncer
 
@@ -76,7 +76,7 @@ class SecondaryRuntime(Attached):
             self.device = None
             raise
         self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived,
-                               self.deps.stats)
+                               self.deps.stats, depth=self._fetch_depth)
 
     def _finish_own_history(self) -> None:
         """A node that was primary and stopped without finishing its log (it crashed, and
@@ -106,6 +106,12 @@ class SecondaryRuntime(Attached):
         if self.syncer is not None:
             self.syncer.size = size
         return True
+    def _fetch_depth(self) -> int:
+        """Half the resource's buffer budget goes to fetch replies in flight, half to replay's reads."""
+        return self.deps.limits.buffers // 2 // FETCH_BYTES
+
+    def _replay_chunk(self) -> int:
+        return self.deps.limits.buffers // 4  # two reads at a time: the chunk applied, the one ahead
 
     def _data_arrived(self) -> None:
         if self.replayer is not None:
@@ -118,9 +124,15 @@ class SecondaryRuntime(Attached):
     def follow(self, wanted: Wanted) -> None:
         """Start or stop the three tasks to match the switches (called every reconcile round)."""
         assert self.device is not None and self.fetcher is not None
-        syncing = self.sync_needed()
-        self._switch("fetch", wanted.fetch, self.fetcher.run)
+        if wanted.level >= 2:
+            self._free_oldest_copy()
+        # The load limit holds fetch as the original does: the link goes, the switch stays on,
+        # and fetch resumes by itself when the load is down (publish says why meanwhile).
+        self._switch("fetch", wanted.fetch and self.deps.limits.fetch_held is None, self.fetcher.run)
         self.fetcher.reconsider()
+        if self._follow_resync():
+            return
+        syncing = self.sync_needed()
         if syncing:
             self._switch("replay", False, None)
             primary = designated_primary(self.tree, self.res)
@@ -128,14 +140,16 @@ class SecondaryRuntime(Attached):
                 if not self.deps.may_sync():
                     return  # the host's sync limit is reached; the next round tries again
                 self.syncer = Syncer(self.tree, self.res, self.device, self.size, self.executor,
-                                     lambda: self.deps.connect(primary or ""), self.deps.stats)
+                                     lambda: self.deps.connect(primary or ""), self.deps.stats, self.deps.limits.io)
             self._switch("sync", wanted.sync, self.syncer.run if self.syncer else None)
         else:
             self._switch("sync", False, None)
             stuck = self._replay_stuck()
             if wanted.replay and "replay" not in self._tasks and not stuck:
                 self.replayer = Replayer(self.tree, self.res, self.device, self.executor, self.fetcher.available,
-                                         self.deps.checkpoint_interval, self.deps.stats)
+                                         self.deps.checkpoint_interval, self.deps.stats, self.deps.limits.io,
+                                         self._replay_chunk, barrier=self._barrier)
+                self.replayer.deps_ended = self.deps.ended
             self._switch("replay", wanted.replay and not stuck, self.replayer.run if self.replayer else None)
             index = self.tree.changes
             digest = index.digest if index is not None else None
@@ -143,6 +157,62 @@ class SecondaryRuntime(Attached):
                 # The tree moved (more than reports): what the replayer waits for may be there now.
                 self.replayer.wake.set()
             self._tree_digest = digest
+
+    # -- after the primary's emergency mode ------------------------------------------------------
+
+    def _barrier(self, seq: int, origin: str) -> bool:
+        """Whether replay must stop at the end of file ``seq``: its origin wrote through after it."""
+        wt = read_writethrough(self.tree, self.res, origin)
+        return wt is not None and (seq == wt[0] or (wt[1] > 0 and seq == wt[1] - 1))
+
+    def _follow_resync(self) -> bool:
+        """Replay stopped at the primary's write-through gap and the primary logs again: sync the
+        regions of its dirty-region map, then replay from the file its log went on in.
+
+        The device here is consistent at the gap, and every block the primary changed since is
+        in the map (written through) or in the log after the gap; so copying the map's regions
+        and replaying the new files from their start makes it consistent again, as after a
+        full sync, while reading only those regions. The replay task is stopped and waited for
+        first (the next round): its last checkpoint must not land after the new position."""
+        r = self.replayer
+        primary = designated_primary(self.tree, self.res)
+        if r is None or not r.at_barrier or primary is None or r.position is None:
+            return False
+        wt = read_writethrough(self.tree, self.res, r.position.origin)
+        if wt is None or not wt[1] or r.position.origin != primary:
+            return False
+        task = self._tasks.get("replay")
+        if task is not None and not task.done():
+            task.cancel()
+            return True
+        self._tasks.pop("replay", None)
+        self.replayer = None
+        d, h = res_dir(self.res), self.tree.host
+        self.tree.set(replay_path(self.res, h), ReplayLink(wt[1], primary, 0, 0), restamp=True)
+        self.tree.set(f"{d}/syncstatus-{h}", 0, restamp=True)
+        self.tree.delete(f"{d}/syncpos-{h}")
+        log.warning("resource %s: %s wrote through after log %d (emergency mode): resyncing its dirty regions, "
+                    "then replaying from log %d", self.res, primary, r.position.seq, wt[1])
+        self.deps.ended()
+        return True
+
+    def _free_oldest_copy(self) -> None:
+        """Emergency level 2: delete the oldest local log file that replay has passed (the
+        original's "ruthlessly freeing old logfile"), one a round; never one replay needs."""
+        link = read_replay(self.tree, self.res, self.tree.host)
+        if link is None:
+            return
+        for f in list_logs(self.tree, self.res):
+            if f.seq < link.seq:
+                try:
+                    f.path.unlink()
+                except FileNotFoundError:
+                    continue
+                log.warning("resource %s: the MARS directory is short of space: deleted %s (replayed here)",
+                            self.res, f.name)
+                self.tree.set(actual(self.res, self.tree.host, "msg-warn-space-low"),
+                              f"freeing old log files: deleted {f.name} (replayed here)", durable=False)
+                return
 
     def _replay_stuck(self) -> bool:
         """Replay stopped on a damaged record and its position has not been written anew since."""
@@ -185,6 +255,9 @@ class SecondaryRuntime(Attached):
             t.set(actual(r, h, "sync-copied-bytes"), self.syncer.bytes_copied, durable=False)
             t.set(actual(r, h, "sync-chunks-equal"), self.syncer.chunks_equal, durable=False)
             t.set(actual(r, h, "sync-chunks-copied"), self.syncer.chunks_differ, durable=False)
+            t.set(actual(r, h, "sync-read-bytes"), self.syncer.read_bytes, durable=False)
+            if self.syncer.dirty is not None:
+                t.set(actual(r, h, "sync-kind"), "dirty-map" if self.syncer.dirty else "full", durable=False)
         if self.fetcher is not None:
             t.set(actual(r, h, "fetch-bytes"), self.fetcher.fetched_bytes, durable=False)
             if self.fetcher.source:
@@ -200,10 +273,19 @@ class SecondaryRuntime(Attached):
             t.set(actual(r, h, f"amount-{kind}_rate"), round(rate), durable=False)  # bytes/s, names as the original
         if self.fetcher is not None and self.fetcher.position is not None:
             t.set(actual(r, h, "fetch-pos"), self.fetcher.position, durable=False)
+        if self.syncer is not None and self.syncer.error and self.running("sync"):
+            t.set(actual(r, h, "msg-warn-sync"), self.syncer.error, durable=False)
+        else:
+            t.delete(actual(r, h, "msg-warn-sync"), durable=False)
         if self.fetcher and self.fetcher.error:
             t.set(actual(r, h, "msg-warn-fetch"), self.fetcher.error, durable=False)
         else:
             t.delete(actual(r, h, "msg-warn-fetch"), durable=False)
+        held = self.deps.limits.fetch_held
+        if held is not None and t.get(actual(r, h, "msg-warn-loadavg")) != held:
+            t.set(actual(r, h, "msg-warn-loadavg"), held, durable=False)
+        elif held is None:
+            t.delete(actual(r, h, "msg-warn-loadavg"), durable=False)
 
     async def stop(self, finish: bool = False) -> None:
         for task in self._tasks.values():

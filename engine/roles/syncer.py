@@ -27,6 +27,9 @@ from blake3 import blake3
 
 from ..peer import protocol as P
 from ..device import DataDevice
+from ..log.dirtymap import runs
+from ..log.files import read_replay, read_writethrough
+from ..ratelimit import RateLimit
 from ..peer.link import PeerClient, PeerError
 from ..stats import ResourceStats
 from ..tree import Tree, res_dir
@@ -90,8 +93,10 @@ class Syncer:
     """One secondary's fast full sync of one resource from its primary, resumable at its position."""
 
     def __init__(self, tree: Tree, res: str, device: DataDevice, size: int, executor: Executor,
-                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None) -> None:
+                 connect: Callable[[], PeerClient], stats: ResourceStats | None = None,
+                 io_limit: RateLimit | None = None) -> None:
         self.tree = tree
+        self.io_limit = io_limit or RateLimit()  # the node's io-limit, shared with replay
         self.stats = stats or ResourceStats()
         self.res = res
         self.device = device
@@ -102,6 +107,8 @@ class Syncer:
         self.bytes_copied = 0
         self.chunks_equal = 0
         self.chunks_differ = 0
+        self.read_bytes = 0  # of our own device, for digests (a resync of a dirty map reads none)
+        self.dirty: bool | None = None  # this sync copies a primary's dirty-region map (known once it runs)
         self.error: str | None = None
         self.done = asyncio.Event()
 
@@ -129,8 +136,29 @@ class Syncer:
             finally:
                 await client.close()
 
+    def _dirty_sync_due(self) -> bool:
+        """A resync after the primary's emergency: our replay waits at the start of the file its
+        log went on in (secondary.py _follow_resync set it there)."""
+        primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
+        wt = read_writethrough(self.tree, self.res, primary) if primary else None
+        link = read_replay(self.tree, self.res, self.tree.host)
+        return wt is not None and wt[1] > 0 and link is not None and (link.seq, link.origin, link.pos) == (
+            wt[1], primary, 0)
+
     async def _sync(self, client: PeerClient, loop: asyncio.AbstractEventLoop) -> None:
         self.pos = min(self.tree.get_int(self.status_path()), self.size)
+        if self._dirty_sync_due():
+            try:
+                reply = await client.request(lambda req: P.DirtyMapRequest(req=req, res=self.res), timeout=600)
+            except PeerError as e:
+                if "dirty-region map" not in str(e):
+                    raise
+                log.warning("resource %s: %s; syncing the whole device", self.res, e)
+            else:
+                self.dirty = True
+                await self._sync_map(client, loop, reply)
+                return
+        self.dirty = False
         last_pub = time.monotonic()
         while self.pos < self.size:
             count = min(WINDOW, (self.size - self.pos + CHUNK - 1) // CHUNK)
@@ -144,6 +172,7 @@ class Syncer:
             for i, (r, mine) in enumerate(zip(remote.digests, local)):
                 off = start + i * CHUNK
                 n = min(CHUNK, self.size - off)
+                self.read_bytes += n if mine is not None else 0
                 if r == mine:
                     if r is not None:
                         self.chunks_equal += 1
@@ -154,6 +183,7 @@ class Syncer:
                 else:
                     reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
                         req=req, res=self.res, offset=off, length=n))
+                    await self.io_limit.take(len(reply.data))
                     await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
                     self.bytes_copied += len(reply.data)
                     self.stats.synced_bytes += len(reply.data)
@@ -165,12 +195,46 @@ class Syncer:
             if time.monotonic() - last_pub >= PUBLISH_S:
                 await self._publish(loop)
                 last_pub = time.monotonic()
+        self._done()
         await self._publish(loop)
+        self._record_end()
+        log.info("resource %s: sync done: %d chunks equal, %d copied (%d bytes)", self.res,
+                 self.chunks_equal, self.chunks_differ, self.bytes_copied)
+        self.done.set()
+
+    def _done(self) -> None:
+        self.pos = self.size
+
+    def _record_end(self) -> None:
         primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
         where = self.tree.get(f"{res_dir(self.res)}/replay-{primary}") or ""
         self.tree.set(f"{res_dir(self.res)}/syncpos-{self.tree.host}", where or "(none)")
-        log.info("resource %s: sync done: %d chunks equal, %d copied (%d bytes)", self.res,
-                 self.chunks_equal, self.chunks_differ, self.bytes_copied)
+
+    async def _sync_map(self, client: PeerClient, loop: asyncio.AbstractEventLoop, m: P.DirtyMapReply) -> None:
+        """Copy the regions of the primary's map at or after our position, reading nothing here."""
+        last_pub = time.monotonic()
+        total = sum(n for _, n in runs(m.data, m.region, min(m.size, self.size)))
+        log.info("resource %s: resync after the primary's emergency: %d bytes of dirty regions", self.res, total)
+        for off, length in list(runs(m.data, m.region, min(m.size, self.size), self.pos)):
+            end = off + length
+            while off < end:
+                n = min(CHUNK, end - off)
+                reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
+                    req=req, res=self.res, offset=off, length=n))
+                await self.io_limit.take(len(reply.data))
+                await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
+                self.bytes_copied += len(reply.data)
+                self.stats.synced_bytes += len(reply.data)
+                self.chunks_differ += 1
+                off += n
+                self.pos = off
+                if time.monotonic() - last_pub >= PUBLISH_S:
+                    await self._publish(loop)
+                    last_pub = time.monotonic()
+        self._done()
+        await self._publish(loop)
+        self._record_end()
+        log.info("resource %s: resync done: %d bytes of dirty regions copied", self.res, self.bytes_copied)
         self.done.set()
 
     async def _publish(self, loop: asyncio.AbstractEventLoop) -> None:
