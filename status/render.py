@@ -244,7 +244,10 @@ def _cluster_line(fs: list[Finding]) -> Line:
 
 def _device(r: ResourceStatus, n: NodeResource) -> Line:
     parts: list[str | Span] = ["Device  : Disk-Device ", _v(n.disk or "unknown")]
-    if n.disk_bytes is not None and n.disk_bytes > r.size_bytes:
+    if n.resize is not None and not n.resize.reached:
+        parts += [", resize active (", _v(human_bytes(n.resize.pos_bytes)), " of the new ",
+                  _v(human_bytes(n.resize.size_bytes)), " taken up)"]
+    elif n.disk_bytes is not None and n.disk_bytes > r.size_bytes:
         parts += [", resize possible (disk ", _v(human_bytes(n.disk_bytes)), ", ",
                   _v(f"{human_bytes(n.disk_bytes - r.size_bytes)}"), " more than the resource)"]
     else:
@@ -399,8 +402,12 @@ def _progress_bar(label: str, p: Progress | None, stalled: str, opts: Options) -
     return _bar_line(label, fraction, _pct(p), detail, opts)
 
 
-def _resize_bar(r: ResourceStatus, n: NodeResource, opts: Options) -> Line | None:
-    """The resource's size against this member's disk: the share in use, and what a resize gains."""
+def _resize_bar(snap: Snapshot, r: ResourceStatus, n: NodeResource, opts: Options) -> Line | None:
+    """While this member takes up a resize's new region (a secondary syncs it, the primary's export
+    grows), how far it got; else the resource's size against its disk: the share in use, and
+    what a resize gains."""
+    if n.resize is not None and not n.resize.reached:
+        return _progress_bar("resize", n.resize, held_back(snap, n, "sync"), opts)
     if n.disk_bytes is None or n.disk_bytes <= r.size_bytes:
         return None
     fraction = r.size_bytes / n.disk_bytes
@@ -417,7 +424,7 @@ def _status_block(snap: Snapshot, rs: list[ResourceStatus], opts: Options) -> li
             n = r.nodes[h]
             role = "Primary" if n.designated_primary else "Secondary"
             out.append(_line(f"   -> {h} ({role})"))
-            resize = _resize_bar(r, n, opts)
+            resize = _resize_bar(snap, r, n, opts)
             if resize is not None:
                 out.append(resize)
             out += [_progress_bar(what, getattr(n, what), held_back(snap, n, what), opts)

@@ -497,6 +497,13 @@ def test_logs_held_back_by_a_dead_node():
 def test_resize_gain_in_bytes_and_unknown_disks():
     f = one(run(ROWS[22].mutate), "RESIZE_POSSIBLE")
     assert f"{2 * GiB} bytes" in f.text and "2.0 GiB" in f.text
+    assert f.text.startswith("marsadm resize would increase resource r by 2.0 GiB")
+    assert "; you are wasting 3.0 GiB on disk " in f.text and " of a, 2.0 GiB on disk " in f.text
+    def barely(s):  # a's disk is larger by less than the original's 10 MiB threshold: not wasted
+        ROWS[22].mutate(s)
+        member(s, "a", disk_bytes=SIZE + 4096)
+    f = one(run(barely), "RESIZE_POSSIBLE")
+    assert "by 4.0 KiB (4096 bytes)" in f.text and " of a" not in f.text and " of b, " in f.text, f.text
     assert f.remedy == "'marsadm resize r' on a"
     def one_unknown(s):
         ROWS[22].mutate(s)

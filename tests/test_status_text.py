@@ -339,7 +339,8 @@ def test_progress_bars_adapt_to_width_and_show_rate_and_time_left(tree):
     assert "      sync    [" + "█" * 12 + "░" * 38 + "]  25.00%" in "\n".join(wide)
     # The resize hint comes from the findings; the device line says the disk is larger.
     out = _render(tree)
-    assert "---> HINT: every member's disk of r is larger than the resource: it can grow by 64.0 MiB" in out
+    assert "---> HINT: marsadm resize would increase resource r by 64.0 MiB (67108864 bytes), from 64.0 MiB to " \
+           "128.0 MiB, the smallest member's disk; you are wasting 64.0 MiB on disk /images/a.img of a" in out
     assert "Device  : Disk-Device /images/c.img, resize possible (disk 192.0 MiB, 128.0 MiB more than the " \
            "resource)" in out
 
@@ -378,3 +379,25 @@ def test_check_semantics_on_hand_written_trees(tree):
                                                                 r"work=\d+$", line), line
     assert check(None, [], "x does not exist; do y") == (3, "MARS UNKNOWN - x does not exist; do y")
     assert check(snap, [], "permission denied")[0] == 3
+
+
+def test_resize_in_progress_shows_the_new_region_per_member(tree):
+    """After marsadm resize from 64 to 128 MiB: the primary serves the new size, b has synced a
+    quarter of the new region, c's full sync is still below the old size (0 of the new region)."""
+    tree.set(f"{R}/resize-from", SIZE)
+    tree.set(f"{R}/size", 2 * SIZE)
+    for h in "abc":
+        tree.set(f"{R}/actsize-{h}", 2 * SIZE)
+    tree.set(f"{R}/actual-a/size", 2 * SIZE)
+    tree.set(f"{R}/syncstatus-a", 2 * SIZE)
+    tree.set(f"{R}/syncstatus-b", SIZE + SIZE // 4)
+    tree.set(f"{R}/syncstatus-c", SIZE // 2)
+    got = _block(_render(tree, "status", ascii=True, width=80), "---> Status <---")
+    a, b, c = (got.index(f"   -> {h} ({role})") for h, role in (("a", "Primary"), ("b", "Secondary"),
+                                                                    ("c", "Secondary")))
+    assert not got[a + 1].startswith("      resize")  # the primary has taken it up
+    assert got[b + 1].startswith("      resize  [##........]  25.00%  16.0 MiB of 64.0 MiB"), got[b + 1]
+    assert got[c + 1].startswith("      resize  [..........]   0.00%  0 B of 64.0 MiB"), got[c + 1]
+    out = _render(tree)
+    assert "Disk-Device /images/b.img, resize active (16.0 MiB of the new 64.0 MiB taken up)" in out
+    assert "RESIZE_POSSIBLE" not in out and "resize would increase" not in out

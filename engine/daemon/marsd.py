@@ -329,6 +329,8 @@ class Daemon:
                     continue
                 await self._start_resource(res, data, size, role)
                 rt = self.runtimes.get(res)
+            if rt is not None and size > rt.size:
+                rt.grow(size)  # marsadm resize: no restart, the runtime takes the new size
             if rt is not None:
                 on = {s: tree.get(todo(res, self.host, s)) == "1" for s in ("sync", "connect", "allow-replay")}
                 # Emergency levels (the original's order): 3 stops syncs, 4 stops fetching here.
@@ -541,6 +543,7 @@ class Daemon:
         t.set(actual(res, self.host, "open-count"), rt.open_count if rt else 0, durable=False)
         if rt is not None and rt.device is not None:
             t.set(f"{res_dir(res)}/actsize-{self.host}", rt.device.size(), durable=False)  # for resize hints
+            t.set(actual(res, self.host, "size"), rt.size, durable=False)  # the size it works with: resize waits
         if rt is None and res not in self.failed:
             t.delete(actual(res, self.host, "replay-code"), durable=False)
         if res in self.services.sync_read_bytes:

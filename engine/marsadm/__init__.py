@@ -13,7 +13,7 @@ from ..errors import MarsError
 from .base import COMMANDS, build_parser, run
 
 # Importing the command modules registers their commands.
-from . import cluster, help, logs, resource, roles, switches, tunables, wait  # noqa: F401,E402
+from . import cluster, help, logs, resize, resource, roles, switches, tunables, wait  # noqa: F401,E402
 from . import view  # noqa: F401,E402
 
 

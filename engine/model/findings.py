@@ -46,6 +46,7 @@ GiB = 1 << 30
 SPACE_LOW_FRACTION = 0.10  # below this share of /mars free (or below SPACE_LOW_BYTES): TODO
 SPACE_LOW_BYTES = 1 * GiB
 SPACE_WARN_FRACTION = 0.20  # below this share free: HINT
+WASTE_THRESHOLD_BYTES = 10 << 20  # a disk larger than its resource by more wastes space (the original's --threshold)
 
 # The TODO codes where data is at risk or not served now: every face's most urgent class (a
 # Prometheus alert's severity critical, a Zabbix trigger's HIGH), named once so the faces agree.
@@ -612,18 +613,19 @@ def _cycles(res: str, rs: ResourceStatus) -> Iterator[Finding]:
 
 
 def _resize(res: str, rs: ResourceStatus) -> Iterator[Finding]:
-    sizes = [figure(nr.disk_bytes) for nr in rs.nodes.values()]
-    size = figure(rs.size_bytes)
-    if not sizes or size is None or any(s is None for s in sizes):
+    """The original's two hints of ``marsadm view``: what a resize would gain, and the disks it
+    would stop wasting (those larger than the resource by more than its 10 MiB threshold)."""
+    smallest, size = figure(rs.possible_size), figure(rs.size_bytes)
+    if smallest is None or size is None or smallest <= size:
         return
-    smallest = min(s for s in sizes if s is not None)
-    if smallest > size:
-        gain = smallest - size
-        yield Finding("HINT", "RESIZE_POSSIBLE", res, None,
-                      f"every member's disk of {res} is larger than the resource: it can grow by "
-                      f"{human_bytes(gain)} ({gain:.0f} bytes), from {human_bytes(size)} to "
-                      f"{human_bytes(smallest)}",
-                      _cmd(f"resize {res}", rs.primary))
+    gain = smallest - size
+    wasted = [f"{human_bytes(w)} on disk {nr.disk or '?'} of {h}" for h, nr in sorted(rs.nodes.items())
+              if (w := (figure(nr.disk_bytes) or 0) - size) > WASTE_THRESHOLD_BYTES]
+    yield Finding("HINT", "RESIZE_POSSIBLE", res, None,
+                  f"marsadm resize would increase resource {res} by {human_bytes(gain)} ({gain:.0f} bytes), "
+                  f"from {human_bytes(size)} to {human_bytes(smallest)}, the smallest member's disk"
+                  + (f"; you are wasting {', '.join(wasted)}" if wasted else ""),
+                  _cmd(f"resize {res}", rs.primary))
 
 
 def _logs(snap: Snapshot, res: str, rs: ResourceStatus, local: str | None) -> Iterator[Finding]:

@@ -223,6 +223,10 @@ class NodeResource:
     messages: list[Message]
     connect_list: list[str] = field(default_factory=list)  # connect-<host>: where it fetches from first
     forced: bool = False  # made primary by force: ``forced-primary`` names it
+    size_bytes: int | None = None  # the size its marsd works with (actual-<host>/size); None when not attached
+    # The last resize's new region on this member: its sync (secondaries) or the export's growth
+    # (the primary) from the old size to the new; None when the resource never grew.
+    resize: Progress | None = None
 
     @property
     def role(self) -> str:
@@ -283,6 +287,16 @@ class ResourceStatus:
     handover_age_s: float | None = None  # since that handover started (its entry's stamp)
     prev_primary: str | None = None  # the designated primary before the current value (``prev-primary``)
     forced_primary: str | None = None  # made primary by ``primary --force`` (until the next planned handover)
+    resize_from: int | None = None  # the size before the last ``marsadm resize`` (``resize-from``)
+
+    @property
+    def possible_size(self) -> int | None:
+        """What ``marsadm resize`` grows to by default: the smallest member's disk, 4 KiB-aligned;
+        None while a member's disk size is not known (it never attached)."""
+        sizes = [n.disk_bytes for n in self.nodes.values()]
+        if not sizes or any(s is None for s in sizes):
+            return None
+        return min(s for s in sizes if s is not None) // 4096 * 4096
 
     @property
     def members(self) -> list[str]:
@@ -1030,7 +1044,7 @@ def _resource(e: _Entries, res: str, lamport: float) -> ResourceStatus:
         deletable_logs=[logs[k].name for k in deletable], deletable_bytes=sum(logs[k].local_bytes or 0 for k in deletable),
         held_back_by=held, logs_deleted_below=e.integer(f"{d}/logs-deleted-below", 0) or 0,
         handover_to=handover_to, handover_age_s=e.age(f"{d}/handover-to", lamport) if handover_to else None,
-        prev_primary=prev_primary, forced_primary=forced_primary)
+        prev_primary=prev_primary, forced_primary=forced_primary, resize_from=e.integer(f"{d}/resize-from"))
 
 
 def _host(value: str | None) -> str | None:
@@ -1078,6 +1092,8 @@ def _member(e: _Entries, d: str, h: str, primary: str | None, source: str | None
         e.age(f"{d}/replay-{h}", lamport))
     if is_primary and replay is not None and log_end is None:
         replay = Progress(replay.pos_bytes, replay.pos_bytes, replay.rate_bytes_per_s)
+    runs_with = e.integer(f"{a}/size")
+    resize = _resize(e.integer(f"{d}/resize-from"), size, runs_with if is_primary else syncpos, sync)
 
     def lag(p: Progress | None, mine: str, primary_path: str) -> float | None:
         """As the original: the stamp of the primary's position minus ours, while behind."""
@@ -1097,7 +1113,17 @@ def _member(e: _Entries, d: str, h: str, primary: str | None, source: str | None
         fetch_lag_s=lag(fetch, f"{a}/fetch-pos", f"{d}/actual-{source}/log-pos"),
         replay_lag_s=lag(replay, f"{d}/replay-{h}", f"{d}/replay-{source}"),
         messages=_messages(e, a, h, d[len("resource-"):], lamport),
-        connect_list=parse_hosts(e.get(f"{d}/connect-{h}")), forced=forced)
+        connect_list=parse_hosts(e.get(f"{d}/connect-{h}")), forced=forced, size_bytes=runs_with, resize=resize)
+
+
+def _resize(old: int | None, size: int, reached: int | None, sync: Progress) -> Progress | None:
+    """The new region of the last resize as a progress from the old size to the new: on a
+    secondary how far its sync got into it (a sync still below the old size is at 0), on the
+    primary whether its export has the new size yet."""
+    if old is None or old >= size:
+        return None
+    done = 0 if reached is None else max(0, min(reached, size) - old)
+    return Progress(done, size - old, sync.rate_bytes_per_s, sync.moved_age_s)
 
 
 def _deletable(logs: dict[tuple[int, str], LogFileStatus],

@@ -14,6 +14,7 @@ A crash replays from there; replaying a little too much is harmless because repl
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import threading
@@ -183,6 +184,36 @@ class PrimaryRuntime(Attached):
             return None
         acked = self.logger.acked
         return acked.offset if acked.name == name else None
+
+    def grow(self, size: int) -> bool:
+        """New NBD connections see the new size; those open keep the size they negotiated (NBD
+        cannot tell a client its device grew), so a client reconnects to use the new region.
+
+        The dirty-region map grows first: a write in the new region that it could not record
+        would be missed by the resync after an emergency. While writing through it waits (the
+        map in use is the record of that emergency; marsadm resize refuses then anyway).
+        """
+        if self.writing_through:
+            if self._grow_refused != size:
+                log.warning("resource %s: not growing to %d bytes while writing through (emergency mode); "
+                            "it grows once logging resumes", self.res, size)
+                self._grow_refused = size
+            return False
+        if self.dirtymap is not None and self.dirtymap.size < size:
+            try:
+                bigger = DirtyMap(self.dirtymap.path, size)  # keeps the bits it has, allocates the rest
+            except OSError as e:
+                log.error("resource %s: cannot grow the dirty-region map to %d bytes (%s); staying at %d bytes",
+                          self.res, size, e.strerror, self.size)
+                return False
+            old, self.dirtymap = self.dirtymap, bigger
+            if self.logger is not None:
+                self.logger.dirtymap = bigger
+            old.close()
+        if not super().grow(size):
+            return False
+        self.info = dataclasses.replace(self.info, size=size)
+        return True
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ wakes at once instead of polling.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from ..tree import Tree
 if TYPE_CHECKING:
     from ..nbd.server import Export
     from ..peer.link import PeerClient
+
+log = logging.getLogger("mars.resource")
 
 __all__ = ["Attached", "Limits", "LogPulse", "Runtime", "RuntimeDeps", "Wanted", "stop_if_stopping"]
 
@@ -150,6 +153,11 @@ class Runtime(Protocol):
     def follow(self, wanted: Wanted) -> None:
         """One reconcile round: act on the switches and on requests in the tree (log-rotate)."""
 
+    def grow(self, size: int) -> bool:
+        """The resource grew to ``size`` bytes (``marsadm resize``): work with it from now on,
+        without a restart; False while this node's device is smaller than that. Never called with
+        a smaller size: a resource only grows."""
+
     def publish(self) -> None:
         """Write this role's actual state into the tree (``actual-<host>/…``)."""
 
@@ -177,6 +185,27 @@ class Attached:
         self.data_path = data_path
         self.size = size
         self.device: DataDevice | None = None
+        self._grow_refused = 0  # the size a grow was refused for (logged once)
+
+    def grow(self, size: int) -> bool:
+        """What both roles do when the resource grew: the new size bounds everything from now on.
+
+        Only once this node's device has that size, though: past its end a write would silently
+        extend an image file, or fail on a block device. marsadm resize checks every member's
+        device first, so a refusal here means a device shrank or the size was set by hand; it is
+        logged once per size, and the next round tries again (the device may grow meanwhile).
+        """
+        have = self.device.size() if self.device is not None else 0
+        if have < size:
+            if self._grow_refused != size:
+                log.error("resource %s: the resource grew to %d bytes, but the data device %s has only %d; "
+                          "staying at %d bytes until it is grown (lvresize, truncate -s)",
+                          self.res, size, self.data_path, have, self.size)
+                self._grow_refused = size
+            return False
+        log.info("resource %s: grown from %d to %d bytes", self.res, self.size, size)
+        self.size = size
+        return True
 
     def dirty_bits(self) -> tuple[int, int, bytes] | None:
         return None

@@ -98,6 +98,14 @@ class SecondaryRuntime(Attached):
         log.info("resource %s: finished this node's history as primary in %s at %d bytes", self.res,
                  result.state.path.name, result.state.end)
 
+    def grow(self, size: int) -> bool:
+        """A sync that runs goes on to the new end; one that had finished starts again at its
+        position, the old end, so only the new region is copied (``sync_needed``)."""
+        if not super().grow(size):
+            return False
+        if self.syncer is not None:
+            self.syncer.size = size
+        return True
     def _fetch_depth(self) -> int:
         """Half the resource's buffer budget goes to fetch replies in flight, half to replay's reads."""
         return self.deps.limits.buffers // 2 // FETCH_BYTES
