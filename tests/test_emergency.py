@@ -65,13 +65,20 @@ class Recorder:
         self.acked: dict[int, bytes] = {}
         self.count = 0
 
-    def write(self, nbytes: int, lo: int = 0, hi: int | None = None) -> None:
-        for _ in range(max(1, nbytes // BLOCK)):
+    def write(self, nbytes: int, lo: int = 0, hi: int | None = None) -> int:
+        """Whole blocks, at least one: returns the bytes written (and acknowledged)."""
+        n = max(1, nbytes // BLOCK)
+        for _ in range(n):
             b = self.rng.randrange(lo, hi if hi is not None else self.blocks)
             self.count += 1
             data = (b.to_bytes(8, "little") + self.count.to_bytes(8, "little")) * (BLOCK // 16)
             self.h.pwrite(data, b * BLOCK)  # returns once acknowledged: an error raises
             self.acked[b] = data
+        return n * BLOCK
+
+    def write_until(self, nbytes: int, cond, timeout: float, what: str) -> None:
+        """Write ``nbytes`` at a time until ``cond`` holds: the load itself is what moves the state."""
+        wait_until(lambda: self.write(nbytes) and cond(), timeout, what, interval=0)
 
     def verify(self) -> None:
         for b, data in sorted(self.acked.items()):
@@ -173,7 +180,7 @@ def test_each_level_in_turn_then_writethrough_and_a_resync_of_the_dirty_regions_
     seen = []
     for want in (1, 2, 3, 4):
         # Write until this level shows: 1 MiB at a time, so no level is skipped between two rounds.
-        wait_until(lambda: rec.write(MiB) or level(a) >= want, 60, f"level {want}", interval=0)
+        rec.write_until(MiB, lambda: level(a) >= want, 60, f"level {want}")
         seen.append(level(a))
         view = a.marsadm("view-is-emergency", "r").stdout.strip()
         assert view == ("1" if seen[-1] == 4 else "0"), f"view-is-emergency at level {seen[-1]}: {view}"
@@ -188,9 +195,9 @@ def test_each_level_in_turn_then_writethrough_and_a_resync_of_the_dirty_regions_
     log_size = own_logs(a)[-1].stat().st_size
     # More than the free space is left: the log could not take it, the device does.
     rest = os.statvfs(mnt).f_bavail * os.statvfs(mnt).f_frsize
-    rec.write(rest + 8 * MiB, hi=SIZE // BLOCK // 2)
+    through = rec.write(rest + 8 * MiB, hi=SIZE // BLOCK // 2)
     assert own_logs(a)[-1].stat().st_size == log_size, "the log grew while writing through"
-    wait_until(lambda: int(a.tree_value("resource-r/actual-a/writethrough-bytes")) >= rest + 8 * MiB, 10,
+    wait_until(lambda: int(a.tree_value("resource-r/actual-a/writethrough-bytes")) >= through, 10,
                "a to report what it wrote through")
     rec.verify()
     # What the original refuses against a node in emergency mode, with the reason and the remedy.
@@ -286,7 +293,7 @@ def test_following_the_emergency_remedy_frees_space_and_a_join_waits_for_it(clus
     d.start()
     try:
         rec = Recorder(a, random.Random(18))
-        wait_until(lambda: rec.write(4 * MiB) or level(a) == 4, 120, "the logs to fill /mars", interval=0)
+        rec.write_until(4 * MiB, lambda: level(a) == 4, 120, "the logs to fill /mars")
         rec.write(4 * MiB)  # written through
         snap = model.build(a.mars_dir, "a")
         found = [f for f in model.findings(snap) if f.code == "EMERGENCY"]
@@ -364,8 +371,7 @@ def test_a_secondary_frees_its_replayed_log_copies_and_stops_fetching_when_full(
     ballast = ballast_to(mnt, 4 * 8 * MiB + 4 * MiB)
     b.marsadm("pause-replay", "r")  # nothing replayed: nothing b may delete, so it fills up
     rec = Recorder(a, random.Random(20))
-    wait_until(lambda: rec.write(2 * MiB) or level(b) == 4, 120, "b's copies to fill its MARS directory",
-               interval=0)
+    rec.write_until(2 * MiB, lambda: level(b) == 4, 120, "b's copies to fill its MARS directory")
     wait_until(lambda: b.tree_value("resource-r/actual-b/is-copying") == "0", 10, "b to stop fetching")
     copies = len(list((b.mars_dir / "resource-r").glob("log-*-a")))
     b.marsadm("resume-replay", "r")  # replayed copies become deletable: level 2 deletes them
