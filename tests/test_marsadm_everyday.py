@@ -68,9 +68,12 @@ def test_cron_in_a_trio_deletes_everywhere_and_secondaries_only_say_so(trio):
     assert f"marsadm: r: deleted {old}" in lines(first) + lines(r), first.stderr + r.stderr
     assert old not in logs(a)
     # The secondaries follow the primary's deletion with their own copies.
+    # (This cron rotated again, since the new file had a write; on a slow machine every replay
+    # may have moved on into the newest file before its delete phase, and then it deleted the
+    # new file too. Either way the secondaries keep a copy of every file the primary keeps.)
     for n in (b, c):
         wait_until(lambda n=n: old not in logs(n), 20, f"{n.host} to delete its copy of {old}")
-        assert new in logs(n)
+        wait_until(lambda n=n: set(logs(a)) <= set(logs(n)), 20, f"{n.host} to keep what a keeps")
 
 
 def test_cron_on_a_primary_that_does_not_serve_and_without_marsd(resource):
