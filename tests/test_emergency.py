@@ -123,7 +123,7 @@ def cluster(request):
     nodes: list[Node] = []
     logs: dict[str, str] = {}
     try:
-        with small_fs(base, 160) as mnt:
+        with small_fs(base, 96) as mnt:
             a, b, c = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3"), Node(base, "c", "127.0.0.4")
             nodes += [a, b, c]
             for n in nodes:
