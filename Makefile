@@ -57,6 +57,7 @@ bench: venv
 	$(PY) bench/bench_handover.py
 	$(PY) bench/bench_quiet.py
 	$(PY) bench/bench_traffic.py
+	$(PY) bench/bench_resize.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \
