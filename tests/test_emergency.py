@@ -152,6 +152,16 @@ def cluster(request):
         assert "Traceback" not in text, f"marsd {host}:\n{text}"
 
 
+def converge_and_compare(base: Path, rec: Recorder, a: Node, *secs: Node, timeout: float = 60) -> None:
+    """The end of every case: the secondaries converge, every acknowledged write reads back on
+    the primary, and every secondary's image is byte-identical to the primary's."""
+    wait_converged(a, *secs, timeout=timeout)
+    rec.verify()
+    rec.close()
+    for s in secs:
+        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+
+
 def converged(a: Node, *secs: Node) -> bool:
     return all(caught_up(a, s, "r") for s in secs)
 
@@ -217,11 +227,8 @@ def test_each_level_in_turn_then_writethrough_and_a_resync_of_the_dirty_regions_
     rec.write(2 * MiB, lo=SIZE // BLOCK // 2)  # logged again
     assert (a.mars_dir / "resource-r" / f"log-{last + 1:09d}-a").stat().st_size > 0
     dirty = int(a.tree_value("resource-r/actual-a/dirty-bytes"))
-    wait_converged(a, b, c)
-    rec.verify()
-    rec.close()
+    converge_and_compare(base, rec, a, b, c)
     for s in (b, c):
-        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
         assert s.tree_value(f"resource-r/actual-{s.host}/sync-kind") == "dirty-map"
         copied = int(s.tree_value(f"resource-r/actual-{s.host}/sync-copied-bytes"))
         assert 0 < copied <= dirty < SIZE * 0.7, f"{s.host} copied {copied} of {dirty} dirty bytes"
@@ -249,11 +256,7 @@ def test_enospc_in_the_middle_of_a_batch_writes_through_without_an_error(cluster
     wait_until(lambda: (a.tree_value("resource-r/writethrough-a") or ":0").split(":")[1] != "0", 20,
                "a to log again")
     rec.write(MiB)
-    wait_converged(a, b, c)
-    rec.verify()
-    rec.close()
-    for s in (b, c):
-        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+    converge_and_compare(base, rec, a, b, c)
 
 
 def test_mars_directory_runs_full_during_a_sync(cluster):
@@ -273,11 +276,7 @@ def test_mars_directory_runs_full_during_a_sync(cluster):
                "c's sync to be refused")
     assert int(c.tree_value("resource-r/syncstatus-c") or 0) < SIZE
     ballast.unlink()
-    wait_converged(a, b, c, timeout=90)
-    rec.verify()
-    rec.close()
-    for s in (b, c):
-        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+    converge_and_compare(base, rec, a, b, c, timeout=90)
 
 
 def test_following_the_emergency_remedy_frees_space_and_a_join_waits_for_it(cluster):
@@ -307,11 +306,7 @@ def test_following_the_emergency_remedy_frees_space_and_a_join_waits_for_it(clus
         a.marsadm("log-delete-all", "all")
         wait_until(lambda: level(a) == 0, 30, "a to leave emergency mode")
         rec.write(MiB)
-        wait_converged(a, b, c)
-        rec.verify()
-        rec.close()
-        for s in (b, c):
-            assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+        converge_and_compare(base, rec, a, b, c)
         d.marsadm("join-resource", "r", str(base / "d.img"), "--create")
         wait_converged(a, d)
     finally:
@@ -342,11 +337,7 @@ def test_a_crash_while_writing_through_loses_nothing_acknowledged(cluster):
     ballast.unlink()
     wait_until(lambda: level(a) == 0, 20, "a to leave emergency mode")
     rec.write(MiB)
-    wait_converged(a, b, c)
-    rec.verify()
-    rec.close()
-    for s in (b, c):
-        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"
+    converge_and_compare(base, rec, a, b, c)
 
 
 def _connects(rec: Recorder, a: Node) -> bool:
@@ -378,10 +369,6 @@ def test_a_secondary_frees_its_replayed_log_copies_and_stops_fetching_when_full(
     wait_until(lambda: "deleted" in (b.tree_value("resource-r/actual-b/msg-warn-space-low") or ""), 30,
                "b to delete replayed copies")
     ballast.unlink()
-    wait_converged(a, b, c, timeout=90)
+    converge_and_compare(base, rec, a, b, c, timeout=90)
     assert len(list((b.mars_dir / "resource-r").glob("log-*-a"))) < copies + 10
     assert "No space left" not in b.log(), b.log()
-    rec.verify()
-    rec.close()
-    for s in (b, c):
-        assert sha256(base / "a.img") == sha256(base / f"{s.host}.img"), f"{s.host} differs from a"

@@ -181,12 +181,7 @@ class Syncer:
                 if r is None:
                     await loop.run_in_executor(self.executor, self.device.write_zeroes, off, n)
                 else:
-                    reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
-                        req=req, res=self.res, offset=off, length=n))
-                    await self.io_limit.take(len(reply.data))
-                    await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
-                    self.bytes_copied += len(reply.data)
-                    self.stats.synced_bytes += len(reply.data)
+                    await self._copy(client, loop, off, n)
                 self.pos = off + n
                 if time.monotonic() - last_pub >= PUBLISH_S:
                     await self._publish(loop)
@@ -201,6 +196,14 @@ class Syncer:
         log.info("resource %s: sync done: %d chunks equal, %d copied (%d bytes)", self.res,
                  self.chunks_equal, self.chunks_differ, self.bytes_copied)
         self.done.set()
+
+    async def _copy(self, client: PeerClient, loop: asyncio.AbstractEventLoop, off: int, n: int) -> None:
+        """One chunk from the primary onto our device, within the node's io-limit."""
+        reply = await client.request(lambda req: P.ReadRequest(req=req, res=self.res, offset=off, length=n))
+        await self.io_limit.take(len(reply.data))
+        await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
+        self.bytes_copied += len(reply.data)
+        self.stats.synced_bytes += len(reply.data)
 
     def _done(self) -> None:
         self.pos = self.size
@@ -219,12 +222,7 @@ class Syncer:
             end = off + length
             while off < end:
                 n = min(CHUNK, end - off)
-                reply = await client.request(lambda req, off=off, n=n: P.ReadRequest(
-                    req=req, res=self.res, offset=off, length=n))
-                await self.io_limit.take(len(reply.data))
-                await loop.run_in_executor(self.executor, self.device.pwrite, reply.data, off)
-                self.bytes_copied += len(reply.data)
-                self.stats.synced_bytes += len(reply.data)
+                await self._copy(client, loop, off, n)
                 self.chunks_differ += 1
                 off += n
                 self.pos = off
