@@ -297,8 +297,7 @@ class Daemon:
         if not full:
             return
         self._ended = False
-        self._publish_node()
-        level = self._space_level()
+        level = self._space_level(*self._publish_node())
         wanted: dict[str, tuple[str, int, str]] = {}
         for res in tree.resources():
             d = res_dir(res)
@@ -343,7 +342,7 @@ class Daemon:
                 self._logdel_auto(res)
         self._quiet = (self.exchange.index.digest, self.stats.activity(), time.monotonic())
 
-    def _space_level(self) -> int:
+    def _space_level(self, rest: int, total: int) -> int:
         """This node's emergency level (0..4) from the free space of its MARS directory against
         its four free-space limits, published as ``actual-<host>/emergency``.
 
@@ -352,8 +351,6 @@ class Daemon:
         does not flap between the two at the edge. A primary that met ENOSPC itself (limits set
         too low) is at level 4 whatever statvfs says, until the space is back.
         """
-        st = os.statvfs(self.tree.root)
-        rest, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
         limits = tun.space_limits(self.tree, self.host, total)
         raw = tun.space_level(rest, limits)
         if any(rt.writing_through for rt in self.runtimes.values()) and rest < tun.writethrough_margin(total):
@@ -518,8 +515,9 @@ class Daemon:
             out[f"required-free-space-{i}"] = str(v)
         return out
 
-    def _publish_node(self) -> None:
-        """This node's figures for every other node: version, space in /mars, tunables in use."""
+    def _publish_node(self) -> tuple[int, int]:
+        """This node's figures for every other node: version, space in /mars, tunables in use;
+        returns the space (free, total bytes), which the emergency level is computed from."""
         t, h = self.tree, self.host
         t.set(node_actual(h, "version"), __version__, durable=False)
         st = os.statvfs(t.root)
@@ -531,6 +529,7 @@ class Daemon:
         self._total_space = total
         for name, value in self.tunables().items():
             t.set(node_actual(h, f"tunable-{name}"), value, durable=False)
+        return rest, total
 
     def _publish(self, res: str) -> None:
         """What this node does with ``res``, for every node: the common entries, then the role's."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ... import __version__
+from .. import model
 from ..errors import MarsError, UsageError
 from ..tree import Tree, actual, check_name, default_host, mars_dir_from, require_cluster, require_node
 from ..trigger import marsd_running, poke
@@ -160,7 +161,6 @@ class Ctx:
         over once space is back, and a handover would leave the written-through blocks behind."""
         if not host:
             return
-        from .. import model
         node = model.build(self.tree.root, self.host).nodes.get(host)
         if node is not None and node.emergency and not self.force:
             raise self.fail(f"{host} is in emergency mode (its MARS directory is full), so {doing} cannot be done now",
