@@ -64,6 +64,19 @@ def catch_up(a: Node, b: Node) -> None:
     wait_until(lambda: caught_up(a, b, "r"), 600, "b to catch up", interval=0.05)
 
 
+def limited(setter: Node, b: Node, name: str, label: str, limit: float, args: argparse.Namespace) -> bool:
+    """b catches up under ``name`` set on ``setter``: the rate over --seconds and its ratio to the limit
+    (the limit stays set; the caller lifts it)."""
+    setter.marsadm(f"set-{name}-value", str(limit))
+    b.marsadm("connect", "r")
+    r, n = rate_over(b, args.seconds)
+    ratio = r / limit
+    good = abs(ratio - 1) <= GOAL
+    print(f"{label}{r / MIB:8.1f} MiB/s over {args.seconds:g} s ({n / MIB:.0f} MiB), {ratio:.3f} of the limit  "
+          f"[{'ok' if good else 'MISSED'}: within {GOAL:.0%}]")
+    return good
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--limit-mib", type=float, default=20.0, help="the traffic limit in MiB/s (default 20)")
@@ -88,14 +101,7 @@ def main() -> int:
         print(f"unlimited catch-up:            {free / MIB:8.1f} MiB/s ({args.mib} MiB)")
 
         backlog(a, b, args.mib, 1 + args.mib)
-        a.marsadm("set-traffic-out-limit-value", str(limit))
-        b.marsadm("connect", "r")
-        r, n = rate_over(b, args.seconds)
-        ratio = r / limit
-        ok &= abs(ratio - 1) <= GOAL
-        print(f"traffic-out-limit {args.limit_mib:g} MiB/s on a: {r / MIB:8.1f} MiB/s over {args.seconds:g} s "
-              f"({n / MIB:.0f} MiB), {ratio:.3f} of the limit  [{'ok' if abs(ratio - 1) <= GOAL else 'MISSED'}: "
-              f"within {GOAL:.0%}]")
+        ok &= limited(a, b, "traffic-out-limit", f"traffic-out-limit {args.limit_mib:g} MiB/s on a: ", limit, args)
         a.marsadm("set-traffic-out-limit-value", "0")
         lifted, n = rate_over(b, 1.0)
         ok &= lifted > 2 * limit
@@ -105,14 +111,7 @@ def main() -> int:
         catch_up(a, b)
 
         backlog(a, b, args.mib, 1 + 2 * args.mib)
-        b.marsadm("set-traffic-in-limit-value", str(limit))
-        b.marsadm("connect", "r")
-        r, n = rate_over(b, args.seconds)
-        ratio = r / limit
-        ok &= abs(ratio - 1) <= GOAL
-        print(f"traffic-in-limit {args.limit_mib:g} MiB/s on b:  {r / MIB:8.1f} MiB/s over {args.seconds:g} s "
-              f"({n / MIB:.0f} MiB), {ratio:.3f} of the limit  [{'ok' if abs(ratio - 1) <= GOAL else 'MISSED'}: "
-              f"within {GOAL:.0%}]")
+        ok &= limited(b, b, "traffic-in-limit", f"traffic-in-limit {args.limit_mib:g} MiB/s on b:  ", limit, args)
         b.marsadm("set-traffic-in-limit-value", "0")
         catch_up(a, b)
     finally:

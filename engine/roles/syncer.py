@@ -111,6 +111,7 @@ class Syncer:
         self.dirty: bool | None = None  # this sync copies a primary's dirty-region map (known once it runs)
         self.error: str | None = None
         self.done = asyncio.Event()
+        self._published = time.monotonic()  # when the progress was last published
 
     def status_path(self) -> str:
         return f"{res_dir(self.res)}/syncstatus-{self.tree.host}"
@@ -159,7 +160,6 @@ class Syncer:
                 await self._sync_map(client, loop, reply)
                 return
         self.dirty = False
-        last_pub = time.monotonic()
         while self.pos < self.size:
             count = min(WINDOW, (self.size - self.pos + CHUNK - 1) // CHUNK)
             start = self.pos
@@ -183,16 +183,10 @@ class Syncer:
                 else:
                     await self._copy(client, loop, off, n)
                 self.pos = off + n
-                if time.monotonic() - last_pub >= PUBLISH_S:
-                    await self._publish(loop)
-                    last_pub = time.monotonic()
+                await self._publish_due(loop)
             self.pos = min(start + count * CHUNK, self.size)
-            if time.monotonic() - last_pub >= PUBLISH_S:
-                await self._publish(loop)
-                last_pub = time.monotonic()
-        self._done()
-        await self._publish(loop)
-        self._record_end()
+            await self._publish_due(loop)
+        await self._finish(loop)
         log.info("resource %s: sync done: %d chunks equal, %d copied (%d bytes)", self.res,
                  self.chunks_equal, self.chunks_differ, self.bytes_copied)
         self.done.set()
@@ -205,17 +199,21 @@ class Syncer:
         self.bytes_copied += len(reply.data)
         self.stats.synced_bytes += len(reply.data)
 
-    def _done(self) -> None:
-        self.pos = self.size
+    async def _publish_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The progress, at most every PUBLISH_S: each publish syncs the device first."""
+        if time.monotonic() - self._published >= PUBLISH_S:
+            await self._publish(loop)
 
-    def _record_end(self) -> None:
+    async def _finish(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Done: the position at the end, on disk, and where the primary's log stood then."""
+        self.pos = self.size
+        await self._publish(loop)
         primary = self.tree.get(f"{res_dir(self.res)}/primary") or ""
         where = self.tree.get(f"{res_dir(self.res)}/replay-{primary}") or ""
         self.tree.set(f"{res_dir(self.res)}/syncpos-{self.tree.host}", where or "(none)")
 
     async def _sync_map(self, client: PeerClient, loop: asyncio.AbstractEventLoop, m: P.DirtyMapReply) -> None:
         """Copy the regions of the primary's map at or after our position, reading nothing here."""
-        last_pub = time.monotonic()
         total = sum(n for _, n in runs(m.data, m.region, min(m.size, self.size)))
         log.info("resource %s: resync after the primary's emergency: %d bytes of dirty regions", self.res, total)
         for off, length in list(runs(m.data, m.region, min(m.size, self.size), self.pos)):
@@ -226,16 +224,13 @@ class Syncer:
                 self.chunks_differ += 1
                 off += n
                 self.pos = off
-                if time.monotonic() - last_pub >= PUBLISH_S:
-                    await self._publish(loop)
-                    last_pub = time.monotonic()
-        self._done()
-        await self._publish(loop)
-        self._record_end()
+                await self._publish_due(loop)
+        await self._finish(loop)
         log.info("resource %s: resync done: %d bytes of dirty regions copied", self.res, self.bytes_copied)
         self.done.set()
 
     async def _publish(self, loop: asyncio.AbstractEventLoop) -> None:
         """Progress becomes the resume point only once what it covers is on disk."""
+        self._published = time.monotonic()
         await loop.run_in_executor(self.executor, self.device.fdatasync)
         self.tree.set(self.status_path(), self.pos, durable=False)
