@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
-APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 e2fsprogs util-linux tmux prometheus \
+APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 libfuse2 iproute2 e2fsprogs util-linux tmux prometheus \
             iptables rsync iperf3 man-db \
             postgresql zabbix-server-pgsql zabbix-frontend-php php-pgsql apache2 libapache2-mod-php zabbix-agent sudo
 # The Zabbix packages: tests/zabbix_server.py starts a real Zabbix 6.0 (server, frontend API, agent) on 127.0.0.1.
@@ -21,7 +21,7 @@ COMMANDS  := marsd marsadm mars-status mars-exporter mars-zabbix check_mars
 MANPAGES  := man8/marsd.8 man8/marsadm.8 man1/mars-status.1 man8/mars-exporter.8
 UNITS     := marsd.service mars-exporter.service
 
-.PHONY: all deps venv test demo bench clean install uninstall
+.PHONY: all deps venv test demo bench torture clean install uninstall
 
 all: test
 
@@ -48,6 +48,15 @@ test: venv
 
 demo: venv
 	$(PY) demo/demo.py
+
+# The full fault campaign (tests/faults/, docs/fault-campaign.md): the same tests as in `make test`,
+# at full size (MARS_TORTURE=1: 200+ power cuts, 1000 crash rounds, 1M inputs per decoder, minutes of
+# partitions). Each prints a `campaign:` line of figures; bench/README.md has the table.
+torture: venv
+	@{ MARS_TORTURE=1 $(PY) -m pytest -q -s -ra -o timeout=0 tests/faults $(PYTEST_ARGS); echo $$? > torture.rc; } 2>&1 \
+	  | tee torture.log
+	@echo "== fault campaign figures (torture.log) =="; grep '^campaign:' torture.log || true
+	@rc=$$(cat torture.rc); rm -f torture.rc; exit $$rc
 
 bench: venv
 	$(PY) bench/bench_write.py
