@@ -53,7 +53,9 @@ demo: venv
 # at full size (MARS_TORTURE=1: 200+ power cuts, 1000 crash rounds, 1M inputs per decoder, minutes of
 # partitions). Each prints a `campaign:` line of figures; bench/README.md has the table.
 torture: venv
-	@{ MARS_TORTURE=1 $(PY) -m pytest -q -s -ra -o timeout=0 tests/faults $(PYTEST_ARGS); echo $$? > torture.rc; } 2>&1 \
+	@{ MARS_TORTURE=1 MARS_PARTITION_S=600 $(PY) -m pytest -q -s -ra -o timeout=0 tests/faults \
+	  tests/test_quiet.py::test_a_long_partition_with_changes_on_both_sides_converges_without_a_whole_tree \
+	  $(PYTEST_ARGS); echo $$? > torture.rc; } 2>&1 \
 	  | tee torture.log
 	@echo "== fault campaign figures (torture.log) =="; grep '^campaign:' torture.log || true
 	@rc=$$(cat torture.rc); rm -f torture.rc; exit $$rc
