@@ -44,7 +44,7 @@ $(VENV)/.installed: pyproject.toml | deps
 venv: deps $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -q -ra --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra -n 2 --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) demo/demo.py

@@ -1,10 +1,34 @@
 from __future__ import annotations
 
+import ctypes
+import os
+import subprocess
+
 import pytest
 
 from harness import Node, caught_up, cleanup, run, short_tempdir, start_cluster, wait_until, write
 
 TRIO_SIZE = "32M"
+
+CLONE_NEWNET = 0x40000000
+
+
+def pytest_configure(config) -> None:
+    """Each pytest-xdist worker (`make test` runs two) gets a network namespace of its own.
+
+    Every test puts its nodes on the same loopback addresses (127.0.0.2, .3, ...), cuts links with
+    iptables rules on them, and starts its servers (Prometheus, Zabbix) on fixed ports. In its own
+    namespace a worker has its own loopback, its own iptables tables and its own ports, so the
+    tests of two workers can never cut or answer each other's clusters; unix sockets, files, mounts
+    and loop devices are shared as before. The worker's processes (marsd, servers) inherit it.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise pytest.UsageError(f"pytest -n needs a network namespace per worker (root): "
+                                f"unshare: {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 
 
 @pytest.fixture

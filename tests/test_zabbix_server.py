@@ -32,6 +32,10 @@ BIN = Path(sys.executable).parent
 TEMPLATES = ROOT / "zabbix-templates"
 AGENT_TEMPLATE, TRAP_TEMPLATE = "MARS by Zabbix agent", "MARS by Zabbix trapper"
 SUDOERS = Path("/etc/sudoers.d/mars-zabbix-test")
+# One Zabbix (PostgreSQL, server, Apache, agent on their fixed ports) at a time: under pytest -n
+# these tests stay on one worker.
+pytestmark = pytest.mark.xdist_group("zabbix-server")
+
 RULES = {"groups": {"createMissing": True}, "templates": {"createMissing": True, "updateExisting": True},
          "valueMaps": {"createMissing": True, "updateExisting": True},
          "templateDashboards": {"createMissing": True, "updateExisting": True},
