@@ -13,6 +13,15 @@ TRIO_SIZE = "32M"
 CLONE_NEWNET = 0x40000000
 
 
+_HOST_NET: int | None = None  # the network namespace pytest started in, kept open by a worker
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), f"setns: {os.strerror(ctypes.get_errno())}")
+
+
 def pytest_configure(config) -> None:
     """Each pytest-xdist worker (`make test` runs two) gets a network namespace of its own.
 
@@ -21,14 +30,34 @@ def pytest_configure(config) -> None:
     namespace a worker has its own loopback, its own iptables tables and its own ports, so the
     tests of two workers can never cut or answer each other's clusters; unix sockets, files, mounts
     and loop devices are shared as before. The worker's processes (marsd, servers) inherit it.
+    A test that needs the machine's network (pip fetching dependencies) is marked host_network.
     """
+    global _HOST_NET
+    config.addinivalue_line("markers", "host_network: runs in the machine's network namespace (pip needs "
+                                       "the package index), also under pytest -n")
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
+    _HOST_NET = os.open("/proc/self/ns/net", os.O_RDONLY)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         raise pytest.UsageError(f"pytest -n needs a network namespace per worker (root): "
                                 f"unshare: {os.strerror(ctypes.get_errno())}")
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+
+
+@pytest.fixture(autouse=True)
+def _network_namespace(request):
+    """A host_network test runs (and starts its processes) in the namespace pytest started in."""
+    if _HOST_NET is None or request.node.get_closest_marker("host_network") is None:
+        yield
+        return
+    own = os.open("/proc/self/ns/net", os.O_RDONLY)
+    _setns(_HOST_NET)
+    try:
+        yield
+    finally:
+        _setns(own)
+        os.close(own)
 
 
 @pytest.fixture

@@ -13,11 +13,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from harness import Node, run, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.host_network  # pip fetches the dependencies from the package index
 def test_make_install_into_destdir(workdir):
     base, nodes = workdir
     dest = base / "root"

@@ -227,8 +227,11 @@ def test_prometheus_scrapes_every_node_and_the_series_say_what_marsadm_view_says
     on_a = f'instance="{exporters[0].address}",resource="r"'
     assert prom.value(f'mars_nbd_request_bytes_total{{{on_a},command="write"}}') >= 1 << 20
     assert prom.value(f"mars_write_latency_seconds_count{{{on_a}}}") >= 1
-    # No findings in a healthy cluster, so no alert.
-    assert prom.query('mars_finding{level="TODO"}') == [] and prom.firing() == []
+    # No findings in a healthy cluster, so no alert; MarsDirFillingUp aside: it extrapolates the
+    # free space of the disk the MARS directories share with every other test (and pytest worker),
+    # whose files come and go while this one runs; tests/test_alert_rules.py tests that rule.
+    assert prom.query('mars_finding{level="TODO"}') == []
+    assert [a for a in prom.firing() if a["labels"]["alertname"] != "MarsDirFillingUp"] == []
 
 
 def test_every_dashboard_query_evaluates_and_shows_data(watched):

@@ -17,6 +17,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from harness import Node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +49,7 @@ def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProce
     return r
 
 
+@pytest.mark.host_network  # pip fetches the dependencies from the package index
 def test_the_wheel_installs_and_every_command_runs(workdir):
     base, nodes = workdir
     src = base / "src"
