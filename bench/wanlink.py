@@ -46,6 +46,8 @@ import random
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -77,6 +79,7 @@ class Path:
 class Counters:
     connections: int = 0  # accepted
     open: int = 0
+    peak_open: int = 0  # the most connections open at once
     lost: int = 0  # reset by the loss setting or cut_all()
     failed: int = 0  # the target refused or could not be reached
     up_bytes: int = 0  # delivered listen -> target
@@ -307,6 +310,7 @@ class WanLink:
         self._conns.add(task)
         self.counters.connections += 1
         self.counters.open += 1
+        self.counters.peak_open = max(self.counters.peak_open, self.counters.open)
         try:
             try:
                 treader, twriter = await asyncio.open_connection(
@@ -364,6 +368,34 @@ def window_ceiling(rtt: float) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return rmem_max / rtt if rtt > 0 else None
+
+
+class Nat:
+    """iptables nat OUTPUT rules that put a WanLink between two local addresses; ``clear`` removes
+    every one again (call it in a ``finally``).
+
+    Locally generated connections pass the nat table's OUTPUT chain, so ``dnat(src, dst, port, to)``
+    sends every new connection from ``src`` to ``dst:port`` to the proxy at ``to`` instead; the
+    proxy's own connection to ``dst`` leaves from another address and is not caught. Connections
+    made before the rule keep going direct (NAT is decided at a connection's first packet).
+    """
+
+    def __init__(self) -> None:
+        self.rules: list[list[str]] = []
+
+    def dnat(self, src: str, dst: str, port: int, to: str) -> list[str]:
+        rule = ["OUTPUT", "-s", src, "-d", dst, "-p", "tcp", "--dport", str(port), "-j", "DNAT",
+                "--to-destination", to]
+        subprocess.run(["iptables", "-t", "nat", "-A", *rule], check=True, capture_output=True, text=True)
+        self.rules.append(rule)
+        return ["iptables", "-t", "nat", "-A", *rule]
+
+    def clear(self) -> None:
+        while self.rules:
+            rule = self.rules.pop()
+            r = subprocess.run(["iptables", "-t", "nat", "-D", *rule], capture_output=True, text=True)
+            if r.returncode:
+                print(f"warning: could not remove iptables rule {rule}: {r.stderr.strip()}", file=sys.stderr)
 
 
 # -- command line ----------------------------------------------------------------------------------
