@@ -34,7 +34,12 @@ from .runtime import stop_if_stopping
 log = logging.getLogger("mars.fetcher")
 
 FETCH_BYTES = 16 << 20
-DEPTH = 3  # requests in flight while catching up, one per link
+#: Requests in flight while catching up, one per link; the node's mem-limit (``depth()``, 8 with
+#: the default 256M) caps it lower. A link that ends one request per round trip moves one reply
+#: per (RTT + transfer): the requests in flight must cover the path's bandwidth-delay product plus
+#: one reply. Three covered 1 Gbit/s only up to about 0.25 s of round trip (200 ms one way: at most
+#: 3 x 16 MiB / (0.4 s + 0.13 s) = 0.75 of the rate); eight cover it up to 0.9 s (bench/bench_wan.py).
+DEPTH = 8
 WAIT_MS = 120_000  # an idle fetcher asks every 2 min; new bytes, a finished file or a better source end it at once
 RETRY_S = 1.0
 
@@ -190,7 +195,7 @@ class Fetcher:
         """Copy log files from ``client`` until a more preferred source appears (then return).
 
         A pipeline: while the source has whole chunks beyond what is asked already (its last
-        reply said how much it has), up to ``DEPTH`` chunks are in flight, each on its own link
+        reply said how much it has), up to ``depth()`` chunks (at most ``DEPTH``) are in flight, each on its own link
         (a link serves one request at a time), and they are stored strictly in order. So the
         source's reading and encrypting, the transfer, and our decrypting and writing all
         overlap. Near the live end one long-polling request waits for more.
