@@ -69,6 +69,7 @@ bench: venv
 	$(PY) bench/bench_quiet.py
 	$(PY) bench/bench_traffic.py
 	$(PY) bench/bench_resize.py
+	$(PY) bench/bench_wan.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \
