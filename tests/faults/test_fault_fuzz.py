@@ -17,12 +17,14 @@ Short: ``pytest tests/faults/test_fault_fuzz.py``. Full: ``MARS_TORTURE=1 pytest
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import resource
 import struct
 import time
 import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import xxhash
@@ -47,29 +49,39 @@ SEED = int(os.environ.get("MARS_FUZZ_SEED", random.randrange(2**32)))
 SLOW_S = 5.0
 
 
-def _decoders():
-    """name -> (runner, corpus, closer); built once per test, some own a tmpfs directory."""
-    scan, entries, control = D.ScanFile(), D.TreeEntries(), D.Control()
-    return {
-        "nbd": (D.run_nbd, D.nbd_corpus(), None),
-        "peer-stream": (D.run_peer, D.peer_corpus(), None),
-        "peer-decode": (D.run_peer_decode, [P.encode(m) for m in [D.PEER_HELLO, *D.peer_messages()]]
-                        + [c[len(P.encode(D.PEER_HELLO)):] for c in D.peer_corpus(random.Random(3), 200)], None),
-        "log-reader": (D.run_log, D.log_corpus(), None),
-        "log-scan-file": (scan, D.log_corpus(), scan.close),
-        "tree-entries": (entries, D.entries_corpus(), entries.close),
-        "tree-values": (D.run_values, D.values_corpus(), None),
-        "control": (control, D.control_corpus(), control.close),
-    }
+def _make(name):
+    """(runner, corpus, closer) of one decoder; some own a tmpfs directory."""
+    if name == "nbd":
+        return D.run_nbd, D.nbd_corpus(), None
+    if name == "peer-stream":
+        return D.run_peer, D.peer_corpus(), None
+    if name == "peer-decode":
+        return (D.run_peer_decode, [P.encode(m) for m in [D.PEER_HELLO, *D.peer_messages()]]
+                + [c[len(P.encode(D.PEER_HELLO)):] for c in D.peer_corpus(random.Random(3), 200)], None)
+    if name == "log-reader":
+        return D.run_log, D.log_corpus(), None
+    if name == "log-scan-file":
+        scan = D.ScanFile()
+        return scan, D.log_corpus(), scan.close
+    if name == "tree-entries":
+        entries = D.TreeEntries()
+        return entries, D.entries_corpus(), entries.close
+    if name == "tree-values":
+        return D.run_values, D.values_corpus(), None
+    if name == "control":
+        control = D.Control()
+        return control, D.control_corpus(), control.close
+    raise KeyError(name)
 
 
 NAMES = ["nbd", "peer-stream", "peer-decode", "log-reader", "log-scan-file", "tree-entries", "tree-values", "control"]
+#: Decoders fuzzed side by side (processes): the full campaign's million inputs each take minutes.
+JOBS = size(1, 2, "MARS_FUZZ_JOBS")
 
 
 @pytest.fixture
 def decoders():
-    made = _decoders()
-    assert list(made) == NAMES
+    made = {name: _make(name) for name in NAMES}
     try:
         yield made
     finally:
@@ -99,8 +111,17 @@ def test_hypothesis(decoders, name):
     check()
 
 
-def fuzz_loop(name, run, corpus, inputs, seed):
-    """``inputs`` seeded mutations of the corpus through ``run``; figures and the bugs found (at most 5)."""
+def fuzz_loop(name, inputs, seed):
+    """``inputs`` seeded mutations of ``name``'s corpus through it; figures and the bugs found (at most 5)."""
+    run, corpus, close = _make(name)
+    try:
+        return _loop(name, run, corpus, inputs, seed)
+    finally:
+        if close is not None:
+            close()
+
+
+def _loop(name, run, corpus, inputs, seed):
     rng = random.Random(f"{seed}-{name}")
     counts = {"parsed": 0, "rejected": 0}
     bugs = []
@@ -125,7 +146,7 @@ def fuzz_loop(name, run, corpus, inputs, seed):
     return counts, bugs, elapsed, slowest, grew_mib
 
 
-def test_fuzz_campaign(decoders):
+def test_fuzz_campaign():
     """The campaign's figures: inputs per decoder, parsed and refused, crashes (must be 0), speed."""
     total = {"parsed": 0, "rejected": 0}
     bugs: list[str] = []
@@ -134,18 +155,22 @@ def test_fuzz_campaign(decoders):
     n = 0
     slowest = 0.0
     grew = 0.0
-    for name, (run, corpus, _) in decoders.items():
-        counts, found, elapsed, slow, grew_mib = fuzz_loop(name, run, corpus, INPUTS, SEED)
+    if JOBS > 1:
+        with ProcessPoolExecutor(JOBS, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(fuzz_loop, NAMES, [INPUTS] * len(NAMES), [SEED] * len(NAMES)))
+    else:
+        results = [fuzz_loop(name, INPUTS, SEED) for name in NAMES]
+    for name, (counts, found, elapsed, slow, grew_mib) in zip(NAMES, results):
         n += sum(counts.values())
         for k in total:
             total[k] += counts[k]
         bugs += found
         slowest, grew = max(slowest, slow), max(grew, grew_mib)
         lines.append(f"{name}: {sum(counts.values())} inputs, {counts['rejected']} refused, {counts['parsed']} parsed, "
-                     f"{len(found)} crashes, {sum(counts.values()) / elapsed:.0f} inputs/s")
+                     f"{len(found)} crashes, {sum(counts.values()) / elapsed:.0f} inputs/s, {elapsed:.0f} s")
     elapsed = time.perf_counter() - start
     print("\n" + "\n".join(lines))
-    report("fuzz (in process)", decoders=len(decoders), inputs_per_decoder=INPUTS, inputs=n,
+    report("fuzz (in process)", decoders=len(NAMES), jobs=JOBS, inputs_per_decoder=INPUTS, inputs=n,
            rejected=total["rejected"], parsed=total["parsed"], crashes=len(bugs),
            inputs_per_s=f"{n / elapsed:.0f}", slowest_input_s=f"{slowest:.3f}", max_rss_growth_mib=f"{grew:.0f}",
            time_s=f"{elapsed:.1f}", seed=SEED)
