@@ -24,7 +24,7 @@ import resource
 import struct
 import time
 import tracemalloc
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 import pytest
 import xxhash
@@ -155,21 +155,30 @@ def test_fuzz_campaign():
     n = 0
     slowest = 0.0
     grew = 0.0
-    if JOBS > 1:
-        with ProcessPoolExecutor(JOBS, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(fuzz_loop, NAMES, [INPUTS] * len(NAMES), [SEED] * len(NAMES)))
-    else:
-        results = [fuzz_loop(name, INPUTS, SEED) for name in NAMES]
-    for name, (counts, found, elapsed, slow, grew_mib) in zip(NAMES, results):
+    def done(name, result):
+        nonlocal n, slowest, grew
+        counts, found, elapsed, slow, grew_mib = result
         n += sum(counts.values())
         for k in total:
             total[k] += counts[k]
-        bugs += found
+        bugs.extend(found)
         slowest, grew = max(slowest, slow), max(grew, grew_mib)
         lines.append(f"{name}: {sum(counts.values())} inputs, {counts['rejected']} refused, {counts['parsed']} parsed, "
                      f"{len(found)} crashes, {sum(counts.values()) / elapsed:.0f} inputs/s, {elapsed:.0f} s")
+        print(f"\nfuzz {lines[-1]}", flush=True)  # as each decoder ends: a long run shows its progress
+
+    # Cheapest first, so a long run interrupted still has the figures of most decoders.
+    order = ["peer-decode", "tree-values", "control", "nbd", "log-reader", "peer-stream", "tree-entries",
+             "log-scan-file"]
+    if JOBS > 1:
+        with ProcessPoolExecutor(JOBS, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(fuzz_loop, name, INPUTS, SEED): name for name in order}
+            for f in as_completed(futures):
+                done(futures[f], f.result())
+    else:
+        for name in order:
+            done(name, fuzz_loop(name, INPUTS, SEED))
     elapsed = time.perf_counter() - start
-    print("\n" + "\n".join(lines))
     report("fuzz (in process)", decoders=len(NAMES), jobs=JOBS, inputs_per_decoder=INPUTS, inputs=n,
            rejected=total["rejected"], parsed=total["parsed"], crashes=len(bugs),
            inputs_per_s=f"{n / elapsed:.0f}", slowest_input_s=f"{slowest:.3f}", max_rss_growth_mib=f"{grew:.0f}",
