@@ -42,8 +42,8 @@ from mars.engine.nbd import protocol as N
 from mars.engine.peer import protocol as P
 from mars.engine.tree import LamportClock, Tree
 
-INPUTS = size(1500, 1_000_000, "MARS_FUZZ_EXAMPLES")
-HYPOTHESIS_EXAMPLES = size(40, 2000, "MARS_FUZZ_HYPOTHESIS")
+INPUTS = size(600, 1_000_000, "MARS_FUZZ_EXAMPLES")
+HYPOTHESIS_EXAMPLES = size(25, 2000, "MARS_FUZZ_HYPOTHESIS")
 SEED = int(os.environ.get("MARS_FUZZ_SEED", random.randrange(2**32)))
 #: One input may take this long (a 32 MiB payload allocated and checked); longer is a hang.
 SLOW_S = 5.0
