@@ -38,6 +38,12 @@ NONE = "(none)"
 DEFAULT_MARS_DIR = "/mars"
 # Top-level directories that stay on their node: the credential must never travel.
 LOCAL_DIRS = frozenset({"cluster"})
+#: What a peer's entry may hold and still be stored: a symlink target is at most 4095 bytes
+#: (PATH_MAX with its NUL), and a name at most NAME_MAX 255 less the room _write's temporary
+#: ".tmp.<pid>.<thread>." prefix takes. The peer protocol allows a little more (4096, 255):
+#: such an entry is refused like an unsafe path, not stored half-way.
+MAX_TARGET = 4095
+MAX_COMPONENT = 255 - 40
 
 # Host and resource names end up in file names and in other hosts' trees: keep them to a
 # conservative alphabet (the original's host rule) and away from the words used as selectors.
@@ -254,6 +260,10 @@ class Tree:
         parts = entry.path.split("/")
         if parts[0] in LOCAL_DIRS or any(p in ("", ".", "..") for p in parts):
             return False  # the credential never comes from a peer; no path leaves the tree
+        if (len(entry.value) > MAX_TARGET // 4 and len(entry.value.encode("utf-8", "surrogateescape")) > MAX_TARGET) \
+                or any(len(p) > MAX_COMPONENT // 4 and len(p.encode("utf-8", "surrogateescape")) > MAX_COMPONENT
+                       for p in parts):
+            return False  # the file system could not hold it (ENAMETOOLONG): no node can have written it
         known = self.changes.get(entry.path) if self.changes is not None else None
         if known is not None and _wins(known, entry):
             # What the index holds is on disk or older than what is (writes only move forward),
@@ -265,8 +275,14 @@ class Tree:
             d = self.root
             for p in parts[:-1]:
                 d = d / p
-                if os.path.islink(d):
-                    return False  # an entry is a leaf: never write through one into elsewhere
+                try:
+                    mode = os.lstat(d).st_mode
+                except FileNotFoundError:
+                    break  # the rest of the way is new: _write makes the directories
+                if not stat.S_ISDIR(mode):
+                    # An entry is a leaf: never write through one into elsewhere; a log file or a
+                    # socket (nbd.sock) is no directory either (ENOTDIR on the way down).
+                    return False
             full = self.root / entry.path
             if os.path.lexists(full) and not os.path.islink(full):
                 return False  # a log file or directory here: entries never replace those

@@ -289,6 +289,8 @@ class ControlServer:
             req = json.loads(line)
         except ValueError:
             return f"request is not JSON: {line[:80]!r}"
+        except RecursionError:  # 64 KiB of "[" or '{"a":' nest deeper than the parser recurses
+            return f"request nests too deep to be a request: {line[:80]!r}"
         return req if isinstance(req, dict) else "request is not a JSON object"
 
     async def _events(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 __all__ = ["LOG_RE", "ZERO_DIGEST", "LogPos", "ReplayCode", "ReplayLink", "Version", "first_record", "log_name",
            "parse_log_name"]
 
-LOG_RE = re.compile(r"^log-(\d{9})-([A-Za-z0-9_][-A-Za-z0-9_]*)$")
+# [0-9], not \d: \d also matches other scripts' digits ("١", which int() reads, and "²", which it
+# refuses), and a value means one spelling of one number.
+LOG_RE = re.compile(r"^log-([0-9]{9})-([A-Za-z0-9_][-A-Za-z0-9_]*)$")
 ZERO_DIGEST = "0" * 32
-_NUMBERED_RE = re.compile(r"^log-(\d{9})@(\d+)$")
+_NUMBERED_RE = re.compile(r"^log-([0-9]{9})@([0-9]+)$")
 _DIGEST_RE = re.compile(r"^[^,:\s]+$")  # any token: an odd digest must still be compared, not ignored
 
 
@@ -56,7 +58,14 @@ def first_record(file_seq: int) -> int:
 
 
 def _int(text: str) -> int | None:
-    return int(text) if text.isdigit() else None
+    # isdigit() alone is also true for "²" and "①", which int() refuses; and int() refuses more
+    # than 4300 digits (sys.int_info.str_digits_check_threshold): either would make parse raise.
+    if not (text.isascii() and text.isdigit()):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -95,7 +104,8 @@ class LogPos:
             p, off = parse_log_name(name), _int(offset)
             return None if p is None or off is None else cls(p[0], off, p[1])
         m = _NUMBERED_RE.match(value)
-        return cls(int(m.group(1)), int(m.group(2))) if m else None
+        off = _int(m.group(2)) if m else None
+        return None if off is None else cls(int(m.group(1)), off)
 
 
 @dataclass(frozen=True, slots=True)

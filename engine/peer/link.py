@@ -28,6 +28,7 @@ log = logging.getLogger("mars.peer")
 
 DEFAULT_PORT = P.DEFAULT_PORT
 READ_CHUNK = 4 << 20
+HANDSHAKE_TIMEOUT = 10.0  # seconds a client may take for its TLS handshake
 CONNECT_TIMEOUT = 5.0
 #: TCP keepalive on every peer link: probes after 5 s of silence, every 2 s, 3 unanswered end the
 #: link (about 11 s). A fetch long-polls for 30 s; without this, a peer that vanished without a
@@ -112,6 +113,16 @@ async def _send(writer: asyncio.StreamWriter, bufs: list, limit: RateLimit | Non
             await writer.drain()
 
 
+#: What a failed handshake's OpenSSL reason means for the operator reading marsd's log.
+_HANDSHAKE_HINTS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client shows no certificate (only nodes of this cluster may connect)",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust this node's certificate (another cluster's node?)",
+    "CERTIFICATE_VERIFY_FAILED": "the client's certificate is not signed by this cluster's CA",
+    "HTTP_REQUEST": "the client speaks HTTP, not TLS",
+    "WRONG_VERSION_NUMBER": "the client does not speak TLS 1.3",
+    "UNSUPPORTED_PROTOCOL": "the client does not speak TLS 1.3",
+}
+
 #: Replies that carry a device's or a log's bytes: what the traffic-out-limit holds back.
 BULK_REPLIES = (P.LogData, P.ReadReply)
 
@@ -130,8 +141,10 @@ class PeerServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port, ssl=self._ctx, reuse_address=True,
-                                                  ssl_handshake_timeout=10)
+        # TLS starts per connection in _serve, not in the server: a failed handshake (a client
+        # without the cluster's certificate, one that speaks no TLS) then reaches marsd's log;
+        # asyncio's own handshake reports it only in its debug mode.
+        self._server = await asyncio.start_server(self._serve, host, port, reuse_address=True)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -153,6 +166,17 @@ class PeerServer:
         conn = P.PeerConnection(self._hello())
         who = f"{addr[0]}:{addr[1]}" if addr else "?"
         try:
+            try:
+                await writer.start_tls(self._ctx, ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+            except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+                if isinstance(e, (ConnectionResetError, asyncio.IncompleteReadError)):
+                    # A port probe (a monitoring check's connect) looks like this too: no warning.
+                    log.info("peer %s: closed the connection during its TLS handshake", who)
+                    return
+                reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+                log.warning("peer %s: TLS handshake failed: %s; closing that connection", who,
+                            _HANDSHAKE_HINTS.get(reason, reason))
+                return
             writer.write(conn.initial_bytes())
             first = await _next_message(conn, reader)
             if not isinstance(first, P.Hello):
