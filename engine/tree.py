@@ -175,7 +175,7 @@ class Tree:
             known = self.changes.get(path)
             if known is not None and known.value == value:
                 return known
-        (self.root / path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs((self.root / path).parent)
         old = self._read(path)
         if old is not None and old.value == value and stamp_ns is None and not restamp:
             return old
@@ -190,7 +190,7 @@ class Tree:
         """Put ``value`` with ``stamp`` at ``path``: a temporary symlink renamed into place."""
         full = self.root / path
         if mkdir:
-            full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs(full.parent)
         tmp = full.parent / f".tmp.{os.getpid()}.{threading.get_ident()}.{full.name}"
         try:
             os.symlink(value, tmp)
@@ -213,7 +213,7 @@ class Tree:
             self.set(path, DELETED, durable=durable)
 
     def mkdir(self, path: str) -> None:
-        (self.root / path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.root / path)
 
     # -- replication -------------------------------------------------------------------------
 
@@ -366,6 +366,30 @@ def parse_int(value: str | None) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+def make_dirs(path: Path, mode: int = 0o700) -> None:
+    """``mkdir -p`` whose new directories survive a power loss.
+
+    A new directory is an entry of its parent, durable only once the parent is fsynced; without
+    that, a power cut after ``create-cluster`` or after the first entry of a new resource left the
+    files inside (each synced) unreachable: the tree was gone and marsd refused to start. The
+    parent is synced only when a directory was created, so the common case (it exists) costs the
+    one mkdir it always cost.
+    """
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    except FileNotFoundError:
+        make_dirs(path.parent, mode)
+        try:
+            path.mkdir(mode=mode)
+        except FileExistsError:
+            return
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:
