@@ -244,6 +244,21 @@ class Tree:
                 out.append(Entry(rel, value, st.st_mtime_ns))
         return out
 
+    def apply_all(self, entries, source: str | None = None) -> list[str]:
+        """Apply a peer's entries (:meth:`apply`), then make the changed ones durable: the paths changed.
+
+        Entries from peers were never synced, so a power cut lost what this node had learned:
+        after a cut right after ``join-cluster`` the node knew no other node's address
+        (``ips/``) and neither could pull the other again. One fsync per changed directory per
+        batch (not per entry) keeps this cheap; the peers' reported state (``actual-<host>/``,
+        ``resource-*/actual-<host>/``), which changes every round and is reported again by the
+        peer's next round, is left unsynced: losing it costs nothing.
+        """
+        changed = [e.path for e in entries if self.apply(e, source)]
+        for d in sorted({p.rpartition("/")[0] for p in changed if not reported_state(p)}):
+            fsync_dir(self.root / d)
+        return changed
+
     def apply(self, entry: Entry, source: str | None = None) -> bool:
         """Take a peer's entry if it is newer than ours (the newest Lamport stamp wins).
 
@@ -366,6 +381,11 @@ def parse_int(value: str | None) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+def reported_state(path: str) -> bool:
+    """Whether ``path`` is a node's reported state (``actual-<host>/…``), rewritten every round."""
+    return any(part.startswith("actual-") for part in path.split("/")[:2])
 
 
 def make_dirs(path: Path, mode: int = 0o700) -> None:

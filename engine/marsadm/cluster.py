@@ -135,8 +135,7 @@ async def _join(ctx: Ctx, peer_ip: str, port: int) -> tuple[str, str]:
         tree.set(f"defaults-{ctx.host}/sync-limit", 0)
         own = tree.walk((f"ips/ip-{ctx.host}", f"defaults-{ctx.host}", f"actual-{ctx.host}"))
         reply = await client.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=30)
-        for e in reply.entries:
-            tree.apply(e)
+        tree.apply_all(reply.entries)
         await client.request(lambda req: P.TreeEntries(req=req, entries=tuple(own)), timeout=30)
         return client.peer or peer_ip, ip
     except PeerError as e:
