@@ -19,7 +19,7 @@ primary's write load; every other one tears. Reproduce a failure with the seed i
 
     MARS_POWER_SEED=<seed> python -m pytest tests/faults/test_fault_powerloss.py -x -s
 
-``MARS_POWER_CUTS`` sets the number of random cuts under load (short: 6, `make torture`: 240).
+``MARS_POWER_CUTS`` sets the number of random cuts under load (short: 3, `make torture`: 240).
 """
 
 from __future__ import annotations
@@ -38,9 +38,12 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from campaign import report, size  # noqa: E402
 from harness import Node, caught_up, short_tempdir, wait_until, write  # noqa: E402
 from lazyfs import Mount  # noqa: E402
-from test_crash import DEV_SIZE, CrashTest, first_difference, describe_sector  # noqa: E402
+from mars.engine.log.files import scan_file  # noqa: E402
+from mars.engine.log.format import Kind  # noqa: E402
+from mars.engine.log.values import ReplayLink, first_record, log_name  # noqa: E402
+from test_crash import DEV_SIZE, CrashTest, describe_sector, first_difference  # noqa: E402
 
-CUTS = size(6, 240, "MARS_POWER_CUTS")
+CUTS = size(3, 240, "MARS_POWER_CUTS")
 
 
 class Disk:
@@ -72,6 +75,7 @@ class Campaign:
         self.t: CrashTest | None = None
         self.h = None
         self.logs_deleted = False
+        self.prefix_checks = 0
 
     def disk(self, host: str, ip: str) -> Disk:
         d = Disk(self.base, host, ip)
@@ -176,6 +180,33 @@ class Campaign:
             out.append(f"--- {d.node.host}: {files}\n    actual: {acts}\n{d.node.log()[-3000:]}")
         return "\n".join(out)
 
+    def check_prefix(self, a: Disk, b: Disk) -> None:
+        """With b's replay paused and settled: b's device is the replay of a's log up to b's replay
+        position, a record boundary (a write-order prefix of what a acknowledged)."""
+        wait_until(lambda: b.node.tree_value("resource-r/actual-b/is-replaying") == "0", 30, "b's replay to stop")
+        link = ReplayLink.parse(b.node.tree_value("resource-r/replay-b"))
+        image = bytearray(DEV_SIZE)
+        rdir = a.node.mars_dir / "resource-r"
+        for seq in range(1, link.seq + 1):
+            end = link.pos if seq == link.seq else None
+
+            def on(d, end=end) -> None:
+                if end is None or d.offset < end:
+                    r = d.record
+                    image[r.offset:r.offset + r.length] = r.payload if r.kind == Kind.WRITE else bytes(r.length)
+
+            res = scan_file(rdir / log_name(seq, "a"), 0, first_record(seq), on)
+            assert res.error is None, f"a's log {seq} does not scan: {res.error}"
+            if end is not None:
+                assert res.end >= end, f"b replayed {seq} to {end}, a's log has only {res.end} bytes"
+        data = b.img.read_bytes()
+        if data != image:
+            off = first_difference(image, data)
+            raise AssertionError(f"after {self.step}: b's device is not a's log replayed to {link} at {off}: b "
+                                 f"holds {describe_sector(data[off:off + 512])}, the log says "
+                                 f"{describe_sector(image[off:off + 512])}")
+        self.prefix_checks += 1
+
     def cut_secondary(self, a: Disk, b: Disk) -> None:
         b.power_cut(self.rng, self.tear())
         b.node.start()
@@ -223,6 +254,7 @@ def run_campaign(c: Campaign, cuts: int) -> None:
 
     c.step = "pause-replay"
     nb.marsadm("pause-replay", "r")
+    c.check_prefix(a, b)
     b.power_cut(rng, c.tear())
     nb.start()
     c.step = "resume-replay"
@@ -250,6 +282,11 @@ def run_campaign(c: Campaign, cuts: int) -> None:
                 na.marsadm("log-rotate", "r")
         if i % 4 == 3:
             c.check_secondary(a, b)
+        if i % 5 == 4:
+            c.step = f"random cut {i}: b paused"
+            nb.marsadm("pause-replay", "r")
+            c.check_prefix(a, b)
+            nb.marsadm("resume-replay", "r")
 
     c.step = "log-delete-all"
     c.check_secondary(a, b)
@@ -276,7 +313,7 @@ def test_power_loss_campaign():
         shutil.rmtree(base, ignore_errors=True)
     s = c.t.stats
     report("power loss", cuts=sum(d.cuts for d in c.disks), torn_cuts=sum(d.torn for d in c.disks),
-           acked_writes=s.acked, in_flight_at_cuts=s.in_flight_at_kill, lost=0, seed=seed,
+           acked_writes=s.acked, prefix_checks=c.prefix_checks, in_flight_at_cuts=s.in_flight_at_kill, lost=0, seed=seed,
            time=f"{time.monotonic() - t0:.0f} s")
 
 
