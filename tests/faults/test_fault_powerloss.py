@@ -402,3 +402,40 @@ def test_fetch_waiting_at_a_starting_primary_goes_on_when_it_attaches():
         for n in nodes:
             n.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_secondary_goes_on_after_its_unsynced_log_copy_came_back_as_zeros():
+    """Regression: a torn power cut left b's log copy with zeros at its start; the fetch stopped.
+
+    Found by the campaign (a cut of b with tearing): b never fsyncs its copies (the primary keeps
+    the file), so the cut may keep a later part of an unsynced range and leave zeros before it.
+    The fetcher took that for damage ("bad start magic") and stopped for good. The copy is cut
+    at its first bad record and fetched again, as a torn tail is.
+    """
+    base = short_tempdir()
+    nodes: list[Node] = []
+    try:
+        a, b = Node(base, "a", "127.0.0.2"), Node(base, "b", "127.0.0.3")
+        nodes += [a, b]
+        a.create_cluster()
+        a.start()
+        b.join_cluster(a)
+        b.start()
+        a.marsadm("create-resource", "r", str(base / "a.img"), "8M")
+        wait_until(lambda: b.tree_value("resource-r/size") is not None, 30, "b to learn r")
+        b.marsadm("join-resource", "r", str(base / "b.img"), "--create")
+        write(a, "write -P 0x11 0 1M")
+        wait_until(lambda: caught_up(a, b, "r"), 60, "b to catch up")
+        b.kill()
+        copy = max((b.mars_dir / "resource-r").glob("log-*-a"))
+        with open(copy, "r+b") as f:  # what a torn cut of an unsynced copy may leave
+            f.write(bytes(8192))
+        write(a, "write -P 0x22 1M 1M")
+        b.start()
+        wait_until(lambda: caught_up(a, b, "r"), 60, "b to go on after its damaged copy")
+        assert "fetch stopped" not in b.log()
+    finally:
+        for n in nodes:
+            n.kill()
+        shutil.rmtree(base, ignore_errors=True)
