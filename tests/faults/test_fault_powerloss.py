@@ -439,3 +439,42 @@ def test_secondary_goes_on_after_its_unsynced_log_copy_came_back_as_zeros():
         for n in nodes:
             n.kill()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_primary_serves_after_a_cut_left_zeros_before_a_surviving_tail():
+    """Regression: a torn power cut left a hole of zeros in the primary's newest log, then bytes of
+    a later unsynced append; recovery called it damage ("bad start magic") and served nothing.
+    Nothing after the hole was acknowledged (the fdatasync before any acknowledgement would have
+    made the hole durable too), so it is cut as a torn tail and the acknowledged write reads back."""
+    import nbd
+    from test_crash import pattern
+    base = short_tempdir()
+    nodes: list[Node] = []
+    try:
+        (a,) = [Node(base, "a", "127.0.0.2")]
+        nodes.append(a)
+        a.create_cluster()
+        a.start()
+        a.marsadm("create-resource", "r", str(base / "a.img"), "8M")
+        h = nbd.NBD()
+        h.connect_uri(a.uri("r"))
+        acked = pattern(0, 1, 0, 8)
+        h.pwrite(acked, 0)
+        h.shutdown()
+        del h
+        a.kill()
+        log1 = max((a.mars_dir / "resource-r").glob("log-*-a"))
+        with open(log1, "ab") as f:  # a hole, then part of a later append that reached the disk
+            f.write(bytes(4096) + b"MARSLOG\x00" + bytes(500))
+        a.start()
+        a.wait_value("resource-r/actual-a/is-primary", "1", 30)
+        h = nbd.NBD()
+        h.connect_uri(a.uri("r"))
+        assert h.pread(len(acked), 0) == acked
+        h.shutdown()
+        assert "replay stopped" not in a.log()
+    finally:
+        for n in nodes:
+            n.kill()
+        shutil.rmtree(base, ignore_errors=True)
