@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import MarsError
-from .tree import check_name, fsync_dir
+from .tree import check_name, fsync_dir, make_dirs
 
 CRED_DIR = "cluster"
 CA_FILE = "ca.pem"
@@ -142,7 +142,7 @@ def _locked(mars_dir: Path, *, create: bool) -> Iterator[Path]:
     d = cred_dir(mars_dir)
     if create:
         try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs(d)
             os.chmod(d, 0o700)
         except OSError as e:
             raise CredentialError(f"cannot create {d}: {e.strerror}",

@@ -181,7 +181,7 @@ class Tree:
             known = self.changes.get(path)
             if known is not None and known.value == value:
                 return known
-        (self.root / path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs((self.root / path).parent)
         old = self._read(path)
         if old is not None and old.value == value and stamp_ns is None and not restamp:
             return old
@@ -196,7 +196,7 @@ class Tree:
         """Put ``value`` with ``stamp`` at ``path``: a temporary symlink renamed into place."""
         full = self.root / path
         if mkdir:
-            full.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs(full.parent)
         tmp = full.parent / f".tmp.{os.getpid()}.{threading.get_ident()}.{full.name}"
         try:
             os.symlink(value, tmp)
@@ -219,7 +219,7 @@ class Tree:
             self.set(path, DELETED, durable=durable)
 
     def mkdir(self, path: str) -> None:
-        (self.root / path).mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_dirs(self.root / path)
 
     # -- replication -------------------------------------------------------------------------
 
@@ -249,6 +249,21 @@ class Tree:
                     continue  # a regular file (log, lock, socket) or gone meanwhile
                 out.append(Entry(rel, value, st.st_mtime_ns))
         return out
+
+    def apply_all(self, entries, source: str | None = None) -> list[str]:
+        """Apply a peer's entries (:meth:`apply`), then make the changed ones durable: the paths changed.
+
+        Entries from peers were never synced, so a power cut lost what this node had learned:
+        after a cut right after ``join-cluster`` the node knew no other node's address
+        (``ips/``) and neither could pull the other again. One fsync per changed directory per
+        batch (not per entry) keeps this cheap; the peers' reported state (``actual-<host>/``,
+        ``resource-*/actual-<host>/``), which changes every round and is reported again by the
+        peer's next round, is left unsynced: losing it costs nothing.
+        """
+        changed = [e.path for e in entries if self.apply(e, source)]
+        for d in sorted({p.rpartition("/")[0] for p in changed if not reported_state(p)}):
+            fsync_dir(self.root / d)
+        return changed
 
     def apply(self, entry: Entry, source: str | None = None) -> bool:
         """Take a peer's entry if it is newer than ours (the newest Lamport stamp wins).
@@ -382,6 +397,35 @@ def parse_int(value: str | None) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+def reported_state(path: str) -> bool:
+    """Whether ``path`` is a node's reported state (``actual-<host>/…``), rewritten every round."""
+    return any(part.startswith("actual-") for part in path.split("/")[:2])
+
+
+def make_dirs(path: Path, mode: int = 0o700) -> None:
+    """``mkdir -p`` whose new directories survive a power loss.
+
+    A new directory is an entry of its parent, durable only once the parent is fsynced; without
+    that, a power cut after ``create-cluster`` or after the first entry of a new resource left the
+    files inside (each synced) unreachable: the tree was gone and marsd refused to start. The
+    parent is synced only when a directory was created, so the common case (it exists) costs the
+    one mkdir it always cost.
+    """
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    except FileNotFoundError:
+        make_dirs(path.parent, mode)
+        try:
+            path.mkdir(mode=mode)
+        except FileExistsError:
+            return
+    fsync_dir(path.parent)
 
 
 def fsync_dir(path: Path) -> None:

@@ -402,7 +402,7 @@ class Exchange:
         self.counters.entries_received += len(entries)
 
         def apply() -> list[str]:
-            return [e.path for e in entries if self.tree.apply(e, source)]
+            return self.tree.apply_all(entries, source)
 
         try:
             # A few entries (a quiet round: the peer's report) cost less here than the hand-over to

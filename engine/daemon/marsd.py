@@ -446,6 +446,11 @@ class Daemon:
             return
         self.failed.pop(res, None)
         self.runtimes[res] = rt
+        # A peer's fetch that came while no runtime was here (marsd starting, recovery running)
+        # saw nothing servable and long-polls on the pulse; nothing else fires it if no write
+        # follows, so without this it waited its whole poll (2 min) after a restart of the primary,
+        # though recovery may have finished the file it asks for.
+        self.log_pulse(res).fire()
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
         self.tree.set(actual(res, self.host, "replay-code"), ReplayCode(1), durable=False)
         if role == "primary":

@@ -112,7 +112,7 @@ def recover(tree: Tree, res: str, device: DataDevice) -> RecoveryResult:
         result = f.scan(on_record)
         if result.error is not None:
             err = result.error
-            if err.torn and open_for_appends:
+            if open_for_appends and (err.torn or _unsynced_hole(f.path, err.offset)):
                 log.warning("resource %s: %s; cutting %d bytes of torn tail (never acknowledged)",
                             res, err, f.size() - err.offset)
                 with open(f.path, "r+b") as fh:
@@ -165,6 +165,17 @@ def _continue_after(tree: Tree, res: str, last: LogFile, state: LogState) -> Log
              path.name)
     return LogState(seq=seq, path=path, end=0, next_record=first_record(seq),
                     hasher=VersionHasher(mine.digest), prev_version=mine)
+
+
+def _unsynced_hole(path, offset: int) -> bool:
+    """Whether the log holds zeros where its next record should start: a power cut kept a later
+    part of the appends since the last fdatasync but not this one (the file system had not
+    written it yet). Nothing from here on was acknowledged (an acknowledgement waits for the
+    fdatasync, which would have made these bytes durable too), so it is a torn tail; cut it."""
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        head = fh.read(8)
+    return len(head) > 0 and head == bytes(len(head))
 
 
 def check_contiguous(res: str, files: list[LogFile]) -> None:

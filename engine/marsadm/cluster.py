@@ -12,7 +12,7 @@ from ..credentials import (client_context, create_cluster_credential, ensure_nod
                            install_secret, secret_to_token, token_to_secret)
 from ..errors import UsageError
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError
-from ..tree import NONE, nodes_of, tree_host
+from ..tree import NONE, make_dirs, nodes_of, tree_host
 from ..trigger import marsd_running
 from .base import Ctx, command
 
@@ -27,7 +27,7 @@ def create_cluster(ctx: Ctx) -> None:
                            "nothing to do; to start over on a tree no other node knows, pass --force")
         _refuse_to_replace(ctx)
     ip = _own_ip(ctx)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(root)
     os.chmod(root, 0o700)  # the tree will hold credentials; as in the original it is root-only
     for d in ("ips", "userspace", "defaults", "todo-global", f"actual-{ctx.host}", f"defaults-{ctx.host}"):
         tree.mkdir(d)
@@ -107,7 +107,7 @@ def join_cluster(ctx: Ctx) -> None:
         secret = token_to_secret(ctx.args.token)
     peer_ip, _, port = ctx.args.peer.partition(":")
     root = tree.root
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(root)
     os.chmod(root, 0o700)
     install_secret(root, secret)
     ensure_node_cert(root, ctx.host)
@@ -135,8 +135,7 @@ async def _join(ctx: Ctx, peer_ip: str, port: int) -> tuple[str, str]:
         tree.set(f"defaults-{ctx.host}/sync-limit", 0)
         own = tree.walk((f"ips/ip-{ctx.host}", f"defaults-{ctx.host}", f"actual-{ctx.host}"))
         reply = await client.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=30)
-        for e in reply.entries:
-            tree.apply(e)
+        tree.apply_all(reply.entries)
         await client.request(lambda req: P.TreeEntries(req=req, entries=tuple(own)), timeout=30)
         return client.peer or peer_ip, ip
     except PeerError as e:

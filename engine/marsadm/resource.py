@@ -11,7 +11,7 @@ from ..device import device_size
 from ..log.files import LogFile, list_logs, read_replay, replay_path
 from ..log.values import ReplayLink, log_name
 from ..entry import DELETED
-from ..tree import check_name, connect_list, require_cluster, res_dir, set_connect_list, todo
+from ..tree import check_name, connect_list, fsync_dir, require_cluster, res_dir, set_connect_list, todo
 from ..model.units import human_bytes, parse_size
 from . import roles
 from .base import RES_ARG, Ctx, command
@@ -94,6 +94,10 @@ def _create_image(ctx: Ctx, dev: Path, size: int) -> None:
         raise ctx.fail(f"directory {dev.parent} does not exist", "create it first")
     with open(dev, "xb") as f:
         f.truncate(size)
+        os.fsync(f.fileno())
+    # The image is the resource's data: a power cut right after create-resource or join-resource
+    # must not take it away while the tree that names it (synced) stays.
+    fsync_dir(dev.parent)
 
 
 @command("delete-resource", "remove a resource from the tree and delete its log files (refused while attached)",

@@ -137,12 +137,21 @@ class Fetcher:
         self.position = LogPos(last.seq, self.complete[last.name], last.origin)
         return last.seq, last.origin
 
-    @staticmethod
-    def _cut_incomplete(f: LogFile) -> int:
+    def _cut_incomplete(self, f: LogFile) -> int:
+        """The good prefix of a local file; a copy is cut back to it and fetched again from there.
+
+        A copy is never fsynced (its source keeps the file), so after a power cut any of its
+        unsynced bytes may be zeros or stale, not only a torn tail: such a copy is cut at its
+        first bad record, as a torn one is, instead of stopping the fetch for good. Damage in a
+        file of this node's own origin is still refused.
+        """
         r = f.scan()
         if r.error is not None:
-            if not r.error.torn:
+            if not r.error.torn and f.origin == self.tree.host:
                 raise lf.LogCorruption(r.error.file, r.error.offset, r.error.code, r.error.reason, False)
+            if not r.error.torn:
+                log.warning("resource %s: local copy %s damaged at %d (%s), unsynced before a crash; "
+                            "cutting it there and fetching the rest again", self.res, f.name, r.end, r.error.reason)
             os.truncate(f.path, r.end)
         return r.end
 
