@@ -192,3 +192,30 @@ async def test_a_link_that_times_out_says_so(monkeypatch):
         assert "TimeoutError" in str(err.value)
     finally:
         silent.close()
+
+
+async def test_a_secondary_cut_off_from_the_primary_fetches_from_another_member(tmp_path):
+    """With no connect list the fetcher knew only the primary: a secondary that lost its link to
+    it (a partition that left the other secondary reaching both) fetched nothing until the link
+    came back, while the other member held every byte it lacked. The original fetches from any
+    node that has the log files; tests/faults/test_fault_partition.py is the case on a real network."""
+    import time
+
+    from mars.engine.tree import Tree
+
+    tree = Tree(tmp_path / "mars", "b")
+    for h in "abc":
+        tree.set(f"resource-r/data-{h}", f"/dev/{h}")
+    tree.set("resource-r/primary", "a")
+    f = Fetcher(tree, "r", executor=None, connect=None, on_data=lambda: None)
+    assert f.sources() == ["a", "c"], "the primary first, the other member after it"
+    tree.set("actual-b/msg-peer-a", "cannot reach peer 198.18.0.2:7777: TimeoutError", durable=False)
+    assert f.sources() == ["c", "a"], "a source the exchange cannot reach goes last"
+    tree.delete("actual-b/msg-peer-a", durable=False)
+    assert f.sources() == ["a", "c"], "and comes back first once it is reached again"
+    f._failed["a"] = time.monotonic()
+    assert f.sources() == ["c", "a"], "a source whose fetch just failed goes last too"
+    f._failed["a"] -= 60
+    assert f.sources() == ["a", "c"], "for a while only"
+    tree.set("resource-r/connect-b", "c")
+    assert f.sources() == ["c", "a"], "a connect list still comes first"
