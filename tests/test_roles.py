@@ -219,3 +219,17 @@ async def test_a_secondary_cut_off_from_the_primary_fetches_from_another_member(
     assert f.sources() == ["a", "c"], "for a while only"
     tree.set("resource-r/connect-b", "c")
     assert f.sources() == ["c", "a"], "a connect list still comes first"
+
+
+async def test_a_better_source_while_a_request_waits_ends_the_wait_quietly():
+    """The request was cancelled, but cancel() only asks: reading its result at once raised
+    InvalidStateError, which ended the whole fetch task, whenever a better source appeared
+    while a long poll waited (a changed connect list, a source reachable again)."""
+    f = Fetcher(None, "r", executor=None, connect=None, on_data=lambda: None)
+    task = asyncio.ensure_future(asyncio.sleep(3600))  # a task: its cancel() takes a turn to land
+    waiting = asyncio.ensure_future(f._reply_or_better(task))
+    await one_turn()
+    f._better.set()
+    assert await waiting is None
+    await asyncio.wait([task])
+    assert task.cancelled()

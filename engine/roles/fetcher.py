@@ -282,14 +282,18 @@ class Fetcher:
         """The request's reply, or None when a better source appeared first (the request is
         cancelled; its link is closed by the caller, as the reply may still come on it)."""
         better = asyncio.ensure_future(self._better.wait())
+        pending = True
         try:
             await asyncio.wait({task, better}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             better.cancel()
-            if not task.done():
+            pending = not task.done()
+            if pending:
+                # cancel() only asks: the task is not cancelled() yet, and its result() would
+                # raise InvalidStateError (which ended the whole fetch task).
                 task.cancel()
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return None if task.cancelled() else task.result()
+        return None if pending or task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
         """Ask for more whole chunks the source has, up to ``depth()`` in flight, one per link."""
