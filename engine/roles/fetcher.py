@@ -71,6 +71,7 @@ class Fetcher:
         self.position: LogPos | None = None  # how far the copy being fetched is, for the tree
         self._better = asyncio.Event()  # a more preferred source than the current one is listed
         self._failed: dict[str, float] = {}  # source -> when a fetch from it last failed (monotonic)
+        self._fallbacks: list[str] = []  # the members sources() lists after the connect list and the primary
 
     def reconsider(self) -> None:
         """Every round: a source listed before the current one ends the long poll at once, so a
@@ -108,8 +109,9 @@ class Fetcher:
         if prefs:
             # A member serves the copies it fetched itself (PeerServices._limit): never more than
             # it completely has, so it is a safe source of whatever it holds.
-            prefs += [h for h in self.tree.members(self.res)
-                      if h not in prefs and h != me and not self._leads_back(h)]
+            self._fallbacks = [h for h in self.tree.members(self.res)
+                               if h not in prefs and h != me and not self._leads_back(h)]
+            prefs += self._fallbacks
         now = time.monotonic()
         down = {h for h in prefs if self.tree.get(node_actual(me, f"msg-peer-{h}")) is not None
                 or now - self._failed.get(h, float("-inf")) < FAILED_S}
@@ -256,10 +258,16 @@ class Fetcher:
                     got = await self._store(path, LogPos(seq, offset, origin), reply)
                     if got < FETCH_BYTES and inflight:
                         await self._drain(inflight)  # a short reply: what was asked after it does not follow on
-                    if not got and not path.exists():
-                        path.touch(mode=0o600)
                     final = finished_length(self.tree, self.res, seq, origin)
                     finished = reply.finished or final is not None
+                    if not got and not path.exists():
+                        if self.source in self._fallbacks and not finished:
+                            # A member answers empty for a copy it has not started (its own
+                            # fetcher may be asking us for it): no proof the file exists. Two
+                            # secondaries cut off together would make it for each other.
+                            await asyncio.sleep(RETRY_S)
+                        else:
+                            path.touch(mode=0o600)
                 preferred = self.sources()
                 if preferred and (preferred.index(self.source) > 0 if self.source in preferred else True):
                     return
