@@ -208,16 +208,15 @@ async def test_a_secondary_cut_off_from_the_primary_fetches_from_another_member(
         tree.set(f"resource-r/data-{h}", f"/dev/{h}")
     tree.set("resource-r/primary", "a")
     f = Fetcher(tree, "r", executor=None, connect=None, on_data=lambda: None)
-    assert f.sources() == ["a", "c"], "the primary first, the other member after it"
+    assert f.sources() == ["a"], "the primary alone while it is reached"
     tree.set("actual-b/msg-peer-a", "cannot reach peer 198.18.0.2:7777: TimeoutError", durable=False)
-    assert f.sources() == ["c", "a"], "a source the exchange cannot reach goes last"
+    assert f.sources() == ["c", "a"], "cut off from it: the other member first, the primary last"
     tree.delete("actual-b/msg-peer-a", durable=False)
-    assert f.sources() == ["a", "c"], "and comes back first once it is reached again"
-    f._failed["a"] = time.monotonic()
-    assert f.sources() == ["c", "a"], "a source whose fetch just failed goes last too"
-    f._failed["a"] -= 60
-    assert f.sources() == ["a", "c"], "for a while only"
+    assert f.sources() == ["a"], "and the primary alone again once it is reached"
     tree.set("resource-r/connect-b", "c")
+    f._failed["c"] = time.monotonic()
+    assert f.sources() == ["a", "c"], "a source whose fetch just failed goes last"
+    f._failed["c"] -= 60
     assert f.sources() == ["c", "a"], "a connect list still comes first"
 
 

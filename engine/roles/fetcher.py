@@ -106,15 +106,17 @@ class Fetcher:
         primary = designated_primary(self.tree, self.res) or self.tree.get(f"{d}/prev-primary")
         if primary and primary != me and primary not in prefs:
             prefs.append(primary)
-        if prefs:
-            # A member serves the copies it fetched itself (PeerServices._limit): never more than
-            # it completely has, so it is a safe source of whatever it holds.
+        cut = {h for h in self.tree.members(self.res) if self.tree.get(node_actual(me, f"msg-peer-{h}")) is not None}
+        self._fallbacks = []
+        if prefs and all(h in cut for h in prefs):
+            # Only when the exchange cannot reach any of them (a partition, not a peer's error
+            # or restart): a member serves the copies it fetched itself (PeerServices._limit),
+            # never more than it completely has, so it is a safe source of whatever it holds.
             self._fallbacks = [h for h in self.tree.members(self.res)
-                               if h not in prefs and h != me and not self._leads_back(h)]
+                               if h not in prefs and h not in cut and h != me and not self._leads_back(h)]
             prefs += self._fallbacks
         now = time.monotonic()
-        down = {h for h in prefs if self.tree.get(node_actual(me, f"msg-peer-{h}")) is not None
-                or now - self._failed.get(h, float("-inf")) < FAILED_S}
+        down = {h for h in prefs if h in cut or now - self._failed.get(h, float("-inf")) < FAILED_S}
         return [h for h in prefs if h not in down] + [h for h in prefs if h in down]
 
     def _leads_back(self, h: str) -> bool:
@@ -198,12 +200,16 @@ class Fetcher:
                 stop_if_stopping()
                 self.error = f"from {self.source}: {e}"
                 log.warning("resource %s: fetch from %s: %s", self.res, self.source, e)
+                # A peer that answered with an error (no such file yet, emergency) is reached:
+                # only a link that failed makes it a source to try after the others for a while.
+                answered = client is not None and client.connected
                 if client is not None:
                     await client.close()
                     client = None
                 if self.source is not None:
                     tried.add(self.source)
-                    self._failed[self.source] = time.monotonic()
+                    if not answered:
+                        self._failed[self.source] = time.monotonic()
                 if any(h not in tried for h in self.sources()):
                     continue  # the next source in the list, at once
                 tried.clear()
