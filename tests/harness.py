@@ -51,8 +51,11 @@ class Node:
     """One MARS node: its tree under ``base/<host>``, its marsd process, its marsadm."""
 
     def __init__(self, base: Path, host: str = "a", ip: str = "127.0.0.2", port: int | None = None,
-                 bin_dir: Path = BIN) -> None:
+                 bin_dir: Path = BIN, netns: str | None = None) -> None:
         self.base = base
+        # The network namespace marsd and marsadm run in (tests/faults/netns.py), None: the
+        # machine's own. The control and NBD sockets are files, reached from anywhere.
+        self.netns = netns
         self.bin = bin_dir  # where marsd and marsadm are: the test venv's, or a fresh install's
         self.host = host
         self.ip = ip
@@ -68,6 +71,9 @@ class Node:
     def nbd_sock(self) -> Path:
         return self.mars_dir / "nbd.sock"
 
+    def in_netns(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+
     def uri(self, res: str) -> str:
         return f"nbd+unix:///{res}?socket={self.nbd_sock}"
 
@@ -78,7 +84,7 @@ class Node:
 
     def marsadm(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin / "marsadm"), "--mars-dir", str(self.mars_dir), "--host", self.host, *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env())
+        r = subprocess.run(self.in_netns(cmd), capture_output=True, text=True, timeout=timeout, env=self.env())
         if check and r.returncode != 0:
             raise AssertionError(f"marsadm {' '.join(args)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n"
                                  f"--- marsd log ---\n{self.log()}")
@@ -101,7 +107,8 @@ class Node:
         # A killed marsd leaves its socket behind; its presence must mean the new one listens.
         self.nbd_sock.unlink(missing_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=self.env(),
+        # ip netns exec execs marsd in place: proc is marsd itself, for kill() and stop().
+        self.proc = subprocess.Popen(self.in_netns(args), stdout=self._log, stderr=subprocess.STDOUT, env=self.env(),
                                      start_new_session=True)
         wait_until(lambda: self.nbd_sock.exists() or self.proc.poll() is not None, 30, f"marsd {self.host} to listen")
         if self.proc.poll() is not None:
@@ -225,9 +232,15 @@ def run(cmd: list[str], timeout: float = 300, check: bool = True, **kw) -> subpr
     return r
 
 
-def start_cluster(base: Path, nodes: list[Node], hosts: str = "ab") -> list[Node]:
-    """Nodes a, b, c... on 127.0.0.2, .3, .4...: the first creates the cluster, the others join it."""
-    made = [Node(base, h, f"127.0.0.{2 + i}") for i, h in enumerate(hosts)]
+def start_cluster(base: Path, nodes: list[Node], hosts: str = "ab", net=None) -> list[Node]:
+    """Nodes a, b, c... on 127.0.0.2, .3, .4...: the first creates the cluster, the others join it.
+
+    With ``net`` (a tests/faults/netns.Net) each node gets a network namespace of its own and
+    the address ``net.add(host)`` gives it instead."""
+    if net is None:
+        made = [Node(base, h, f"127.0.0.{2 + i}") for i, h in enumerate(hosts)]
+    else:
+        made = [Node(base, h, addr, netns=ns) for h in hosts for addr, ns in [net.add(h)]]
     nodes.extend(made)
     made[0].create_cluster()
     made[0].start()

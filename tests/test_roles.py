@@ -192,3 +192,43 @@ async def test_a_link_that_times_out_says_so(monkeypatch):
         assert "TimeoutError" in str(err.value)
     finally:
         silent.close()
+
+
+async def test_a_secondary_cut_off_from_the_primary_fetches_from_another_member(tmp_path):
+    """With no connect list the fetcher knew only the primary: a secondary that lost its link to
+    it (a partition that left the other secondary reaching both) fetched nothing until the link
+    came back, while the other member held every byte it lacked. The original fetches from any
+    node that has the log files; tests/faults/test_fault_partition.py is the case on a real network."""
+    import time
+
+    from mars.engine.tree import Tree
+
+    tree = Tree(tmp_path / "mars", "b")
+    for h in "abc":
+        tree.set(f"resource-r/data-{h}", f"/dev/{h}")
+    tree.set("resource-r/primary", "a")
+    f = Fetcher(tree, "r", executor=None, connect=None, on_data=lambda: None)
+    assert f.sources() == ["a"], "the primary alone while it is reached"
+    tree.set("actual-b/msg-peer-a", "cannot reach peer 198.18.0.2:7777: TimeoutError", durable=False)
+    assert f.sources() == ["c", "a"], "cut off from it: the other member first, the primary last"
+    tree.delete("actual-b/msg-peer-a", durable=False)
+    assert f.sources() == ["a"], "and the primary alone again once it is reached"
+    tree.set("resource-r/connect-b", "c")
+    f._failed["c"] = time.monotonic()
+    assert f.sources() == ["a", "c"], "a source whose fetch just failed goes last"
+    f._failed["c"] -= 60
+    assert f.sources() == ["c", "a"], "a connect list still comes first"
+
+
+async def test_a_better_source_while_a_request_waits_ends_the_wait_quietly():
+    """The request was cancelled, but cancel() only asks: reading its result at once raised
+    InvalidStateError, which ended the whole fetch task, whenever a better source appeared
+    while a long poll waited (a changed connect list, a source reachable again)."""
+    f = Fetcher(None, "r", executor=None, connect=None, on_data=lambda: None)
+    task = asyncio.ensure_future(asyncio.sleep(3600))  # a task: its cancel() takes a turn to land
+    waiting = asyncio.ensure_future(f._reply_or_better(task))
+    await one_turn()
+    f._better.set()
+    assert await waiting is None
+    await asyncio.wait([task])
+    assert task.cancelled()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -28,7 +29,7 @@ from ..log.values import LogPos, ReplayLink, log_name
 from ..peer import protocol as P
 from ..peer.link import PeerClient, PeerError
 from ..stats import ResourceStats
-from ..tree import Tree, connect_list, res_dir
+from ..tree import Tree, connect_list, node_actual, res_dir
 from .runtime import stop_if_stopping
 
 log = logging.getLogger("mars.fetcher")
@@ -42,6 +43,7 @@ FETCH_BYTES = 16 << 20
 DEPTH = 8
 WAIT_MS = 120_000  # an idle fetcher asks every 2 min; new bytes, a finished file or a better source end it at once
 RETRY_S = 1.0
+FAILED_S = 10.0  # a source whose fetch failed goes after the others this long (sources())
 
 
 def _request(coro: Coroutine[Any, Any, P.LogData]) -> asyncio.Task[P.LogData]:
@@ -73,6 +75,8 @@ class Fetcher:
         self.active = False
         self.position: LogPos | None = None  # how far the copy being fetched is, for the tree
         self._better = asyncio.Event()  # a more preferred source than the current one is listed
+        self._failed: dict[str, float] = {}  # source -> when a fetch from it last failed (monotonic)
+        self._fallbacks: list[str] = []  # the members sources() lists after the connect list and the primary
 
     def reconsider(self) -> None:
         """Every round: a source listed before the current one ends the long poll at once, so a
@@ -87,16 +91,38 @@ class Fetcher:
         return self.tree.root / res_dir(self.res)
 
     def sources(self) -> list[str]:
-        """The connect list (``connect-<host>``) in order, then the primary: on failure the next."""
+        """The connect list (``connect-<host>``) in order, then the primary, then the other
+        members (the original fetches from any node that has the log files): on failure the next.
+
+        A source this node cannot reach now goes to the end, so a secondary cut off from the
+        primary keeps fetching through another member that still reaches it, and comes back to
+        the preferred one the moment it is reachable again. "Cannot reach": this node's tree
+        exchange says so (``actual-<host>/msg-peer-<h>``, cleared by its next pull that works),
+        or this fetcher's own last try there failed less than FAILED_S ago (the exchange notices
+        a partition only after its pull times out; a link that broke under the fetcher has
+        told it already).
+        """
         d = res_dir(self.res)
-        prefs = [h for h in connect_list(self.tree, self.res, self.tree.host)
-                 if h != self.tree.host and self.tree.get(f"{d}/data-{h}") is not None and not self._leads_back(h)]
+        me = self.tree.host
+        prefs = [h for h in connect_list(self.tree, self.res, me)
+                 if h != me and self.tree.get(f"{d}/data-{h}") is not None and not self._leads_back(h)]
         # Without a primary (a handover under way, or after 'marsadm secondary'), the last one
         # still has the end of the history for whoever has not fetched it yet.
         primary = designated_primary(self.tree, self.res) or self.tree.get(f"{d}/prev-primary")
-        if primary and primary != self.tree.host and primary not in prefs:
+        if primary and primary != me and primary not in prefs:
             prefs.append(primary)
-        return prefs
+        cut = {h for h in self.tree.members(self.res) if self.tree.get(node_actual(me, f"msg-peer-{h}")) is not None}
+        self._fallbacks = []
+        if prefs and all(h in cut for h in prefs):
+            # Only when the exchange cannot reach any of them (a partition, not a peer's error
+            # or restart): a member serves the copies it fetched itself (PeerServices._limit),
+            # never more than it completely has, so it is a safe source of whatever it holds.
+            self._fallbacks = [h for h in self.tree.members(self.res)
+                               if h not in prefs and h not in cut and h != me and not self._leads_back(h)]
+            prefs += self._fallbacks
+        now = time.monotonic()
+        down = {h for h in prefs if h in cut or now - self._failed.get(h, float("-inf")) < FAILED_S}
+        return [h for h in prefs if h not in down] + [h for h in prefs if h in down]
 
     def _leads_back(self, h: str) -> bool:
         """Whether fetching from ``h`` would, following first choices, end at this node: a cycle
@@ -165,7 +191,7 @@ class Fetcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         client: PeerClient | None = None
-        attempt = 0
+        tried: set[str] = set()  # sources failed since the last round through all of them
         while True:
             stop_if_stopping()
             try:
@@ -177,23 +203,30 @@ class Fetcher:
                         self.error, self.source = None, None  # NO_PRIMARY says it; not a fetch failure
                         await asyncio.sleep(RETRY_S)
                         continue
-                    self.source = sources[attempt % len(sources)]
+                    self.source = next((h for h in sources if h not in tried), sources[0])
                     client = self.connect(self.source)
                 await self._stream(client, seq, origin)
                 # Returned: a more preferred source is listed now; go to it from the start.
                 await client.close()
                 client = None
-                attempt = 0
+                tried.clear()
             except (PeerError, OSError) as e:
                 stop_if_stopping()
                 self.error = f"from {self.source}: {e}"
                 log.warning("resource %s: fetch from %s: %s", self.res, self.source, e)
+                # A peer that answered with an error (no such file yet, emergency) is reached:
+                # only a link that failed makes it a source to try after the others for a while.
+                answered = client is not None and client.connected
                 if client is not None:
                     await client.close()
                     client = None
-                attempt += 1
-                if attempt % max(1, len(self.sources())):
+                if self.source is not None:
+                    tried.add(self.source)
+                    if not answered:
+                        self._failed[self.source] = time.monotonic()
+                if any(h not in tried for h in self.sources()):
                     continue  # the next source in the list, at once
+                tried.clear()
                 await asyncio.sleep(RETRY_S)  # all failed: back-off before the next round
             except lf.LogCorruption as e:
                 self.error = f"local log copy damaged: {e}"
@@ -239,15 +272,22 @@ class Fetcher:
                     if reply is None:
                         return  # a more preferred source: go to it from the start
                     self.error = None
+                    self._failed.pop(self.source or "", None)
                     known = max(known, reply.size)
                     self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
                     got = await self._store(path, LogPos(seq, offset, origin), reply)
                     if got < FETCH_BYTES and inflight:
                         await self._drain(inflight)  # a short reply: what was asked after it does not follow on
-                    if not got and not path.exists():
-                        path.touch(mode=0o600)
                     final = finished_length(self.tree, self.res, seq, origin)
                     finished = reply.finished or final is not None
+                    if not got and not path.exists():
+                        if self.source in self._fallbacks and not finished:
+                            # A member answers empty for a copy it has not started (its own
+                            # fetcher may be asking us for it): no proof the file exists. Two
+                            # secondaries cut off together would make it for each other.
+                            await asyncio.sleep(RETRY_S)
+                        else:
+                            path.touch(mode=0o600)
                 preferred = self.sources()
                 if preferred and (preferred.index(self.source) > 0 if self.source in preferred else True):
                     return
@@ -270,14 +310,18 @@ class Fetcher:
         """The request's reply, or None when a better source appeared first (the request is
         cancelled; its link is closed by the caller, as the reply may still come on it)."""
         better = asyncio.ensure_future(self._better.wait())
+        pending = True
         try:
             await asyncio.wait({task, better}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             better.cancel()
-            if not task.done():
+            pending = not task.done()
+            if pending:
+                # cancel() only asks: the task is not cancelled() yet, and its result() would
+                # raise InvalidStateError (which ended the whole fetch task).
                 task.cancel()
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return None if task.cancelled() else task.result()
+        return None if pending or task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
         """Ask for more whole chunks the source has, up to ``depth()`` in flight, one per link."""
