@@ -53,7 +53,10 @@ SEED = int(os.environ.get("MARS_SEED") or random.SystemRandom().randrange(1 << 3
 TRUTH_S = 60  # how long the findings may take to show a cut (a pull's 10 s timeout, a round)
 HOW = f"seed {SEED}; rerun: MARS_SEED={SEED} .venv/bin/python -m pytest -s tests/faults/test_fault_partition.py"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+# One cluster for the whole module (its fixture is module-scoped): under pytest -n its tests stay on
+# one worker, in order, or each worker would build a cluster of its own.
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+              pytest.mark.xdist_group("partition")]
 
 
 # -- the cluster -------------------------------------------------------------------------------------
