@@ -446,6 +446,10 @@ class Daemon:
             return
         self.failed.pop(res, None)
         self.runtimes[res] = rt
+        # A peer's fetch that came while there was no runtime yet (a restart waits for the peers'
+        # trees and recovers first) saw nothing to serve and waits for more log: what is there now
+        # is servable, and no append may come to wake it before its long poll (2 min) ends.
+        deps.log_pulse.fire()
         self.tree.delete(actual(res, self.host, "msg-err-attach"), durable=False)
         self.tree.set(actual(res, self.host, "replay-code"), ReplayCode(1), durable=False)
         if role == "primary":
