@@ -34,7 +34,7 @@ Reproduce a failure with the seed its message prints::
 
     MARS_CLUSTER_CRASH_SEED=<seed> python -m pytest tests/faults/test_fault_crash.py -x -q -s
 
-``MARS_CLUSTER_CRASH_ROUNDS`` sets the number of rounds (10 in `make test`, 1000 under
+``MARS_CLUSTER_CRASH_ROUNDS`` sets the number of rounds (8 in `make test`, 1000 under
 MARS_TORTURE=1).
 """
 
@@ -59,7 +59,7 @@ from mars.engine.log.format import Decoded, Kind, LogRecord
 from mars.engine.log.values import ReplayLink, first_record, parse_log_name
 from recorder import DEV_SIZE, SECTOR, Model, Req, describe_sector, new_request, resolve_in_flight
 
-ROUNDS = size(10, 1000, "MARS_CLUSTER_CRASH_ROUNDS")
+ROUNDS = size(8, 1000, "MARS_CLUSTER_CRASH_ROUNDS")
 KINDS = ("primary", "fetch", "replay", "sync", "both", "random")
 #: Only some kinds, e.g. MARS_CLUSTER_CRASH_KINDS=sync,replay (the others are then never picked).
 PICK = tuple(k for k in os.environ.get("MARS_CLUSTER_CRASH_KINDS", ",".join(KINDS)).split(",") if k)
