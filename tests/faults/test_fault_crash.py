@@ -174,20 +174,28 @@ class PrimaryLog:
                         diff.add(b)
                     else:
                         diff.discard(b)
-        off = min(diff)
+        off = next(o for o in range(min(diff), DEV_SIZE, SECTOR) if device[o:o + SECTOR] != img[o:o + SECTOR])
         raise AssertionError(
             f"{who}: the device is not a write-order prefix of a's log: it differs from the replay up "
             f"to {pos} (its replay position) and from every later record boundary"
             f"{' (also with the next records partly written)' if torn_ok else ''}; at the log end first at "
-            f"block {off}: device {describe_sector(device[off:off + SECTOR])}, replay "
+            f"offset {off}: device {describe_sector(device[off:off + SECTOR])}, replay "
             f"{describe_sector(img[off:off + SECTOR])}")
 
     def _partly(self, img: bytearray, device: bytes, diff: set[int], j: int) -> bool:
-        """The difference is the next records, partly written: every differing sector holds the
-        content of the replay so far or of one of the following records (in order)."""
+        """The difference is the next records partly written: replay writes each run of adjacent
+        records (each starting where the one before ends) with one pwritev, which a SIGKILL can
+        cut anywhere; so every differing sector holds the replay so far or that run's content."""
         later = bytearray(img)
-        for r in self.pending[j:j + 64]:
-            apply(later, r.record)
+        end = None
+        for r in self.pending[j:j + 1024]:
+            rec = r.record
+            if rec.kind != Kind.WRITE or (end is not None and rec.offset != end):
+                if end is None:
+                    apply(later, rec)  # a TRIM or ZERO alone
+                break
+            apply(later, rec)
+            end = rec.offset + rec.length
         for b in diff:
             for s in range(b, b + BLOCK, SECTOR):
                 d = device[s:s + SECTOR]
