@@ -55,6 +55,7 @@ demo: venv
 torture: venv
 	@{ MARS_TORTURE=1 MARS_PARTITION_S=600 $(PY) -m pytest -q -s -ra -o timeout=0 tests/faults \
 	  tests/test_quiet.py::test_a_long_partition_with_changes_on_both_sides_converges_without_a_whole_tree \
+	  tests/test_crash.py::test_sigkill_under_write_load \
 	  $(PYTEST_ARGS); echo $$? > torture.rc; } 2>&1 \
 	  | tee torture.log
 	@echo "== fault campaign figures (torture.log) =="; grep '^campaign:' torture.log || true
