@@ -587,3 +587,33 @@ def test_paused_replay_keeps_a_write_order_prefix(workdir):
                     assert f.read(region) == bytes(final), f"phase {phase}: b did not reach the final state"
         finally:
             h.shutdown()
+
+
+def test_a_finished_log_copy_cut_short_by_a_crash_is_fetched_again(workdir):
+    """Log copies are never fsynced (the source keeps the file), so a power cut can take the tail
+    of an older, finished copy while a newer one survives. The restarted fetcher must start at the
+    short copy, not at the newest: replay, still in the short one, would wait at its end for bytes
+    nobody fetches again (found by the power-loss campaign, tests/faults/test_fault_powerloss.py)."""
+    size = 16 * MiB
+    a, b = make_pair(workdir)
+    with diagnostics(a, b):
+        create(a, size)
+        join(a, b, size)
+        wait_until(lambda: caught_up(a, b), 60, "b's initial sync and replay")
+        set_entry(b, f"resource-{RES}/todo-b/allow-replay", 0)  # replay stays in the older file
+        wait_until(lambda: rd(b, "actual-b/is-replaying") == "0", 10, "b to pause replay")
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x21 0 4M", a.uri(RES)])
+        a.marsadm("log-rotate", RES)
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 4M 4M", a.uri(RES)])
+        wait_until(lambda: len(log_files(a)) >= 2 and log_files(b) == log_files(a), 60,
+                   "b's copies to equal a's log files")
+        b.kill()
+        older = sorted(log_files(b), key=lambda n: parse_log_name(n)[0])[-2]
+        full = log_files(b)[older]
+        os.truncate(b.mars_dir / f"resource-{RES}" / older, full // 2)  # what the cut left of it
+        b.start()
+        set_entry(b, f"resource-{RES}/todo-b/allow-replay", 1)
+        wait_until(lambda: caught_up(a, b), 60, f"b to fetch the rest of {older} again and catch up")
+        assert log_files(b)[older] == full
+        assert sha(b.base / "b.img") == sha(a.base / "a.img")
+        assert "fetching the rest again" in b.log()

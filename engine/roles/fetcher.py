@@ -150,7 +150,13 @@ class Fetcher:
             return 0
 
     def _start_position(self) -> tuple[int, str]:
-        """The file to fetch next: the newest local copy, or the one replay starts in."""
+        """The file to fetch next: the oldest copy replay still needs that is shorter than its
+        finished length, else the newest local copy, or the one replay starts in.
+
+        Copies are never fsynced, so a power cut can take the tail of an older, finished copy
+        while a newer one survives: starting at the newest would leave replay waiting at the
+        short one's end for bytes nobody fetches again (the power-loss campaign found it).
+        """
         logs = list_logs(self.tree, self.res)
         link = read_replay(self.tree, self.res, self.tree.host) or ReplayLink(1, self.tree.get(
             f"{res_dir(self.res)}/primary") or "", 0, 0)
@@ -159,6 +165,13 @@ class Fetcher:
         self.complete = {f.name: self._cut_incomplete(f) for f in logs}
         if not logs:
             return link.seq, link.origin
+        for f in logs[:-1]:
+            final = finished_length(self.tree, self.res, f.seq, f.origin)
+            if f.origin != self.tree.host and final is not None and self.complete[f.name] < final:
+                log.warning("resource %s: local copy %s holds %d of its %d bytes (cut by a crash); fetching "
+                            "the rest again", self.res, f.name, self.complete[f.name], final)
+                self.position = LogPos(f.seq, self.complete[f.name], f.origin)
+                return f.seq, f.origin
         last = logs[-1]
         self.position = LogPos(last.seq, self.complete[last.name], last.origin)
         return last.seq, last.origin
