@@ -267,7 +267,7 @@ def run_campaign(c: Campaign, cuts: int) -> None:
 
     c.step = "invalidate, cut during the sync"
     nb.marsadm("invalidate", "r")
-    time.sleep(rng.uniform(0, 0.5))  # a random moment of the sync, not a synchronisation
+    time.sleep(rng.uniform(0, 0.5))  # poll: a random moment of the sync, deliberately (not a synchronisation)
     c.cut_secondary(a, b)
 
     for i in range(cuts):
@@ -392,7 +392,7 @@ def test_fetch_waiting_at_a_starting_primary_goes_on_when_it_attaches():
         wait_until(lambda: b.tree_value("resource-r/actual-b/fetch-source") == "a"
                    and b.tree_value("resource-r/actual-b/msg-warn-fetch") is None
                    and b.tree_value("resource-r/actual-b/is-copying") == "1", 30, "b to fetch from a")
-        time.sleep(2)  # let the request arrive and settle into its long poll; not a synchronisation
+        time.sleep(2)  # poll: time for the request to settle into its long poll (too short only weakens the test)
         os.rename(base / "a.away", img_a)
         a.marsadm("--no-wait", "attach", "r")  # its wait could read the old failure before marsd retried
         t0 = time.monotonic()

@@ -41,7 +41,7 @@ class Sink:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if not self.read:
-                await asyncio.sleep(3600)
+                await asyncio.sleep(3600)  # poll: a receiver that never reads (cancelled at the end)
             while data := await reader.read(1 << 16):
                 self.arrivals.append((time.monotonic(), len(data)))
                 self.hash.update(data)
@@ -141,7 +141,7 @@ def test_backpressure_bounded():
             assert held <= p.buffer() + (256 << 10), f"path held {held} B, bound {p.buffer()}"
             # full: the sender is stopped (the kernel's socket buffers were full before the path)
             sent0, delivered0 = sent, link.counters.up_bytes
-            await asyncio.sleep(0.5)  # 4 MiB at the rate, if anything still moved
+            await asyncio.sleep(0.5)  # poll: a window of 4 MiB at the rate, in which nothing may move
             assert sent - sent0 <= 1 * MIB and link.counters.up_bytes == delivered0, \
                 f"still moving into a receiver that reads nothing: {sent - sent0} B sent, {link.counters}"
             assert link.counters.up_peak_buffered <= p.buffer() + (256 << 10)
