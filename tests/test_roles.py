@@ -225,7 +225,7 @@ async def test_a_better_source_while_a_request_waits_ends_the_wait_quietly():
     InvalidStateError, which ended the whole fetch task, whenever a better source appeared
     while a long poll waited (a changed connect list, a source reachable again)."""
     f = Fetcher(None, "r", executor=None, connect=None, on_data=lambda: None)
-    task = asyncio.ensure_future(asyncio.sleep(3600))  # poll: a task that never ends by itself; its cancel() takes a turn to land
+    task = asyncio.ensure_future(asyncio.sleep(3600))  # poll: never ends; its cancel() takes a turn
     waiting = asyncio.ensure_future(f._reply_or_better(task))
     await one_turn()
     f._better.set()

@@ -523,7 +523,7 @@ class Campaign:
             self.finish(self.marsadm(pn, "--no-wait", "resume-replay", "r"), f"resume-replay r on {paused}")
         if kind == "replay":
             sn = self.nodes[sec]
-            time.sleep(rng.uniform(0, 0.3))  # poll: a random moment of the catch-up, deliberately (not a synchronisation)
+            time.sleep(rng.uniform(0, 0.3))  # poll: a random moment of the catch-up, on purpose
             self.kill(sec)
             killed.append(sec)
             device, link = self.frozen(sn)
