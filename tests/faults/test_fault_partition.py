@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from harness import Node, caught_up, cleanup, run, sha256, short_tempdir, start_
 
 from campaign import report, seconds
 from netns import Net, namespaces, network
+from test_replication_faults import Writer as PacedWriter
 
 from mars.engine.model.client import request_snapshot
 from mars.engine.model.snapshot import ALIVE_WINDOW_S
@@ -174,32 +174,12 @@ def diagnostics(cl: Cluster, what: str):
 # -- the load ----------------------------------------------------------------------------------------
 
 
-class Writer(threading.Thread):
+class Writer(PacedWriter):
     """64 KiB of fresh data at a random place of a's export every 50 ms (about 1.2 MiB/s), over
-    NBD from the root namespace, until stopped."""
+    NBD from the root namespace, until finished."""
 
     def __init__(self, node: Node, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.uri = node.uri(RES)
-        self.rnd = random.Random(seed)
-        self.written = 0
-        self.error: BaseException | None = None
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        import nbd
-        try:
-            h = nbd.NBD()
-            h.connect_uri(self.uri)
-            try:
-                while not self._halt.is_set():
-                    h.pwrite(self.rnd.randbytes(64 << 10), self.rnd.randrange(SIZE // (64 << 10)) * (64 << 10))
-                    self.written += 64 << 10
-                    self._halt.wait(0.05)  # pacing the workload, not synchronisation
-            finally:
-                h.shutdown()
-        except BaseException as e:  # noqa: BLE001 - reported by finish()
-            self.error = e
+        super().__init__(node.uri(RES), SIZE, total=1 << 62, chunk=64 << 10, pace=0.05, seed=seed)
 
     def more(self, nbytes: int, what: str) -> None:
         """Wait until ``nbytes`` more are written: the primary goes on serving."""
@@ -207,13 +187,9 @@ class Writer(threading.Thread):
         wait_until(lambda: self.written >= start + nbytes or not self.is_alive(), 60, what)
         assert self.is_alive(), f"the writer stopped: {self.error!r}"
 
-    def finish(self) -> int:
-        self._halt.set()
-        self.join(60)
-        assert not self.is_alive(), "the writer did not stop"
-        if self.error is not None:
-            raise AssertionError(f"writing on the primary failed: {self.error!r}")
-        return self.written
+    def finish(self, timeout: float = 60) -> int:
+        self.stop()
+        return super().finish(timeout)
 
 
 @contextlib.contextmanager
