@@ -49,7 +49,7 @@ from mars.engine.log.values import first_record
 
 sys.path.insert(0, str(Path(__file__).parent / "faults"))
 from campaign import size  # noqa: E402
-from recorder import (DEV_SIZE, SECTOR, LogReplay, Model, Req, describe_sector, first_difference,  # noqa: E402
+from recorder import (DEV_SIZE, SECTOR, LogReplay, Model, Req, describe_sector, drain, first_difference,  # noqa: E402
                       new_request, pattern, resolve_in_flight)
 
 QUEUE_DEPTH = 16
@@ -182,15 +182,7 @@ class CrashTest:
                                      f"{self.node.log()}") from None
         self.stats.load_s += time.monotonic() - t0
         self.node.kill()
-        # Drain: replies the server sent before it died still count as acknowledgements; the rest
-        # complete with an error once libnbd sees the connection gone.
-        deadline = time.monotonic() + 30
-        while h.aio_in_flight() > 0:
-            assert time.monotonic() < deadline, "libnbd did not give up the requests of the killed server"
-            try:
-                h.poll(100)
-            except nbd.Error:
-                break
+        drain(h, "libnbd did not give up the requests of the killed server")
         self.failures = []  # errors were expected here: the server is gone
         self.uncertain = sorted((r for r in busy if not r.acked), key=lambda r: r.offset)
         for r in self.uncertain:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,3 +227,18 @@ def resolve_in_flight(model: Model, uncertain: list[Req], got: bytes | bytearray
             model.apply(r)
         r.data = None
     return counts
+
+
+def drain(h, what: str, timeout: float = 30) -> None:
+    """Let libnbd finish what is in flight on ``h`` after a kill: replies the server sent before it
+    died still count as acknowledgements, the rest complete with an error once libnbd sees the
+    connection gone."""
+    import nbd
+
+    deadline = time.monotonic() + timeout
+    while h.aio_in_flight() > 0:
+        assert time.monotonic() < deadline, what
+        try:
+            h.poll(100)
+        except nbd.Error:
+            break

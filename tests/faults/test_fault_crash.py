@@ -57,7 +57,7 @@ from harness import BIN, Node, caught_up, log_end, three_members, wait_until
 from mars.engine.log.files import scan_file
 from mars.engine.log.format import Decoded, Kind, LogRecord
 from mars.engine.log.values import ReplayLink, Version, first_record, parse_log_name
-from recorder import DEV_SIZE, SECTOR, Model, Req, describe_sector, new_request, resolve_in_flight
+from recorder import DEV_SIZE, SECTOR, Model, Req, describe_sector, drain, new_request, resolve_in_flight
 
 ROUNDS = size(8, 1000, "MARS_CLUSTER_CRASH_ROUNDS")
 KINDS = ("primary", "fetch", "replay", "sync", "both", "random")
@@ -322,13 +322,7 @@ class Campaign:
                 h.poll(5)
             except nbd.Error as e:
                 raise AssertionError(f"the NBD connection failed while a was up: {e}\n{self.a.log()}") from None
-        deadline = time.monotonic() + 30
-        while h.aio_in_flight() > 0:
-            assert time.monotonic() < deadline, "libnbd did not finish the requests in flight"
-            try:
-                h.poll(100)
-            except nbd.Error:
-                break
+        drain(h, "libnbd did not finish the requests in flight")
         if self.a.proc is None:
             self.failures = []  # the server is gone: errors were expected
             self.h = None
