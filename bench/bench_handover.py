@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_replication as repl  # noqa: E402  (its two-node cluster: Node, start_cluster, teardown)
-from bench_write import machine_facts, parse_size, run_guarded, run_text, sh, wait_until  # noqa: E402
+from bench_write import machine_facts, parse_size, run_guarded, run_text, sh, wait_until, write_json  # noqa: E402
 
 from mars.engine.log.values import LogPos, ReplayLink  # noqa: E402
 from mars.engine.model import read_snapshot  # noqa: E402
@@ -648,8 +648,7 @@ def main() -> int:
         print(f"\nFAILED: {e}", file=sys.stderr)
         return 1
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nJSON written to {args.json}")
+        write_json(args.json, data)
     return 0
 
 

@@ -40,7 +40,6 @@ import argparse
 import collections
 import contextlib
 import io
-import json
 import os
 import re
 import resource
@@ -55,7 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_replication as repl  # noqa: E402  (its Node: one marsd, its marsadm, its log)
-from bench_write import Procs, machine_facts, parse_size, remove_workdir, run_guarded, run_text, sh, wait_until  # noqa: E402
+from bench_write import (Procs, machine_facts, parse_size, remove_workdir, run_guarded, run_text, sh,  # noqa: E402
+                         wait_until, write_json)
 
 from mars.engine.entry import DELETED  # noqa: E402
 from mars.engine.marsadm import main as marsadm_main  # noqa: E402
@@ -794,8 +794,7 @@ def main() -> int:
     if run_guarded(work, bench.teardown):
         return 130
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nJSON written to {args.json}")
+        write_json(args.json, data)
     return 0 if all(o["error"] is None for o in bench.results) else 1
 
 

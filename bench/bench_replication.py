@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_write import (Procs, disk_sectors_written, machine_facts, remove_workdir, run_guarded, run_text, sh,  # noqa: E402
-                         wait_until)
+                         wait_until, write_json)
 
 from mars.engine.model import human_bytes  # noqa: E402
 from mars.engine.tree import Tree  # noqa: E402
@@ -923,8 +923,7 @@ def main() -> int:
     if run_guarded(work, bench.teardown):
         return 130
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nJSON written to {args.json}")
+        write_json(args.json, data)
     return 0
 
 

@@ -57,7 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_replication import A_IP, B_IP, GIB, MIB, Node, cpu_seconds, gib_arg, pick_port  # noqa: E402
-from bench_write import Procs, machine_facts, remove_workdir, run_guarded, sh, wait_until  # noqa: E402
+from bench_write import Procs, machine_facts, remove_workdir, run_guarded, sh, wait_until, write_json  # noqa: E402
 from wanlink import Nat, Path as WanPath, WanLink, parse_rate, window_ceiling  # noqa: E402
 
 from mars.engine.model import human_bytes  # noqa: E402
@@ -317,8 +317,7 @@ def main() -> int:
     if run_guarded(work, bench.teardown):
         return 130
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        print(f"\nJSON written to {args.json}")
+        write_json(args.json, data)
     return 0
 
 

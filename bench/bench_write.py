@@ -69,6 +69,12 @@ def fmt_size(n: int) -> str:
     return str(n)
 
 
+def write_json(path, data: dict) -> None:
+    """A bench's figures as JSON (``--json FILE``), for comparing runs."""
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    print(f"\nJSON written to {path}")
+
+
 def run_guarded(work, teardown) -> int:
     """Run a benchmark so that Ctrl-C, SIGTERM or SIGHUP end it with its clean-up done.
 
@@ -605,8 +611,7 @@ def main() -> int:
     if run_guarded(work, bench.teardown):
         return 130
     if args.json:
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
-        print(f"\nJSON written to {args.json}")
+        write_json(args.json, data)
     return 0
 
 
