@@ -381,7 +381,16 @@ class Tree:
     def members(self, res: str) -> list[str]:
         """Hosts with a live ``data-<host>`` entry in the resource: its members."""
         d = res_dir(res)
-        return sorted(n[len("data-"):] for n in self.names(d) if n.startswith("data-") and self.exists(f"{d}/{n}"))
+        return sorted(n[len("data-"):] for n in self.entry_names(d) if n.startswith("data-") and self.exists(f"{d}/{n}"))
+
+    def entry_names(self, directory: str) -> list[str]:
+        """Names of the entries (tombstones too) directly in ``directory``; in marsd from its index
+        (see :meth:`entry`): every round asks each resource for its members, and a listing of
+        each resource directory made that an idle node's largest cost after its peer messages."""
+        changes = self.changes
+        if changes is not None and changes.complete and directory.partition("/")[0] not in LOCAL_DIRS:
+            return [p.rpartition("/")[2] for p in changes.paths_in(directory)]
+        return self.names(directory)
 
 
 def _wins(mine: Entry, theirs: Entry) -> bool:

@@ -76,6 +76,25 @@ def test_the_digest_is_the_trees_whatever_the_order_without_tombstones_or_report
     assert one.digest == two.digest ^ entry_hash(entries[3]) ^ entry_hash(entries[4])
 
 
+def test_the_round_digest_leaves_out_the_figures_for_the_faces():
+    """A node's free space moves with every write to its file system: were it in what the rounds
+    compare, every node would run a full pass over its resources whenever any /mars changed."""
+    ix = ChangeIndex(incarnation=1)
+    ix.note(Entry("resource-r/primary", "a", 1))
+    digest, rounds = ix.digest, ix.round_digest
+    assert digest == rounds
+    for i, path in enumerate(("actual-b/rest-space", "actual-b/total-space", "actual-b/version",
+                              "actual-b/tunable-sync-limit"), start=2):
+        ix.note(Entry(path, str(i), i))
+    assert ix.round_digest == rounds and ix.digest != digest, "figures move the digest only"
+    ix.note(Entry("resource-r/actual-b/is-primary", "0", 9))
+    assert ix.round_digest != rounds, "the actual state of a resource is an input of the rounds"
+    rounds = ix.round_digest
+    ix.forget("actual-b/rest-space")
+    ix.note(Entry("actual-b/rest-space", "7", 10))
+    assert ix.round_digest == rounds
+
+
 def test_forget_spares_what_was_written_after_the_scan_began():
     ix = ChangeIndex()
     ix.note(Entry("d/x", "1", 1))
@@ -130,6 +149,14 @@ def test_reads_come_from_the_index_once_it_is_complete(tmp_path):
     assert t.get("ips/ip-c") == "127.0.0.4" and ix.get("ips/ip-c") is not None
     os.unlink(tmp_path / "ips/ip-c")
     assert t.get("ips/ip-c") == "127.0.0.4"  # until a scan notices the removal
+    # The members of a resource too (every round asks each resource), tombstones left out.
+    t.set("resource-r/size", 1)
+    for h in "abc":
+        t.set(f"resource-r/data-{h}", f"/dev/{h}")
+    t.delete("resource-r/data-b")
+    Tree(tmp_path, "a").set("resource-r/data-d", "/dev/d")  # another process: not indexed yet
+    assert t.members("r") == ["a", "c"]
+    assert Tree(tmp_path, "a").members("r") == ["a", "c", "d"], "without an index, the disk answers"
 
 
 # --- a cluster of exchanges in one process -----------------------------------------------------
@@ -254,6 +281,9 @@ ops = st.one_of(
     st.tuples(st.just("restore"), st.sampled_from("abc")),
     st.tuples(st.just("restart"), st.sampled_from("abc")),
     st.tuples(st.just("lose"), st.sampled_from("abc"), st.sampled_from(PATHS)),
+    # A node's own figure for the faces (its free space): sent by its origin only, never relayed
+    # to a node that reaches the origin.
+    st.tuples(st.just("figure"), st.sampled_from("abc"), st.integers(0, 3)),
 )
 
 
@@ -277,6 +307,9 @@ def test_every_history_converges_once_the_links_heal(tmp_path_factory, history, 
                 asyncio.run(sim.nodes[h].scan())  # marsadm pokes marsd, which scans
         elif kind == "delete":
             sim.nodes[args[0]].tree.delete(args[1], durable=False)
+        elif kind == "figure":
+            h, v = args
+            sim.nodes[h].tree.set(f"actual-{h}/rest-space", v << 30, durable=False)
         elif kind == "round":
             asyncio.run(sim.round(args[0]))
         elif kind == "cut":
@@ -336,6 +369,17 @@ def test_an_idle_cluster_exchanges_nothing_and_needs_no_repair(tmp_path):
         assert now["entries_sent"] == before[h]["entries_sent"] + 30, h
         assert now["pushes"] == before[h]["pushes"] + 30, h
         assert now["pulls"] == before[h]["pulls"] and now["repairs"] == 0 and now["full_pulls"] == 3, h
+    # A node's free space changes (another program writes to its file system): it goes to each
+    # peer from that node once, no peer relays it to the others.
+    before = {h: ex.counters.to_json() for h, ex in sim.nodes.items()}
+    sim.nodes["a"].tree.set("actual-a/rest-space", 5 << 30, durable=False)
+    for _ in range(2):
+        for h in sim.hosts:
+            sim.now += 1
+            asyncio.run(sim.round(h))
+    sent = {h: ex.counters.to_json()["entries_sent"] - before[h]["entries_sent"] for h, ex in sim.nodes.items()}
+    assert sent == {"a": 2 * 3 + 3, "b": 2 * 3, "c": 2 * 3, "d": 2 * 3}, sent
+    assert all(ex.tree.get("actual-a/rest-space") == str(5 << 30) for ex in sim.nodes.values())
 
 
 def test_a_gap_in_a_feed_or_a_silent_peer_is_pulled(tmp_path):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from ..entry import Entry
 from ..errors import MarsError
 from ..peer import protocol as P
-from ..peer.changes import VOLATILE, ChangeIndex, Changes
+from ..peer.changes import FIGURE_PREFIXES, FIGURES, VOLATILE, ChangeIndex, Changes
 from ..peer.link import PeerClient, PeerError
 from ..tree import Tree, node_actual, nodes_of
 from .watch import Changed, TreeWatch
@@ -46,8 +46,11 @@ from .watch import Changed, TreeWatch
 log = logging.getLogger("mars.marsd")
 
 
-def _volatile(path: str) -> bool:
-    return path.rpartition("/")[2] in VOLATILE
+def _report(path: str) -> bool:
+    """A node's report or one of its figures for the faces: what its origin sends every peer
+    itself, so a relay of it would be waste (see :meth:`Exchange._reaches_itself`)."""
+    name = path.rpartition("/")[2]
+    return name in VOLATILE or name in FIGURES or name.startswith(FIGURE_PREFIXES)
 
 
 def _actual_dir(rel: str) -> bool:
@@ -505,12 +508,13 @@ class Exchange:
     def _reaches_itself(self, path: str, peer: str) -> bool:
         """Whether ``peer`` gets this report from its origin itself, so relaying it is waste.
 
-        Another node's report (``actual-<h>/time``) changes every round; relayed by every node to
-        every node, the reports alone would grow with the square of the cluster. A peer that
-        reaches ``h`` has it from ``h``'s own answers; one that does not says so in the tree
-        (``actual-<peer>/msg-peer-<h>``), and then it gets the report from here.
+        Another node's report (``actual-<h>/time``) changes every round, and its free space
+        (``actual-<h>/rest-space``) with every write to its file system; relayed by every node
+        to every node, they alone would grow with the square of the cluster. A peer that
+        reaches ``h`` has them from ``h``'s own feeds and answers; one that does not says so in
+        the tree (``actual-<peer>/msg-peer-<h>``), and then it gets them from here.
         """
-        if not _volatile(path):
+        if not _report(path):
             return False
         top = path.partition("/")[0]
         origin = top[len("actual-"):] if top.startswith("actual-") else None

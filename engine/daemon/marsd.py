@@ -285,11 +285,12 @@ class Daemon:
 
     def _moved(self) -> bool:
         """Whether anything happened since the last full round: the tree changed (more than the
-        reports), a resource did I/O, or QUIET_FULL_S passed. An idle node then costs a round
+        reports and the figures for the faces: ``round_digest``), a resource did I/O, or
+        QUIET_FULL_S passed. An idle node then costs a round
         of its pulls, not a pass over every resource, and what the resources publish (positions,
         rates) is as fresh as ever while they move."""
         digest, activity, at = self._quiet
-        return (self._ended or self.exchange.index.digest != digest or self.stats.activity() != activity
+        return (self._ended or self.exchange.index.round_digest != digest or self.stats.activity() != activity
                 or time.monotonic() - at >= QUIET_FULL_S)
 
     async def reconcile(self, full: bool = True) -> None:
@@ -340,7 +341,7 @@ class Daemon:
                 self._publish(res)
                 self._delete_replayed_logs(res)
                 self._logdel_auto(res)
-        self._quiet = (self.exchange.index.digest, self.stats.activity(), time.monotonic())
+        self._quiet = (self.exchange.index.round_digest, self.stats.activity(), time.monotonic())
 
     def _space_level(self, rest: int, total: int) -> int:
         """This node's emergency level (0..4) from the free space of its MARS directory against
@@ -527,8 +528,11 @@ class Daemon:
         t.set(node_actual(h, "version"), __version__, durable=False)
         st = os.statvfs(t.root)
         rest, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-        # Free space moves with every write: publish it when it moved by 1 MiB, not every round.
-        if abs(rest - t.get_int(node_actual(h, "rest-space"), -1)) >= 1 << 20:
+        # Free space moves with every write to the file system, also other programs' writes to a
+        # /mars that is not a file system of its own: publish it when it moved by a thousandth of
+        # the file system (at least 1 MiB), far below the steps of the emergency levels, not every
+        # round. Each publication goes to every peer and makes every node's next round a full one.
+        if abs(rest - t.get_int(node_actual(h, "rest-space"), -1)) >= max(1 << 20, total >> 10):
             t.set(node_actual(h, "rest-space"), rest, durable=False)
         t.set(node_actual(h, "total-space"), total, durable=False)
         self._total_space = total

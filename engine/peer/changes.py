@@ -38,6 +38,12 @@ __all__ = ["VOLATILE", "ChangeIndex", "Changes", "entry_hash"]
 
 #: Entry names (the last path component) that change only because time passes.
 VOLATILE = frozenset({"time"})
+#: Entry names that a node publishes for the faces alone: no reconcile round of any node acts on
+#: another node's free space, version or tunables. Free space moves with every write to the file
+#: system, so were it one of the round's inputs every node would run a full pass over all its
+#: resources whenever any node's /mars changed by a little (:attr:`ChangeIndex.round_digest`).
+FIGURES = frozenset({"rest-space", "total-space", "version"})
+FIGURE_PREFIXES = ("tunable-",)
 _MASK = (1 << 63) - 1  # digests travel as protocol integers, 0 .. 2**63-1
 
 
@@ -55,6 +61,11 @@ def _parent(path: str) -> str:
 
 def _counts(e: Entry) -> bool:
     return not e.deleted and e.path.rsplit("/", 1)[-1] not in VOLATILE
+
+
+def _figure(e: Entry) -> bool:
+    name = e.path.rsplit("/", 1)[-1]
+    return name in FIGURES or name.startswith(FIGURE_PREFIXES)
 
 
 @dataclass(slots=True)
@@ -85,6 +96,7 @@ class ChangeIndex:
         self._recs: OrderedDict[str, _Rec] = OrderedDict()  # path -> record, least recently changed first
         self._dirs: dict[str, set[str]] = {}  # directory -> the indexed paths directly in it
         self._digest = 0
+        self._round_digest = 0
         #: Whether the index holds the whole tree (after marsd's first scan): only then may a
         #: read that finds nothing here answer "no such entry" without asking the disk.
         self.complete = False
@@ -96,6 +108,19 @@ class ChangeIndex:
     @property
     def digest(self) -> int:
         return self._digest
+
+    @property
+    def round_digest(self) -> int:
+        """The digest without the :data:`FIGURES`: what a reconcile round compares to tell
+        whether anything it acts on changed since the last full pass (daemon/marsd.py)."""
+        return self._round_digest
+
+    def _toggle(self, e: Entry) -> None:
+        if _counts(e):
+            h = entry_hash(e)
+            self._digest ^= h
+            if not _figure(e):
+                self._round_digest ^= h
 
     def __len__(self) -> int:
         return len(self._recs)
@@ -116,8 +141,7 @@ class ChangeIndex:
                 old = rec.entry
                 if old.stamp_ns > e.stamp_ns or (old.stamp_ns == e.stamp_ns and old.value == e.value):
                     return False
-                if _counts(old):
-                    self._digest ^= entry_hash(old)
+                self._toggle(old)
                 self._recs.move_to_end(e.path)
             self._seq += 1
             if rec is None:
@@ -125,8 +149,7 @@ class ChangeIndex:
                 self._dirs.setdefault(_parent(e.path), set()).add(e.path)
             else:
                 rec.entry, rec.seq, rec.source = e, self._seq, source
-            if _counts(e):
-                self._digest ^= entry_hash(e)
+            self._toggle(e)
             return True
 
     def forget(self, path: str, *, noted_by: int | None = None) -> None:
@@ -146,8 +169,7 @@ class ChangeIndex:
                 paths.discard(path)
                 if not paths:
                     del self._dirs[_parent(path)]
-            if _counts(rec.entry):
-                self._digest ^= entry_hash(rec.entry)
+            self._toggle(rec.entry)
 
     def paths_in(self, directory: str) -> list[str]:
         """Indexed paths directly in ``directory`` ("" for the top level)."""

@@ -152,7 +152,7 @@ class SecondaryRuntime(Attached):
                 self.replayer.deps_ended = self.deps.ended
             self._switch("replay", wanted.replay and not stuck, self.replayer.run if self.replayer else None)
             index = self.tree.changes
-            digest = index.digest if index is not None else None
+            digest = index.round_digest if index is not None else None
             if self.replayer is not None and (digest is None or digest != self._tree_digest):
                 # The tree moved (more than reports): what the replayer waits for may be there now.
                 self.replayer.wake.set()
