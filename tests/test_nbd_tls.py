@@ -1,0 +1,235 @@
+"""TLS on the NBD TCP export, with real clients against a real marsd.
+
+libnbd's nbdinfo and nbdcopy (``nbds://...?tls-certificates=DIR``) and qemu-img (``--object
+tls-creds-x509``) connect with a certificate from ``marsadm export-client-cert`` and copy; a
+client without a certificate, with one of another cluster, or in plain text learns nothing of a
+TLS-only export, not even its name or size; a listen address other than loopback is refused
+without TLS; an NBD client certificate opens no peer link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import ssl
+import subprocess
+
+import pytest
+
+from harness import BIN, Node, run, sha256, wait_until
+
+from mars.engine.peer import protocol as P
+from mars.engine.peer.link import PeerClient, PeerError
+
+RES = "secretdisk"  # distinctive: no refusal may echo it to a client that did not name it
+SIZE = 64 << 20
+SIZE_TEXTS = (str(SIZE), "64M", "64 MiB", "67108864")
+
+
+def free_port(ip: str) -> int:
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def tls_export(workdir):
+    """Node a serving RES on a sparse 64 MiB image, NBD on TCP with TLS required, and a client
+    certificate directory from export-client-cert."""
+    base, nodes = workdir
+    a = Node(base, "a", "127.0.0.2")
+    nodes.append(a)
+    a.create_cluster()
+    port = free_port(a.ip)
+    a.start("--nbd-listen", f"{a.ip}:{port}", "--nbd-tls", "require")
+    a.marsadm("create-resource", RES, str(base / "r.img"), "64M")
+    certs = base / "client"
+    r = a.marsadm("export-client-cert", "--out", str(certs), "--name", "vm1")
+    assert "tls-certificates=" in r.stdout
+    return a, port, certs
+
+
+def nbds(a: Node, port: int, certs, res: str = RES) -> str:
+    return f"nbds://{a.ip}:{port}/{res}?tls-certificates={certs}"
+
+
+def other_cluster_certs(base) -> object:
+    """A client certificate signed by a second cluster's CA."""
+    z = Node(base, "z", "127.0.0.9")
+    z.create_cluster()
+    out = base / "other-client"
+    z.marsadm("export-client-cert", "--out", str(out))
+    return out
+
+
+def test_export_client_cert_writes_the_files_qemu_and_libnbd_read(tls_export):
+    a, port, certs = tls_export
+    assert sorted(os.listdir(certs)) == ["ca-cert.pem", "client-cert.pem", "client-key.pem"]
+    assert os.stat(certs / "client-key.pem").st_mode & 0o077 == 0
+    subject = run(["openssl", "x509", "-in", str(certs / "client-cert.pem"), "-noout", "-subject"]).stdout
+    assert "CN = vm1" in subject and "MARS NBD client" in subject
+    run(["openssl", "verify", "-CAfile", str(certs / "ca-cert.pem"), str(certs / "client-cert.pem")])
+    # A second run would replace a key a client may be using: refused unless --force.
+    r = a.marsadm("export-client-cert", "--out", str(certs), check=False)
+    assert r.returncode == 1 and "already exists" in r.stderr and "--force" in r.stderr
+    assert "Traceback" not in r.stderr
+    a.marsadm("export-client-cert", "--out", str(certs), "--force")
+
+
+def test_export_client_cert_refused_without_the_cluster_credential(workdir):
+    base, nodes = workdir
+    stranger = Node(base, "s", "127.0.0.8")
+    r = stranger.marsadm("export-client-cert", "--out", str(base / "c"), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "join-cluster" in r.stderr  # the reason (no credential here) and the remedy
+    assert not (base / "c" / "client-key.pem").exists()
+
+
+def test_nbdinfo_and_nbdcopy_over_nbds(tls_export):
+    a, port, certs = tls_export
+    info = json.loads(run(["nbdinfo", "--json", nbds(a, port, certs)]).stdout)
+    assert info["TLS"] is True
+    assert info["exports"][0]["export-name"] == RES and info["exports"][0]["export-size"] == SIZE
+    listing = json.loads(run(["nbdinfo", "--list", "--json",
+                              f"nbds://{a.ip}:{port}?tls-certificates={certs}"]).stdout)
+    assert [e["export-name"] for e in listing["exports"]] == [RES]
+    src = a.base / "src.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(16 << 20))
+    run(["nbdcopy", str(src), nbds(a, port, certs)])
+    out = a.base / "out.img"
+    run(["nbdcopy", nbds(a, port, certs), str(out)])
+    with open(out, "r+b") as f:
+        f.truncate(16 << 20)
+    assert sha256(out) == sha256(src)
+    assert "TLS up, certificate of vm1" in a.log()
+    # The unix socket stays plain (local, root only).
+    assert json.loads(run(["nbdinfo", "--json", a.uri(RES)]).stdout)["TLS"] is False
+
+
+def test_qemu_img_over_tls_creds_x509(tls_export):
+    a, port, certs = tls_export
+    obj = f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}"
+    opts = f"driver=nbd,host={a.ip},port={port},export={RES},tls-creds=tls0"
+    r = run(["qemu-img", "info", "--output=json", "--object", obj, "--image-opts", opts])
+    assert json.loads(r.stdout)["virtual-size"] == SIZE
+    src = a.base / "q.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(4 << 20))
+        f.truncate(SIZE)
+    run(["qemu-img", "convert", "-n", "--object", obj, "-f", "raw", str(src), "--target-image-opts", opts])
+    # --image-opts applies to both images here.
+    r = run(["qemu-img", "compare", "--object", obj, "--image-opts", f"driver=file,filename={src}", opts])
+    assert "Images are identical" in r.stdout
+
+
+def _learns_nothing(r: subprocess.CompletedProcess[str], named: bool) -> str:
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    for text in SIZE_TEXTS:
+        assert text not in out, out
+    if not named:  # a client may echo the name it asked for, but must not learn it
+        assert RES not in out, out
+    assert "Traceback" not in out
+    return out
+
+
+@pytest.mark.parametrize("client", ["plain", "no-certificate", "other-cluster"])
+def test_client_without_the_right_credential_learns_nothing(tls_export, client):
+    a, port, certs = tls_export
+    env = {**os.environ, "LIBNBD_DEBUG": "1"}  # the server's refusal text shows in libnbd's debug lines
+    if client == "plain":
+        uri, query = f"nbd://{a.ip}:{port}", ""
+    elif client == "no-certificate":
+        uri, query = f"nbds://{a.ip}:{port}", f"?tls-certificates={a.base / 'empty'}"
+        (a.base / "empty").mkdir()
+        run(["cp", str(certs / "ca-cert.pem"), str(a.base / "empty")])  # trusts the server, shows nothing
+    else:
+        uri, query = f"nbds://{a.ip}:{port}", f"?tls-certificates={other_cluster_certs(a.base)}"
+    named = run(["nbdinfo", "--json", f"{uri}/{RES}{query}"], check=False, env=env)
+    listed = run(["nbdinfo", "--list", "--json", f"{uri}{query}"], check=False, env=env)
+    _learns_nothing(named, named=True)
+    out = _learns_nothing(listed, named=False)
+    if client == "plain":
+        assert "TLS is required" in out  # ERR_TLS_REQD, and nothing else
+    else:
+        assert "gnutls" in out.lower()  # the handshake is where it ends
+    if client == "no-certificate":
+        wait_until(lambda: "the client shows no certificate" in a.log(), 10, "marsd to log the refusal")
+    obj = ([] if client == "plain" else
+           ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={query.partition('=')[2]}"])
+    opts = f"driver=nbd,host={a.ip},port={port},export={RES}" + ("" if client == "plain" else ",tls-creds=tls0")
+    _learns_nothing(run(["qemu-img", "info", *obj, "--image-opts", opts], check=False), named=True)
+    # The export still serves the right client.
+    assert json.loads(run(["nbdinfo", "--json", nbds(a, port, certs)]).stdout)["exports"][0]["export-size"] == SIZE
+
+
+def test_tls_on_serves_plain_and_tls_clients(workdir):
+    base, nodes = workdir
+    a = Node(base, "a", "127.0.0.2")
+    nodes.append(a)
+    a.create_cluster()
+    port = free_port(a.ip)
+    a.start("--nbd-listen", f"{a.ip}:{port}", "--nbd-tls", "on")
+    a.marsadm("create-resource", RES, str(base / "r.img"), "64M")
+    a.marsadm("export-client-cert", "--out", str(base / "c"))
+    plain = json.loads(run(["nbdinfo", "--json", f"nbd://{a.ip}:{port}/{RES}"]).stdout)
+    secured = json.loads(run(["nbdinfo", "--json", nbds(a, port, base / "c")]).stdout)
+    assert (plain["TLS"], secured["TLS"]) == (False, True)
+    assert plain["exports"][0]["export-size"] == secured["exports"][0]["export-size"] == SIZE
+
+
+@pytest.mark.parametrize("address, tls, ok", [
+    ("0.0.0.0", "off", False),
+    ("0.0.0.0", "on", False),
+    ("[::]", "off", False),
+    ("127.0.0.2", "off", True),
+    ("0.0.0.0", "require", True),
+])
+def test_non_loopback_listen_needs_tls_required_or_insecure(workdir, address, tls, ok):
+    base, nodes = workdir
+    a = Node(base, "a", "127.0.0.2")
+    nodes.append(a)
+    a.create_cluster()
+    listen = f"{address}:{free_port('127.0.0.2')}"
+    if ok:
+        a.start("--nbd-listen", listen, "--nbd-tls", tls)
+        assert a.stop() == 0
+        return
+    cmd = [str(BIN / "marsd"), "--mars-dir", str(a.mars_dir), "--host", "a", "--port", str(a.port),
+           "--nbd-listen", listen, "--nbd-tls", tls]
+    r = run(cmd, check=False, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "is not a loopback address" in r.stderr and "--nbd-tls require" in r.stderr
+    assert "--nbd-insecure" in r.stderr and "export-client-cert" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not a.nbd_sock.exists()  # refused before serving anything
+    # The explicit opt-out starts it.
+    a.start("--nbd-listen", listen, "--nbd-tls", tls, "--nbd-insecure")
+    assert a.stop() == 0
+
+
+def test_nbd_client_certificate_opens_no_peer_link(tls_export):
+    """The certificate handed to a VM host admits to the export, not to the cluster's tree and logs."""
+    a, port, certs = tls_export
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(certs / "ca-cert.pem")
+    ctx.load_cert_chain(certs / "client-cert.pem", certs / "client-key.pem")
+    hello = P.Hello(host="vm1", cluster="", proto=P.PROTO_VERSION, lamport_ns=0)
+
+    async def attempt():
+        client = PeerClient(a.ip, a.port, hello, ctx, cluster=None)
+        try:
+            await client.connect()
+            return await client.request(lambda req: P.TreeRequest(req=req, prefixes=()), timeout=10)
+        finally:
+            await client.close()
+
+    with pytest.raises((PeerError, ConnectionError, asyncio.IncompleteReadError, ssl.SSLError)):
+        asyncio.run(attempt())
+    wait_until(lambda: "NBD client certificate" in a.log(), 10, "marsd to log the refusal")
+    assert "Traceback" not in a.log()
