@@ -233,3 +233,106 @@ def test_nbd_client_certificate_opens_no_peer_link(tls_export):
         asyncio.run(attempt())
     wait_until(lambda: "NBD client certificate" in a.log(), 10, "marsd to log the refusal")
     assert "Traceback" not in a.log()
+
+
+# --- PSK ---------------------------------------------------------------------------------------
+
+
+def write_psk(path, identity: str, key: bytes | None = None, mode: int = 0o600) -> bytes:
+    key = key if key is not None else os.urandom(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"# made by the test\n{identity}:{key.hex()}\n")
+    os.chmod(path, mode)
+    return key
+
+
+@pytest.fixture
+def psk_export(workdir):
+    """Node a serving RES with TLS required, admitting the PSK identity alice besides X.509
+    clients; qemu wants the key file as keys.psk in a directory, libnbd as a file."""
+    base, nodes = workdir
+    a = Node(base, "a", "127.0.0.2")
+    nodes.append(a)
+    a.create_cluster()
+    server_keys = base / "server.psk"
+    key = write_psk(server_keys, "alice")
+    client = base / "qemu-psk" / "keys.psk"
+    write_psk(client, "alice", key)
+    port = free_port(a.ip)
+    a.start("--nbd-listen", f"{a.ip}:{port}", "--nbd-tls", "require", "--nbd-tls-psk", str(server_keys))
+    a.marsadm("create-resource", RES, str(base / "r.img"), "64M")
+    return a, port, client
+
+
+def test_psk_with_libnbd_and_qemu(psk_export):
+    a, port, keys = psk_export
+    uri = f"nbds://alice@{a.ip}:{port}/{RES}?tls-psk-file={keys}"
+    info = json.loads(run(["nbdinfo", "--json", uri]).stdout)
+    assert info["TLS"] is True and info["exports"][0]["export-size"] == SIZE
+    src = a.base / "src.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(8 << 20))
+    run(["nbdcopy", str(src), uri])
+    out = a.base / "out.img"
+    run(["nbdcopy", uri, str(out)])
+    with open(out, "r+b") as f:
+        f.truncate(8 << 20)
+    assert sha256(out) == sha256(src)
+    obj = f"tls-creds-psk,id=tls0,endpoint=client,dir={keys.parent},username=alice"
+    r = run(["qemu-img", "info", "--output=json", "--object", obj, "--image-opts",
+             f"driver=nbd,host={a.ip},port={port},export={RES},tls-creds=tls0"])
+    assert json.loads(r.stdout)["virtual-size"] == SIZE
+    wait_until(lambda: "TLS up, PSK identity alice" in a.log(), 10, "marsd to log the PSK identity")
+    # Certificates from the cluster still work on the same export.
+    a.marsadm("export-client-cert", "--out", str(a.base / "c"))
+    assert json.loads(run(["nbdinfo", "--json", nbds(a, port, a.base / "c")]).stdout)["TLS"] is True
+
+
+@pytest.mark.parametrize("who", ["wrong-key", "unknown-identity"])
+def test_psk_client_with_a_wrong_key_learns_nothing(psk_export, who):
+    a, port, keys = psk_export
+    bad = a.base / "bad" / "keys.psk"
+    identity = "alice" if who == "wrong-key" else "mallory"
+    write_psk(bad, identity)
+    named = run(["nbdinfo", "--json", f"nbds://{identity}@{a.ip}:{port}/{RES}?tls-psk-file={bad}"], check=False)
+    listed = run(["nbdinfo", "--list", f"nbds://{identity}@{a.ip}:{port}?tls-psk-file={bad}"], check=False)
+    assert "gnutls" in _learns_nothing(named, named=True).lower()
+    _learns_nothing(listed, named=False)
+    obj = f"tls-creds-psk,id=tls0,endpoint=client,dir={bad.parent},username={identity}"
+    _learns_nothing(run(["qemu-img", "info", "--object", obj, "--image-opts",
+                         f"driver=nbd,host={a.ip},port={port},export={RES},tls-creds=tls0"], check=False), named=True)
+    hint = "is not the one in --nbd-tls-psk" if who == "wrong-key" else "unknown PSK identity 'mallory'"
+    wait_until(lambda: hint in a.log(), 10, "marsd to log why")
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "does not exist"),
+    ("mode", "accessible by other users"),
+    ("line", "line 2 is not 'identity:hexkey'"),
+    ("short", "is 4 bytes"),
+    ("twice", "names 'alice' twice"),
+    ("no-tls", "--nbd-tls-psk without TLS"),
+])
+def test_marsd_refuses_a_bad_psk_file(workdir, problem, message):
+    base, nodes = workdir
+    a = Node(base, "a", "127.0.0.2")
+    a.create_cluster()
+    keys = base / "keys.psk"
+    if problem == "mode":
+        write_psk(keys, "alice", mode=0o644)
+    elif problem == "line":
+        keys.write_text("# comment\nalice=00112233\n")
+    elif problem == "short":
+        keys.write_text("alice:00112233\n")
+    elif problem == "twice":
+        keys.write_text(f"alice:{os.urandom(16).hex()}\nalice:{os.urandom(16).hex()}\n")
+    elif problem == "no-tls":
+        write_psk(keys, "alice")
+    if problem != "mode" and keys.exists():
+        os.chmod(keys, 0o600)
+    tls = "off" if problem == "no-tls" else "require"
+    r = run([str(BIN / "marsd"), "--mars-dir", str(a.mars_dir), "--host", "a", "--port", str(a.port),
+             "--nbd-listen", f"{a.ip}:{free_port(a.ip)}", "--nbd-tls", tls, "--nbd-tls-psk", str(keys)],
+            check=False, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -23,13 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ... import __version__
 from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, nbd_server_context, server_context
-from ..errors import MarsError
+from ..errors import MarsError, UsageError
 from ..log.files import deletable_logs, delete_logs, list_logs, read_replay
 from ..log.recovery import LogDamage
 from ..log.values import ReplayCode
 from ..model import tunables as tun
 from ..model.units import human_bytes
 from ..nbd.protocol import TLS_MODES
+from ..nbd.psk import add_psk, load_psk_file
 from ..nbd.server import Export, NbdSession
 from ..peer import protocol as P
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer
@@ -84,7 +85,8 @@ class Daemon:
 
     def __init__(self, tree: Tree, nbd_listen: list[tuple[str, int]], interval: float,
                  checkpoint_interval: float, port: int = DEFAULT_PORT, ip: str | None = None,
-                 logrot_auto: int = 0, nbd_tls: str = "off", nbd_tls_names: tuple[str, ...] = ()) -> None:
+                 logrot_auto: int = 0, nbd_tls: str = "off", nbd_tls_names: tuple[str, ...] = (),
+                 nbd_psk: dict[str, bytes] | None = None) -> None:
         self.tree = tree
         self.host = tree.host
         self.port = port
@@ -104,6 +106,7 @@ class Daemon:
         self.nbd_listen = nbd_listen
         self.nbd_tls = nbd_tls  # for the TCP exports only; the unix socket is local and root only
         self.nbd_tls_names = nbd_tls_names
+        self.nbd_psk = nbd_psk  # identity -> key, accepted beside the X.509 client certificates
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
         self.report_s = report_period(interval)
@@ -269,14 +272,17 @@ class Daemon:
         if self.nbd_tls != "off" and self.nbd_listen:
             names = self.nbd_cert_names()
             tls = nbd_server_context(self.tree.root, self.host, names)
+            if self.nbd_psk:
+                add_psk(tls, self.nbd_psk)
         for host, port in self.nbd_listen:
             self._servers.append(await loop.create_server(
                 lambda: NbdSession(self.exports, "tcp", tls, self.nbd_tls if tls else "off"), host, port,
                 reuse_address=True))
             how = {"off": "plain text", "on": "TLS offered, plain text allowed",
                    "require": "TLS required"}[self.nbd_tls if tls else "off"]
-            log.info("NBD exports on tcp %s:%d (%s%s)", host, port, how,
-                     f", certificate for {', '.join(names)}" if tls else "")
+            log.info("NBD exports on tcp %s:%d (%s%s%s)", host, port, how,
+                     f", certificate for {', '.join(names)}" if tls else "",
+                     f", PSK for {len(self.nbd_psk)} identities" if tls and self.nbd_psk else "")
 
     def nbd_cert_names(self) -> list[str]:
         """What the NBD certificate names: this node, the addresses it listens on (a wildcard
@@ -642,6 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbd-tls-name", action="append", default=[], metavar="NAME",
                    help="a further DNS name or IP address clients dial, for the NBD certificate (repeatable; "
                         "it always names this host, its --ip and the --nbd-listen addresses)")
+    p.add_argument("--nbd-tls-psk", default=None, metavar="FILE",
+                   help="also admit TLS clients by pre-shared key: FILE as qemu's tls-creds-psk and nbdkit's "
+                        "--tls-psk read it, one 'identity:hexkey' a line, mode 0600 (needs --nbd-tls on|require)")
     p.add_argument("--nbd-insecure", action="store_true",
                    help="serve --nbd-listen on addresses other than loopback without requiring TLS "
                         "(only for a network no untrusted host can reach)")
@@ -691,6 +700,11 @@ def _run(args: argparse.Namespace) -> int:
     mars_dir = mars_dir_from(args.mars_dir)
     try:
         check_nbd_listen(args.nbd_listen, args.nbd_tls, args.nbd_insecure)
+        psk = None
+        if args.nbd_tls_psk:
+            if args.nbd_tls == "off":
+                raise UsageError("--nbd-tls-psk without TLS", "add '--nbd-tls require' (or on)")
+            psk = load_psk_file(args.nbd_tls_psk)
         host, note = default_host(mars_dir, args.host)
         if note:
             log.warning("%s", note)
@@ -703,7 +717,7 @@ def _run(args: argparse.Namespace) -> int:
         tree = Tree(mars_dir, host)
         logrot = int(tun.spec("logrot-auto").parse(args.logrot_auto or "0"))
         asyncio.run(Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip,
-                           logrot, args.nbd_tls, tuple(args.nbd_tls_name)).run())
+                           logrot, args.nbd_tls, tuple(args.nbd_tls_name), psk).run())
     except MarsError as e:
         print(f"marsd: {e}", file=sys.stderr)
         return e.exit_code

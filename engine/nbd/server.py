@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from . import protocol as nbd
+from .psk import psk_identity
 
 log = logging.getLogger("mars.nbd")
 
@@ -64,6 +65,7 @@ _TLS_HINTS = {
                             "certificate does not name: see marsd --nbd-tls-name)",
     "UNSUPPORTED_PROTOCOL": "the client does not speak TLS 1.3",
     "WRONG_VERSION_NUMBER": "the client does not speak TLS 1.3",
+    "BINDER_DOES_NOT_VERIFY": "the client's key for its PSK identity is not the one in --nbd-tls-psk",
     "NO_SHARED_CIPHER": "the client offers no TLS 1.3 cipher this node accepts (a PSK-only client?)",
 }
 
@@ -86,7 +88,7 @@ class NbdSession(asyncio.Protocol):
         self._exports = exports
         self.peer = peer
         self._tls_context = tls_context
-        self.tls_client: str | None = None  # the CN of the client's certificate, once under TLS
+        self.tls_client: str | None = None  # who TLS let in: "certificate of CN" or "PSK identity NAME"
         # Between STARTTLS and start_tls() returning: asyncio's TLS layer hands decrypted bytes to
         # this protocol as soon as its handshake is done, before start_tls() gives us the new
         # transport to answer on. They wait here and are fed in once the core knows TLS is up.
@@ -210,10 +212,14 @@ class NbdSession(asyncio.Protocol):
             self.close()
             return
         self.transport = secured  # type: ignore[assignment]
-        cert = secured.get_extra_info("peercert") or {}
-        cns = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-        self.tls_client = cns[0] if cns else "?"
-        log.info("nbd client %s: TLS up, certificate of %s", self.peer, self.tls_client)
+        identity = psk_identity(secured.get_extra_info("ssl_object"))
+        if identity is not None:
+            self.tls_client = f"PSK identity {identity}"
+        else:
+            cert = secured.get_extra_info("peercert") or {}
+            cns = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            self.tls_client = f"certificate of {cns[0] if cns else '?'}"
+        log.info("nbd client %s: TLS up, %s", self.peer, self.tls_client)
         self.conn.tls_started()
         early, self._tls_early = self._tls_early or [], None
         for data in early:
