@@ -522,14 +522,21 @@ def export_nbd_client(mars_dir: Path, name: str, out: Path, force: bool = False)
     return paths
 
 
-def _context(mars_dir: Path, side: int, cert_path: Path, key_path: Path) -> ssl.SSLContext:
+#: TLS 1.2 suites the NBD export also takes: forward-secret key exchange and AEAD only.
+NBD_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def _context(mars_dir: Path, side: int, cert_path: Path, key_path: Path, tls12: bool = False) -> ssl.SSLContext:
     """TLS 1.3 only: one protocol whose handshake encrypts the certificates (host names stay off
-    the wire) and leaves no cipher or version to negotiate down. The other side must show a
-    certificate of the cluster CA, whichever side it is."""
+    the wire) and leaves no cipher or version to negotiate down. ``tls12``: TLS 1.2 as well, with
+    NBD_TLS12_CIPHERS (see nbd_server_context). The other side must show a certificate of the
+    cluster CA, whichever side it is."""
     d = cred_dir(mars_dir)
     ctx = ssl.SSLContext(side)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2 if tls12 else ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    if tls12:
+        ctx.set_ciphers(NBD_TLS12_CIPHERS)
     # Client: the name in the peer's certificate is checked by the caller against the host it
     # claims (peer_host), since peers are reached by IP address, not by a DNS name.
     ctx.check_hostname = False
@@ -568,8 +575,10 @@ def client_context(mars_dir: Path, host: str) -> ssl.SSLContext:
 
 def nbd_server_context(mars_dir: Path, host: str, addresses: list[str]) -> ssl.SSLContext:
     """For the NBD export on TCP: clients show a certificate of the cluster CA (from 'marsadm
-    export-client-cert', or a node's own), exactly as peers do on links."""
-    return _context(mars_dir, ssl.PROTOCOL_TLS_SERVER, *ensure_nbd_cert(mars_dir, host, addresses))
+    export-client-cert', or a node's own), exactly as peers do on links. TLS 1.2 is taken too,
+    unlike on links: the kernel's nbd-client asks GnuTLS for TLS 1.2 only unless told otherwise
+    (its -priority default is NORMAL:-VERS-TLS-ALL:+VERS-TLS1.2); qemu and libnbd get 1.3."""
+    return _context(mars_dir, ssl.PROTOCOL_TLS_SERVER, *ensure_nbd_cert(mars_dir, host, addresses), tls12=True)
 
 
 def peer_host(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
