@@ -841,12 +841,24 @@ def test_starttls_with_data_or_twice_is_err_invalid():
 
 
 def test_plain_bytes_after_starttls_are_a_protocol_error():
-    """A client that pipelines plain text behind STARTTLS would have it read as TLS records."""
+    """Plain text behind STARTTLS would be parsed as if it had come through TLS once that is up
+    (the STARTTLS injection of CVE-2011-0411): refused, and STARTTLS is not even acknowledged."""
     conn = tls_conn("require")
     conn.receive_data(client_flags() + option(OPT_STARTTLS) + go(SECRET.name))
-    assert conn.next_event() == nbd.StartTls()
     with pytest.raises(NbdProtocolError, match="plain-text bytes after NBD_OPT_STARTTLS"):
         conn.next_event()
+    assert conn.data_to_send() == b""
+    # The same bytes arriving after the StartTls event, before the handshake is done.
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(OPT_STARTTLS)) == [nbd.StartTls()]
+    conn.receive_data(go(SECRET.name))
+    with pytest.raises(NbdProtocolError, match="plain-text bytes after NBD_OPT_STARTTLS"):
+        conn.next_event()
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(OPT_STARTTLS)) == [nbd.StartTls()]
+    conn.receive_data(go(SECRET.name))
+    with pytest.raises(sansio.LocalProtocolError, match="plain-text bytes buffered"):
+        conn.tls_started()
 
 
 def test_eof_during_tls_handshake_closes():

@@ -269,6 +269,9 @@ class Daemon:
             lambda: NbdSession(self.exports, f"unix:{path}"), str(path)))
         os.chmod(path, 0o600)
         tls = None
+        if self.nbd_tls != "off" and not self.nbd_listen:
+            log.warning("--nbd-tls %s without --nbd-listen: the unix socket is always plain, so TLS is not used",
+                        self.nbd_tls)
         if self.nbd_tls != "off" and self.nbd_listen:
             names = self.nbd_cert_names()
             tls = nbd_server_context(self.tree.root, self.host, names)

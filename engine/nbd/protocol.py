@@ -387,6 +387,9 @@ class NbdServerConnection:
         """The caller's TLS handshake after StartTls succeeded: haggle on, now under TLS."""
         if self._state != TLS_HANDSHAKE:
             raise LocalProtocolError(f"tls_started() in state {self._state}, not after StartTls")
+        if self._rb.avail:
+            # next_event() would have refused them; the caller fed bytes it did not read through TLS.
+            raise LocalProtocolError(f"tls_started() with {self._rb.avail} plain-text bytes buffered")
         self._tls_active = True
         self._transition("tls_up")
 
@@ -636,6 +639,10 @@ class NbdServerConnection:
         if self._tls_active:
             self._reply_error(option, REP_ERR_INVALID, "TLS is already on")
             return None
+        if self._rb.avail:
+            # Bytes behind STARTTLS came in plain text, yet would be parsed once TLS is up as
+            # if they had come through it: an attacker on the path could inject options so.
+            raise self._client_error(f"{self._rb.avail} plain-text bytes after NBD_OPT_STARTTLS, before TLS")
         self._reply(option, REP_ACK)
         self._transition("starttls")
         return StartTls()
