@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 
 import pytest
@@ -43,7 +44,7 @@ def tls_export(workdir):
     nodes.append(a)
     a.create_cluster()
     port = free_port(a.ip)
-    a.start("--nbd-listen", f"{a.ip}:{port}", "--nbd-tls", "require")
+    a.start("--nbd-listen", f"{a.ip}:{port}", "--nbd-tls", "require", "--nbd-tls-name", "mars-a.example")
     a.marsadm("create-resource", RES, str(base / "r.img"), "64M")
     certs = base / "client"
     r = a.marsadm("export-client-cert", "--out", str(certs), "--name", "vm1")
@@ -115,6 +116,11 @@ def test_qemu_img_over_tls_creds_x509(tls_export):
     opts = f"driver=nbd,host={a.ip},port={port},export={RES},tls-creds=tls0"
     r = run(["qemu-img", "info", "--output=json", "--object", obj, "--image-opts", opts])
     assert json.loads(r.stdout)["virtual-size"] == SIZE
+    # The server's certificate is really checked: a name it holds passes, another does not.
+    r = run(["qemu-img", "info", "--object", obj, "--image-opts", opts + ",tls-hostname=mars-a.example"])
+    assert str(SIZE) in r.stdout
+    r = run(["qemu-img", "info", "--object", obj, "--image-opts", opts + ",tls-hostname=elsewhere"], check=False)
+    assert r.returncode != 0 and "does not match the hostname" in r.stderr
     # TLS 1.2 only, as the kernel's nbd-client asks for it by default (its -priority).
     tls12 = obj + ",priority=NORMAL:-VERS-TLS-ALL:+VERS-TLS1.2"
     r = run(["qemu-img", "info", "--output=json", "--object", tls12, "--image-opts", opts])
@@ -340,3 +346,41 @@ def test_marsd_refuses_a_bad_psk_file(workdir, problem, message):
             check=False, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _raw_client(a: Node, port: int, then: bytes) -> bytes:
+    """Greeting, client flags, STARTTLS and ``then`` in one write; everything the server says."""
+    s = socket.create_connection((a.ip, port), timeout=10)
+    got = b""
+    try:
+        assert len(s.recv(18)) == 18
+        s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 5, 0) + then)
+        while chunk := s.recv(4096):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        s.close()
+    return got
+
+
+def test_plain_bytes_behind_starttls_are_refused_not_injected(tls_export):
+    """Options sent in plain text right behind STARTTLS must not count as sent under TLS (an
+    attacker on the path could add them): the server closes without even acknowledging STARTTLS."""
+    a, port, certs = tls_export
+    go = struct.pack(">I", len(RES)) + RES.encode() + struct.pack(">H", 0)
+    got = _raw_client(a, port, b"IHAVEOPT" + struct.pack(">II", 7, len(go)) + go)
+    assert got == b""
+    wait_until(lambda: "plain-text bytes after NBD_OPT_STARTTLS" in a.log(), 10, "marsd to log the refusal")
+    # Not TLS at all after the ACK: logged, that connection closed, the export serves on.
+    s = socket.create_connection((a.ip, port), timeout=10)
+    s.recv(18)
+    s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 5, 0))
+    ack = s.recv(20)
+    assert struct.unpack(">QIII", ack)[2] == 1  # NBD_REP_ACK
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    assert s.recv(100) == b""
+    s.close()
+    wait_until(lambda: "TLS handshake failed: HTTP_REQUEST" in a.log(), 10, "marsd to log the bad handshake")
+    assert json.loads(run(["nbdinfo", "--json", nbds(a, port, certs)]).stdout)["exports"][0]["export-size"] == SIZE
+    assert "Traceback" not in a.log()
