@@ -63,10 +63,11 @@ _TLS_HINTS = {
     "ConnectionResetError": "the client gave up during the handshake: most likely it does not trust this "
                             "node's certificate (another cluster's ca-cert.pem, or it dials an address the "
                             "certificate does not name: see marsd --nbd-tls-name)",
-    "UNSUPPORTED_PROTOCOL": "the client does not speak TLS 1.3",
-    "WRONG_VERSION_NUMBER": "the client does not speak TLS 1.3",
+    "UNSUPPORTED_PROTOCOL": "the client offers no TLS version this node takes (1.2 or 1.3)",
+    "WRONG_VERSION_NUMBER": "the client does not speak TLS after STARTTLS",
     "BINDER_DOES_NOT_VERIFY": "the client's key for its PSK identity is not the one in --nbd-tls-psk",
-    "NO_SHARED_CIPHER": "the client offers no TLS 1.3 cipher this node accepts (a PSK-only client?)",
+    "NO_SHARED_CIPHER": "the client offers no cipher this node takes (TLS 1.2: ECDHE with AES-GCM or "
+                        "ChaCha20; PSK: TLS 1.3 only)",
 }
 
 
@@ -93,6 +94,7 @@ class NbdSession(asyncio.Protocol):
         # this protocol as soon as its handshake is done, before start_tls() gives us the new
         # transport to answer on. They wait here and are fed in once the core knows TLS is up.
         self._tls_early: list[bytes] | None = None
+        self._tls_task: asyncio.Future[None] | None = None
         self.conn = nbd.NbdServerConnection(self._lookup, self._names, tls=tls_mode)
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
@@ -185,7 +187,7 @@ class NbdSession(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.pause_reading()
                 self._tls_early = []
-                asyncio.ensure_future(self._start_tls())
+                self._tls_task = asyncio.ensure_future(self._start_tls())  # held: the loop keeps only weak ones
                 return
             elif type(ev) is nbd.Disconnect:
                 self._flush_handshake()
