@@ -4,8 +4,9 @@ Speaks fixed-newstyle negotiation and the transmission phase with simple replies
 structured replies, no meta contexts), which is what the Linux kernel client, qemu and libnbd all
 fall back to, and NBD_OPT_STARTTLS: the core says when to start TLS (``StartTls``), the caller
 runs the handshake on its transport and reports back with ``tls_started()``; the bytes before and
-after are the same protocol, so the core never sees ciphertext. The object owns no socket and never blocks, so the asyncio server, the
-tests and a fuzzer drive the very same code (the h11 design)::
+after are the same protocol, so the core never sees ciphertext. The object owns no socket and
+never blocks, so the asyncio server, the tests and a fuzzer drive the very same code (the h11
+design)::
 
     conn = NbdServerConnection(lookup, list_names)
     send(conn.initial_bytes())
@@ -294,8 +295,8 @@ ERROR = "error"
 #:   options -> closed:     OPT_ABORT, acknowledged; the client is about to hang up.
 #:   options -> tls-handshake: OPT_STARTTLS acknowledged; the next bytes belong to TLS, so any
 #:                          that reach this core are a client error.
-#:   tls-handshake -> options: the caller's handshake succeeded (tls_started); haggling starts
-#:                          over, as the spec asks: nothing said in plain text carries over.
+#:   tls-handshake -> options: the caller's handshake succeeded (tls_started); haggling goes
+#:                          on under TLS, and nothing said in plain text may carry over.
 #:   transmission -> closed: NBD_CMD_DISC; nothing the client sends later is served.
 #:   every live state:      EOF closes, garbage poisons.
 _FROM_ANY_LIVE = {"eof": CLOSED, "client_error": ERROR}
@@ -384,7 +385,12 @@ class NbdServerConnection:
         return self._tls_active
 
     def tls_started(self) -> None:
-        """The caller's TLS handshake after StartTls succeeded: haggle on, now under TLS."""
+        """The caller's TLS handshake after StartTls succeeded: haggle on, now under TLS.
+
+        The spec says a server forgets whatever was negotiated before STARTTLS (structured
+        replies, meta contexts): this core keeps no such option state yet; any that is added
+        must be reset here.
+        """
         if self._state != TLS_HANDSHAKE:
             raise LocalProtocolError(f"tls_started() in state {self._state}, not after StartTls")
         if self._rb.avail:
@@ -615,9 +621,9 @@ class NbdServerConnection:
         return None
 
     def _opt_unsupported(self, option: int, data: bytes, start: int) -> None:
-        """STARTTLS when TLS is off, structured replies, meta contexts and anything newer: the option's data was
-        already consumed (the length field exists so servers can skip what they don't know), and
-        ERR_UNSUP makes every client we know fall back to what we speak."""
+        """STARTTLS when TLS is off, structured replies, meta contexts and anything newer: the
+        option's data was already consumed (the length field exists so servers can skip what they
+        don't know), and ERR_UNSUP makes every client we know fall back to what we speak."""
         self._reply_error(option, REP_ERR_UNSUP, f"option {option} is not supported")
         return None
 
