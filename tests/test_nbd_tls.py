@@ -16,6 +16,7 @@ import socket
 import ssl
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -52,11 +53,11 @@ def tls_export(workdir):
     return a, port, certs
 
 
-def nbds(a: Node, port: int, certs, res: str = RES) -> str:
+def nbds(a: Node, port: int, certs: Path, res: str = RES) -> str:
     return f"nbds://{a.ip}:{port}/{res}?tls-certificates={certs}"
 
 
-def other_cluster_certs(base) -> object:
+def other_cluster_certs(base: Path) -> Path:
     """A client certificate signed by a second cluster's CA."""
     z = Node(base, "z", "127.0.0.9")
     z.create_cluster()
