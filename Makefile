@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
 APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 libfuse2 iproute2 e2fsprogs util-linux tmux prometheus \
-            iptables rsync iperf3 man-db \
+            iptables rsync iperf3 man-db openssl \
             postgresql zabbix-server-pgsql zabbix-frontend-php php-pgsql apache2 libapache2-mod-php zabbix-agent sudo
 # The Zabbix packages: tests/zabbix_server.py starts a real Zabbix 6.0 (server, frontend API, agent) on 127.0.0.1.
 
@@ -71,6 +71,7 @@ bench: venv
 	$(PY) bench/bench_traffic.py
 	$(PY) bench/bench_resize.py
 	$(PY) bench/bench_wan.py
+	$(PY) bench/bench_nbd_tls.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \

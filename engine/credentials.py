@@ -35,6 +35,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import hashlib
+import ipaddress
 import os
 import re
 import ssl
@@ -56,6 +57,8 @@ CA_FILE = "ca.pem"
 SECRET_FILE = "secret.pem"
 LOCK_FILE = ".lock"
 TOKEN_PREFIX = "mars1."
+#: The subject's OU of NBD client certificates ('marsadm export-client-cert'): peer links refuse it.
+NBD_CLIENT_OU = "MARS NBD client"
 
 # The CA outlives any node certificate it signs, so the only renewal ever needed is a node's own,
 # which each node does by itself.
@@ -255,9 +258,17 @@ def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     return True
 
 
-def _node_cert_ok(cert_path: Path, key_path: Path, ca: x509.Certificate, host: str) -> bool:
-    """Whether the node's files are a usable pair for ``host`` under ``ca``; anything else,
-    including a half-written pair from a crash, is simply issued again."""
+def _sans(cert: x509.Certificate) -> set[x509.GeneralName]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
+def _pair_ok(cert_path: Path, key_path: Path, ca: x509.Certificate, host: str,
+             sans: set[x509.GeneralName] | None = None) -> bool:
+    """Whether the files are a usable pair for ``host`` (and exactly ``sans``, when given) under
+    ``ca``; anything else, including a half-written pair from a crash, is simply issued again."""
     if not (cert_path.exists() and key_path.exists()):
         return False
     try:
@@ -271,6 +282,8 @@ def _node_cert_ok(cert_path: Path, key_path: Path, ca: x509.Certificate, host: s
         return False
     cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     if cns != [host]:
+        return False
+    if sans is not None and _sans(cert) != sans:
         return False
     # Renew 30 days ahead, but never chase a date the CA itself cannot reach.
     return _not_after(cert) >= min(_now() + RENEW_BEFORE, _not_after(ca))
@@ -302,29 +315,38 @@ def _make_ca(cluster_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePriva
     return cert, key
 
 
-def _issue_node_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, host: str,
-                     validity: dt.timedelta = NODE_VALIDITY) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _issue_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, subject: x509.Name,
+                sans: list[x509.GeneralName], usages: list[x509.ObjectIdentifier],
+                validity: dt.timedelta = NODE_VALIDITY) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     not_after = min(now + validity, _not_after(ca))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(not_after)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+    builder = (x509.CertificateBuilder()
+               .subject_name(subject)
+               .issuer_name(ca.subject)
+               .public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - BACKDATE).not_valid_after(not_after))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = (builder
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            # Every node is both a server (it accepts links) and a client (it opens them).
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(_ski(key), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256()))
     return cert, key
+
+
+def _issue_node_cert(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, host: str,
+                     validity: dt.timedelta = NODE_VALIDITY) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    # Every node is both a server (it accepts links) and a client (it opens them).
+    return _issue_cert(ca, ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]),
+                       [x509.DNSName(host)], [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                       validity)
 
 
 def _install(d: Path, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
@@ -402,21 +424,24 @@ def _load_ca(d: Path) -> x509.Certificate:
                               ) from None
 
 
-def ensure_node_cert(mars_dir: Path, host: str) -> tuple[Path, Path]:
-    """This node's certificate and key, issued (again) when missing, damaged, from another CA
-    (the cluster credential was replaced) or within 30 days of expiry; otherwise untouched."""
-    cert_path, key_path = node_paths(mars_dir, host)
+def _ca_key(d: Path, ca: x509.Certificate) -> ec.EllipticCurvePrivateKey:
+    """The CA key from secret.pem, checked to belong to the CA in ca.pem (the one peers trust)."""
+    secret_path = d / SECRET_FILE
+    ca2, ca_key = _parse_secret(_read(secret_path, "cluster secret", private=True), str(secret_path))
+    if ca2 != ca:
+        raise CredentialError(f"{secret_path} and {d / CA_FILE} belong to different cluster CAs",
+                              "install the credential again: 'marsadm join-cluster <peer> --force --secret-file F'")
+    return ca_key
+
+
+def _ensure_pair(mars_dir: Path, host: str, cert_path: Path, key_path: Path, sans: list[x509.GeneralName],
+                 usages: list[x509.ObjectIdentifier], exact_sans: bool) -> tuple[Path, Path]:
     with _locked(mars_dir, create=False) as d:
         ca = _load_ca(d)
-        if _node_cert_ok(cert_path, key_path, ca, host):
+        if _pair_ok(cert_path, key_path, ca, host, set(sans) if exact_sans else None):
             return cert_path, key_path
-        secret_path = d / SECRET_FILE
-        ca2, ca_key = _parse_secret(_read(secret_path, "cluster secret", private=True), str(secret_path))
-        if ca2 != ca:
-            raise CredentialError(f"{secret_path} and {d / CA_FILE} belong to different cluster CAs",
-                                  "install the credential again: 'marsadm join-cluster <peer> --force "
-                                  "--secret-file F'")
-        cert, key = _issue_node_cert(ca, ca_key, host)
+        ca_key = _ca_key(d, ca)
+        cert, key = _issue_cert(ca, ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]), sans, usages)
         # Key first: a crash between the two leaves a pair that fails the check above and is
         # issued again, never an old certificate presented with a key it does not match.
         _write(key_path, _pem(key))
@@ -425,16 +450,93 @@ def ensure_node_cert(mars_dir: Path, host: str) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _context(mars_dir: Path, host: str, purpose: ssl.Purpose) -> ssl.SSLContext:
-    """TLS 1.3 only: one protocol whose handshake encrypts the certificates (host names stay off
-    the wire) and leaves no cipher or version to negotiate down. The node certificate is checked
-    (and renewed) on every call, so a long-running marsd never presents an expired one."""
-    cert_path, key_path = ensure_node_cert(mars_dir, host)
+def ensure_node_cert(mars_dir: Path, host: str) -> tuple[Path, Path]:
+    """This node's certificate and key, issued (again) when missing, damaged, from another CA
+    (the cluster credential was replaced) or within 30 days of expiry; otherwise untouched.
+    Every node is both a server (it accepts links) and a client (it opens them)."""
+    cert_path, key_path = node_paths(mars_dir, host)
+    return _ensure_pair(mars_dir, host, cert_path, key_path, [x509.DNSName(host)],
+                        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], exact_sans=False)
+
+
+def ensure_nbd_cert(mars_dir: Path, host: str, addresses: list[str]) -> tuple[Path, Path]:
+    """The certificate the NBD export shows its clients: the node's name plus the addresses (IP
+    or DNS) they dial. qemu, libnbd and nbd-client (GnuTLS, all of them) check the server's certificate
+    against the address they connected to, and MARS nodes have no DNS names of their own, so the
+    addresses must be in it. Issued again when the set of addresses changes. Server-only, so a
+    stolen copy of it opens no peer link."""
     d = cred_dir(mars_dir)
-    side = ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    check_name("host", host)
+    sans: list[x509.GeneralName] = [x509.DNSName(host)]
+    for a in dict.fromkeys(addresses):
+        try:
+            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(a))
+        except ValueError:
+            san = x509.DNSName(a)
+        if san not in sans:
+            sans.append(san)
+    return _ensure_pair(mars_dir, host, d / f"nbd-{host}.pem", d / f"nbd-{host}.key", sans,
+                        [ExtendedKeyUsageOID.SERVER_AUTH], exact_sans=True)
+
+
+def issue_nbd_client_cert(mars_dir: Path, name: str) -> tuple[bytes, bytes, bytes]:
+    """A client certificate for the NBD export: (CA certificate, certificate, key), all PEM.
+
+    Signed by the cluster CA, which every member holds (see the module docstring), so any member
+    can issue one, with marsd up or down. The subject carries NBD_CLIENT_OU: peer links refuse
+    such a certificate (``peer_host``), so a VM host that can reach a disk cannot read the tree or
+    the logs of every resource, as a node certificate would let it."""
+    check_name("client", name)
+    with _locked(mars_dir, create=False) as d:
+        ca = _load_ca(d)
+        ca_key = _ca_key(d, ca)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MARS"),
+                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, NBD_CLIENT_OU),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert, key = _issue_cert(ca, ca_key, subject, [], [ExtendedKeyUsageOID.CLIENT_AUTH])
+    return _pem(ca), _pem(cert), _pem(key)
+
+
+#: The file names qemu's tls-creds-x509 (endpoint=client) and libnbd's tls-certificates=DIR read.
+CLIENT_FILES = ("ca-cert.pem", "client-cert.pem", "client-key.pem")
+
+
+def export_nbd_client(mars_dir: Path, name: str, out: Path, force: bool = False) -> list[Path]:
+    """Issue an NBD client certificate into directory ``out`` (made 0700 if missing) as qemu and
+    libnbd expect it; the key 0600, the certificates 0644. An existing key is not overwritten
+    unless ``force``: a client may be using it, and it would be cut off without a word."""
+    out = Path(out)
+    paths = [out / n for n in CLIENT_FILES]
+    if not force and paths[2].exists():
+        raise CredentialError(f"{paths[2]} already exists",
+                              "choose another --out directory, or pass --force to replace the client's key")
+    ca, cert, key = issue_nbd_client_cert(mars_dir, name)
+    try:
+        out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path, data, mode in zip(paths, (ca, cert, key), (0o644, 0o644, 0o600)):
+            _write(path, data)
+            os.chmod(path, mode)
+    except OSError as e:
+        raise CredentialError(f"cannot write {e.filename or out}: {e.strerror}",
+                              "give a writable --out directory") from None
+    return paths
+
+
+#: TLS 1.2 suites the NBD export also takes: forward-secret key exchange and AEAD only.
+NBD_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+def _context(mars_dir: Path, side: int, cert_path: Path, key_path: Path, tls12: bool = False) -> ssl.SSLContext:
+    """TLS 1.3 only: one protocol whose handshake encrypts the certificates (host names stay off
+    the wire) and leaves no cipher or version to negotiate down. ``tls12``: TLS 1.2 as well, with
+    NBD_TLS12_CIPHERS (see nbd_server_context). The other side must show a certificate of the
+    cluster CA, whichever side it is."""
+    d = cred_dir(mars_dir)
     ctx = ssl.SSLContext(side)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2 if tls12 else ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    if tls12:
+        ctx.set_ciphers(NBD_TLS12_CIPHERS)
     # Client: the name in the peer's certificate is checked by the caller against the host it
     # claims (peer_host), since peers are reached by IP address, not by a DNS name.
     ctx.check_hostname = False
@@ -453,16 +555,30 @@ def _context(mars_dir: Path, host: str, purpose: ssl.Purpose) -> ssl.SSLContext:
     return ctx
 
 
+def _node_context(mars_dir: Path, host: str, side: int) -> ssl.SSLContext:
+    """The node certificate is checked (and renewed) on every call, so a long-running marsd
+    never presents an expired one."""
+    return _context(mars_dir, side, *ensure_node_cert(mars_dir, host))
+
+
 def server_context(mars_dir: Path, host: str) -> ssl.SSLContext:
     """CERT_REQUIRED is what keeps strangers out: without it a host with no credential could
     open a link and read the tree."""
-    return _context(mars_dir, host, ssl.Purpose.CLIENT_AUTH)
+    return _node_context(mars_dir, host, ssl.PROTOCOL_TLS_SERVER)
 
 
 def client_context(mars_dir: Path, host: str) -> ssl.SSLContext:
     """Verifying the server too keeps a node from handing its tree or its writes to an impostor
     that took over a peer's address."""
-    return _context(mars_dir, host, ssl.Purpose.SERVER_AUTH)
+    return _node_context(mars_dir, host, ssl.PROTOCOL_TLS_CLIENT)
+
+
+def nbd_server_context(mars_dir: Path, host: str, addresses: list[str]) -> ssl.SSLContext:
+    """For the NBD export on TCP: clients show a certificate of the cluster CA (from 'marsadm
+    export-client-cert', or a node's own), exactly as peers do on links. TLS 1.2 is taken too,
+    unlike on links: the kernel's nbd-client asks GnuTLS for TLS 1.2 only unless told otherwise
+    (its -priority default is NORMAL:-VERS-TLS-ALL:+VERS-TLS1.2); qemu and libnbd get 1.3."""
+    return _context(mars_dir, ssl.PROTOCOL_TLS_SERVER, *ensure_nbd_cert(mars_dir, host, addresses), tls12=True)
 
 
 def peer_host(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
@@ -475,6 +591,10 @@ def peer_host(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:
     if not cert:
         raise CredentialError("the peer presented no verified certificate",
                               "peer links must use server_context/client_context")
+    ous = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "organizationalUnitName"]
+    if NBD_CLIENT_OU in ous:
+        raise CredentialError("the peer presented an NBD client certificate, which admits to the NBD export only",
+                              "peer links need a node certificate: join the host with 'marsadm join-cluster'")
     cns = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
     if len(cns) != 1:
         raise CredentialError(f"the peer's certificate names {len(cns)} hosts, expected one",

@@ -468,3 +468,86 @@ def test_damaged_ca_certificate(cluster: Path) -> None:
 def test_host_name_cannot_escape_the_directory(cluster: Path) -> None:
     with pytest.raises(MarsError, match="not valid"):
         ensure_node_cert(cluster, "../etc")
+
+
+# -- the NBD export's certificates ------------------------------------------------------------------
+
+
+def _nbd_client_context(cluster: Path, out: Path, tls12_only: bool = False) -> ssl.SSLContext:
+    C.export_nbd_client(cluster, "vm1", out)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(out / "ca-cert.pem")
+    ctx.load_cert_chain(out / "client-cert.pem", out / "client-key.pem")
+    if tls12_only:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def test_nbd_cert_names_the_addresses_and_follows_them(cluster: Path) -> None:
+    cert_path, key_path = C.ensure_nbd_cert(cluster, "a", ["127.0.0.2", "mars-a.example", "127.0.0.2"])
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["a", "mars-a.example"]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.2"]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]  # it opens no link as a client
+    before = cert_path.read_bytes()
+    C.ensure_nbd_cert(cluster, "a", ["127.0.0.2", "mars-a.example"])
+    assert cert_path.read_bytes() == before
+    C.ensure_nbd_cert(cluster, "a", ["10.0.0.1"])
+    san = x509.load_pem_x509_certificate(cert_path.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.1"]
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+
+
+def test_nbd_client_cert_is_refused_by_peer_links(cluster: Path, tmp_path: Path) -> None:
+    srv = OneShotServer(server_context(cluster, "a"))
+    raw = socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT)
+    with _nbd_client_context(cluster, tmp_path / "c").wrap_socket(raw) as s:
+        try:
+            s.sendall(b"ping\n")
+            reply = s.recv(100)
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            reply = b""
+        assert reply == b""  # the server hangs up without a reply
+    srv.join()
+    assert isinstance(srv.error, CredentialError) and "NBD client certificate" in srv.error.what
+    assert srv.peer is None and srv.data == b""
+
+
+def test_nbd_export_takes_a_client_cert_also_over_tls12(cluster: Path, tmp_path: Path) -> None:
+    """The kernel's nbd-client asks for TLS 1.2 by default; peer links stay 1.3 only."""
+    ctx = C.nbd_server_context(cluster, "a", ["127.0.0.1"])
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2 and ctx.verify_mode == ssl.CERT_REQUIRED
+    client = _nbd_client_context(cluster, tmp_path / "c", tls12_only=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with ctx.wrap_socket(conn, server_side=True) as s:
+            seen.append((s.version(), s.cipher()[0], dict(x[0] for x in s.getpeercert()["subject"])))
+            s.sendall(b"ok")
+        listener.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    with client.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)) as s:
+        assert s.recv(2) == b"ok"
+    t.join(TIMEOUT)
+    version, cipher, subject = seen[0]
+    assert version == "TLSv1.2" and cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA20" in cipher)
+    assert subject["commonName"] == "vm1" and subject["organizationalUnitName"] == C.NBD_CLIENT_OU
+
+
+def test_export_client_cert_needs_the_ca_key(tmp_path: Path) -> None:
+    """A node whose credential lacks secret.pem (CA certificate only) cannot issue, and says why."""
+    d = tmp_path / "m"
+    create_cluster_credential(d, "c")
+    (d / CRED_DIR / "secret.pem").unlink()
+    with pytest.raises(CredentialError, match="secret.pem is missing"):
+        C.export_nbd_client(d, "vm1", tmp_path / "out")
+    assert not (tmp_path / "out" / "client-key.pem").exists()

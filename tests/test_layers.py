@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "mars.engine.peer.protocol", "mars.engine.log", "mars.engine.nbd", "mars.engine.peer",
               "mars.engine.roles", "mars.engine.daemon")),
     ("node", ("mars.engine.tree", "mars.engine.trigger", "mars.engine.device", "mars.engine.credentials",
-              "mars.engine.log.files", "mars.engine.log.apply")),
+              "mars.engine.nbd.psk", "mars.engine.log.files", "mars.engine.log.apply")),
     ("services", ("mars.engine.log.writer", "mars.engine.log.recovery", "mars.engine.log.replayer",
                   "mars.engine.nbd.server", "mars.engine.peer.link", "mars.engine.roles.")),
     ("model", ("mars.engine.model",)),

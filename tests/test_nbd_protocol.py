@@ -751,3 +751,193 @@ def test_export_name_not_utf8_closes():
     conn.receive_data(client_flags() + option(OPT_EXPORT_NAME, b"\xff"))
     with pytest.raises(NbdProtocolError):
         conn.next_event()
+
+
+# --- NBD_OPT_STARTTLS --------------------------------------------------------------------------
+
+REP_ERR_TLS_REQD = ERR | 5
+#: A name no refusal may give away: a plain client of a TLS-only server must not learn it.
+SECRET = ExportInfo("secret-disk", 3 << 20, description="nobody may learn this")
+SECRETS = {SECRET.name: SECRET}
+
+
+def tls_conn(mode: str) -> NbdServerConnection:
+    return make_conn(SECRETS, tls=mode)
+
+
+def through_starttls(conn: NbdServerConnection, before: bytes = b"", greet: bool = True) -> list:
+    """Feed flags (unless the client is past them), ``before`` and STARTTLS; play the caller's
+    part (the handshake) on StartTls."""
+    events = feed(conn, (client_flags() if greet else b"") + before + option(OPT_STARTTLS))
+    assert events[-1] == nbd.StartTls()
+    assert conn.state == "tls-handshake" and not conn.tls_active
+    conn.tls_started()
+    return events
+
+
+@pytest.mark.parametrize("mode", ["on", "require"])
+def test_starttls_then_go_under_tls(mode):
+    conn = tls_conn(mode)
+    through_starttls(conn)
+    assert parse_option_replies(conn.data_to_send()) == [(OPT_STARTTLS, REP_ACK, b"")]
+    assert conn.tls_active and conn.state == "options"
+    assert feed(conn, option(OPT_LIST) + go(SECRET.name)) == [Negotiated(SECRET)]
+    replies = parse_option_replies(conn.data_to_send())
+    assert (OPT_LIST, REP_SERVER, struct.pack(">I", len(b"secret-disk")) + b"secret-disk") in replies
+    assert replies[-1] == (OPT_GO, REP_ACK, b"")
+
+
+def test_tls_on_serves_plain_clients_too():
+    conn = tls_conn("on")
+    assert feed(conn, client_flags() + go(SECRET.name)) == [Negotiated(SECRET)]
+    assert not conn.tls_active
+
+
+@pytest.mark.parametrize("opt, data", [
+    (OPT_LIST, b""),
+    (OPT_INFO, info_data("secret-disk", (INFO_NAME, INFO_DESCRIPTION))),
+    (OPT_GO, info_data("secret-disk")),
+    (OPT_GO, info_data("")),
+    (OPT_STRUCTURED_REPLY, b""),
+    (OPT_LIST_META_CONTEXT, b"x"),
+    (4, b""),
+    (0xFFFFFFFF, b"junk"),
+])
+def test_tls_required_refuses_every_option_before_tls(opt, data):
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(opt, data)) == []
+    out = conn.data_to_send()
+    [(o, rtype, _)] = parse_option_replies(out)
+    assert (o, rtype) == (opt, REP_ERR_TLS_REQD)
+    assert b"secret" not in out and struct.pack(">Q", SECRET.size) not in out
+    # The same client may still upgrade and then get everything.
+    through_starttls(conn, greet=False)
+    conn.data_to_send()
+    assert feed(conn, go(SECRET.name)) == [Negotiated(SECRET)]
+
+def test_tls_required_export_name_before_tls_closes():
+    conn = tls_conn("require")
+    conn.receive_data(client_flags() + option(OPT_EXPORT_NAME, b"secret-disk"))
+    with pytest.raises(NbdProtocolError, match="before TLS"):
+        conn.next_event()
+    assert b"secret" not in conn.data_to_send()
+
+
+def test_tls_required_abort_is_still_answered():
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(OPT_ABORT)) == [Disconnect()]
+    assert parse_option_replies(conn.data_to_send()) == [(OPT_ABORT, REP_ACK, b"")]
+
+
+def test_starttls_with_data_or_twice_is_err_invalid():
+    conn = tls_conn("on")
+    assert feed(conn, client_flags() + option(OPT_STARTTLS, b"x")) == []
+    assert parse_option_replies(conn.data_to_send())[0][:2] == (OPT_STARTTLS, REP_ERR_INVALID)
+    through_starttls(conn, greet=False)
+    conn.data_to_send()
+    assert feed(conn, option(OPT_STARTTLS)) == []
+    assert parse_option_replies(conn.data_to_send())[0][:2] == (OPT_STARTTLS, REP_ERR_INVALID)
+    assert conn.state == "options"
+
+
+def test_plain_bytes_after_starttls_are_a_protocol_error():
+    """Plain text behind STARTTLS would be parsed as if it had come through TLS once that is up
+    (the STARTTLS injection of CVE-2011-0411): refused, and STARTTLS is not even acknowledged."""
+    conn = tls_conn("require")
+    conn.receive_data(client_flags() + option(OPT_STARTTLS) + go(SECRET.name))
+    with pytest.raises(NbdProtocolError, match="plain-text bytes after NBD_OPT_STARTTLS"):
+        conn.next_event()
+    assert conn.data_to_send() == b""
+    # The same bytes arriving after the StartTls event, before the handshake is done.
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(OPT_STARTTLS)) == [nbd.StartTls()]
+    conn.receive_data(go(SECRET.name))
+    with pytest.raises(NbdProtocolError, match="plain-text bytes after NBD_OPT_STARTTLS"):
+        conn.next_event()
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(OPT_STARTTLS)) == [nbd.StartTls()]
+    conn.receive_data(go(SECRET.name))
+    with pytest.raises(sansio.LocalProtocolError, match="plain-text bytes buffered"):
+        conn.tls_started()
+
+
+def test_eof_during_tls_handshake_closes():
+    conn = tls_conn("require")
+    assert feed(conn, client_flags() + option(OPT_STARTTLS)) == [nbd.StartTls()]
+    assert feed(conn, b"") == [ConnectionClosed()]
+
+
+def test_tls_started_only_after_starttls():
+    conn = tls_conn("on")
+    with pytest.raises(sansio.LocalProtocolError):
+        conn.tls_started()
+    with pytest.raises(ValueError, match="tls must be one of"):
+        make_conn(tls="yes")
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(option_like | st.just(option(OPT_LIST)) | st.just(go(SECRET.name)), max_size=10),
+       data=st.data())
+def test_plain_client_of_tls_only_server_learns_nothing(pieces, data):
+    """Whatever options a plain client sends, in whatever chunks: every reply is TLS_REQD (or
+    the ACK of ABORT/STARTTLS, or ERR_INVALID for a STARTTLS with data), nothing names or sizes
+    the export, and no export is entered."""
+    stream = client_flags() + b"".join(pieces)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+    bounds = [0, *cuts, len(stream)]
+    conn = make_conn(SECRETS, tls="require", max_option_len=2048)
+    out = []
+    try:
+        for a, b in zip(bounds, bounds[1:]):
+            conn.receive_data(stream[a:b])
+            while (ev := conn.next_event()) is not NEED_DATA:
+                out.append(conn.data_to_send())
+                assert isinstance(ev, (Disconnect, nbd.StartTls, ConnectionClosed)), ev
+                raise StopIteration  # the end, or TLS: the bytes after STARTTLS are not this test's
+            out.append(conn.data_to_send())
+    except (NbdProtocolError, StopIteration):
+        out.append(conn.data_to_send())
+    raw = b"".join(out)
+    assert b"secret" not in raw and b"nobody" not in raw
+    for opt, rtype, _ in parse_option_replies(raw):
+        allowed = {REP_ERR_TLS_REQD} | ({REP_ACK} if opt in (OPT_ABORT, OPT_STARTTLS) else set()) \
+            | ({REP_ERR_INVALID} if opt == OPT_STARTTLS else set())
+        assert rtype in allowed, (opt, rtype)
+    assert conn.export is None
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(before=options_before_go().filter(lambda raw: option(OPT_STARTTLS) not in raw),  # one upgrade
+       session=valid_sessions(), data=st.data())
+def test_chunking_does_not_change_events_across_starttls(before, session, data):
+    """A session that upgrades: the plain part and the part under TLS, each cut anywhere."""
+    plain = client_flags() + before + option(OPT_STARTTLS)
+    secured = session[4:]  # valid_sessions starts with the client flags, sent only once
+
+    def run(plain_chunks, secured_chunks):
+        conn = make_conn(tls="on")
+        events, out = [], []
+        for chunk in plain_chunks:
+            conn.receive_data(chunk)
+            while (ev := conn.next_event()) is not NEED_DATA:
+                out.append(conn.data_to_send())
+                events.append(ev)
+            out.append(conn.data_to_send())
+        assert events[-1] == nbd.StartTls()
+        conn.tls_started()
+        for chunk in [*secured_chunks, b""]:
+            conn.receive_data(chunk)
+            while (ev := conn.next_event()) is not NEED_DATA:
+                out.append(conn.data_to_send())
+                events.append(ev)
+                if isinstance(ev, TERMINAL):
+                    return events, b"".join(out)
+            out.append(conn.data_to_send())
+        raise AssertionError("EOF must end every session")
+
+    def cut(raw):
+        points = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=10)))
+        bounds = [0, *points, len(raw)]
+        return [raw[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+    assert run(cut(plain), cut(secured)) == run([plain], [secured])

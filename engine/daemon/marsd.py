@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import ipaddress
 import logging
 import os
 import signal
@@ -21,13 +22,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from ... import __version__
-from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, server_context
-from ..errors import MarsError
+from ..credentials import client_context, cluster_fingerprint, ensure_node_cert, nbd_server_context, server_context
+from ..errors import MarsError, UsageError
 from ..log.files import deletable_logs, delete_logs, list_logs, read_replay
 from ..log.recovery import LogDamage
 from ..log.values import ReplayCode
 from ..model import tunables as tun
 from ..model.units import human_bytes
+from ..nbd.protocol import TLS_MODES
+from ..nbd.psk import add_psk, load_psk_file
 from ..nbd.server import Export, NbdSession
 from ..peer import protocol as P
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError, PeerServer
@@ -82,7 +85,8 @@ class Daemon:
 
     def __init__(self, tree: Tree, nbd_listen: list[tuple[str, int]], interval: float,
                  checkpoint_interval: float, port: int = DEFAULT_PORT, ip: str | None = None,
-                 logrot_auto: int = 0) -> None:
+                 logrot_auto: int = 0, nbd_tls: str = "off", nbd_tls_names: tuple[str, ...] = (),
+                 nbd_psk: dict[str, bytes] | None = None) -> None:
         self.tree = tree
         self.host = tree.host
         self.port = port
@@ -100,6 +104,9 @@ class Daemon:
         self._logdel_at: dict[str, float] = {}  # resource -> monotonic time of its last logdel-auto look
         self._total_space = 0
         self.nbd_listen = nbd_listen
+        self.nbd_tls = nbd_tls  # for the TCP exports only; the unix socket is local and root only
+        self.nbd_tls_names = nbd_tls_names
+        self.nbd_psk = nbd_psk  # identity -> key, accepted beside the X.509 client certificates
         self.interval = interval
         self.checkpoint_interval = checkpoint_interval
         self.report_s = report_period(interval)
@@ -261,10 +268,37 @@ class Daemon:
         self._servers.append(await loop.create_unix_server(
             lambda: NbdSession(self.exports, f"unix:{path}"), str(path)))
         os.chmod(path, 0o600)
+        tls = None
+        if self.nbd_tls != "off" and not self.nbd_listen:
+            log.warning("--nbd-tls %s without --nbd-listen: the unix socket is always plain, so TLS is not used",
+                        self.nbd_tls)
+        if self.nbd_tls != "off" and self.nbd_listen:
+            names = self.nbd_cert_names()
+            tls = nbd_server_context(self.tree.root, self.host, names)
+            if self.nbd_psk:
+                add_psk(tls, self.nbd_psk)
         for host, port in self.nbd_listen:
             self._servers.append(await loop.create_server(
-                lambda: NbdSession(self.exports, "tcp"), host, port, reuse_address=True))
-            log.info("NBD exports on tcp %s:%d", host, port)
+                lambda: NbdSession(self.exports, "tcp", tls, self.nbd_tls if tls else "off"), host, port,
+                reuse_address=True))
+            how = {"off": "plain text", "on": "TLS offered, plain text allowed",
+                   "require": "TLS required"}[self.nbd_tls if tls else "off"]
+            log.info("NBD exports on tcp %s:%d (%s%s%s)", host, port, how,
+                     f", certificate for {', '.join(names)}" if tls else "",
+                     f", PSK for {len(self.nbd_psk)} identities" if tls and self.nbd_psk else "")
+
+    def nbd_cert_names(self) -> list[str]:
+        """What the NBD certificate names: this node, the addresses it listens on (a wildcard
+        stands for none in particular, so this node's peer address instead), --nbd-tls-name."""
+        names = [self.host, self.ip]
+        for host, _ in self.nbd_listen:
+            try:
+                if ipaddress.ip_address(host).is_unspecified:
+                    continue
+            except ValueError:
+                pass
+            names.append(host)
+        return list(dict.fromkeys([*names, *self.nbd_tls_names]))
 
     # -- reconciliation ------------------------------------------------------------------------
 
@@ -567,10 +601,41 @@ def report_period(interval: float) -> float:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # [::1]:10809
     try:
         return host or "127.0.0.1", int(port)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    """Only addresses every one of whose resolutions is loopback count: 0.0.0.0 and :: are all
+    interfaces, and a name that also resolves to a routable address is reachable from outside."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def check_nbd_listen(listen: list[tuple[str, int]], tls: str, insecure: bool) -> None:
+    """Refuse a TCP export that strangers could use: without TLS required, whoever reaches the
+    port reads and overwrites every served device, and nothing in the logs would say who."""
+    if tls == "require" or insecure:
+        return
+    for host, port in listen:
+        if not _is_loopback(host):
+            why = "with --nbd-tls on, plain-text clients are still served" if tls == "on" else \
+                "without TLS"
+            raise MarsError(
+                f"--nbd-listen {host}:{port} is not a loopback address, and {why}: anyone who reaches it "
+                f"could read and overwrite every served device",
+                "add '--nbd-tls require' (clients then need a certificate from 'marsadm export-client-cert'), "
+                "or '--nbd-insecure' if only trusted hosts can reach that network")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -581,7 +646,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this node's name (default: the host the tree was made for, else uname -n)")
     p.add_argument("--ip", default=None, help="this node's address for peer links (default: from ips/ip-<host>)")
     p.add_argument("--nbd-listen", action="append", type=parse_listen, default=[], metavar="HOST:PORT",
-                   help="also serve NBD on TCP (repeatable); the unix socket <mars-dir>/nbd.sock is always on")
+                   help="also serve NBD on TCP (repeatable); the unix socket <mars-dir>/nbd.sock is always on. "
+                        "An address other than loopback needs --nbd-tls require or --nbd-insecure")
+    p.add_argument("--nbd-tls", choices=TLS_MODES, default="off",
+                   help="TLS on the TCP exports, as nbdkit's --tls: off (default), on (offered, plain text "
+                        "still served), require (nothing but STARTTLS before TLS). Clients show a certificate "
+                        "of the cluster CA ('marsadm export-client-cert'); the unix socket stays plain")
+    p.add_argument("--nbd-tls-name", action="append", default=[], metavar="NAME",
+                   help="a further DNS name or IP address clients dial, for the NBD certificate (repeatable; "
+                        "it always names this host, its --ip and the --nbd-listen addresses)")
+    p.add_argument("--nbd-tls-psk", default=None, metavar="FILE",
+                   help="also admit TLS clients by pre-shared key: FILE as qemu's tls-creds-psk and nbdkit's "
+                        "--tls-psk read it, one 'identity:hexkey' a line, mode 0600 (needs --nbd-tls on|require)")
+    p.add_argument("--nbd-insecure", action="store_true",
+                   help="serve --nbd-listen on addresses other than loopback without requiring TLS "
+                        "(only for a network no untrusted host can reach)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"peer link port (default {DEFAULT_PORT})")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between reconcile rounds (default 1)")
     p.add_argument("--checkpoint-interval", type=float, default=1.0,
@@ -627,6 +706,12 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     mars_dir = mars_dir_from(args.mars_dir)
     try:
+        check_nbd_listen(args.nbd_listen, args.nbd_tls, args.nbd_insecure)
+        psk = None
+        if args.nbd_tls_psk:
+            if args.nbd_tls == "off":
+                raise UsageError("--nbd-tls-psk without TLS", "add '--nbd-tls require' (or on)")
+            psk = load_psk_file(args.nbd_tls_psk)
         host, note = default_host(mars_dir, args.host)
         if note:
             log.warning("%s", note)
@@ -639,7 +724,7 @@ def _run(args: argparse.Namespace) -> int:
         tree = Tree(mars_dir, host)
         logrot = int(tun.spec("logrot-auto").parse(args.logrot_auto or "0"))
         asyncio.run(Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip,
-                           logrot).run())
+                           logrot, args.nbd_tls, tuple(args.nbd_tls_name), psk).run())
     except MarsError as e:
         print(f"marsd: {e}", file=sys.stderr)
         return e.exit_code

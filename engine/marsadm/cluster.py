@@ -8,8 +8,8 @@ import os
 import sys
 
 from ..peer import protocol as P
-from ..credentials import (client_context, create_cluster_credential, ensure_node_cert, export_secret,
-                           install_secret, secret_to_token, token_to_secret)
+from ..credentials import (client_context, create_cluster_credential, ensure_node_cert, export_nbd_client,
+                           export_secret, install_secret, secret_to_token, token_to_secret)
 from ..errors import UsageError
 from ..peer.link import DEFAULT_PORT, PeerClient, PeerError
 from ..tree import NONE, make_dirs, nodes_of, tree_host
@@ -152,6 +152,27 @@ def export_secret_cmd(ctx: Ctx) -> None:
         print(secret_to_token(secret))
     else:
         sys.stdout.write(secret.decode())
+
+
+@command("export-client-cert", "write a TLS client certificate for the NBD export (qemu tls-creds-x509, "
+         "libnbd tls-certificates, nbd-client), signed by the cluster CA",
+         ("--out", {"metavar": "DIR", "default": None,
+                    "help": "directory for ca-cert.pem, client-cert.pem, client-key.pem (default ./nbd-tls-NAME)"}),
+         ("--name", {"default": "nbd-client",
+                     "help": "the client's name in its certificate, shown in marsd's log (default nbd-client)"}))
+def export_client_cert_cmd(ctx: Ctx) -> None:
+    """Any member can do this, marsd up or down: every member holds the cluster CA's key (the
+    credential join-cluster installs). The certificate admits to the NBD export of every member
+    with --nbd-tls, and to nothing else (peer links refuse it)."""
+    out = ctx.args.out or f"nbd-tls-{ctx.args.name}"
+    paths = export_nbd_client(ctx.tree.root, ctx.args.name, out, force=ctx.args.force)
+    d = paths[0].parent.resolve()
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    print(f"qemu:   --object tls-creds-x509,id=tls0,endpoint=client,dir={d} "
+          f"--image-opts driver=nbd,host=HOST,port=PORT,export=RES,tls-creds=tls0")
+    print(f"libnbd: nbdinfo 'nbds://HOST:PORT/RES?tls-certificates={d}'")
+    print(f"nbd-client: nbd-client HOST PORT /dev/nbd0 -N RES -cacertfile {d}/ca-cert.pem "
+          f"-certfile {d}/client-cert.pem -keyfile {d}/client-key.pem")
 
 
 @command("leave-cluster", "remove this host from the cluster (no resource memberships left; --host <dead> --force "

@@ -1,9 +1,12 @@
 """NBD server protocol core, sans I/O: bytes in, events out, bytes to send.
 
 Speaks fixed-newstyle negotiation and the transmission phase with simple replies only (no
-structured replies, no meta contexts, no TLS), which is what the Linux kernel client, qemu and
-libnbd all fall back to. The object owns no socket and never blocks, so the asyncio server, the
-tests and a fuzzer drive the very same code (the h11 design)::
+structured replies, no meta contexts), which is what the Linux kernel client, qemu and libnbd all
+fall back to, and NBD_OPT_STARTTLS: the core says when to start TLS (``StartTls``), the caller
+runs the handshake on its transport and reports back with ``tls_started()``; the bytes before and
+after are the same protocol, so the core never sees ciphertext. The object owns no socket and
+never blocks, so the asyncio server, the tests and a fuzzer drive the very same code (the h11
+design)::
 
     conn = NbdServerConnection(lookup, list_names)
     send(conn.initial_bytes())
@@ -47,9 +50,11 @@ __all__ = [
     "Request",
     "BadRequest",
     "Disconnect",
+    "StartTls",
     "ConnectionClosed",
     "Event",
     "NbdServerConnection",
+    "TLS_MODES",
     "EPERM",
     "EIO",
     "ENOMEM",
@@ -257,18 +262,25 @@ class Disconnect:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: send data_to_send() in plain text, then run the TLS
+    handshake as the server and call tls_started(); the client sends nothing in between."""
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionClosed:
     """The client closed its side; anything still buffered was an incomplete message."""
 
 
 #: Everything next_event() can return besides NEED_DATA.
-Event = Negotiated | Request | BadRequest | Disconnect | ConnectionClosed
+Event = Negotiated | Request | BadRequest | Disconnect | StartTls | ConnectionClosed
 
 
 # --- the connection ----------------------------------------------------------------------------
 
 GREETING = "greeting"
 OPTIONS = "options"
+TLS_HANDSHAKE = "tls-handshake"
 TRANSMISSION = "transmission"
 CLOSED = "closed"
 ERROR = "error"
@@ -281,18 +293,30 @@ ERROR = "error"
 #:   options -> transmission: OPT_GO or OPT_EXPORT_NAME chose an export; from then on the
 #:                          stream is requests, and option magic would be garbage.
 #:   options -> closed:     OPT_ABORT, acknowledged; the client is about to hang up.
+#:   options -> tls-handshake: OPT_STARTTLS acknowledged; the next bytes belong to TLS, so any
+#:                          that reach this core are a client error.
+#:   tls-handshake -> options: the caller's handshake succeeded (tls_started); haggling goes
+#:                          on under TLS, and nothing said in plain text may carry over.
 #:   transmission -> closed: NBD_CMD_DISC; nothing the client sends later is served.
 #:   every live state:      EOF closes, garbage poisons.
 _FROM_ANY_LIVE = {"eof": CLOSED, "client_error": ERROR}
 _STATE_TABLE: dict[str, tuple[str, dict[str, str]]] = {
     GREETING: ("_read_client_flags", {"client_flags": OPTIONS, **_FROM_ANY_LIVE}),
-    OPTIONS: ("_read_option", {"export_chosen": TRANSMISSION, "abort": CLOSED, **_FROM_ANY_LIVE}),
+    OPTIONS: ("_read_option", {"export_chosen": TRANSMISSION, "abort": CLOSED, "starttls": TLS_HANDSHAKE,
+                               **_FROM_ANY_LIVE}),
+    TLS_HANDSHAKE: ("_read_during_tls_handshake", {"tls_up": OPTIONS, **_FROM_ANY_LIVE}),
     TRANSMISSION: ("_read_request", {"disconnect": CLOSED, **_FROM_ANY_LIVE}),
     CLOSED: ("_read_when_closed", {}),
     ERROR: ("_read_after_error", {}),
 }
 _EDGES = {state: edges for state, (_, edges) in _STATE_TABLE.items()}
 _TERMINAL = frozenset((CLOSED, ERROR))
+
+#: TLS modes, named as nbdkit's --tls: "off" (ERR_UNSUP to STARTTLS), "on" (offered, plain text
+#: served too), "require" (nothing but STARTTLS and ABORT is answered before TLS).
+TLS_MODES = ("off", "on", "require")
+#: What a client may do before TLS on a TLS-only server: upgrade, or leave.
+_BEFORE_TLS = frozenset((OPT_STARTTLS, OPT_ABORT))
 
 
 def _limit_string(text: str) -> bytes:
@@ -318,11 +342,16 @@ class NbdServerConnection:
         list_names: Callable[[], list[str]],
         max_payload: int = 32 * 2**20,
         max_option_len: int = 64 * 1024,
+        tls: str = "off",
     ) -> None:
         if not 1 <= max_payload <= 0xFFFFFFFF:
             raise ValueError(f"max_payload must be 1..2**32-1 (a u32 on the wire), not {max_payload}")
         if max_option_len < 0:
             raise ValueError(f"max_option_len must not be negative, not {max_option_len}")
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+        self._tls_mode = tls
+        self._tls_active = False
         self._lookup = lookup
         self._list_names = list_names
         self._max_payload = max_payload
@@ -349,6 +378,26 @@ class NbdServerConnection:
     def export(self) -> ExportInfo | None:
         """The negotiated export, None before negotiation."""
         return self._export
+
+    @property
+    def tls_active(self) -> bool:
+        """Whether the caller reported a finished TLS handshake (tls_started)."""
+        return self._tls_active
+
+    def tls_started(self) -> None:
+        """The caller's TLS handshake after StartTls succeeded: haggle on, now under TLS.
+
+        The spec says a server forgets whatever was negotiated before STARTTLS (structured
+        replies, meta contexts): this core keeps no such option state yet; any that is added
+        must be reset here.
+        """
+        if self._state != TLS_HANDSHAKE:
+            raise LocalProtocolError(f"tls_started() in state {self._state}, not after StartTls")
+        if self._rb.avail:
+            # next_event() would have refused them; the caller fed bytes it did not read through TLS.
+            raise LocalProtocolError(f"tls_started() with {self._rb.avail} plain-text bytes buffered")
+        self._tls_active = True
+        self._transition("tls_up")
 
     def initial_bytes(self) -> bytes:
         """The server greeting; the client says nothing until it has it."""
@@ -462,6 +511,8 @@ class NbdServerConnection:
             rb.skip(_OPTION_HEADER_LEN)
             data = rb.take(length)
             handler = self._OPTION_HANDLERS.get(option, NbdServerConnection._opt_unsupported)
+            if self._tls_mode == "require" and not self._tls_active and option not in _BEFORE_TLS:
+                handler = NbdServerConnection._opt_tls_required
             event = handler(self, option, data, start)
             if event is not None:
                 return event
@@ -570,11 +621,44 @@ class NbdServerConnection:
         return None
 
     def _opt_unsupported(self, option: int, data: bytes, start: int) -> None:
-        """STARTTLS, structured replies, meta contexts and anything newer: the option's data was
-        already consumed (the length field exists so servers can skip what they don't know), and
-        ERR_UNSUP makes every client we know fall back to what we speak."""
+        """STARTTLS when TLS is off, structured replies, meta contexts and anything newer: the
+        option's data was already consumed (the length field exists so servers can skip what they
+        don't know), and ERR_UNSUP makes every client we know fall back to what we speak."""
         self._reply_error(option, REP_ERR_UNSUP, f"option {option} is not supported")
         return None
+
+    def _opt_tls_required(self, option: int, data: bytes, start: int) -> None:
+        """Before TLS on a TLS-only server: the same refusal for every option, so a plain client
+        learns nothing, not even whether an export exists. EXPORT_NAME has no error reply, so the
+        spec says close."""
+        if option == OPT_EXPORT_NAME:
+            raise self._client_error("NBD_OPT_EXPORT_NAME before TLS on a TLS-only export")
+        self._reply_error(option, REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first")
+        return None
+
+    def _opt_starttls(self, option: int, data: bytes, start: int) -> StartTls | None:
+        if self._tls_mode == "off":
+            return self._opt_unsupported(option, data, start)
+        if data:
+            self._reply_error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            return None
+        if self._tls_active:
+            self._reply_error(option, REP_ERR_INVALID, "TLS is already on")
+            return None
+        if self._rb.avail:
+            # Bytes behind STARTTLS came in plain text, yet would be parsed once TLS is up as
+            # if they had come through it: an attacker on the path could inject options so.
+            raise self._client_error(f"{self._rb.avail} plain-text bytes after NBD_OPT_STARTTLS, before TLS")
+        self._reply(option, REP_ACK)
+        self._transition("starttls")
+        return StartTls()
+
+    def _read_during_tls_handshake(self) -> Event | Sentinel:
+        """The client must wait for the ACK and then speak TLS, which never reaches this core."""
+        if self._rb.avail:
+            raise self._client_error(f"{self._rb.avail} plain-text bytes after NBD_OPT_STARTTLS, before TLS")
+        self._need = 1
+        return NEED_DATA
 
     _OPTION_HANDLERS: dict[int, Callable[..., Event | None]] = {
         OPT_EXPORT_NAME: _opt_export_name,
@@ -582,6 +666,7 @@ class NbdServerConnection:
         OPT_LIST: _opt_list,
         OPT_INFO: _opt_info_go,
         OPT_GO: _opt_info_go,
+        OPT_STARTTLS: _opt_starttls,
     }
 
     # -- transmission ------------------------------------------------------------------------

@@ -7,6 +7,11 @@ pauses while too many of its requests are in flight, which bounds memory per cli
 
 A client that breaks the protocol loses its connection, logged once; the daemon and every other
 client go on.
+
+TLS (NBD_OPT_STARTTLS) swaps the session's transport for asyncio's TLS transport in the middle of
+option haggling (``loop.start_tls``); the session object and the protocol core stay the same, so
+everything after the upgrade runs the very code a plain connection runs. A failed handshake is
+logged with what it most likely means and costs only that connection.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import errno as E
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
 from . import protocol as nbd
+from .psk import psk_identity
 
 log = logging.getLogger("mars.nbd")
 
@@ -39,11 +46,56 @@ class Export(Protocol):
     def closed(self, session: "NbdSession") -> None: ...
 
 
+#: Seconds a client may take for the TLS handshake after STARTTLS before it is dropped.
+TLS_HANDSHAKE_S = 30.0
+
+#: What a failed handshake's OpenSSL reason means for the operator reading marsd's log.
+_TLS_HINTS = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client shows no certificate; give it one from "
+                                         "'marsadm export-client-cert'",
+    "CERTIFICATE_VERIFY_FAILED": "the client's certificate is not signed by this cluster's CA "
+                                 "(another cluster's?); give it one from 'marsadm export-client-cert'",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust this node's certificate; give it this cluster's "
+                              "ca-cert.pem from 'marsadm export-client-cert'",
+    "TLSV1_ALERT_BAD_CERTIFICATE": "the client rejects this node's certificate (does the address it dials "
+                                   "appear in it? see marsd --nbd-tls-name)",
+    # GnuTLS clients (qemu, libnbd, nbd-client) hang up without an alert when they reject us.
+    "ConnectionResetError": "the client gave up during the handshake: most likely it does not trust this "
+                            "node's certificate (another cluster's ca-cert.pem, or it dials an address the "
+                            "certificate does not name: see marsd --nbd-tls-name)",
+    "UNSUPPORTED_PROTOCOL": "the client offers no TLS version this node takes (1.2 or 1.3)",
+    "WRONG_VERSION_NUMBER": "the client does not speak TLS after STARTTLS",
+    "BINDER_DOES_NOT_VERIFY": "the client's key for its PSK identity is not the one in --nbd-tls-psk",
+    "NO_SHARED_CIPHER": "the client offers no cipher this node takes (TLS 1.2: ECDHE with AES-GCM or "
+                        "ChaCha20; PSK: TLS 1.3 only)",
+}
+
+
+def tls_failure(exc: BaseException) -> str:
+    """One line for the log: OpenSSL's reason and, where known, what to do about it."""
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    hint = _TLS_HINTS.get(reason) if isinstance(reason, str) else None
+    return f"{reason}: {hint}" if hint else f"{reason} ({exc})"
+
+
 class NbdSession(asyncio.Protocol):
-    def __init__(self, exports: Callable[[], dict[str, Export]], peer: str) -> None:
+    """One client connection. ``tls_context``/``tls_mode``: what STARTTLS offers (see
+    protocol.TLS_MODES); the unix socket has neither, it is local and root only."""
+
+    def __init__(self, exports: Callable[[], dict[str, Export]], peer: str,
+                 tls_context: ssl.SSLContext | None = None, tls_mode: str = "off") -> None:
+        if (tls_context is None) != (tls_mode == "off"):
+            raise ValueError(f"tls_mode {tls_mode!r} with{'out' if tls_context is None else ''} a TLS context")
         self._exports = exports
         self.peer = peer
-        self.conn = nbd.NbdServerConnection(self._lookup, self._names)
+        self._tls_context = tls_context
+        self.tls_client: str | None = None  # who TLS let in: "certificate of CN" or "PSK identity NAME"
+        # Between STARTTLS and start_tls() returning: asyncio's TLS layer hands decrypted bytes to
+        # this protocol as soon as its handshake is done, before start_tls() gives us the new
+        # transport to answer on. They wait here and are fed in once the core knows TLS is up.
+        self._tls_early: list[bytes] | None = None
+        self._tls_task: asyncio.Future[None] | None = None
+        self.conn = nbd.NbdServerConnection(self._lookup, self._names, tls=tls_mode)
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
         self.in_flight = 0
@@ -67,13 +119,23 @@ class NbdSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.peer == "tcp":
+            addr = transport.get_extra_info("peername")
+            if addr:
+                self.peer = f"tcp:{addr[0]}:{addr[1]}"
         self.transport.write(self.conn.initial_bytes())
 
     def data_received(self, data: bytes) -> None:
+        if self._tls_early is not None:
+            self._tls_early.append(data)
+            return
         self.conn.receive_data(data)
         self._pump()
 
     def eof_received(self) -> bool | None:
+        if self._tls_early is not None:
+            self._tls_early.append(b"")
+            return None
         self.conn.receive_data(b"")
         self._pump()
         return None
@@ -118,6 +180,15 @@ class NbdSession(asyncio.Protocol):
                     return
                 self.export = export
                 export.opened(self)
+            elif type(ev) is nbd.StartTls:
+                self._flush_handshake()  # the ACK goes out in plain text, then TLS begins
+                # Not one more read into this protocol: the client's ClientHello may already be
+                # on its way, and it belongs to the TLS layer start_tls puts in between.
+                assert self.transport is not None
+                self.transport.pause_reading()
+                self._tls_early = []
+                self._tls_task = asyncio.ensure_future(self._start_tls())  # held: the loop keeps only weak ones
+                return
             elif type(ev) is nbd.Disconnect:
                 self._flush_handshake()
                 self._closing_after_flight()
@@ -126,6 +197,38 @@ class NbdSession(asyncio.Protocol):
                 self.close()
                 return
         self._flush_handshake()
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self._tls_context is not None
+        plain = self.transport
+        try:
+            secured = await asyncio.get_running_loop().start_tls(
+                plain, self, self._tls_context, server_side=True, ssl_handshake_timeout=TLS_HANDSHAKE_S)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as e:
+            # start_tls has closed the transport; connection_lost follows.
+            log.warning("nbd client %s: TLS handshake failed: %s; closing that connection", self.peer, tls_failure(e))
+            self._closing = True
+            plain.close()
+            return
+        if secured is None:  # the client went away during the handshake
+            self.close()
+            return
+        self.transport = secured  # type: ignore[assignment]
+        identity = psk_identity(secured.get_extra_info("ssl_object"))
+        if identity is not None:
+            self.tls_client = f"PSK identity {identity}"
+        else:
+            cert = secured.get_extra_info("peercert") or {}
+            cns = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+            self.tls_client = f"certificate of {cns[0] if cns else '?'}"
+        log.info("nbd client %s: TLS up, %s", self.peer, self.tls_client)
+        self.conn.tls_started()
+        early, self._tls_early = self._tls_early or [], None
+        for data in early:
+            self.conn.receive_data(data)
+            if not data:
+                break
+        self._pump()
 
     def _flush_handshake(self) -> None:
         out = self.conn.data_to_send()

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from . import protocol as P
-from ..credentials import peer_host
+from ..credentials import CredentialError, peer_host
 from ..errors import MarsError
 from ..ratelimit import RateLimit, Traffic
 
@@ -63,7 +63,10 @@ def _check_identity(conn: P.PeerConnection, writer: asyncio.StreamWriter, cluste
     hello = conn.peer_hello
     assert hello is not None
     sslobj = writer.get_extra_info("ssl_object")
-    cert_host = peer_host(sslobj) if sslobj is not None else None
+    try:
+        cert_host = peer_host(sslobj) if sslobj is not None else None
+    except CredentialError as e:  # an NBD client certificate, a certificate naming no valid host
+        raise PeerError(e.what, e.remedy) from None
     if cert_host != hello.host:
         raise PeerError(f"peer says it is {hello.host!r} but its certificate names {cert_host!r}",
                         "the peer's credential belongs to another host; re-join it with its own name")
