@@ -12,7 +12,10 @@ targets share a file system. Three sparse images of --size are made there:
 * ``p.img``  written by fio's psync engine with ``--fdatasync=1``.
 
 Two workloads run against each: 4 KiB random writes at QD 32 and 1 MiB sequential writes at
-QD --seq-qd (8). The psync engine is synchronous, so the plain-file runs are QD 1 (one job, one
+QD --seq-qd (8). The 4 KiB workload also runs against --resources (4) resources of the same marsd
+at once, one fio job of QD 32 each (``mars4``: what several busy resources on one host share, as
+every node runs one marsd for all of them). For each MARS run marsd's CPU time (all threads)
+is divided by the writes and MiB it logged: CPU microseconds per acknowledged write and per MiB. The psync engine is synchronous, so the plain-file runs are QD 1 (one job, one
 write + one fdatasync at a time) whatever the NBD runs use. Every fio command line is printed so it
 can be rerun by hand while the servers are up (``--keep`` leaves the directory behind).
 
@@ -46,8 +49,12 @@ RES = "r"
 HOST = "a"
 RECORD_OVERHEAD = 64 + 16  # log record header + trailer (engine/logformat.py)
 
-GOAL_RAND_VS_QEMU = 2.0  # 4 KiB QD32 write IOPS >= 2x qemu-nbd writethrough
-GOAL_SEQ_VS_FILE = 0.7  # 1 MiB sequential MiB/s >= 0.7x the plain fdatasync'd file
+# Issue 17's goals, each a ratio to a limit or a peer measured in the same run.
+GOAL_RAND_VS_QEMU = 4.0  # 4 KiB QD32 write IOPS >= 4x qemu-nbd writethrough
+GOAL_CPU_US_PER_WRITE = 25.0  # ... with marsd's CPU <= 25 us per acknowledged write
+GOAL_SEQ_VS_HALF_DISK = 0.9  # 1 MiB sequential MiB/s >= 0.9x half the disk's (the double-write ceiling)
+GOAL_SEQ_VS_FILE = 0.45  # ... and >= 0.45x the plain fdatasync'd file
+GOAL_MULTI_VS_ONE = 1.5  # 4 KiB QD32 on N resources at once: aggregate IOPS >= 1.5x one resource's
 
 
 # -- small helpers ----------------------------------------------------------------------------
@@ -308,6 +315,8 @@ class Bench:
         if self.marsd.poll() is not None:
             raise RuntimeError(f"marsd exited with {self.marsd.returncode}:\n{self.marsd_log()}")
         self.marsadm("create-resource", RES, str(b / "r.img"), str(self.size))
+        for name in self.more_resources():
+            self.marsadm("create-resource", name, str(b / f"{name}.img"), str(self.size))
         # qemu-nbd and the plain file: sparse images of the same size, like create-resource makes
         for name in ("q.img", "p.img"):
             with open(b / name, "wb") as f:
@@ -317,6 +326,10 @@ class Bench:
         wait_until(lambda: can_connect(b / "q.sock") or self.qemu.poll() is not None, 30, "qemu-nbd to listen")
         if self.qemu.poll() is not None:
             raise RuntimeError(f"qemu-nbd exited with {self.qemu.returncode}: {(b / 'qemu-nbd.log').read_text()}")
+
+    def more_resources(self) -> list[str]:
+        """The resources beside ``r`` that the ``mars4`` run writes at the same time."""
+        return [f"{RES}{i}" for i in range(2, self.args.resources + 1)] if self.args.resources > 1 else []
 
     def marsadm(self, *args: str) -> None:
         cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.base / HOST), "--host", HOST, *args]
@@ -348,6 +361,12 @@ class Bench:
                "--time_based", f"--runtime={self.args.runtime}", "--ramp_time=1", "--direct=0"]
         if target == "mars":
             cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///{RES}?socket={b / HOST / 'nbd.sock'}", f"--iodepth={qd}"]
+        elif target == "mars4":
+            # One job per resource, all at once; group_reporting sums them into one result.
+            cmd = cmd[:1] + cmd[2:] + ["--ioengine=nbd", f"--iodepth={qd}", "--group_reporting"]
+            for name in (RES, *self.more_resources()):
+                cmd += [f"--name={workload}-{name}", f"--uri=nbd+unix:///{name}?socket={b / HOST / 'nbd.sock'}"]
+            return cmd + ["--output-format=json", f"--output={out}"]
         elif target == "qemu":
             cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={b / 'q.sock'}", f"--iodepth={qd}"]
         else:
@@ -377,8 +396,8 @@ class Bench:
         return None
 
     def log_bytes(self) -> int:
-        d = self.base / HOST / f"resource-{RES}"
-        return sum(p.stat().st_size for p in d.glob("log-*"))
+        """Bytes in the log files of every resource (only the written ones grow during a run)."""
+        return sum(p.stat().st_size for p in (self.base / HOST).glob("resource-*/log-*"))
 
     def start_perf(self, out: Path) -> subprocess.Popen | None:
         """Count marsd's fdatasync calls on the log fd (= group commits) and all pwrite(v) calls."""
@@ -421,7 +440,7 @@ class Bench:
         print(f"  {workload:6} {target:5} ... ", end="", flush=True, file=sys.stderr)
         os.sync()  # earlier runs' dirty pages should not be written back on this run's time
         perf = log0 = cpu0 = None
-        if target == "mars":
+        if target.startswith("mars"):
             log0 = self.log_bytes()
             perf = self.start_perf(self.base / f"perf-{workload}.txt")
             cpu0 = self.marsd_cpu()
@@ -452,12 +471,16 @@ class Bench:
                 res.iops, res.mib_s = f["iops"], f["mib_s"]
                 res.clat_p99_ms, res.clat_mean_ms = f["clat_p99_ms"], f["clat_mean_ms"]
                 res.sync_p99_ms = f.get("sync_p99_ms")
-        if target == "mars" and log0 is not None:
+        if target.startswith("mars") and log0 is not None:
             grown = self.log_bytes() - log0
             rec = RECORD_OVERHEAD + parse_size(bs)
             s = {"log_bytes": grown, "log_records": grown // rec, "wall_s": round(wall, 2)}
             if cpu1 is not None:
                 s["cpu_s"] = round(cpu1 - cpu0, 2)
+                if s["log_records"]:
+                    # Over the whole fio run (ramp included) on both sides of the division.
+                    s["cpu_us_per_write"] = round((cpu1 - cpu0) * 1e6 / s["log_records"], 1)
+                    s["cpu_us_per_mib"] = round((cpu1 - cpu0) * 1e6 / (s["log_records"] * parse_size(bs) / 2**20), 1)
             pc = self.read_perf(self.base / f"perf-{workload}.txt") if perf is not None else None
             if pc:
                 s.update(pc)
@@ -475,7 +498,8 @@ class Bench:
             if self.args.repeat > 1:
                 print(f"round {i + 1}/{self.args.repeat}", file=sys.stderr)
             for workload, rw, bs, qd in self.workloads():
-                for target in ("mars", "qemu", "file"):
+                multi = ("mars4",) if workload == "rand4k" and self.more_resources() else ()
+                for target in ("mars", *multi, "qemu", "file"):
                     runs.setdefault((workload, target), []).append(self.run_one(workload, rw, bs, qd, target))
         for rs in runs.values():
             self.results.append(rs[0] if len(rs) == 1 else median_result(rs))
@@ -497,12 +521,36 @@ class Bench:
                 out[f"{w}_iops_vs_{other}"] = ratio(w, "iops", other)
         g1 = out["rand4k_iops_vs_qemu"]
         g2 = out["seq1m_iops_vs_file"]  # same block size, so IOPS ratio == MiB/s ratio
+        cpu = self.get("rand4k", "mars").server.get("cpu_us_per_write")
+        # The disk's bandwidth in this run: what reached it while qemu-nbd or the plain file wrote
+        # 1 MiB blocks (each writes a byte once); MARS writes twice, so half of it is its ceiling.
+        disks = [x.disk_mib_s for x in (self.get("seq1m", "qemu"), self.get("seq1m", "file"))
+                 if not x.error and x.disk_mib_s]
+        seq = self.get("seq1m", "mars")
+        out["disk_mib_s"] = max(disks) if disks else None
+        g3 = seq.mib_s / (out["disk_mib_s"] / 2) if disks and not seq.error else None
+        multi = next((x for x in self.results if x.workload == "rand4k" and x.target == "mars4"), None)
+        g4 = None
+        if multi is not None:
+            out["rand4k_iops_vs_mars4"] = ratio("rand4k", "iops", "mars4")
+            g4 = 1 / out["rand4k_iops_vs_mars4"] if out["rand4k_iops_vs_mars4"] else None
+        out["rand4k_iops_multi_vs_one"] = g4
+        n = self.args.resources
+
+        def goal(text, value, target, at_most=False):
+            ok = value is not None and (value <= target if at_most else value >= target)
+            return {"goal": text, "ratio": value, "target": target, "pass": ok}
         out["goals"] = [
-            {"goal": f"4 KiB QD32 write IOPS >= {GOAL_RAND_VS_QEMU:g}x qemu-nbd writethrough", "ratio": g1,
-             "target": GOAL_RAND_VS_QEMU, "pass": g1 is not None and g1 >= GOAL_RAND_VS_QEMU},
-            {"goal": f"1 MiB sequential MiB/s >= {GOAL_SEQ_VS_FILE:g}x plain fdatasync'd file", "ratio": g2,
-             "target": GOAL_SEQ_VS_FILE, "pass": g2 is not None and g2 >= GOAL_SEQ_VS_FILE},
+            goal(f"4 KiB QD32 write IOPS >= {GOAL_RAND_VS_QEMU:g}x qemu-nbd writethrough", g1, GOAL_RAND_VS_QEMU),
+            goal(f"4 KiB QD32: marsd CPU <= {GOAL_CPU_US_PER_WRITE:g} us per acknowledged write (us, not a ratio)",
+                 cpu, GOAL_CPU_US_PER_WRITE, at_most=True),
+            goal(f"1 MiB sequential MiB/s >= {GOAL_SEQ_VS_HALF_DISK:g}x half the disk's bandwidth in this run", g3,
+                 GOAL_SEQ_VS_HALF_DISK),
+            goal(f"1 MiB sequential MiB/s >= {GOAL_SEQ_VS_FILE:g}x plain fdatasync'd file", g2, GOAL_SEQ_VS_FILE),
         ]
+        if multi is not None:
+            out["goals"].append(goal(f"4 KiB QD32 on {n} resources at once: aggregate IOPS >= {GOAL_MULTI_VS_ONE:g}x "
+                                     "one resource's", g4, GOAL_MULTI_VS_ONE))
         return out
 
     def machine(self) -> dict:
@@ -525,7 +573,8 @@ class Bench:
           + (f", {rep} interleaved rounds, medians shown [min..max]" if rep > 1
              else " (one round; on a noisy machine use --repeat 3)"))
         p()
-        names = {"mars": "MARS export (nbd)", "qemu": "qemu-nbd writethrough", "file": "file psync+fdatasync"}
+        names = {"mars": "MARS export (nbd)", "mars4": f"MARS {self.args.resources} resources", "qemu": "qemu-nbd writethrough",
+                 "file": "file psync+fdatasync"}
         wl = {"rand4k": "4 KiB randwrite", "seq1m": "1 MiB seq write"}
         hdr = (f"{'workload':16} {'target':22} {'QD':>3} {'IOPS':>10} {'MiB/s':>9} {'p99 clat ms':>12} "
                f"{'mean ms':>8} {'disk MiB/s':>10}  {'ours/this':>9}")
@@ -545,7 +594,8 @@ class Bench:
             p(f"{wl[res.workload]:16} {names[res.target]:22} {res.qd:>3} {res.iops:>10,.0f} {res.mib_s:>9,.1f} "
               f"{res.clat_p99_ms:>12.2f} {res.clat_mean_ms:>8.2f} {disk:>10}  {ratio:>9}{extra}")
         p()
-        p("ours/this = MARS IOPS / that row's IOPS (same block size, so also the MiB/s ratio).")
+        p("ours/this = MARS IOPS / that row's IOPS (same block size, so also the MiB/s ratio); the")
+        p(f"{self.args.resources}-resource row is the sum of its {self.args.resources} fio jobs (QD 32 each) at once.")
         p("disk MiB/s = bytes that reached the disk during the run (all writers, /proc/diskstats, incl. ramp);")
         p("MARS writes every byte twice (log + data device), so its ceiling is half the disk's bandwidth.")
         p("NBD rows: clat = request sent .. reply received, so it includes the server's fdatasync.")
@@ -554,9 +604,9 @@ class Bench:
         p()
         p("goals:")
         for g in r["goals"]:
-            ratio = f"{g['ratio']:.3f}x" if g["ratio"] is not None else "n/a"
+            ratio = "n/a" if g["ratio"] is None else (f"{g['ratio']:.1f} us" if " us " in g["goal"] else f"{g['ratio']:.3f}x")
             p(f"  [{'PASS' if g['pass'] else 'MISS'}] {g['goal']}: measured {ratio}")
-        server = [res for res in self.results if res.target == "mars" and res.server]
+        server = [res for res in self.results if res.target.startswith("mars") and res.server]
         if server:
             p()
             p("MARS server side, whole fio run incl. ramp" + (" (medians)" if rep > 1 else "") + ":")
@@ -565,7 +615,10 @@ class Bench:
                 line = f"  {wl[res.workload]:16} log +{s['log_bytes'] / 2**20:,.1f} MiB = {s['log_records']:,.0f} records"
                 if "cpu_s" in s and s.get("wall_s"):
                     line += f"; marsd CPU {s['cpu_s']:.1f} s in {s['wall_s']:.1f} s ({100 * s['cpu_s'] / s['wall_s']:.0f}% of a core)"
-                p(line)
+                p(f"{line}  [{res.target}]")
+                if "cpu_us_per_write" in s:
+                    p(f"  {'':16} marsd CPU {s['cpu_us_per_write']:,.1f} us per acknowledged write, "
+                      f"{s['cpu_us_per_mib']:,.0f} us per MiB written")
                 if "log_fdatasync" in s:
                     p(f"  {'':16} {s['log_fdatasync']:,.0f} log fdatasyncs = group commits -> "
                       f"{s.get('requests_per_commit', 0):.1f} writes/commit; "
@@ -593,6 +646,8 @@ def main() -> int:
     ap.add_argument("--size", type=parse_size, default=parse_size("1G"), help="size of each image (default 1G)")
     ap.add_argument("--runtime", type=int, default=10, help="seconds per fio run, after 1 s ramp (default 10)")
     ap.add_argument("--seq-qd", type=int, default=8, help="queue depth of the 1 MiB sequential NBD runs (default 8)")
+    ap.add_argument("--resources", type=int, default=4,
+                    help="resources written at once in the multi-resource 4 KiB run (default 4; 1 skips it)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the whole matrix N times (interleaved) and report medians (default 1)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON to this file")
