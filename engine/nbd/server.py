@@ -22,12 +22,16 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import protocol as nbd
 from .psk import psk_identity
 
 log = logging.getLogger("mars.nbd")
+
+_READ = nbd.Cmd.READ
+_WRITE = nbd.Cmd.WRITE
+_BLOCK_STATUS = nbd.Cmd.BLOCK_STATUS
 
 MAX_IN_FLIGHT = 256
 MAX_IN_FLIGHT_BYTES = 64 * 2**20
@@ -37,11 +41,17 @@ ERRNO_TO_NBD = {E.EPERM: 1, E.EIO: 5, E.ENOMEM: 12, E.EINVAL: 22, E.ENOSPC: 28, 
 
 
 class Export(Protocol):
-    """What a served resource offers the NBD layer (implemented by the resource runtime)."""
+    """What a served resource offers the NBD layer (implemented by the resource runtime).
+
+    ``handle`` answers READ with the data (bytes) or with pieces in order, bytes for data and
+    an int for that many bytes of hole (zeros, sent as a hole chunk to clients that negotiated
+    structured replies); BLOCK_STATUS with (length, base:allocation flags) extents from the
+    request's offset; everything else with None.
+    """
 
     info: nbd.ExportInfo
 
-    def handle(self, req: nbd.Request) -> asyncio.Future[bytes | None]: ...
+    def handle(self, req: nbd.Request) -> asyncio.Future[Any]: ...
     def opened(self, session: "NbdSession") -> None: ...
     def closed(self, session: "NbdSession") -> None: ...
 
@@ -171,7 +181,7 @@ class NbdSession(asyncio.Protocol):
                 self._start(ev)
             elif type(ev) is nbd.BadRequest:
                 log.warning("nbd client %s: %s", self.peer, ev.reason)
-                self._write(conn.reply_header(ev.handle, ev.error))
+                self._write(conn.reply_error(ev.handle, ev.error, ev.reason))
             elif type(ev) is nbd.Negotiated:
                 self._flush_handshake()
                 export = self._exports().get(ev.export.name)
@@ -239,27 +249,34 @@ class NbdSession(asyncio.Protocol):
         assert self.export is not None
         fut = self.export.handle(req)
         self.in_flight += 1
-        self.in_flight_bytes += req.length
+        # Memory is what READ and WRITE hold; a BLOCK_STATUS or TRIM of 4 GiB holds nothing.
+        self.in_flight_bytes += req.length if req.cmd is _READ or req.cmd is _WRITE else 0
         if (self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES) and not self._paused \
                 and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        fut.add_done_callback(lambda f, h=req.handle, n=req.length: self._done(h, n, f))
+        fut.add_done_callback(lambda f, r=req: self._done(r, f))
 
-    def _done(self, handle: int, length: int, fut: asyncio.Future[bytes | None]) -> None:
+    def _done(self, req: nbd.Request, fut: asyncio.Future[Any]) -> None:
         self.in_flight -= 1
-        self.in_flight_bytes -= length
+        self.in_flight_bytes -= req.length if req.cmd is _READ or req.cmd is _WRITE else 0
+        handle = req.handle
         exc = fut.exception() if not fut.cancelled() else OSError(E.ESHUTDOWN, "cancelled")
         if exc is None:
-            data = fut.result()
-            self._write(self.conn.reply_header(handle, 0))
-            if data:
-                self._write(data)
+            result = fut.result()
+            cmd = req.cmd
+            if cmd is _READ:
+                for buf in self.conn.read_reply(handle, req.offset, [result] if isinstance(result, bytes) else result):
+                    self._write(buf)
+            elif cmd is _BLOCK_STATUS:
+                self._write(self.conn.block_status_reply(req, result))
+            else:
+                self._write(self.conn.reply_header(handle, 0))
         else:
             err = getattr(exc, "errno", None) or E.EIO
             if err not in (E.ESHUTDOWN,):
                 log.error("nbd client %s: request failed: %s", self.peer, exc)
-            self._write(self.conn.reply_header(handle, ERRNO_TO_NBD.get(err, 5)))
+            self._write(self.conn.reply_error(handle, ERRNO_TO_NBD.get(err, 5), str(exc)))
         if self._paused and self.in_flight < MAX_IN_FLIGHT // 2 and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2 \
                 and self.transport is not None:
             self._paused = False

@@ -21,6 +21,7 @@ import threading
 from typing import ClassVar
 
 from ..device import DataDevice
+from ..extents import ExtentCache, overlay_data, read_plan, to_nbd
 from ..log import format as lf
 from ..log.dirtymap import DirtyMap
 from ..log.files import (dirtymap_file, list_logs, read_replay, read_writethrough, replay_path, version_path,
@@ -58,6 +59,10 @@ class PrimaryRuntime(Attached):
         # then replay old records over written-through blocks. The switch sets a floor.
         self._link_lock = threading.Lock()
         self._link_floor: tuple[int, int] = (0, 0)
+        # Where the data is (NBD BLOCK_STATUS): one cached window of the device's spans, and the
+        # ranges of writes, trims and write-zeroes submitted and not yet answered (extents.py).
+        self.extent_cache = ExtentCache()
+        self._mutating: dict[asyncio.Future[None], tuple[int, int]] = {}
 
     # -- the runtime interface -----------------------------------------------------------------
 
@@ -213,6 +218,7 @@ class PrimaryRuntime(Attached):
         if not super().grow(size):
             return False
         self.info = dataclasses.replace(self.info, size=size)
+        self.extent_cache.invalidate()
         return True
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -379,24 +385,101 @@ class PrimaryRuntime(Attached):
         cmd = req.cmd
         self.deps.stats.request(COUNTED.get(cmd, "flush"), req.length)
         if cmd == nbd.Cmd.READ:
-            return loop.run_in_executor(self.executor, self.device.pread, req.length, req.offset)
+            rf = loop.run_in_executor(self.executor, self._read, req.offset, req.length)
+            rf.add_done_callback(self._count_read)
+            return rf
         if cmd == nbd.Cmd.WRITE:
-            return self.logger.submit(lf.Kind.WRITE, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA,
-                                      req.data or b"")
+            return self._mutation(self.logger.submit(lf.Kind.WRITE, req.offset, req.length,
+                                                     req.flags & nbd.CMD_FLAG_FUA, req.data or b""), req)
         if cmd == nbd.Cmd.TRIM:
-            return self.logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA)
+            return self._mutation(self.logger.submit(lf.Kind.TRIM, req.offset, req.length,
+                                                     req.flags & nbd.CMD_FLAG_FUA), req)
         if cmd == nbd.Cmd.WRITE_ZEROES:
             flags = (lf.FLAG_FUA if req.flags & nbd.CMD_FLAG_FUA else 0) | (
                 lf.FLAG_NO_HOLE if req.flags & nbd.CMD_FLAG_NO_HOLE else 0)
-            return self.logger.submit(lf.Kind.ZERO, req.offset, req.length, flags)
+            return self._mutation(self.logger.submit(lf.Kind.ZERO, req.offset, req.length, flags), req)
+        if cmd == nbd.Cmd.BLOCK_STATUS:
+            return self._block_status(req.offset, req.length)
         # FLUSH: every acknowledged write is already durable in the log, so there is nothing to wait for.
         f = loop.create_future()
         f.set_result(None)
         return f
 
 
+    # -- where the data is: reads with holes, BLOCK_STATUS ---------------------------------------
+
+    def _mutation(self, fut: asyncio.Future[None], req: nbd.Request) -> asyncio.Future[None]:
+        """A write, trim or write-zeroes in flight: its range counts as data until it is
+        answered, and the cached spans go both now and then (extents.py says why)."""
+        self.extent_cache.invalidate()
+        self._mutating[fut] = (req.offset, req.offset + req.length)
+        fut.add_done_callback(self._mutated)
+        return fut
+
+    def _mutated(self, fut: asyncio.Future[None]) -> None:
+        self._mutating.pop(fut, None)
+        self.extent_cache.invalidate()
+
+    def _read(self, offset: int, length: int) -> list[bytes | int]:
+        """In the thread pool: the data of [offset, offset+length) as data pieces and holes (an
+        int: that many zero bytes, read from nothing). The holes are the device's own, so only
+        what is allocated is read; an acknowledged write is always data (extents.py)."""
+        device = self.device
+        if device is None:
+            raise OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down")
+        if length < MIN_HOLE_CHUNK or device.is_block:
+            return [device.pread(length, offset)]
+        pieces: list[bytes | int] = []
+        for start, end, hole in read_plan(device.scan(offset, length), offset, length, MIN_HOLE_CHUNK):
+            pieces.append(end - start if hole else device.pread(end - start, start))
+        return pieces
+
+    def _count_read(self, fut: asyncio.Future[list[bytes | int]]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.deps.stats.device_read_bytes += sum(len(p) for p in fut.result() if not isinstance(p, int))
+
+    def _block_status(self, offset: int, length: int) -> asyncio.Future[list[tuple[int, int]]]:
+        """base:allocation of [offset, offset+length): from the cached window when it holds the
+        offset, else from a scan of a window of at least SCAN_WINDOW bytes (a client walking
+        the device, as nbdcopy and qemu-img do, then finds the next answers in memory)."""
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[list[tuple[int, int]]] = loop.create_future()
+        spans = self.extent_cache.lookup(offset, length)
+        if spans is not None:
+            out.set_result(to_nbd(overlay_data(spans, self._mutating.values()), offset, length))
+            return out
+        cache = self.extent_cache
+        generation = cache.generation
+        before = list(self._mutating.values())
+        window = min(max(length, SCAN_WINDOW), self.info.size - offset)
+        assert self.device is not None
+        scan = loop.run_in_executor(self.executor, self.device.scan, offset, window)
+
+        def done(f: asyncio.Future[list[tuple[int, int, bool]]]) -> None:
+            if f.cancelled():
+                out.cancel()
+                return
+            exc = f.exception()
+            if exc is not None:
+                out.set_exception(exc)
+                return
+            spans = f.result()
+            if not before and not self._mutating:
+                cache.store(generation, spans)
+            out.set_result(to_nbd(overlay_data(spans, [*before, *self._mutating.values()]), offset, length))
+
+        scan.add_done_callback(done)
+        return out
+
+
 # The counters' names of the NBD commands (engine/stats.py COMMANDS); FLUSH and anything else count as flush.
-COUNTED = {nbd.Cmd.READ: "read", nbd.Cmd.WRITE: "write", nbd.Cmd.TRIM: "trim", nbd.Cmd.WRITE_ZEROES: "write_zeroes"}
+COUNTED = {nbd.Cmd.READ: "read", nbd.Cmd.WRITE: "write", nbd.Cmd.TRIM: "trim", nbd.Cmd.WRITE_ZEROES: "write_zeroes",
+           nbd.Cmd.BLOCK_STATUS: "block_status"}
+#: Holes shorter than this are read like data: below it a hole chunk and a second pread cost
+#: more than the zeros they save (a filesystem's holes are at least a block, 4 KiB, anyway).
+MIN_HOLE_CHUNK = 64 * 1024
+#: What one BLOCK_STATUS scan covers at least; its spans stay cached until the next write.
+SCAN_WINDOW = 16 * 2**30
 
 __all__ = ["PrimaryRuntime", "LogWriteError"]
 
