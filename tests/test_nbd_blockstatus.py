@@ -107,6 +107,14 @@ def test_cache_follows_writes_trims_and_zeroes(sparse):
     assert data_ranges(nbd_map(node)) == [(0, 4096)]
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 200M 128k", uri])
     assert data_ranges(nbd_map(node)) == [(0, 4096), (200 * MIB, 200 * MIB + 128 * 1024)]
+    # Reads the cached window covers are answered from it on the event loop: the data is there.
+    r = run(["qemu-io", "-f", "raw", "-c", "read -P 0x11 200M 128k", "-c", "read -P 0 199M 1M", uri])
+    assert "Pattern verification failed" not in r.stdout + r.stderr
+    run(["qemu-io", "-f", "raw", "-c", "write -P 0x22 300M 64k", uri])  # into a hole the cache held
+    r = run(["qemu-io", "-f", "raw", "-c", "read -P 0x22 300M 64k", uri])
+    assert "Pattern verification failed" not in r.stdout + r.stderr
+    assert data_ranges(nbd_map(node))[-1] == (300 * MIB, 300 * MIB + 64 * 1024)
+    run(["qemu-io", "-f", "raw", "-c", "discard 300M 64k", uri])
     run(["qemu-io", "-f", "raw", "-c", "discard 200M 64k", uri])
     assert data_ranges(nbd_map(node)) == [(0, 4096), (200 * MIB + 64 * 1024, 200 * MIB + 128 * 1024)]
     run(["qemu-io", "-f", "raw", "-c", "write -z -u 200M 128k", uri])  # zeroes that may punch
