@@ -124,3 +124,65 @@ def test_scan_of_a_sparse_file(tmp_path):
         assert len(dev.scan(0, 64 * mib, max_spans=2)) == 2
     finally:
         dev.close()
+
+
+def test_primary_block_status_counts_writes_in_flight_as_data(tmp_path):
+    """The primary's BLOCK_STATUS path with a write submitted and not yet written back: the
+    device still has a hole there, the answer says data; once the write is answered, the cached
+    window is gone and the device is asked again. Built without marsd: the runtime's extent
+    state, a real sparse device and a future standing in for the logger's."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mars.engine.nbd import protocol as nbd
+    from mars.engine.roles.primary import PrimaryRuntime
+
+    mib = 1 << 20
+    path = tmp_path / "img"
+    with open(path, "wb") as f:
+        f.truncate(64 * mib)
+    dev = DataDevice(path, "r")
+    pool = ThreadPoolExecutor(2)
+    rt = object.__new__(PrimaryRuntime)
+    rt.device, rt.executor, rt.info = dev, pool, nbd.ExportInfo("r", 64 * mib)
+    rt.extent_cache, rt._mutating = ExtentCache(), {}
+
+    async def callbacks_ran() -> None:
+        """A done future's callbacks are queued (call_soon, in order): one queued after them
+        running means they ran."""
+        mark = asyncio.Event()
+        asyncio.get_running_loop().call_soon(mark.set)
+        await mark.wait()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        assert await rt._block_status(0, 64 * mib) == [(64 * mib, HOLE_FLAGS)]
+        assert rt.extent_cache.lookup(0, 1) is not None  # the scan was cached
+        write: asyncio.Future[None] = loop.create_future()
+        rt._mutation(write, nbd.Request(nbd.Cmd.WRITE, 1, 8 * mib, mib, 0, b""))
+        assert rt.extent_cache.lookup(0, 1) is None  # submitting dropped it
+        # Nothing on the device yet, and still: data where the write goes.
+        assert await rt._block_status(0, 64 * mib) == [(8 * mib, HOLE_FLAGS), (mib, 0), (55 * mib, HOLE_FLAGS)]
+        assert rt.extent_cache.lookup(0, 1) is None  # a scan with a write in flight is not kept
+        dev.pwrite(b"\xab" * mib, 8 * mib)  # the write-back, then the acknowledgement
+        write.set_result(None)
+        await callbacks_ran()
+        assert not rt._mutating
+        assert await rt._block_status(0, 64 * mib) == [(8 * mib, HOLE_FLAGS), (mib, 0), (55 * mib, HOLE_FLAGS)]
+        # Reads of what the cached window covers: data read, holes not.
+        pieces = rt._read_cached(7 * mib, 2 * mib)
+        assert pieces is not None and [p if isinstance(p, int) else bytes(p) for p in pieces] == \
+            [mib, b"\xab" * mib]
+        trim: asyncio.Future[None] = loop.create_future()
+        rt._mutation(trim, nbd.Request(nbd.Cmd.TRIM, 2, 8 * mib, mib, 0))
+        assert rt._read_cached(7 * mib, 2 * mib) is None  # in flight: the pool reads
+        dev.trim(8 * mib, mib)
+        trim.set_result(None)
+        await callbacks_ran()
+        assert await rt._block_status(0, 64 * mib) == [(64 * mib, HOLE_FLAGS)]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        pool.shutdown()
+        dev.close()

@@ -192,10 +192,18 @@ def test_old_clients_without_structured_replies(sparse):
         h.block_status(2 * MIB, 4096, lambda ctx, off, ents, err: seen.extend(ents) or 0)
         assert seen == [MIB - 4096, HOLE, 128 * 1024, DATA, MIB - 128 * 1024 + 4096, HOLE]  # cut at the end asked
         assert h.pread(128 * 1024, MIB) == b"\x77" * 128 * 1024
+        # The same read as above, now structured: the holes come as hole chunks, not as zeros.
+        chunks: list[tuple[int, int, int]] = []
+        data = h.pread_structured(512 * 1024, 768 * 1024,
+                                  lambda buf, off, status, err: chunks.append((off, len(buf), status)) or 0)
+        assert data == bytes(256 * 1024) + b"\x77" * 128 * 1024 + bytes(128 * 1024)
+        assert sorted(chunks) == [(768 * 1024, 256 * 1024, nbd.READ_HOLE), (MIB, 128 * 1024, nbd.READ_DATA),
+                                  (MIB + 128 * 1024, 128 * 1024, nbd.READ_HOLE)]
     finally:
         h.shutdown()
     r = run(["nbdinfo", node.uri("r")])
     assert "export-size: 1073741824" in r.stdout and "base:allocation" in r.stdout
+    assert "block_size_preferred: 4096" in r.stdout and "block_size_maximum: 33554432" in r.stdout
 
 
 def _opt(s: socket.socket, opt: int, data: bytes) -> list[tuple[int, bytes]]:
