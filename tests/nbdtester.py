@@ -104,6 +104,8 @@ class Tester:
 
 
 _M = (1 << 64) - 1
+_ADD = [(0xFEEDA1ECDEADBEEF + i + (i << 56)) & _M for i in range(BLOCK // 8)]
+_PACK = struct.Struct(f"<{BLOCK // 8}Q").pack
 
 
 def makebuf(seq: int, block: int) -> bytes:
@@ -112,14 +114,15 @@ def makebuf(seq: int, block: int) -> bytes:
     if seq == 0:
         return bytes(BLOCK)
     x = (block ^ (seq << 32) ^ (seq >> 32)) & _M
+    mix = 0xAA55AA55AA55AA55 ^ seq
     words = []
-    for i in range(BLOCK // 8):
+    for add in _ADD:
         words.append(x)
-        x = (x + 0xFEEDA1ECDEADBEEF + i + (i << 56)) & _M
+        x = (x + add) & _M
         s = x & 63
         # C's x >> 64 (s == 0) is undefined; x86-64's shr masks the count to 0: x itself.
-        x = x ^ ((x << s) & _M) ^ ((x >> (64 - s)) if s else x) ^ 0xAA55AA55AA55AA55 ^ seq
-    return struct.pack(f"<{len(words)}Q", *words)
+        x ^= ((x << s) & _M) ^ ((x >> (64 - s)) if s else x) ^ mix
+    return _PACK(*words)
 
 
 @dataclass
@@ -177,6 +180,17 @@ def read_trace(path: Path, size: int) -> Trace:
     return t
 
 
+def write_trace(path: Path, size: int, requests: list[tuple[int, int, int]]) -> Trace:
+    """A transaction file of these (command, offset, length) requests, then NBD_CMD_DISC."""
+    records = []
+    for cookie, (command, offset, length) in enumerate(requests, 1):
+        records.append(struct.pack(">IIQQI", REQUEST_MAGIC, command, cookie, offset, length))
+        records.append(struct.pack(">IIQ", REPLY_MAGIC, 0, cookie))
+    records.append(struct.pack(">IIQQI", REQUEST_MAGIC, CMD_DISC, 0, 0, 0))
+    path.write_bytes(b"".join(records))
+    return read_trace(path, size)
+
+
 def make_trace(path: Path, size: int, transactions: int, seed: int, max_len: int = 256 << 10) -> Trace:
     """Random reads, writes, FUA writes and flushes over an export of ``size`` bytes, then a read
     of every block, so the tester itself checks the whole export against the last write to each
@@ -186,31 +200,18 @@ def make_trace(path: Path, size: int, transactions: int, seed: int, max_len: int
     times in 68990 requests)."""
     assert size % BLOCK == 0 and max_len % BLOCK == 0
     rng = random.Random(seed)
-    records = []
-
-    def add(command: int, offset: int, length: int) -> None:
-        cookie = len(records) // 2 + 1
-        records.append(struct.pack(">IIQQI", REQUEST_MAGIC, command, cookie, offset, length))
-        records.append(struct.pack(">IIQ", REPLY_MAGIC, 0, cookie))
-
+    requests = []
     for _ in range(transactions):
         roll = rng.random()
         if roll < 0.03:
-            add(CMD_FLUSH, 0, 0)
+            requests.append((CMD_FLUSH, 0, 0))
             continue
-        length = rng.randrange(1, max_len // BLOCK + 1) * BLOCK
+        length = rng.randrange(1, min(max_len, size) // BLOCK + 1) * BLOCK
         offset = rng.randrange(0, (size - length) // BLOCK + 1) * BLOCK
-        if roll < 0.45:
-            add(CMD_READ, offset, length)
-        elif roll < 0.50:
-            add(CMD_WRITE | CMD_FLAG_FUA, offset, length)
-        else:
-            add(CMD_WRITE, offset, length)
-    for offset in range(0, size, 128 << 10):
-        add(CMD_READ, offset, min(128 << 10, size - offset))
-    records.append(struct.pack(">IIQQI", REQUEST_MAGIC, CMD_DISC, 0, 0, 0))
-    path.write_bytes(b"".join(records))
-    return read_trace(path, size)
+        command = CMD_READ if roll < 0.45 else CMD_WRITE | CMD_FLAG_FUA if roll < 0.50 else CMD_WRITE
+        requests.append((command, offset, length))
+    requests += [(CMD_READ, offset, min(128 << 10, size - offset)) for offset in range(0, size, 128 << 10)]
+    return write_trace(path, size, requests)
 
 
 def make_self_signed(out_dir: Path, name: str = "mallory") -> tuple[Path, Path]:

@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from harness import Node, run, sha256, wait_until
-from nbdtester import SRC, Result, Tester, Trace, build, make_self_signed, make_trace, read_trace
+from nbdtester import (CMD_FLAG_FUA, CMD_READ, CMD_WRITE, SRC, Result, Tester, Trace, build, make_self_signed,
+                       make_trace, read_trace, write_trace)
 from test_nbd_tls import free_port, other_cluster_certs
 
 RES = "r"
@@ -42,6 +43,7 @@ TRANSACTIONS = 3000  # with the closing read of every block: ~2 s over TCP, ~3 s
 # export, 68990 requests moving 310 MiB) against an export of exactly this size.
 UPSTREAM_TRACE = SRC / "integrity-test.tr"
 UPSTREAM_SIZE = 52428800
+MAX_PAYLOAD = 32 << 20  # the spec's default maximum payload, marsd's limit (engine/nbd/protocol.py)
 
 
 @pytest.fixture(scope="session")
@@ -246,6 +248,29 @@ def test_integrity_sees_a_wrong_block(tester, served):
     served.assert_clean_log()
 
 
+def test_requests_beyond_32_mib_are_refused_as_the_spec_allows(tester, workdir):
+    """Why upstream's integrityhuge and tlshuge traces (requests of up to 47.5 MiB) are not run:
+    the spec's default maximum payload is 32 MiB, which a client that did not negotiate block
+    sizes should keep to. marsd serves a request of exactly 32 MiB, refuses a READ beyond it
+    with an error and a WRITE beyond it by closing the connection (its payload is not read), as
+    the spec allows; the tester reports both, and marsd serves on."""
+    size = 40 << 20
+    s = _serve(workdir, size=size)
+    base = workdir[0]
+    at_limit = write_trace(base / "at.tr", size, [(CMD_WRITE | CMD_FLAG_FUA, 0, MAX_PAYLOAD), (CMD_READ, 0, MAX_PAYLOAD)])
+    passed(tester.run("-N", RES, "-i", "-t", str(at_limit.path), *s.target("unix")), "Integrity read test complete")
+    over = MAX_PAYLOAD + 512
+    read = write_trace(base / "read.tr", size, [(CMD_READ, 0, over)])
+    failed(tester.run("-N", RES, "-i", "-t", str(read.path), *s.target("unix")), "Server errored a transaction")
+    wait_until(lambda: f"READ of {over} bytes (limit {MAX_PAYLOAD})" in s.node.log(), 10, "marsd to log the READ")
+    written = write_trace(base / "write.tr", size, [(CMD_WRITE, 0, over)])
+    r = tester.run("-N", RES, "-i", "-t", str(written.path), *s.target("unix"))
+    assert r.returncode == 1 and "complete" not in r.output, str(r)
+    wait_until(lambda: f"WRITE of {over} bytes" in s.node.log(), 10, "marsd to log the WRITE")
+    assert s.image_sha256() == at_limit.expected_sha256()  # nothing of the refused WRITE landed
+    s.assert_clean_log()
+
+
 # --- TLS ---------------------------------------------------------------------------------------
 
 
@@ -275,6 +300,20 @@ def test_tls_write_with_flushes_and_the_servers_name(tester, tls_served):
     # The reason ("does not match hostname") shows only in a -DDODBG build; gnutls's verdict:
     failed(r, "TLS handshake failed: Error in the certificate.")
     assert "complete" not in r.output, str(r)
+    s.assert_clean_log()
+
+
+def test_tls_requests_up_to_the_32_mib_limit(tester, workdir):
+    """Upstream's tlshuge idea (big operations under TLS, its -H flags) within the spec's default
+    maximum payload: requests of up to 32 MiB on a 64 MiB export, every block read back."""
+    size = 64 << 20
+    s = _serve(workdir, "--nbd-tls", "require", "--nbd-tls-name", "mars-a.example", certs=True, size=size)
+    t = make_trace(workdir[0] / "big.tr", size, 24, seed=5, max_len=MAX_PAYLOAD)
+    assert t.writes >= 10
+    r = passed(tester.run("-N", RES, "-i", "-t", str(t.path), *s.tls(), "-H", "mars-a.example", *s.target("tcp")),
+               "Integrity read test complete")
+    assert f"Done: {t.requests:08d}" in r.stdout, str(r)
+    assert s.image_sha256("tcp") == t.expected_sha256()
     s.assert_clean_log()
 
 
