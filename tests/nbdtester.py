@@ -110,7 +110,7 @@ _PACK = struct.Struct(f"<{BLOCK // 8}Q").pack
 
 def makebuf(seq: int, block: int) -> bytes:
     """The tester's ``makebuf()``: the 512 bytes it writes to ``block`` in request ``seq``
-    (zeroes for seq 0, a block never written), native byte order (x86-64: little-endian)."""
+    (zeroes for seq 0, a block never written), in native byte order: little-endian here."""
     if seq == 0:
         return bytes(BLOCK)
     x = (block ^ (seq << 32) ^ (seq >> 32)) & _M
@@ -120,7 +120,7 @@ def makebuf(seq: int, block: int) -> bytes:
         words.append(x)
         x = (x + add) & _M
         s = x & 63
-        # C's x >> 64 (s == 0) is undefined; x86-64's shr masks the count to 0: x itself.
+        # C's x >> 64 (s == 0) is undefined; x86-64 and arm64 shift by the count mod 64: x itself.
         x ^= ((x << s) & _M) ^ ((x >> (64 - s)) if s else x) ^ mix
     return _PACK(*words)
 
