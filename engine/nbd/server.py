@@ -31,9 +31,17 @@ log = logging.getLogger("mars.nbd")
 
 MAX_IN_FLIGHT = 256
 MAX_IN_FLIGHT_BYTES = 64 * 2**20
+#: Bytes of small replies joined into one send.
+COALESCE = 256 * 1024
 
 ERRNO_TO_NBD = {E.EPERM: 1, E.EIO: 5, E.ENOMEM: 12, E.EINVAL: 22, E.ENOSPC: 28, E.EDQUOT: 28, E.EFBIG: 28,
                 E.EOVERFLOW: 75, E.ENOTSUP: 95, E.ESHUTDOWN: 108}
+
+
+#: How an export answers a request, on the event loop, exactly once: ``reply(req, None)`` done,
+#: ``reply(req, None, data)`` a READ's data, ``reply(req, error)`` failed (an OSError's errno is
+#: what the client is told). A callback rather than a future per request: see log/writer.py Done.
+Reply = Callable[..., None]
 
 
 class Export(Protocol):
@@ -41,7 +49,7 @@ class Export(Protocol):
 
     info: nbd.ExportInfo
 
-    def handle(self, req: nbd.Request) -> asyncio.Future[bytes | None]: ...
+    def handle(self, req: nbd.Request, reply: Reply) -> None: ...
     def opened(self, session: "NbdSession") -> None: ...
     def closed(self, session: "NbdSession") -> None: ...
 
@@ -107,6 +115,10 @@ class NbdSession(asyncio.Protocol):
         # buffer is a bytearray that is shifted on every partial send; keeping it small and the
         # backlog in a deque of whole replies keeps large pipelined reads linear, not quadratic.
         self._outq: deque[bytes] = deque()
+        # Replies of one pass of the event loop go out together (one send for a whole group
+        # commit's acknowledgements, not one per request): _reply queues, _flush sends.
+        self._flush_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _lookup(self, name: str) -> nbd.ExportInfo | None:
         e = self._exports().get(name)
@@ -119,6 +131,7 @@ class NbdSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         if self.peer == "tcp":
             addr = transport.get_extra_info("peername")
             if addr:
@@ -237,29 +250,26 @@ class NbdSession(asyncio.Protocol):
 
     def _start(self, req: nbd.Request) -> None:
         assert self.export is not None
-        fut = self.export.handle(req)
         self.in_flight += 1
         self.in_flight_bytes += req.length
         if (self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES) and not self._paused \
                 and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        fut.add_done_callback(lambda f, h=req.handle, n=req.length: self._done(h, n, f))
+        self.export.handle(req, self._done)
 
-    def _done(self, handle: int, length: int, fut: asyncio.Future[bytes | None]) -> None:
+    def _done(self, req: nbd.Request, exc: BaseException | None, data: bytes | None = None) -> None:
         self.in_flight -= 1
-        self.in_flight_bytes -= length
-        exc = fut.exception() if not fut.cancelled() else OSError(E.ESHUTDOWN, "cancelled")
+        self.in_flight_bytes -= req.length
         if exc is None:
-            data = fut.result()
-            self._write(self.conn.reply_header(handle, 0))
+            self._reply(self.conn.reply_header(req.handle, 0))
             if data:
-                self._write(data)
+                self._reply(data)
         else:
             err = getattr(exc, "errno", None) or E.EIO
             if err not in (E.ESHUTDOWN,):
                 log.error("nbd client %s: request failed: %s", self.peer, exc)
-            self._write(self.conn.reply_header(handle, ERRNO_TO_NBD.get(err, 5)))
+            self._reply(self.conn.reply_header(req.handle, ERRNO_TO_NBD.get(err, 5)))
         if self._paused and self.in_flight < MAX_IN_FLIGHT // 2 and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2 \
                 and self.transport is not None:
             self._paused = False
@@ -273,7 +283,19 @@ class NbdSession(asyncio.Protocol):
             self.close()
 
     def _write(self, data: bytes) -> None:
+        """Send now, after whatever replies are queued (the handshake's answers, in order)."""
         self._outq.append(data)
+        self._drain()
+
+    def _reply(self, data: bytes) -> None:
+        """Send at the end of this pass of the event loop, with the other replies made in it."""
+        self._outq.append(data)
+        if not self._flush_due and self._loop is not None:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
         self._drain()
 
     def _drain(self) -> None:
@@ -283,9 +305,19 @@ class NbdSession(asyncio.Protocol):
             return
         q = self._outq
         while q and not self._write_paused:
-            t.write(q.popleft())
+            # Small replies (headers, 4 KiB reads) are joined into one send of up to COALESCE
+            # bytes; a large read's data goes on its own, uncopied.
+            if len(q) == 1 or len(q[0]) >= COALESCE:
+                t.write(q.popleft())
+                continue
+            parts, n = [], 0
+            while q and n + len(q[0]) <= COALESCE:
+                n += len(q[0])
+                parts.append(q.popleft())
+            t.write(b"".join(parts))
 
     def close(self) -> None:
+        self._drain()
         self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -29,7 +29,7 @@ from ..log.recovery import recover
 from ..log.values import LogPos, ReplayLink, log_name
 from ..log.writer import Logger, LogState, LogWriteError, finish_version
 from ..nbd import protocol as nbd
-from ..nbd.server import Export, NbdSession
+from ..nbd.server import Export, NbdSession, Reply
 from ..tree import actual, res_dir
 from .runtime import Attached, RuntimeDeps, Wanted
 
@@ -370,29 +370,37 @@ class PrimaryRuntime(Attached):
     def publish_open_count(self) -> None:
         self.tree.set(actual(self.res, self.tree.host, "open-count"), len(self.sessions), durable=False)
 
-    def handle(self, req: nbd.Request) -> asyncio.Future[bytes | None]:
-        loop = asyncio.get_running_loop()
-        if not self.serving or self.logger is None or self.device is None:
-            f = loop.create_future()
-            f.set_exception(OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down"))
-            return f
+    def handle(self, req: nbd.Request, done: Reply) -> None:
+        logger = self.logger
+        if not self.serving or logger is None or self.device is None:
+            done(req, OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down"))
+            return
         cmd = req.cmd
         self.deps.stats.request(COUNTED.get(cmd, "flush"), req.length)
-        if cmd == nbd.Cmd.READ:
-            return loop.run_in_executor(self.executor, self.device.pread, req.length, req.offset)
         if cmd == nbd.Cmd.WRITE:
-            return self.logger.submit(lf.Kind.WRITE, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA,
-                                      req.data or b"")
-        if cmd == nbd.Cmd.TRIM:
-            return self.logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA)
-        if cmd == nbd.Cmd.WRITE_ZEROES:
+            logger.submit(lf.Kind.WRITE, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, req.data or b"",
+                          done, req)
+        elif cmd == nbd.Cmd.READ:
+            fut = asyncio.get_running_loop().run_in_executor(self.executor, self.device.pread, req.length, req.offset)
+            fut.add_done_callback(lambda f: _read_done(req, done, f))
+        elif cmd == nbd.Cmd.TRIM:
+            logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, b"", done, req)
+        elif cmd == nbd.Cmd.WRITE_ZEROES:
             flags = (lf.FLAG_FUA if req.flags & nbd.CMD_FLAG_FUA else 0) | (
                 lf.FLAG_NO_HOLE if req.flags & nbd.CMD_FLAG_NO_HOLE else 0)
-            return self.logger.submit(lf.Kind.ZERO, req.offset, req.length, flags)
-        # FLUSH: every acknowledged write is already durable in the log, so there is nothing to wait for.
-        f = loop.create_future()
-        f.set_result(None)
-        return f
+            logger.submit(lf.Kind.ZERO, req.offset, req.length, flags, b"", done, req)
+        else:
+            # FLUSH: every acknowledged write is already durable in the log, nothing to wait for.
+            done(req, None)
+
+
+def _read_done(req: nbd.Request, done: Reply, fut: asyncio.Future[bytes]) -> None:
+    if fut.cancelled():
+        done(req, OSError(errno.ESHUTDOWN, "read cancelled: marsd is stopping"))
+    elif (exc := fut.exception()) is not None:
+        done(req, exc)
+    else:
+        done(req, None, fut.result())
 
 
 # The counters' names of the NBD commands (engine/stats.py COMMANDS); FLUSH and anything else count as flush.
