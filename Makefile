@@ -6,7 +6,7 @@ PY      := $(VENV)/bin/python
 # Debian's python3: python3-libnbd (a real NBD client used by the tests) is built for it only.
 SYSPY   ?= /usr/bin/python3
 APT_PKGS := python3 python3-venv python3-libnbd libnbd-bin qemu-utils nbdkit fio fuse3 libfuse2 iproute2 e2fsprogs util-linux tmux prometheus \
-            iptables rsync iperf3 man-db openssl \
+            iptables rsync iperf3 man-db openssl gcc pkg-config libglib2.0-dev libgnutls28-dev \
             postgresql zabbix-server-pgsql zabbix-frontend-php php-pgsql apache2 libapache2-mod-php zabbix-agent sudo
 # The Zabbix packages: tests/zabbix_server.py starts a real Zabbix 6.0 (server, frontend API, agent) on 127.0.0.1.
 

@@ -807,6 +807,10 @@ class Bench:
             cpu = ", ".join(f"marsd-{h} {s:.1f} s" for h, s in c["cpu_s"].items())
             p(f"  during catch-up: CPU {cpu} in {c['secs']:.1f} s wall"
               + (f"; {c['disk_mib']:,.0f} MiB reached the disk" if c.get("disk_mib") is not None else ""))
+            mib = c["log_bytes"] / 2**20
+            if mib and "b" in c["cpu_s"]:  # issue 17: the secondary's CPU per replicated MiB
+                p(f"  secondary marsd-b CPU per replicated MiB: {c['cpu_s']['b'] * 1e3 / mib:.2f} ms/MiB "
+                  f"({c['cpu_s']['b']:.1f} s for {mib:,.0f} MiB)")
             lim = min(limits) if limits else None
             ok = c["mib_s"] >= GOAL_CATCHUP_MIB_S or (lim is not None and c["mib_s"] >= GOAL_CATCHUP_VS_LIMIT * lim)
             goals.append((ok, f"catch-up >= {GOAL_CATCHUP_MIB_S:g} MiB/s or >= {GOAL_CATCHUP_VS_LIMIT:g}x the smaller "

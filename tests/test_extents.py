@@ -147,39 +147,42 @@ def test_primary_block_status_counts_writes_in_flight_as_data(tmp_path):
     rt.device, rt.executor, rt.info = dev, pool, nbd.ExportInfo("r", 64 * mib)
     rt.extent_cache, rt._mutating = ExtentCache(), {}
 
-    async def callbacks_ran() -> None:
-        """A done future's callbacks are queued (call_soon, in order): one queued after them
-        running means they ran."""
-        mark = asyncio.Event()
-        asyncio.get_running_loop().call_soon(mark.set)
-        await mark.wait()
+    async def status(offset: int, length: int) -> list[tuple[int, int]]:
+        """BLOCK_STATUS through the runtime, answered at once (cache) or after a scan."""
+        answer: asyncio.Future[list[tuple[int, int]]] = asyncio.get_running_loop().create_future()
+
+        def reply(req, exc, data=None):
+            answer.set_exception(exc) if exc else answer.set_result(data)
+
+        rt._block_status(nbd.Request(nbd.Cmd.BLOCK_STATUS, 9, offset, length, 0), reply)
+        return await answer
 
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        assert await rt._block_status(0, 64 * mib) == [(64 * mib, HOLE_FLAGS)]
+        answered: list[tuple[int, BaseException | None]] = []
+        session_reply = lambda req, exc, data=None: answered.append((req.handle, exc))  # noqa: E731
+        assert await status(0, 64 * mib) == [(64 * mib, HOLE_FLAGS)]
         assert rt.extent_cache.lookup(0, 1) is not None  # the scan was cached
-        write: asyncio.Future[None] = loop.create_future()
-        rt._mutation(write, nbd.Request(nbd.Cmd.WRITE, 1, 8 * mib, mib, 0, b""))
+        write = nbd.Request(nbd.Cmd.WRITE, 1, 8 * mib, mib, 0, b"")
+        logger_reply = rt._mutation(write, session_reply)
         assert rt.extent_cache.lookup(0, 1) is None  # submitting dropped it
         # Nothing on the device yet, and still: data where the write goes.
-        assert await rt._block_status(0, 64 * mib) == [(8 * mib, HOLE_FLAGS), (mib, 0), (55 * mib, HOLE_FLAGS)]
+        assert await status(0, 64 * mib) == [(8 * mib, HOLE_FLAGS), (mib, 0), (55 * mib, HOLE_FLAGS)]
         assert rt.extent_cache.lookup(0, 1) is None  # a scan with a write in flight is not kept
         dev.pwrite(b"\xab" * mib, 8 * mib)  # the write-back, then the acknowledgement
-        write.set_result(None)
-        await callbacks_ran()
-        assert not rt._mutating
-        assert await rt._block_status(0, 64 * mib) == [(8 * mib, HOLE_FLAGS), (mib, 0), (55 * mib, HOLE_FLAGS)]
+        logger_reply(write, None)
+        assert answered == [(1, None)] and not rt._mutating
+        assert await status(0, 64 * mib) == [(8 * mib, HOLE_FLAGS), (mib, 0), (55 * mib, HOLE_FLAGS)]
         # Reads of what the cached window covers: data read, holes not.
         pieces = rt._read_cached(7 * mib, 2 * mib)
         assert pieces is not None and [p if isinstance(p, int) else bytes(p) for p in pieces] == \
             [mib, b"\xab" * mib]
-        trim: asyncio.Future[None] = loop.create_future()
-        rt._mutation(trim, nbd.Request(nbd.Cmd.TRIM, 2, 8 * mib, mib, 0))
+        trim = nbd.Request(nbd.Cmd.TRIM, 2, 8 * mib, mib, 0)
+        logger_reply = rt._mutation(trim, session_reply)
         assert rt._read_cached(7 * mib, 2 * mib) is None  # in flight: the pool reads
         dev.trim(8 * mib, mib)
-        trim.set_result(None)
-        await callbacks_ran()
-        assert await rt._block_status(0, 64 * mib) == [(64 * mib, HOLE_FLAGS)]
+        logger_reply(trim, None)
+        assert answered[-1] == (2, None)
+        assert await status(0, 64 * mib) == [(64 * mib, HOLE_FLAGS)]
 
     try:
         asyncio.run(scenario())

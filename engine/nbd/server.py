@@ -39,23 +39,28 @@ _BLOCK_STATUS = nbd.Cmd.BLOCK_STATUS
 UNIX_SNDBUF = 4 * 2**20
 MAX_IN_FLIGHT = 256
 MAX_IN_FLIGHT_BYTES = 64 * 2**20
+#: Bytes of small replies joined into one send.
+COALESCE = 256 * 1024
 
 ERRNO_TO_NBD = {E.EPERM: 1, E.EIO: 5, E.ENOMEM: 12, E.EINVAL: 22, E.ENOSPC: 28, E.EDQUOT: 28, E.EFBIG: 28,
                 E.EOVERFLOW: 75, E.ENOTSUP: 95, E.ESHUTDOWN: 108}
 
 
-class Export(Protocol):
-    """What a served resource offers the NBD layer (implemented by the resource runtime).
+#: How an export answers a request, on the event loop, exactly once: ``reply(req, None)`` done,
+#: ``reply(req, None, data)`` a READ's data, ``reply(req, error)`` failed (an OSError's errno is
+#: what the client is told). A callback rather than a future per request: see log/writer.py Done.
+#: A READ's data is bytes, or pieces in order: bytes for data, an int for that many bytes of
+#: hole (zeros; a hole chunk to clients that negotiated structured replies). BLOCK_STATUS's is
+#: (length, base:allocation flags) extents from the request's offset.
+Reply = Callable[..., None]
 
-    ``handle`` answers READ with the data (bytes) or with pieces in order, bytes for data and
-    an int for that many bytes of hole (zeros, sent as a hole chunk to clients that negotiated
-    structured replies); BLOCK_STATUS with (length, base:allocation flags) extents from the
-    request's offset; everything else with None.
-    """
+
+class Export(Protocol):
+    """What a served resource offers the NBD layer (implemented by the resource runtime)."""
 
     info: nbd.ExportInfo
 
-    def handle(self, req: nbd.Request) -> asyncio.Future[Any]: ...
+    def handle(self, req: nbd.Request, reply: Reply) -> None: ...
     def opened(self, session: "NbdSession") -> None: ...
     def closed(self, session: "NbdSession") -> None: ...
 
@@ -121,6 +126,10 @@ class NbdSession(asyncio.Protocol):
         # buffer is a bytearray that is shifted on every partial send; keeping it small and the
         # backlog in a deque of whole replies keeps large pipelined reads linear, not quadratic.
         self._outq: deque[bytes] = deque()
+        # Replies of one pass of the event loop go out together (one send for a whole group
+        # commit's acknowledgements, not one per request): _reply queues, _flush sends.
+        self._flush_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _lookup(self, name: str) -> nbd.ExportInfo | None:
         e = self._exports().get(name)
@@ -133,12 +142,13 @@ class NbdSession(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
         if self.peer == "tcp":
             addr = transport.get_extra_info("peername")
             if addr:
                 self.peer = f"tcp:{addr[0]}:{addr[1]}"
         sock = transport.get_extra_info("socket")
-        if UNIX_SNDBUF and sock is not None and sock.family == socket.AF_UNIX:
+        if sock is not None and sock.family == socket.AF_UNIX:
             # A read reply is header + up to 32 MiB; with the default ~200 KiB of socket buffer
             # every 256 KiB reply goes out in two sends and a loop round trip between them.
             with contextlib.suppress(OSError):
@@ -257,7 +267,6 @@ class NbdSession(asyncio.Protocol):
 
     def _start(self, req: nbd.Request) -> None:
         assert self.export is not None
-        fut = self.export.handle(req)
         self.in_flight += 1
         # Memory is what READ and WRITE hold; a BLOCK_STATUS or TRIM of 4 GiB holds nothing.
         self.in_flight_bytes += req.length if req.cmd is _READ or req.cmd is _WRITE else 0
@@ -265,31 +274,25 @@ class NbdSession(asyncio.Protocol):
                 and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
-        if fut.done():  # answered at once (FLUSH, a BLOCK_STATUS from the cache): no loop round trip
-            self._done(req, fut)
-        else:
-            fut.add_done_callback(lambda f, r=req: self._done(r, f))
+        self.export.handle(req, self._done)
 
-    def _done(self, req: nbd.Request, fut: asyncio.Future[Any]) -> None:
+    def _done(self, req: nbd.Request, exc: BaseException | None, data: Any = None) -> None:
         self.in_flight -= 1
-        self.in_flight_bytes -= req.length if req.cmd is _READ or req.cmd is _WRITE else 0
-        handle = req.handle
-        exc = fut.exception() if not fut.cancelled() else OSError(E.ESHUTDOWN, "cancelled")
+        cmd = req.cmd
+        self.in_flight_bytes -= req.length if cmd is _READ or cmd is _WRITE else 0
         if exc is None:
-            result = fut.result()
-            cmd = req.cmd
             if cmd is _READ:
-                for buf in self.conn.read_reply(handle, req.offset, [result] if isinstance(result, bytes) else result):
-                    self._write(buf)
+                for buf in self.conn.read_reply(req.handle, req.offset, [data] if isinstance(data, bytes) else data):
+                    self._reply(buf)
             elif cmd is _BLOCK_STATUS:
-                self._write(self.conn.block_status_reply(req, result))
+                self._reply(self.conn.block_status_reply(req, data))
             else:
-                self._write(self.conn.reply_header(handle, 0))
+                self._reply(self.conn.reply_header(req.handle, 0))
         else:
             err = getattr(exc, "errno", None) or E.EIO
             if err not in (E.ESHUTDOWN,):
                 log.error("nbd client %s: request failed: %s", self.peer, exc)
-            self._write(self.conn.reply_error(handle, ERRNO_TO_NBD.get(err, 5), str(exc)))
+            self._reply(self.conn.reply_error(req.handle, ERRNO_TO_NBD.get(err, 5), str(exc)))
         if self._paused and self.in_flight < MAX_IN_FLIGHT // 2 and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2 \
                 and self.transport is not None:
             self._paused = False
@@ -303,7 +306,19 @@ class NbdSession(asyncio.Protocol):
             self.close()
 
     def _write(self, data: bytes) -> None:
+        """Send now, after whatever replies are queued (the handshake's answers, in order)."""
         self._outq.append(data)
+        self._drain()
+
+    def _reply(self, data: bytes) -> None:
+        """Send at the end of this pass of the event loop, with the other replies made in it."""
+        self._outq.append(data)
+        if not self._flush_due and self._loop is not None:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
         self._drain()
 
     def _drain(self) -> None:
@@ -313,9 +328,19 @@ class NbdSession(asyncio.Protocol):
             return
         q = self._outq
         while q and not self._write_paused:
-            t.write(q.popleft())
+            # Small replies (headers, 4 KiB reads) are joined into one send of up to COALESCE
+            # bytes; a large read's data goes on its own, uncopied.
+            if len(q) == 1 or len(q[0]) >= COALESCE:
+                t.write(q.popleft())
+                continue
+            parts, n = [], 0
+            while q and n + len(q[0]) <= COALESCE:
+                n += len(q[0])
+                parts.append(q.popleft())
+            t.write(b"".join(parts))
 
     def close(self) -> None:
+        self._drain()
         self._closing = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()

@@ -31,7 +31,7 @@ from ..log.recovery import recover
 from ..log.values import LogPos, ReplayLink, log_name
 from ..log.writer import Logger, LogState, LogWriteError, finish_version
 from ..nbd import protocol as nbd
-from ..nbd.server import Export, NbdSession
+from ..nbd.server import Export, NbdSession, Reply
 from ..tree import actual, res_dir
 from .runtime import Attached, RuntimeDeps, Wanted
 
@@ -61,9 +61,10 @@ class PrimaryRuntime(Attached):
         self._link_lock = threading.Lock()
         self._link_floor: tuple[int, int] = (0, 0)
         # Where the data is (NBD BLOCK_STATUS): one cached window of the device's spans, and the
-        # ranges of writes, trims and write-zeroes submitted and not yet answered (extents.py).
+        # writes, trims and write-zeroes submitted and not yet answered, by id(request): their
+        # range and the session's reply (extents.py says why both).
         self.extent_cache = ExtentCache()
-        self._mutating: dict[asyncio.Future[None], tuple[int, int]] = {}
+        self._mutating: dict[int, tuple[int, int, Reply]] = {}
 
     # -- the runtime interface -----------------------------------------------------------------
 
@@ -377,55 +378,55 @@ class PrimaryRuntime(Attached):
     def publish_open_count(self) -> None:
         self.tree.set(actual(self.res, self.tree.host, "open-count"), len(self.sessions), durable=False)
 
-    def handle(self, req: nbd.Request) -> asyncio.Future[bytes | None]:
-        loop = asyncio.get_running_loop()
-        if not self.serving or self.logger is None or self.device is None:
-            f = loop.create_future()
-            f.set_exception(OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down"))
-            return f
+    def handle(self, req: nbd.Request, done: Reply) -> None:
+        logger = self.logger
+        if not self.serving or logger is None or self.device is None:
+            done(req, OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down"))
+            return
         cmd = req.cmd
         self.deps.stats.request(COUNTED.get(cmd, "flush"), req.length)
-        if cmd == nbd.Cmd.READ:
+        if cmd == nbd.Cmd.WRITE:
+            logger.submit(lf.Kind.WRITE, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, req.data or b"",
+                          self._mutation(req, done), req)
+        elif cmd == nbd.Cmd.READ:
             pieces = self._read_cached(req.offset, req.length)
             if pieces is not None:
-                rf = loop.create_future()
-                rf.set_result(pieces)
-                self._count_read(rf)
-                return rf
-            rf = loop.run_in_executor(self.executor, self._read, req.offset, req.length)
-            rf.add_done_callback(self._count_read)
-            return rf
-        if cmd == nbd.Cmd.WRITE:
-            return self._mutation(self.logger.submit(lf.Kind.WRITE, req.offset, req.length,
-                                                     req.flags & nbd.CMD_FLAG_FUA, req.data or b""), req)
-        if cmd == nbd.Cmd.TRIM:
-            return self._mutation(self.logger.submit(lf.Kind.TRIM, req.offset, req.length,
-                                                     req.flags & nbd.CMD_FLAG_FUA), req)
-        if cmd == nbd.Cmd.WRITE_ZEROES:
+                self._count_read(pieces)
+                done(req, None, pieces)
+                return
+            fut = asyncio.get_running_loop().run_in_executor(self.executor, self._read, req.offset, req.length)
+            fut.add_done_callback(lambda f: self._read_done(req, done, f))
+        elif cmd == nbd.Cmd.TRIM:
+            logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, b"",
+                          self._mutation(req, done), req)
+        elif cmd == nbd.Cmd.WRITE_ZEROES:
             flags = (lf.FLAG_FUA if req.flags & nbd.CMD_FLAG_FUA else 0) | (
                 lf.FLAG_NO_HOLE if req.flags & nbd.CMD_FLAG_NO_HOLE else 0)
-            return self._mutation(self.logger.submit(lf.Kind.ZERO, req.offset, req.length, flags), req)
-        if cmd == nbd.Cmd.BLOCK_STATUS:
-            return self._block_status(req.offset, req.length)
-        # FLUSH: every acknowledged write is already durable in the log, so there is nothing to wait for.
-        f = loop.create_future()
-        f.set_result(None)
-        return f
-
+            logger.submit(lf.Kind.ZERO, req.offset, req.length, flags, b"", self._mutation(req, done), req)
+        elif cmd == nbd.Cmd.BLOCK_STATUS:
+            self._block_status(req, done)
+        else:
+            # FLUSH: every acknowledged write is already durable in the log, nothing to wait for.
+            done(req, None)
 
     # -- where the data is: reads with holes, BLOCK_STATUS ---------------------------------------
 
-    def _mutation(self, fut: asyncio.Future[None], req: nbd.Request) -> asyncio.Future[None]:
-        """A write, trim or write-zeroes in flight: its range counts as data until it is
-        answered, and the cached spans go both now and then (extents.py says why)."""
+    def _mutation(self, req: nbd.Request, done: Reply) -> Reply:
+        """A write, trim or write-zeroes goes in flight: its range counts as data until it is
+        answered, and the cached spans go both now and then (extents.py says why). Returns the
+        reply the logger calls, which passes the answer on to the session's."""
         self.extent_cache.invalidate()
-        self._mutating[fut] = (req.offset, req.offset + req.length)
-        fut.add_done_callback(self._mutated)
-        return fut
+        self._mutating[id(req)] = (req.offset, req.offset + req.length, done)
+        return self._mutated
 
-    def _mutated(self, fut: asyncio.Future[None]) -> None:
-        self._mutating.pop(fut, None)
+    def _mutated(self, req: nbd.Request, exc: BaseException | None) -> None:
+        entry = self._mutating.pop(id(req), None)
         self.extent_cache.invalidate()
+        if entry is not None:
+            entry[2](req, exc)
+
+    def _in_flight(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b, _ in self._mutating.values()]
 
     def _read(self, offset: int, length: int) -> list[bytes | int]:
         """In the thread pool: the data of [offset, offset+length) as data pieces and holes (an
@@ -440,6 +441,16 @@ class PrimaryRuntime(Attached):
         for start, end, hole in read_plan(device.scan(offset, length), offset, length, MIN_HOLE_CHUNK):
             pieces.append(end - start if hole else device.pread(end - start, start))
         return pieces
+
+    def _read_done(self, req: nbd.Request, done: Reply, fut: asyncio.Future[list[bytes | int]]) -> None:
+        if fut.cancelled():
+            done(req, OSError(errno.ESHUTDOWN, "read cancelled: marsd is stopping"))
+        elif (exc := fut.exception()) is not None:
+            done(req, exc)
+        else:
+            pieces = fut.result()
+            self._count_read(pieces)
+            done(req, None, pieces)
 
     def _read_cached(self, offset: int, length: int) -> list[bytes | bytearray | int] | None:
         """The read answered on the event loop, or None to take the thread pool.
@@ -464,49 +475,47 @@ class PrimaryRuntime(Attached):
             buf = bytearray(end - start)
             try:
                 n = os.preadv(device.fd, [buf], start, _RWF_NOWAIT)
-            except (BlockingIOError, OSError):
+            except OSError:
                 return None  # not cached (EAGAIN), or anything odd: the pool's read says
             if n != len(buf):
                 return None  # partly cached, or past the file's end: the pool reads and pads
             pieces.append(buf)
         return pieces
 
-    def _count_read(self, fut: asyncio.Future[list[bytes | int]]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self.deps.stats.device_read_bytes += sum(len(p) for p in fut.result() if not isinstance(p, int))
+    def _count_read(self, pieces: list[bytes | bytearray | int]) -> None:
+        self.deps.stats.device_read_bytes += sum(len(p) for p in pieces if not isinstance(p, int))
 
-    def _block_status(self, offset: int, length: int) -> asyncio.Future[list[tuple[int, int]]]:
-        """base:allocation of [offset, offset+length): from the cached window when it holds the
-        offset, else from a scan of a window of at least SCAN_WINDOW bytes (a client walking
-        the device, as nbdcopy and qemu-img do, then finds the next answers in memory)."""
-        loop = asyncio.get_running_loop()
-        out: asyncio.Future[list[tuple[int, int]]] = loop.create_future()
-        spans = self.extent_cache.lookup(offset, length)
-        if spans is not None:
-            out.set_result(to_nbd(overlay_data(spans, self._mutating.values()), offset, length))
-            return out
+    def _block_status(self, req: nbd.Request, done: Reply) -> None:
+        """base:allocation of the request's range: from the cached window when it holds the
+        offset (answered at once), else from a scan of a window of at least SCAN_WINDOW bytes
+        (a client walking the device, as nbdcopy and qemu-img do, then finds the next answers
+        in memory)."""
+        offset, length = req.offset, req.length
         cache = self.extent_cache
+        spans = cache.lookup(offset, length)
+        if spans is not None:
+            done(req, None, to_nbd(overlay_data(spans, self._in_flight()), offset, length))
+            return
         generation = cache.generation
-        before = list(self._mutating.values())
+        before = self._in_flight()
         window = min(max(length, SCAN_WINDOW), self.info.size - offset)
         assert self.device is not None
-        scan = loop.run_in_executor(self.executor, self.device.scan, offset, window)
+        scan = asyncio.get_running_loop().run_in_executor(self.executor, self.device.scan, offset, window)
 
-        def done(f: asyncio.Future[list[tuple[int, int, bool]]]) -> None:
+        def scanned(f: asyncio.Future[list[tuple[int, int, bool]]]) -> None:
             if f.cancelled():
-                out.cancel()
+                done(req, OSError(errno.ESHUTDOWN, "block status cancelled: marsd is stopping"))
                 return
             exc = f.exception()
             if exc is not None:
-                out.set_exception(exc)
+                done(req, exc)
                 return
             spans = f.result()
             if not before and not self._mutating:
                 cache.store(generation, spans)
-            out.set_result(to_nbd(overlay_data(spans, [*before, *self._mutating.values()]), offset, length))
+            done(req, None, to_nbd(overlay_data(spans, [*before, *self._in_flight()]), offset, length))
 
-        scan.add_done_callback(done)
-        return out
+        scan.add_done_callback(scanned)
 
 
 # The counters' names of the NBD commands (engine/stats.py COMMANDS); FLUSH and anything else count as flush.

@@ -139,7 +139,16 @@ def test_backpressure_bounded():
                 await asyncio.sleep(0.02)  # poll
             held = link.counters.up_peak_buffered
             assert held <= p.buffer() + (256 << 10), f"path held {held} B, bound {p.buffer()}"
-            # full: the sender is stopped (the kernel's socket buffers were full before the path)
+            # Full. The kernel's socket buffers (the sender's, the link's receive side) may still
+            # take a few MiB after the path is full, more slowly on a loaded machine: wait until
+            # the sender stands still, then nothing may move.
+            deadline = time.monotonic() + 10
+            while True:
+                before = sent
+                await asyncio.sleep(0.25)  # poll: did the sender move in this window?
+                if sent == before:
+                    break
+                assert time.monotonic() < deadline, f"the sender never stopped: {sent} B sent, {link.counters}"
             sent0, delivered0 = sent, link.counters.up_bytes
             await asyncio.sleep(0.5)  # poll: a window of 4 MiB at the rate, in which nothing may move
             assert sent - sent0 <= 1 * MIB and link.counters.up_bytes == delivered0, \
