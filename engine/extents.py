@@ -7,9 +7,12 @@ Why the answer is right while writes are in flight: the primary writes every wri
 data device (its page cache) *before* acknowledging it (log/writer.py), and SEEK_DATA sees
 page-cache data, so an acknowledged write is always visible to the scan. What the scan may miss
 is a write, trim or write-zeroes that is submitted but not yet written back; its range is
-reported as data (flags 0: "allocated, contents unknown"), which is always true enough, and the
-cache is dropped both when it is submitted and when it completes, so no scan that ran before a
-write-back is served after it.
+reported as data (flags 0: "allocated, contents unknown"), which is always true enough. The
+cache is dropped when such a request is submitted, and nothing is stored while one is in
+flight: a scan stores its spans only if no request was in flight when it began or when it
+ended and the cache's generation did not move meanwhile (every submission moves it). So no scan
+that may have run before a write-back is served after it, and the answer to the request needs
+no second invalidation on the write path.
 
 Extents here are (start, end, hole) windows of the device; NBD wants (length, flags) from the
 request's offset, which ``to_nbd`` makes.

@@ -413,15 +413,15 @@ class PrimaryRuntime(Attached):
 
     def _mutation(self, req: nbd.Request, done: Reply) -> Reply:
         """A write, trim or write-zeroes goes in flight: its range counts as data until it is
-        answered, and the cached spans go both now and then (extents.py says why). Returns the
-        reply the logger calls, which passes the answer on to the session's."""
+        answered, and the cached spans go now (extents.py says why once is enough). Returns
+        the reply the logger calls, which passes the answer on to the session's. On the write
+        path of every request, so kept to a dict entry and a counter (issue 17 counts its CPU)."""
         self.extent_cache.invalidate()
         self._mutating[id(req)] = (req.offset, req.offset + req.length, done)
         return self._mutated
 
     def _mutated(self, req: nbd.Request, exc: BaseException | None) -> None:
         entry = self._mutating.pop(id(req), None)
-        self.extent_cache.invalidate()
         if entry is not None:
             entry[2](req, exc)
 
