@@ -250,3 +250,23 @@ def test_malformed_meta_context_options_get_err_invalid(sparse):
         s.close()
     assert "Traceback" not in node.log()
     assert data_ranges(nbd_map(node)) == [(0, 4096)]
+
+
+def test_map_after_an_online_resize(sparse):
+    """The grown region shows what the grown device holds (here: data written into the image
+    before the resize, as a grown LV holds old blocks), and the rest of it as a hole."""
+    node, img = sparse
+    assert data_ranges(nbd_map(node)) == [(0, 4096)]  # fills the cached window up to the old end
+    with open(img, "r+b") as f:
+        f.truncate(2 * SIZE)
+        f.seek(SIZE + 8 * MIB)
+        f.write(b"\x5e" * MIB)
+    out = node.marsadm("resize", "r").stderr
+    assert "grown" in out, out
+    wait_until(lambda: json.loads(run(["nbdinfo", "--json", node.uri("r")]).stdout)["exports"][0]["export-size"]
+               == 2 * SIZE, 30, "the export to show the new size")
+    m = nbd_map(node)
+    assert sum(n for _, n, _ in m) == 2 * SIZE
+    assert data_ranges(m) == [(0, 4096), (SIZE + 8 * MIB, SIZE + 9 * MIB)]
+    r = run(["qemu-io", "-f", "raw", "-c", f"read -P 0x5e {SIZE + 8 * MIB} 1M", node.uri("r")])
+    assert "Pattern verification failed" not in r.stdout + r.stderr
