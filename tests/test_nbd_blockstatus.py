@@ -261,6 +261,7 @@ def test_map_after_an_online_resize(sparse):
         f.truncate(2 * SIZE)
         f.seek(SIZE + 8 * MIB)
         f.write(b"\x5e" * MIB)
+    wait_until(lambda: node.tree_value("resource-r/actsize-a") == str(2 * SIZE), 30, "marsd to report the grown disk")
     out = node.marsadm("resize", "r").stderr
     assert "grown" in out, out
     wait_until(lambda: json.loads(run(["nbdinfo", "--json", node.uri("r")]).stdout)["exports"][0]["export-size"]
