@@ -80,7 +80,7 @@ class Backlog:
             self.start, self.bytes0, self.most, self.most_on_one = time.monotonic(), fetched, 0, 0
         self.most = max(self.most, len(inflight))
         per: dict[int, int] = {}
-        for _, i, _ in inflight:
+        for _, _, i, _ in inflight:
             per[i] = per.get(i, 0) + 1
         self.most_on_one = max([self.most_on_one, *per.values()])
 
@@ -301,7 +301,8 @@ class Fetcher:
         links = [client]
         self._opening = None
         self._backlog = Backlog()
-        inflight: deque[tuple[int, int, asyncio.Task[P.LogData]]] = deque()  # (offset, link, request)
+        # (offset, bytes asked, link, request)
+        inflight: deque[tuple[int, int, int, asyncio.Task[P.LogData]]] = deque()
         known = 0  # how much of the current file the source said it has
         self._better.clear()
         try:
@@ -323,9 +324,9 @@ class Fetcher:
                         # A file not copied yet is asked for without waiting: the answer (even an
                         # empty one) proves it exists there, and its copy here lets replay move
                         # on into it at once, not after a whole long poll of a file nobody writes.
-                        inflight.append((offset, 0, _request(
+                        inflight.append((offset, FETCH_BYTES, 0, _request(
                             self._fetch(links[0], name, offset, WAIT_MS if path.exists() else 0))))
-                    _, _, task = inflight.popleft()
+                    _, asked, _, task = inflight.popleft()
                     reply = await self._reply_or_better(task)
                     if reply is None:
                         return  # a more preferred source: go to it from the start
@@ -337,7 +338,7 @@ class Fetcher:
                     got = await self._store(path, LogPos(seq, offset, origin), reply)
                     if not inflight:
                         self._backlog.end(self.res, self.source, len(links), self.fetched_bytes)
-                    if got < FETCH_BYTES and inflight:
+                    if got < asked and inflight:
                         await self._drain(inflight)  # a short reply: what was asked after it does not follow on
                     final = finished_length(self.tree, self.res, seq, origin)
                     finished = reply.finished or final is not None
@@ -389,23 +390,28 @@ class Fetcher:
         return None if pending or task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
-        """Ask for more whole chunks the source has, up to ``depth()`` in flight, each on the
+        """Ask for more of what the source has, up to ``depth()`` requests in flight, each on the
         open link with the fewest outstanding.
+
+        Whole chunks, and the part of one that the source has beyond them, asked for exactly:
+        a catch-up's last bytes then follow the others on the wire, instead of being asked
+        for a round trip later, once everything before them is stored.
 
         A further link (up to LINKS) is opened in the background the first time there is a
         backlog, and gets requests only once it is open: its handshakes take three round trips,
         in which the first link carries them all.
         """
         depth = max(1, min(DEPTH, self.depth()))
-        next_off = inflight[-1][0] + FETCH_BYTES if inflight else offset
+        next_off = inflight[-1][0] + inflight[-1][1] if inflight else offset
         if known - next_off >= FETCH_BYTES and len(links) < LINKS and self._opening is None:
             links.append(self.connect(self.source or ""))
             self._opening = _request(links[-1].open())
-        while len(inflight) < depth and known - next_off >= FETCH_BYTES:
+        while len(inflight) < depth and known > next_off and (inflight or known - next_off >= FETCH_BYTES):
+            n = min(FETCH_BYTES, known - next_off)
             usable = [i for i, c in enumerate(links) if c.connected] or [0]
-            idx = min(usable, key=lambda i: sum(1 for _, j, _ in inflight if j == i))
-            inflight.append((next_off, idx, _request(self._fetch(links[idx], name, next_off, 0))))
-            next_off += FETCH_BYTES
+            idx = min(usable, key=lambda i: sum(1 for _, _, j, _ in inflight if j == i))
+            inflight.append((next_off, n, idx, _request(self._fetch(links[idx], name, next_off, 0, n))))
+            next_off += n
 
     @staticmethod
     async def _drain(inflight: deque, cancel: bool = False) -> None:
@@ -417,16 +423,17 @@ class Fetcher:
         stopping marsd fetching from a dead peer forever.
         """
         while inflight:
-            _, _, task = inflight.popleft()
+            task = inflight.popleft()[-1]
             if cancel:
                 task.cancel()
             await asyncio.wait([task])
             if not task.cancelled():
                 task.exception()  # retrieved: a failed request is not an "exception never retrieved"
 
-    async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int) -> P.LogData:
+    async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int,
+                     n: int = FETCH_BYTES) -> P.LogData:
         return await client.request(lambda req: P.FetchRequest(
-            req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=wait_ms),
+            req=req, res=self.res, name=name, offset=offset, max_bytes=n, wait_ms=wait_ms),
             timeout=wait_ms / 1000 + 10)  # a silent link is noticed in seconds, not minutes
 
     async def _store(self, path: Path, at: LogPos, r: P.LogData) -> int:
