@@ -303,7 +303,9 @@ class Fetcher:
         self._backlog = Backlog()
         # (offset, bytes asked, link, request)
         inflight: deque[tuple[int, int, int, asyncio.Task[P.LogData]]] = deque()
-        known = 0  # how much of the current file the source said it has
+        # How much of the current file the source has: first what its origin published (a
+        # guess, so the first requests fill the pipe at once), then what the source's replies say.
+        known, guessed = self._published(seq, origin), True
         self._better.clear()
         try:
             while True:
@@ -332,7 +334,8 @@ class Fetcher:
                         return  # a more preferred source: go to it from the start
                     self.error = None
                     self._failed.pop(self.source or "", None)
-                    known = max(known, reply.size)
+                    known = reply.size if guessed else max(known, reply.size)
+                    guessed = False
                     self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
                     self._backlog.note(inflight, self.fetched_bytes)
                     got = await self._store(path, LogPos(seq, offset, origin), reply)
@@ -361,7 +364,7 @@ class Fetcher:
                         await asyncio.sleep(RETRY_S)
                         continue
                     seq, origin = seq + 1, nxt
-                    known = 0
+                    known, guessed = 0, False
                     self.on_data()
         finally:
             await self._drain(inflight, cancel=True)
@@ -371,6 +374,21 @@ class Fetcher:
                 self._opening = None
             for extra in links[1:]:
                 await extra.close()
+
+    def _published(self, seq: int, origin: str) -> int:
+        """How much of log file ``seq`` of ``origin`` its origin has acknowledged, as its
+        ``replay-<origin>`` entry says (never past the file's finished length), else 0.
+
+        A catch-up asks for that much at once, instead of waiting a round trip (0.4 s at 200 ms
+        one way) for its first reply to say how much there is. Only a guess: a source that has
+        less (a relay behind the origin, an entry older than this file) answers short or empty,
+        which drains the rest as any short reply does, and from then on its replies alone count.
+        """
+        link = read_replay(self.tree, self.res, origin)
+        if link is None or (link.seq, link.origin) != (seq, origin):
+            return 0
+        final = finished_length(self.tree, self.res, seq, origin)
+        return link.pos if final is None else min(link.pos, final)
 
     async def _reply_or_better(self, task: asyncio.Task[P.LogData]) -> P.LogData | None:
         """The request's reply, or None when a better source appeared first (the request is
