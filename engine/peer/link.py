@@ -345,7 +345,8 @@ class PeerClient:
                 # this stream, so the link goes (every caller waiting on it is told).
                 self._break(due, "was given up in the middle of a request")
                 raise
-            if self._reading is None or self._reading.done():
+            # Not when the link ended meanwhile (its reader failed, or close()): fut says so.
+            if not fut.done() and (self._reading is None or self._reading.done()):
                 self._reading = asyncio.ensure_future(self._read_replies(self._conn, self._reader, due))
         # Cancelling this await cancels fut: the reader drops the reply when it comes.
         reply, pushed = await fut
