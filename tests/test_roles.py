@@ -232,3 +232,60 @@ async def test_a_better_source_while_a_request_waits_ends_the_wait_quietly():
     assert await waiting is None
     await asyncio.wait([task])
     assert task.cancelled()
+
+
+async def test_a_source_with_less_than_the_published_position_is_followed_without_a_spin(tmp_path):
+    """The fetcher's first requests ask for as much as the origin published (replay-<origin>),
+    to fill a long path at once. A source that has less (a relay behind the origin) answers
+    short, then empty: the copy holds exactly what the source has, and the fetcher then waits
+    in one long poll instead of asking again and again for bytes that are not there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mars.engine.log.files import replay_path
+    from mars.engine.log.values import LogPos, ReplayLink
+    from mars.engine.peer import protocol as P
+    from mars.engine.tree import Tree
+
+    mib = 1 << 20
+    blob = bytes(range(256)) * (45 * mib // 256)  # the relay has 45 MiB
+    tree = Tree(tmp_path / "mars", "b")
+    for h in "ab":
+        tree.set(f"resource-r/data-{h}", f"/dev/{h}")
+    tree.set("resource-r/primary", "a")
+    tree.set(replay_path("r", "a"), str(ReplayLink.at(LogPos(1, 200 * mib, "a"))))  # the origin has 200
+    (tmp_path / "mars" / "resource-r").mkdir(parents=True, exist_ok=True)
+    asked: list[tuple[int, int, int]] = []
+    polled = asyncio.get_running_loop().create_future()
+
+    class Relay:
+        connected = True
+
+        async def open(self) -> None:
+            pass
+
+        async def close(self) -> None:
+            pass
+
+        async def request(self, make, timeout: float = 60.0):
+            m = make(len(asked) + 1)
+            asked.append((m.offset, m.max_bytes, m.wait_ms))
+            if m.offset >= len(blob) and m.wait_ms:
+                if not polled.done():
+                    polled.set_result(m.offset)
+                await asyncio.get_running_loop().create_future()  # a long poll nothing ends
+            data = blob[m.offset:m.offset + m.max_bytes]
+            return P.LogData(req=m.req, res="r", name=m.name, offset=m.offset, size=max(len(blob), m.offset),
+                             finished=False, data=data)
+
+    with ThreadPoolExecutor(2) as pool:
+        f = Fetcher(tree, "r", executor=pool, connect=lambda host: Relay(), on_data=lambda: None)
+        run = asyncio.ensure_future(f.run())
+        try:
+            assert await asyncio.wait_for(asyncio.shield(polled), 30) == len(blob)
+            copy = tmp_path / "mars" / "resource-r" / "log-000000001-a"
+            assert copy.read_bytes() == blob
+            assert len(asked) <= 16, f"{len(asked)} requests for 45 MiB: {asked}"
+            assert asked[0][2] == 0 and len({o for o, _, _ in asked[:8]}) == 8, "the guess filled the pipeline"
+        finally:
+            run.cancel()
+            await asyncio.wait([run])

@@ -1,7 +1,9 @@
 """Peer links over TLS (port 7777): asyncio around the sans-I/O peer protocol.
 
-One TLS connection per purpose (tree exchange, a resource's fetch, a resource's sync), each a
-strict request → reply sequence, so a slow log fetch never delays the tree exchange; a message
+One TLS connection per purpose (tree exchange, a resource's fetch, a resource's sync), so a slow
+log fetch never delays the tree exchange. On each, the peer answers requests in the order they
+came, one after the other; the client may send many before the first reply is back (PeerClient
+is pipelined: a long path does not idle a round trip per request); a message
 with ``req`` 0 (a tree feed) is one-way and never answered, not even with an error. Both ends
 are authenticated by the cluster CA (see credentials.py); on top of that, the host name a peer
 claims in its Hello must be the name in its certificate, and its cluster id must be ours. A peer
@@ -90,10 +92,12 @@ async def _next_message(conn: P.PeerConnection, reader: asyncio.StreamReader, li
         if ev is not P.NEED_DATA:
             return ev
         data = await asyncio.wait_for(reader.read(READ_CHUNK), idle)
+        # Buffered before the limit is charged: a reader cancelled while it waits on the limit
+        # (its link closed, or a pipelined caller gone) must not drop bytes of the stream.
+        conn.receive_data(data)
         if limit is not None:
             # Not reading on is what slows the sender: TCP's window closes behind us.
             await limit.take(len(data))
-        conn.receive_data(data)
 
 
 SEND_SLICE = 256 << 10
@@ -217,7 +221,18 @@ class PeerServer:
 
 
 class PeerClient:
-    """One link to a peer for one purpose; ``request`` sends a message and returns its reply."""
+    """One link to a peer for one purpose; ``request`` sends a message and returns its reply.
+
+    Pipelined: any number of requests may be outstanding on the link at once. A request is
+    written as soon as the link is free for writing, not when the previous reply has arrived,
+    so a long path does not idle a round trip per request (a fetch over 50 ms one way moved
+    one reply per 0.1 s + transfer on each link before). The peer handles a link's requests one
+    after the other (PeerServer._serve), so replies come in the order asked; each still finds
+    its caller by its ``req`` id, and one that comes for a request nobody is owed is a
+    protocol error. One reader task per link reads while any reply is due and hands each to
+    its caller; a caller that gives up (cancelled) leaves its place, and its reply is dropped
+    when it comes, so the stream stays in step.
+    """
 
     def __init__(self, ip: str, port: int, hello: P.Hello, ctx: ssl.SSLContext, cluster: str | None,
                  local_ip: str | None = None, traffic: Traffic | None = None) -> None:
@@ -235,13 +250,25 @@ class PeerClient:
         self._writer: asyncio.StreamWriter | None = None
         self._conn: P.PeerConnection | None = None
         self._ids = itertools.count(1)
+        # Held while connecting and while one frame is written: frames never interleave. Not
+        # held while a reply is awaited: that is what lets requests overlap.
         self._lock = asyncio.Lock()
+        #: The requests of the current connection whose replies are due, in the order sent:
+        #: req id -> (the caller's future, seconds the link may stay silent while it is next).
+        #: A new dict per connection, so a reader of a closed one never touches the next one's.
+        self._due: dict[int, tuple[asyncio.Future[tuple[Any, tuple[P.Entry, ...]]], float]] = {}
+        self._reading: asyncio.Task[None] | None = None
         self.peer: str | None = None
         self.peer_hello: P.Hello | None = None
 
     @property
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent on this link whose replies have not arrived yet (given-up ones too)."""
+        return len(self._due)
 
     @property
     def local_address(self) -> str | None:
@@ -269,6 +296,7 @@ class PeerClient:
                             "check that marsd runs there, the address is right and the port is open") from None
         _keepalive(self._writer)
         self._conn = P.PeerConnection(self._hello)
+        self._due = {}
         self._writer.write(self._conn.initial_bytes())
         try:
             first = await asyncio.wait_for(_next_message(self._conn, self._reader), CONNECT_TIMEOUT)
@@ -288,34 +316,106 @@ class PeerClient:
             raise
         self.peer_hello = first
 
+    async def open(self) -> None:
+        """Connect now unless connected: a request connects by itself, this opens a link ahead
+        of its first request (the fetcher's second link, while the first carries the requests)."""
+        async with self._lock:
+            if not self.connected:
+                await self.connect()
+
     async def request(self, make: Callable[[int], Any], timeout: float = 60.0) -> Any:
         """Send ``make(req_id)`` and return the reply; an ErrorReply becomes a PeerError.
-        ``timeout``: seconds the link may stay silent meanwhile."""
+        ``timeout``: seconds the link may stay silent while this reply is the next one due
+        (a reply queued behind another's long poll is not timed while that one waits)."""
         async with self._lock:
             if not self.connected:
                 await self.connect()
             assert self._conn is not None and self._writer is not None and self._reader is not None
             req = next(self._ids)
+            msg = make(req)
+            due = self._due
+            fut: asyncio.Future[tuple[Any, tuple[P.Entry, ...]]] = asyncio.get_running_loop().create_future()
+            due[req] = (fut, timeout)
             try:
-                await _send(self._writer, self._conn.send_buffers(make(req)))
-                pushed: list[P.Entry] = []
-                while True:
-                    reply = await _next_message(self._conn, self._reader, self._in, idle=timeout)
-                    if not (isinstance(reply, P.TreeEntries) and reply.req == 0):
-                        break
-                    pushed.extend(reply.entries)  # a listing too large for one frame: the first parts
-            except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
-                await self.close()
-                raise PeerError(f"link to {self.peer or self.ip} failed: {str(e) or type(e).__name__}",
-                                "it is retried") from None
-            if isinstance(reply, P.Closed):
-                await self.close()
-                raise PeerError(f"peer {self.peer or self.ip} closed the link", "it is retried")
-            if isinstance(reply, P.ErrorReply):
-                raise PeerError(f"peer {self.peer}: {reply.what}", reply.remedy)
-            if pushed and isinstance(reply, (P.TreeEntries, P.TreeChanges)):
-                reply = dataclasses.replace(reply, entries=tuple(pushed) + reply.entries)
-            return reply
+                await _send(self._writer, self._conn.send_buffers(msg))
+            except (OSError, ssl.SSLError) as e:
+                raise self._break(due, f"failed: {str(e) or type(e).__name__}") from None
+            except BaseException:
+                # Cancelled with the frame perhaps half-written: nothing more can follow it on
+                # this stream, so the link goes (every caller waiting on it is told).
+                self._break(due, "was given up in the middle of a request")
+                raise
+            # Not when the link ended meanwhile (its reader failed, or close()): fut says so.
+            if not fut.done() and (self._reading is None or self._reading.done()):
+                self._reading = asyncio.ensure_future(self._read_replies(self._conn, self._reader, due))
+        # Cancelling this await cancels fut: the reader drops the reply when it comes.
+        reply, pushed = await fut
+        if isinstance(reply, P.ErrorReply):
+            raise PeerError(f"peer {self.peer}: {reply.what}", reply.remedy)
+        if pushed and isinstance(reply, (P.TreeEntries, P.TreeChanges)):
+            reply = dataclasses.replace(reply, entries=pushed + reply.entries)
+        return reply
+
+    async def _read_replies(self, conn: P.PeerConnection, reader: asyncio.StreamReader,
+                            due: dict[int, tuple[asyncio.Future[Any], float]]) -> None:
+        """Read the link's replies while any is due and give each to its caller.
+
+        The silence allowed is that of the request answered next (the oldest due). A listing
+        too large for one frame comes first as unasked parts (TreeEntries with ``req`` 0): they
+        belong to the reply that follows them.
+        """
+        pushed: list[P.Entry] = []
+        try:
+            while due:
+                _, idle = next(iter(due.values()))
+                msg = await _next_message(conn, reader, self._in, idle=idle)
+                if isinstance(msg, P.TreeEntries) and msg.req == 0:
+                    pushed.extend(msg.entries)
+                    continue
+                if isinstance(msg, (P.Closed, P.Bye)):
+                    self._break(due, "was closed by the peer", f"peer {self.peer or self.ip} closed the link")
+                    return
+                req = getattr(msg, "req", 0)
+                if isinstance(msg, P.ErrorReply) and req == 0:
+                    # About the link, not a request: the peer refuses it.
+                    self._break(due, "", f"peer {self.peer or self.ip}: {msg.what}", msg.remedy)
+                    return
+                entry = due.pop(req, None)
+                if entry is None:
+                    raise P.PeerProtocolError(f"a {type(msg).__name__} for request {req}, which is not due")
+                fut = entry[0]
+                if not fut.done():  # not given up by its caller
+                    fut.set_result((msg, tuple(pushed)))
+                pushed = []
+        except (OSError, asyncio.TimeoutError, ssl.SSLError, P.PeerProtocolError) as e:
+            self._break(due, f"failed: {str(e) or type(e).__name__}")
+        except Exception as e:  # a bug here must not leave callers waiting forever
+            log.exception("peer link to %s: reading replies failed", self.peer or self.ip)
+            self._break(due, f"failed: {type(e).__name__}")
+        finally:
+            if due:  # cancelled (the link closed, the loop ending): nobody reads for them any more
+                self._break(due, "was closed")
+
+    def _break(self, due: dict[int, tuple[asyncio.Future[Any], float]], how: str, what: str = "",
+               remedy: str = "it is retried") -> PeerError:
+        """End the connection whose requests are ``due`` now: every caller waiting on it gets
+        the PeerError (returned, for a caller that raises it itself). Synchronous, so that a
+        reader or a cancelled sender can do it without a turn in which another request could
+        be written onto the broken stream."""
+        err = PeerError(what or f"link to {self.peer or self.ip} {how}", remedy)
+        for fut, _ in due.values():
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()  # a caller that has given up never reads it: not "never retrieved"
+        due.clear()
+        if due is self._due:  # still this client's connection, not one closed already
+            w, self._writer, self._reader = self._writer, None, None
+            if w is not None:
+                w.close()
+            reading, self._reading = self._reading, None
+            if reading is not None and reading is not asyncio.current_task():
+                reading.cancel()
+        return err
 
     async def push(self, msg: Any) -> None:
         """Send a one-way message (``req`` 0, a feed): nothing answers it."""
@@ -326,11 +426,20 @@ class PeerClient:
             try:
                 await _send(self._writer, self._conn.send_buffers(msg))
             except (OSError, ssl.SSLError) as e:
-                await self.close()
-                raise PeerError(f"link to {self.peer or self.ip} failed: {str(e) or type(e).__name__}",
-                                "it is retried") from None
+                raise self._break(self._due, f"failed: {str(e) or type(e).__name__}") from None
+            except BaseException:
+                self._break(self._due, "was given up in the middle of a message")
+                raise
 
     async def close(self) -> None:
+        due, self._due = self._due, {}
+        for fut, _ in due.values():
+            if not fut.done():
+                fut.set_exception(PeerError(f"link to {self.peer or self.ip} closed", "it is retried"))
+                fut.exception()
+        reading, self._reading = self._reading, None
+        if reading is not None and reading is not asyncio.current_task():
+            reading.cancel()
         w, self._writer = self._writer, None
         self._reader = None
         if w is not None:

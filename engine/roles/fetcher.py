@@ -35,24 +35,64 @@ from .runtime import stop_if_stopping
 log = logging.getLogger("mars.fetcher")
 
 FETCH_BYTES = 16 << 20
-#: Requests in flight while catching up, one per link; the node's mem-limit (``depth()``, 8 with
-#: the default 256M) caps it lower. A link that ends one request per round trip moves one reply
-#: per (RTT + transfer): the requests in flight must cover the path's bandwidth-delay product plus
-#: one reply. Three covered 1 Gbit/s only up to about 0.25 s of round trip (200 ms one way: at most
-#: 3 x 16 MiB / (0.4 s + 0.13 s) = 0.75 of the rate); eight cover it up to 0.9 s (bench/bench_wan.py).
+#: Requests in flight while catching up; the node's mem-limit (``depth()``, 8 with the default
+#: 256M) caps it lower. They must cover the path's bandwidth-delay product plus one reply: three
+#: covered 1 Gbit/s only up to about 0.25 s of round trip (200 ms one way: at most 3 x 16 MiB /
+#: (0.4 s + 0.13 s) = 0.75 of the rate); eight cover it up to 0.9 s (bench/bench_wan.py).
 DEPTH = 8
+#: Links they are spread over. A link is pipelined (PeerClient: several requests outstanding at
+#: once), so one would do for the path; a second lets the source read the next chunk from disk
+#: while it encrypts and sends one (it handles a link's requests one after the other). Eight
+#: links, one request each, cost a TCP and TLS handshake each (three round trips) on every
+#: catch-up, and as many TLS streams to feed on a shared CPU.
+LINKS = 2
 WAIT_MS = 120_000  # an idle fetcher asks every 2 min; new bytes, a finished file or a better source end it at once
 RETRY_S = 1.0
 FAILED_S = 10.0  # a source whose fetch failed goes after the others this long (sources())
 
 
-def _request(coro: Coroutine[Any, Any, P.LogData]) -> asyncio.Task[P.LogData]:
+def _request(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     """A fetch request as a task whose failure counts as seen even when nobody waits for it any
     more (a request given up on: the fetcher stopped, or moved to a better source); whoever
     still awaits it gets the exception as before."""
     task = asyncio.ensure_future(coro)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())
     return task
+
+
+class Backlog:
+    """One catch-up (requests pipelined because the source has more than one reply's worth) and
+    how full the pipeline was: logged when it ends, so an operator (and the WAN test) sees the
+    rate reached and whether the requests in flight were the limit."""
+
+    NEWS = 64 << 20  # a backlog at least this large is logged at INFO
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.bytes0 = 0
+        self.most = 0  # requests in flight at once
+        self.most_on_one = 0  # of them on one link
+
+    def note(self, inflight: deque, fetched: int) -> None:
+        if len(inflight) < 2 and self.start is None:
+            return
+        if self.start is None:
+            self.start, self.bytes0, self.most, self.most_on_one = time.monotonic(), fetched, 0, 0
+        self.most = max(self.most, len(inflight))
+        per: dict[int, int] = {}
+        for _, _, i, _ in inflight:
+            per[i] = per.get(i, 0) + 1
+        self.most_on_one = max([self.most_on_one, *per.values()])
+
+    def end(self, res: str, source: str | None, links: int, fetched: int) -> None:
+        if self.start is None:
+            return
+        secs, n = max(time.monotonic() - self.start, 1e-6), fetched - self.bytes0
+        # A busy primary's bursts make small backlogs all day: only a real catch-up is news.
+        log.log(logging.INFO if n >= self.NEWS else logging.DEBUG, "resource %s: caught up %d MiB from %s in %.1f s (%.1f MiB/s), at most %d requests in flight, "
+                 "%d on one link, %d links", res, n >> 20, source, secs, n / secs / (1 << 20), self.most,
+                 self.most_on_one, links)
+        self.start = None
 
 
 class Fetcher:
@@ -77,6 +117,8 @@ class Fetcher:
         self._better = asyncio.Event()  # a more preferred source than the current one is listed
         self._failed: dict[str, float] = {}  # source -> when a fetch from it last failed (monotonic)
         self._fallbacks: list[str] = []  # the members sources() lists after the connect list and the primary
+        self._opening: asyncio.Task[None] | None = None  # a further fetch link being opened (_fill)
+        self._backlog = Backlog()
 
     def reconsider(self) -> None:
         """Every round: a source listed before the current one ends the long poll at once, so a
@@ -250,14 +292,20 @@ class Fetcher:
         """Copy log files from ``client`` until a more preferred source appears (then return).
 
         A pipeline: while the source has whole chunks beyond what is asked already (its last
-        reply said how much it has), up to ``depth()`` chunks (at most ``DEPTH``) are in flight, each on its own link
-        (a link serves one request at a time), and they are stored strictly in order. So the
-        source's reading and encrypting, the transfer, and our decrypting and writing all
-        overlap. Near the live end one long-polling request waits for more.
+        reply said how much it has), up to ``depth()`` chunks (at most ``DEPTH``) are in flight,
+        spread over up to ``LINKS`` links (several on each: links are pipelined), and they are
+        stored strictly in order. So the source's reading and encrypting, the transfer, and our
+        decrypting and writing all overlap, and no link waits a round trip between two
+        replies. Near the live end one long-polling request waits for more.
         """
         links = [client]
-        inflight: deque[tuple[int, int, asyncio.Task[P.LogData]]] = deque()  # (offset, link, request)
-        known = 0  # how much of the current file the source said it has
+        self._opening = None
+        self._backlog = Backlog()
+        # (offset, bytes asked, link, request)
+        inflight: deque[tuple[int, int, int, asyncio.Task[P.LogData]]] = deque()
+        # How much of the current file the source has: first what its origin published (a
+        # guess, so the first requests fill the pipe at once), then what the source's replies say.
+        known, guessed = self._published(seq, origin), True
         self._better.clear()
         try:
             while True:
@@ -278,18 +326,22 @@ class Fetcher:
                         # A file not copied yet is asked for without waiting: the answer (even an
                         # empty one) proves it exists there, and its copy here lets replay move
                         # on into it at once, not after a whole long poll of a file nobody writes.
-                        inflight.append((offset, 0, _request(
+                        inflight.append((offset, FETCH_BYTES, 0, _request(
                             self._fetch(links[0], name, offset, WAIT_MS if path.exists() else 0))))
-                    _, _, task = inflight.popleft()
+                    _, asked, _, task = inflight.popleft()
                     reply = await self._reply_or_better(task)
                     if reply is None:
                         return  # a more preferred source: go to it from the start
                     self.error = None
                     self._failed.pop(self.source or "", None)
-                    known = max(known, reply.size)
+                    known = reply.size if guessed else max(known, reply.size)
+                    guessed = False
                     self._fill(links, inflight, name, offset + len(reply.data), known)  # busy while we write
+                    self._backlog.note(inflight, self.fetched_bytes)
                     got = await self._store(path, LogPos(seq, offset, origin), reply)
-                    if got < FETCH_BYTES and inflight:
+                    if not inflight:
+                        self._backlog.end(self.res, self.source, len(links), self.fetched_bytes)
+                    if got < asked and inflight:
                         await self._drain(inflight)  # a short reply: what was asked after it does not follow on
                     final = finished_length(self.tree, self.res, seq, origin)
                     finished = reply.finished or final is not None
@@ -312,12 +364,31 @@ class Fetcher:
                         await asyncio.sleep(RETRY_S)
                         continue
                     seq, origin = seq + 1, nxt
-                    known = 0
+                    known, guessed = 0, False
                     self.on_data()
         finally:
             await self._drain(inflight, cancel=True)
+            if self._opening is not None:
+                self._opening.cancel()
+                await asyncio.wait([self._opening])
+                self._opening = None
             for extra in links[1:]:
                 await extra.close()
+
+    def _published(self, seq: int, origin: str) -> int:
+        """How much of log file ``seq`` of ``origin`` its origin has acknowledged, as its
+        ``replay-<origin>`` entry says (never past the file's finished length), else 0.
+
+        A catch-up asks for that much at once, instead of waiting a round trip (0.4 s at 200 ms
+        one way) for its first reply to say how much there is. Only a guess: a source that has
+        less (a relay behind the origin, an entry older than this file) answers short or empty,
+        which drains the rest as any short reply does, and from then on its replies alone count.
+        """
+        link = read_replay(self.tree, self.res, origin)
+        if link is None or (link.seq, link.origin) != (seq, origin):
+            return 0
+        final = finished_length(self.tree, self.res, seq, origin)
+        return link.pos if final is None else min(link.pos, final)
 
     async def _reply_or_better(self, task: asyncio.Task[P.LogData]) -> P.LogData | None:
         """The request's reply, or None when a better source appeared first (the request is
@@ -337,16 +408,28 @@ class Fetcher:
         return None if pending or task.cancelled() else task.result()
 
     def _fill(self, links: list[PeerClient], inflight: deque, name: str, offset: int, known: int) -> None:
-        """Ask for more whole chunks the source has, up to ``depth()`` in flight, one per link."""
+        """Ask for more of what the source has, up to ``depth()`` requests in flight, each on the
+        open link with the fewest outstanding.
+
+        Whole chunks, and the part of one that the source has beyond them, asked for exactly:
+        a catch-up's last bytes then follow the others on the wire, instead of being asked
+        for a round trip later, once everything before them is stored.
+
+        A further link (up to LINKS) is opened in the background the first time there is a
+        backlog, and gets requests only once it is open: its handshakes take three round trips,
+        in which the first link carries them all.
+        """
         depth = max(1, min(DEPTH, self.depth()))
-        next_off = inflight[-1][0] + FETCH_BYTES if inflight else offset
-        while len(inflight) < depth and known - next_off >= FETCH_BYTES:
-            busy = {i for _, i, _ in inflight}
-            idx = next(i for i in range(DEPTH) if i not in busy)
-            if idx == len(links):
-                links.append(self.connect(self.source or ""))
-            inflight.append((next_off, idx, _request(self._fetch(links[idx], name, next_off, 0))))
-            next_off += FETCH_BYTES
+        next_off = inflight[-1][0] + inflight[-1][1] if inflight else offset
+        if known - next_off >= FETCH_BYTES and len(links) < LINKS and self._opening is None:
+            links.append(self.connect(self.source or ""))
+            self._opening = _request(links[-1].open())
+        while len(inflight) < depth and known > next_off and (inflight or known - next_off >= FETCH_BYTES):
+            n = min(FETCH_BYTES, known - next_off)
+            usable = [i for i, c in enumerate(links) if c.connected] or [0]
+            idx = min(usable, key=lambda i: sum(1 for _, _, j, _ in inflight if j == i))
+            inflight.append((next_off, n, idx, _request(self._fetch(links[idx], name, next_off, 0, n))))
+            next_off += n
 
     @staticmethod
     async def _drain(inflight: deque, cancel: bool = False) -> None:
@@ -358,16 +441,17 @@ class Fetcher:
         stopping marsd fetching from a dead peer forever.
         """
         while inflight:
-            _, _, task = inflight.popleft()
+            task = inflight.popleft()[-1]
             if cancel:
                 task.cancel()
             await asyncio.wait([task])
             if not task.cancelled():
                 task.exception()  # retrieved: a failed request is not an "exception never retrieved"
 
-    async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int) -> P.LogData:
+    async def _fetch(self, client: PeerClient, name: str, offset: int, wait_ms: int,
+                     n: int = FETCH_BYTES) -> P.LogData:
         return await client.request(lambda req: P.FetchRequest(
-            req=req, res=self.res, name=name, offset=offset, max_bytes=FETCH_BYTES, wait_ms=wait_ms),
+            req=req, res=self.res, name=name, offset=offset, max_bytes=n, wait_ms=wait_ms),
             timeout=wait_ms / 1000 + 10)  # a silent link is noticed in seconds, not minutes
 
     async def _store(self, path: Path, at: LogPos, r: P.LogData) -> int:
