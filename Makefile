@@ -72,6 +72,7 @@ bench: venv
 	$(PY) bench/bench_resize.py
 	$(PY) bench/bench_wan.py
 	$(PY) bench/bench_nbd_tls.py
+	$(PY) bench/bench_sparse.py
 
 install:
 	@$(SYSPY) -c 'import venv, ensurepip' 2>/dev/null || { \

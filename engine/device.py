@@ -93,6 +93,41 @@ class DataDevice:
             data += bytes(length - len(data))
         return data
 
+    def scan(self, offset: int, length: int, max_spans: int = 1 << 16) -> list[tuple[int, int, bool]]:
+        """(start, end, hole) spans of [offset, offset+length), from SEEK_DATA/SEEK_HOLE.
+
+        A block device reports no holes (all data); an image file's holes are what its
+        filesystem has not allocated, page-cache data included (so a write-back not yet synced
+        is data). Past the file's end (a resource grown beyond it) reads as zeros: a hole. At
+        most ``max_spans`` spans: a fragmented file costs two lseeks a span, and the caller asks
+        again where the answer stops.
+        """
+        end = offset + length
+        if self.is_block or length <= 0:
+            return [(offset, end, False)] if length > 0 else []
+        size = os.fstat(self.fd).st_size
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end and len(out) < max_spans:
+            if pos >= size:
+                out.append((pos, end, True))
+                break
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no data after pos
+                    raise
+                data = size
+            if data > pos:
+                stop = min(data, end)
+                out.append((pos, stop, True))
+                pos = stop
+                continue
+            hole = min(os.lseek(self.fd, pos, os.SEEK_HOLE), end)
+            out.append((pos, hole, False))
+            pos = hole
+        return out
+
     def pwrite(self, data: bytes | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:

@@ -27,7 +27,7 @@ LATENCY_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     2.5, 5.0, 10.0)
 
 # NBD commands by the names the counters carry (the protocol's own names, lower case).
-COMMANDS = ("read", "write", "flush", "trim", "write_zeroes")
+COMMANDS = ("read", "write", "flush", "trim", "write_zeroes", "block_status")
 
 
 class LatencyHistogram:
@@ -51,7 +51,7 @@ class ResourceStats:
     """One resource's counters on this node, whatever role it has had since marsd started."""
 
     __slots__ = ("requests", "request_bytes", "log_records", "log_bytes", "group_commits", "write_latency",
-                 "fetched_bytes", "replayed_bytes", "synced_bytes")
+                 "fetched_bytes", "replayed_bytes", "synced_bytes", "device_read_bytes")
 
     def __init__(self) -> None:
         self.requests = dict.fromkeys(COMMANDS, 0)
@@ -63,6 +63,9 @@ class ResourceStats:
         self.fetched_bytes = 0
         self.replayed_bytes = 0
         self.synced_bytes = 0
+        # Bytes NBD reads took from the data device: holes are answered without reading them, so
+        # a copy of a sparse export shows here as far less than the bytes it asked for.
+        self.device_read_bytes = 0
 
     def request(self, command: str, length: int) -> None:
         self.requests[command] += 1
@@ -73,7 +76,7 @@ class ResourceStats:
                 "log_records": self.log_records, "log_bytes": self.log_bytes,
                 "group_commits": self.group_commits, "write_latency": self.write_latency.to_json(),
                 "fetched_bytes": self.fetched_bytes, "replayed_bytes": self.replayed_bytes,
-                "synced_bytes": self.synced_bytes}
+                "synced_bytes": self.synced_bytes, "device_read_bytes": self.device_read_bytes}
 
 
 class Stats:

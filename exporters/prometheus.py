@@ -159,7 +159,7 @@ def _specs() -> list[Spec]:
         "to do, the exact command, empty for WORK)")
     # marsd's counters (this node only; they restart at zero with marsd)
     add("mars_nbd_requests_total", "counter", "resource host command", "NBD requests served, by command (read, "
-        "write, flush, trim, write_zeroes)")
+        "write, flush, trim, write_zeroes, block_status)")
     add("mars_nbd_request_bytes_total", "counter", "resource host command", "Bytes the NBD requests asked for, by "
         "command")
     add("mars_log_records_total", "counter", "resource host", "Records appended to the resource's log")
@@ -172,6 +172,9 @@ def _specs() -> list[Spec]:
     add("mars_fetched_bytes_total", "counter", "resource host", "Log bytes fetched from peers")
     add("mars_replayed_bytes_total", "counter", "resource host", "Bytes of log records replayed onto the data device")
     add("mars_synced_bytes_total", "counter", "resource host", "Bytes copied by the full sync")
+    add("mars_nbd_device_read_bytes_total", "counter", "resource host", "Bytes NBD reads took from the data "
+        "device: holes of a sparse device are answered without reading them, so a copy of a sparse export "
+        "adds far less here than to mars_nbd_request_bytes_total{command=\"read\"}")
     add("mars_tree_pulls_total", "counter", "host", "Answered pulls of the peers' tree changes (at start, after a "
         "gap in a peer's feed or its silence, after a command here; a quiet cluster makes almost none)")
     add("mars_tree_full_pulls_total", "counter", "host", "Pulls answered with a peer's whole tree: its first, "
@@ -322,6 +325,7 @@ def families(snap: Snapshot, found: Iterable[Finding], build_s: float | None = N
             o.fam("mars_fetched_bytes_total").add_metric(list(lab), c.fetched_bytes)
             o.fam("mars_replayed_bytes_total").add_metric(list(lab), c.replayed_bytes)
             o.fam("mars_synced_bytes_total").add_metric(list(lab), c.synced_bytes)
+            o.fam("mars_nbd_device_read_bytes_total").add_metric(list(lab), c.device_read_bytes)
         x = snap.counters.exchange
         if x is not None:
             for metric, value in (("pulls", x.pulls), ("full_pulls", x.full_pulls), ("repairs", x.repairs),

@@ -34,7 +34,7 @@ TOPS = {"mars": "mars", "engine": "mars.engine", "status": "mars.status", "expor
 # stands for every module under it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("mars", "mars.engine", "mars.engine.errors", "mars.engine.sansio", "mars.engine.entry",
-              "mars.engine.log.values", "mars.engine.log.format", "mars.engine.nbd.protocol",
+              "mars.engine.extents", "mars.engine.log.values", "mars.engine.log.format", "mars.engine.nbd.protocol",
               "mars.engine.peer.protocol", "mars.engine.log", "mars.engine.nbd", "mars.engine.peer",
               "mars.engine.roles", "mars.engine.daemon")),
     ("node", ("mars.engine.tree", "mars.engine.trigger", "mars.engine.device", "mars.engine.credentials",
@@ -46,7 +46,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("tools", ("mars.engine.marsadm",)),
     ("faces", ("mars.status", "mars.exporters")),
 ]
-CORES = ("mars.engine.sansio", "mars.engine.entry", "mars.engine.log.values", "mars.engine.log.format",
+CORES = ("mars.engine.sansio", "mars.engine.entry", "mars.engine.extents", "mars.engine.log.values",
+         "mars.engine.log.format",
          "mars.engine.nbd.protocol", "mars.engine.peer.protocol")
 NO_IO = {"asyncio", "socket", "os", "ssl", "selectors", "threading", "subprocess", "select", "io", "pathlib"}
 FACES = ("mars.status", "mars.exporters")

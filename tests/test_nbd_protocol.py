@@ -262,9 +262,7 @@ def test_abort():
     assert conn.next_event() == ConnectionClosed()
 
 
-@pytest.mark.parametrize(
-    "opt", [OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, 4, 11, 0, 0xFFFFFFFF]
-)
+@pytest.mark.parametrize("opt", [OPT_STARTTLS, 4, 11, 0, 0xFFFFFFFF])
 def test_unsupported_option_then_go(opt):
     conn = make_conn()
     assert feed(conn, client_flags() + option(opt, b"some option data") + go()) == [Negotiated(DISK)]
@@ -574,8 +572,10 @@ def any_requests(draw):
 def options_before_go(draw):
     opts = []
     for _ in range(draw(st.integers(0, 4))):
-        kind = draw(st.sampled_from(["list", "info", "unknown", "unsup", "bad_go"]))
-        if kind == "list":
+        kind = draw(st.sampled_from(["list", "info", "unknown", "unsup", "bad_go", "structured"]))
+        if kind == "structured":  # structured replies and a meta context: BLOCK_STATUS is then served
+            opts.append(option(OPT_STRUCTURED_REPLY) + set_meta(draw(st.sampled_from(["disk", "ro"]))))
+        elif kind == "list":
             opts.append(option(OPT_LIST))
         elif kind == "info":
             opts.append(option(OPT_INFO, info_data(draw(st.sampled_from(["disk", "ro", "x"])), (INFO_NAME,))))
@@ -941,3 +941,290 @@ def test_chunking_does_not_change_events_across_starttls(before, session, data):
         return [raw[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
 
     assert run(cut(plain), cut(secured)) == run([plain], [secured])
+
+
+# --- structured replies, meta contexts, BLOCK_STATUS ------------------------------------------
+
+STRUCTURED_MAGIC = 0x668E33EF
+REP_META_CONTEXT = 4
+REPLY_FLAG_DONE = 1
+T_NONE, T_OFFSET_DATA, T_OFFSET_HOLE, T_BLOCK_STATUS, T_ERROR = 0, 1, 2, 5, (1 << 15) | 1
+REQ_ONE = 1 << 3
+STATE_HOLE, STATE_ZERO = 1, 2
+
+
+def meta_data(name: str, queries: list[str]) -> bytes:
+    raw = name.encode()
+    out = struct.pack(">I", len(raw)) + raw + struct.pack(">I", len(queries))
+    for q in queries:
+        qb = q.encode()
+        out += struct.pack(">I", len(qb)) + qb
+    return out
+
+
+def set_meta(name: str = "disk", queries: tuple[str, ...] = ("base:allocation",)) -> bytes:
+    return option(OPT_SET_META_CONTEXT, meta_data(name, list(queries)))
+
+
+def list_meta(name: str = "disk", queries: tuple[str, ...] = ()) -> bytes:
+    return option(OPT_LIST_META_CONTEXT, meta_data(name, list(queries)))
+
+
+def parse_chunks(raw: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(flags, type, handle, payload) of every structured reply chunk in raw."""
+    chunks, pos = [], 0
+    while pos < len(raw):
+        magic, flags, rtype, handle, length = struct.unpack_from(">IHHQI", raw, pos)
+        assert magic == STRUCTURED_MAGIC
+        pos += 20
+        chunks.append((flags, rtype, handle, raw[pos : pos + length]))
+        pos += length
+    assert pos == len(raw)
+    return chunks
+
+
+def structured(export: str = "disk", meta: bool = True, **kw) -> NbdServerConnection:
+    conn = make_conn(**kw)
+    head = client_flags() + option(OPT_STRUCTURED_REPLY) + (set_meta(export) if meta else b"") + go(export)
+    events = feed(conn, head)
+    assert isinstance(events[-1], Negotiated)
+    conn.data_to_send()
+    return conn
+
+
+def test_structured_reply_ack_and_its_data_is_invalid():
+    conn = make_conn()
+    assert feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY, b"x") + option(OPT_STRUCTURED_REPLY) + go()) \
+        == [Negotiated(DISK)]
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[0][:2] == (OPT_STRUCTURED_REPLY, REP_ERR_INVALID)
+    assert replies[1] == (OPT_STRUCTURED_REPLY, REP_ACK, b"")
+    assert conn.structured and not conn.block_status
+
+
+@pytest.mark.parametrize("opt", [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT])
+def test_meta_context_needs_structured_replies(opt):
+    conn = make_conn()
+    assert feed(conn, client_flags() + option(opt, meta_data("disk", ["base:allocation"])) + go()) == [Negotiated(DISK)]
+    replies = parse_option_replies(conn.data_to_send())
+    assert replies[0][:2] == (opt, REP_ERR_INVALID) and b"STRUCTURED_REPLY" in replies[0][2]
+    assert not conn.block_status
+
+
+@pytest.mark.parametrize("queries,listed", [
+    ((), True), (("base:",), True), (("base:allocation",), True), (("qemu:dirty-bitmap:x",), False),
+    (("x-foo:bar", "base:"), True), (("base:other",), False),
+])
+def test_list_meta_context(queries, listed):
+    conn = make_conn()
+    feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + list_meta("disk", queries))
+    replies = parse_option_replies(conn.data_to_send())[1:]
+    want = [(OPT_LIST_META_CONTEXT, REP_META_CONTEXT, struct.pack(">I", 0) + b"base:allocation")] if listed else []
+    assert replies == want + [(OPT_LIST_META_CONTEXT, REP_ACK, b"")]
+
+
+def test_set_meta_context_then_block_status():
+    conn = make_conn()
+    events = feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + set_meta() + go())
+    assert events == [Negotiated(DISK)]
+    replies = parse_option_replies(conn.data_to_send())
+    ctx = replies[1]
+    assert ctx[:2] == (OPT_SET_META_CONTEXT, REP_META_CONTEXT) and ctx[2][4:] == b"base:allocation"
+    assert replies[2] == (OPT_SET_META_CONTEXT, REP_ACK, b"")
+    assert conn.structured and conn.block_status
+    events = feed(conn, request(Cmd.BLOCK_STATUS, 1, 4096, 1 << 19) + request(Cmd.BLOCK_STATUS, 2, 0, 512, REQ_ONE)
+                  + request(Cmd.BLOCK_STATUS, 3, 0, 512, CMD_FLAG_FUA) + request(Cmd.BLOCK_STATUS, 4, 0, 0)
+                  + request(Cmd.BLOCK_STATUS, 5, DISK.size - 511, 512)
+                  + request(Cmd.BLOCK_STATUS, 6, 0, DISK.size))  # the whole export: longer than max_payload
+    assert events[0] == Request(Cmd.BLOCK_STATUS, 1, 4096, 1 << 19, 0)
+    assert events[1] == Request(Cmd.BLOCK_STATUS, 2, 0, 512, REQ_ONE)
+    assert [(e.handle, e.error) for e in events[2:5]] == [(3, EINVAL), (4, EINVAL), (5, EINVAL)]
+    assert events[5] == Request(Cmd.BLOCK_STATUS, 6, 0, DISK.size, 0)
+
+
+@pytest.mark.parametrize("head", [
+    option(OPT_STRUCTURED_REPLY) + go(),  # no context chosen
+    option(OPT_STRUCTURED_REPLY) + set_meta("ro") + go(),  # chosen for another export
+    option(OPT_STRUCTURED_REPLY) + set_meta() + set_meta("disk", ()) + go(),  # replaced by nothing
+    option(OPT_STRUCTURED_REPLY) + set_meta() + set_meta("nope") + go(),  # a failed SET replaces it too
+    option(OPT_STRUCTURED_REPLY) + set_meta("disk", ("base:",)) + go(),  # "base:" selects nothing
+    set_meta() + option(OPT_STRUCTURED_REPLY) + go(),  # SET before structured replies was refused
+])
+def test_block_status_without_a_selected_context_is_einval(head):
+    conn = make_conn()
+    assert feed(conn, client_flags() + head) == [Negotiated(DISK)]
+    conn.data_to_send()
+    assert not conn.block_status
+    (ev,) = feed(conn, request(Cmd.BLOCK_STATUS, 9, 0, 4096))
+    assert isinstance(ev, BadRequest) and (ev.handle, ev.error) == (9, EINVAL)
+
+
+def test_set_meta_context_on_export_name_path():
+    conn = make_conn()
+    events = feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + set_meta() + option(OPT_EXPORT_NAME, b"disk"))
+    assert events == [Negotiated(DISK)] and conn.block_status
+
+
+MALFORMED_META = {
+    "empty": b"",
+    "too short": b"\x00\x00\x00",
+    "name length past the end": struct.pack(">I", 100) + b"disk",
+    "name longer than 4096": struct.pack(">I", 5000) + bytes(5004),
+    "no query count": struct.pack(">I", 4) + b"disk",
+    "count past the end": struct.pack(">I", 4) + b"disk" + struct.pack(">I", 3),
+    "count huge": struct.pack(">I", 4) + b"disk" + struct.pack(">I", 0xFFFFFFFF) + bytes(8),
+    "query length past the end": struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 50) + b"base:",
+    "query without colon": meta_data("disk", ["allocation"]),
+    "query with empty namespace": meta_data("disk", [":allocation"]),
+    "query not UTF-8": struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 6) + b"base:\xff",
+    "name not UTF-8": struct.pack(">I", 2) + b"\xff\xfe" + struct.pack(">I", 0),
+    "bytes after the queries": meta_data("disk", ["base:allocation"]) + b"junk",
+}
+
+
+@pytest.mark.parametrize("opt", [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT])
+@pytest.mark.parametrize("what", sorted(MALFORMED_META))
+def test_malformed_meta_context_is_err_invalid(opt, what):
+    conn = make_conn(max_option_len=8192)
+    assert feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + option(opt, MALFORMED_META[what]) + go()) \
+        == [Negotiated(DISK)]
+    replies = parse_option_replies(conn.data_to_send())
+    assert [r[:2] for r in replies[1:2]] == [(opt, REP_ERR_INVALID)] and replies[1][2]
+    assert replies[-1] == (OPT_GO, REP_ACK, b"")
+    assert not conn.block_status
+
+
+@pytest.mark.parametrize("opt", [OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT])
+def test_meta_context_unknown_export_is_err_unknown(opt):
+    conn = make_conn()
+    feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + option(opt, meta_data("nope", ["base:allocation"])))
+    assert parse_option_replies(conn.data_to_send())[1][:2] == (opt, REP_ERR_UNKNOWN)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(opt=st.sampled_from([OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT]),
+       data=st.one_of(st.binary(max_size=80),
+                      st.builds(meta_data, st.sampled_from(["disk", "ro", "", "x"]),
+                                st.lists(st.sampled_from(["base:", "base:allocation", "qemu:x", "a", ":", "x-y:"])
+                                         | st.text(max_size=8), max_size=4))))
+def test_any_meta_context_request_gets_contexts_and_ack_or_one_error(opt, data):
+    """Whatever the option carries: zero or more META_CONTEXT replies then ACK, or one error
+    reply alone; never an exception, and the session goes on to GO."""
+    conn = make_conn()
+    assert feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + option(opt, data) + go()) == [Negotiated(DISK)]
+    replies = parse_option_replies(conn.data_to_send())[1:-3]  # GO: INFO_EXPORT, INFO_BLOCK_SIZE, ACK
+    kinds = [r[1] for r in replies]
+    assert (len(kinds) == 1 and kinds[0] & ERR) or (kinds[-1] == REP_ACK and set(kinds[:-1]) <= {REP_META_CONTEXT})
+    for _, kind, payload in replies:
+        if kind == REP_META_CONTEXT:
+            assert payload[4:] == b"base:allocation"
+    chose = opt == OPT_SET_META_CONTEXT and REP_META_CONTEXT in kinds
+    assert conn.block_status == (chose and data[4:8] == b"disk" and data[:4] == struct.pack(">I", 4))
+
+
+def test_starttls_forgets_structured_replies_and_meta_contexts():
+    conn = make_conn(tls="on")
+    events = feed(conn, client_flags() + option(OPT_STRUCTURED_REPLY) + set_meta() + option(OPT_STARTTLS))
+    assert isinstance(events[-1], nbd.StartTls)
+    conn.data_to_send()
+    conn.tls_started()
+    assert not conn.structured
+    # After TLS a client that does not ask again gets neither: simple replies, no BLOCK_STATUS.
+    assert feed(conn, go()) == [Negotiated(DISK)]
+    assert not conn.structured and not conn.block_status
+    conn2 = make_conn(tls="on")
+    feed(conn2, client_flags() + option(OPT_STRUCTURED_REPLY) + set_meta() + option(OPT_STARTTLS))
+    conn2.data_to_send()
+    conn2.tls_started()
+    assert feed(conn2, option(OPT_STRUCTURED_REPLY) + set_meta() + go()) == [Negotiated(DISK)]
+    assert conn2.structured and conn2.block_status
+
+
+def test_read_reply_simple_fills_holes():
+    conn = negotiated()
+    out = b"".join(conn.read_reply(7, 100, [b"ab", 3, b"", 0, b"c"]))
+    assert out == struct.pack(">IIQ", 0x67446698, 0, 7) + b"ab\0\0\0c"
+
+
+def decode_read(chunks, offset: int, length: int) -> bytes:
+    """The client's view of a structured READ reply: the bytes it read, checking the spec's rules."""
+    buf = bytearray(b"\xee" * length)
+    seen = 0
+    for i, (flags, rtype, handle, payload) in enumerate(chunks):
+        assert bool(flags & REPLY_FLAG_DONE) == (i == len(chunks) - 1)
+        if rtype == T_OFFSET_DATA:
+            (off,) = struct.unpack_from(">Q", payload)
+            data = payload[8:]
+            assert len(data) > 0 and offset <= off and off + len(data) <= offset + length
+            buf[off - offset : off - offset + len(data)] = data
+            seen += len(data)
+        elif rtype == T_OFFSET_HOLE:
+            off, size = struct.unpack(">QI", payload)
+            assert size > 0 and offset <= off and off + size <= offset + length
+            buf[off - offset : off - offset + size] = bytes(size)
+            seen += size
+        else:
+            assert rtype == T_NONE and not payload and length == 0
+    assert seen == length
+    return bytes(buf)
+
+
+@settings(max_examples=200)
+@given(pieces=st.lists(st.one_of(st.binary(max_size=40), st.integers(0, 100)), max_size=8),
+       offset=st.integers(0, 1000), handle=handles)
+def test_read_reply_structured_round_trip(pieces, offset, handle):
+    conn = structured()
+    want = b"".join(p if isinstance(p, bytes) else bytes(p) for p in pieces)
+    raw = b"".join(conn.read_reply(handle, offset, pieces))
+    chunks = parse_chunks(raw)
+    assert {c[2] for c in chunks} == {handle}
+    assert decode_read(chunks, offset, len(want)) == want
+    holes = [p for p in pieces if isinstance(p, int) and p]
+    assert sum(1 for c in chunks if c[1] == T_OFFSET_HOLE) == len(holes)
+
+
+def test_reply_error_structured_and_simple():
+    conn = structured()
+    (flags, rtype, handle, payload), = parse_chunks(conn.reply_error(5, EINVAL, "bad flags"))
+    assert (flags, rtype, handle) == (REPLY_FLAG_DONE, T_ERROR, 5)
+    assert struct.unpack_from(">IH", payload) == (EINVAL, 9) and payload[6:] == b"bad flags"
+    assert negotiated().reply_error(5, EINVAL, "bad flags") == struct.pack(">IIQ", 0x67446698, EINVAL, 5)
+    with pytest.raises(sansio.LocalProtocolError):
+        conn.reply_error(5, 0)
+
+
+extent_lists = st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 7)), min_size=1, max_size=12)
+
+
+@settings(max_examples=300)
+@given(extents=extent_lists, length=st.integers(1, 20000), req_one=st.booleans())
+def test_block_status_reply_follows_the_spec(extents, length, req_one):
+    if not any(n for n, _ in extents):
+        extents = [*extents, (1, 0)]
+    conn = structured()
+    req = Request(Cmd.BLOCK_STATUS, 77, 0, length, REQ_ONE if req_one else 0)
+    (flags, rtype, handle, payload), = parse_chunks(conn.block_status_reply(req, extents))
+    assert (flags, rtype, handle) == (REPLY_FLAG_DONE, T_BLOCK_STATUS, 77)
+    assert len(payload) >= 12 and (len(payload) - 4) % 8 == 0
+    (ctx,) = struct.unpack_from(">I", payload)
+    assert ctx == nbd.BASE_ALLOCATION_ID
+    got = [struct.unpack_from(">II", payload, 4 + 8 * i) for i in range((len(payload) - 4) // 8)]
+    assert all(n > 0 and f & ~3 == 0 for n, f in got)
+    assert sum(n for n, _ in got) <= length
+    assert all(a[1] != b[1] for a, b in zip(got, got[1:]))  # merged
+    if req_one:
+        assert len(got) == 1
+    # Byte by byte, the reply says what the caller said (within what it covers).
+    said = [f & 3 for n, f in extents for _ in range(n)][:length]
+    told = [f for n, f in got for _ in range(n)]
+    assert told == said[: len(told)]
+    assert len(told) == min(len(said), length) or req_one
+
+
+def test_block_status_reply_refuses_nothing():
+    conn = structured()
+    req = Request(Cmd.BLOCK_STATUS, 1, 0, 100, 0)
+    with pytest.raises(sansio.LocalProtocolError):
+        conn.block_status_reply(req, [(0, 0)])
+    with pytest.raises(sansio.LocalProtocolError):
+        conn.block_status_reply(Request(Cmd.READ, 1, 0, 100, 0), [(100, 0)])

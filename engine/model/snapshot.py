@@ -430,7 +430,7 @@ class Histogram:
 class ResourceCounters:
     """What this node's marsd did for one resource since it started (engine/stats.py counts it)."""
 
-    nbd_requests: dict[str, int]  # by NBD command: read, write, flush, trim, write_zeroes
+    nbd_requests: dict[str, int]  # by NBD command: read, write, flush, trim, write_zeroes, block_status
     nbd_bytes: dict[str, int]  # bytes those requests asked for, by command
     log_records: int  # records appended to the log (acknowledged writes, trims, zeroes)
     log_bytes: int  # bytes appended to the log, headers included
@@ -439,6 +439,7 @@ class ResourceCounters:
     fetched_bytes: int  # log bytes fetched from peers
     replayed_bytes: int  # bytes of records replayed onto the data device
     synced_bytes: int  # bytes copied by the full sync
+    device_read_bytes: int = 0  # bytes NBD reads took from the data device (holes are not read)
 
 
 @dataclass(frozen=True, slots=True)

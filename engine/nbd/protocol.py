@@ -1,8 +1,11 @@
 """NBD server protocol core, sans I/O: bytes in, events out, bytes to send.
 
-Speaks fixed-newstyle negotiation and the transmission phase with simple replies only (no
-structured replies, no meta contexts), which is what the Linux kernel client, qemu and libnbd all
-fall back to, and NBD_OPT_STARTTLS: the core says when to start TLS (``StartTls``), the caller
+Speaks fixed-newstyle negotiation and the transmission phase with simple replies, and with
+structured replies (NBD_OPT_STRUCTURED_REPLY) for the clients that ask: reads then come back as
+data and hole chunks, and the ``base:allocation`` meta context (NBD_OPT_SET/LIST_META_CONTEXT)
+lets NBD_CMD_BLOCK_STATUS tell where the data of a sparse export is. The core frames those
+replies; where the holes are is the caller's knowledge (``read_reply``, ``block_status_reply``).
+And NBD_OPT_STARTTLS: the core says when to start TLS (``StartTls``), the caller
 runs the handshake on its transport and reports back with ``tls_started()``; the bytes before and
 after are the same protocol, so the core never sees ciphertext. The object owns no socket and
 never blocks, so the asyncio server, the tests and a fuzzer drive the very same code (the h11
@@ -46,6 +49,10 @@ __all__ = [
     "Cmd",
     "CMD_FLAG_FUA",
     "CMD_FLAG_NO_HOLE",
+    "CMD_FLAG_REQ_ONE",
+    "STATE_HOLE",
+    "STATE_ZERO",
+    "BASE_ALLOCATION",
     "Negotiated",
     "Request",
     "BadRequest",
@@ -81,6 +88,7 @@ IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 # handshake flags (server) / client flags
 FLAG_FIXED_NEWSTYLE = 1 << 0
@@ -135,6 +143,25 @@ INFO_NAME = 1
 INFO_DESCRIPTION = 2
 INFO_BLOCK_SIZE = 3
 
+# structured reply chunks: flags and types
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) | 1
+
+# base:allocation extent flags
+STATE_HOLE = 1 << 0
+STATE_ZERO = 1 << 1
+
+#: The one meta context served, and the id it gets in NBD_OPT_SET_META_CONTEXT's reply (any
+#: value will do for the spec; LIST replies carry 0, as the spec asks).
+BASE_ALLOCATION = "base:allocation"
+BASE_ALLOCATION_ID = 1
+#: The spec's advice: no more than 2**20 descriptors per block status chunk.
+MAX_EXTENTS = 1 << 20
+
 # errno values as they go on the wire (fixed by the spec, independent of the host's errno.h)
 EPERM = 1
 EIO = 5
@@ -162,6 +189,7 @@ class Cmd(IntEnum):
 
 CMD_FLAG_FUA = 1 << 0
 CMD_FLAG_NO_HOLE = 1 << 1
+CMD_FLAG_REQ_ONE = 1 << 3
 
 _GREETING = struct.Struct(">QQH")
 _U16 = struct.Struct(">H")
@@ -173,6 +201,11 @@ _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 _REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 _SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+_CHUNK = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
+_CHUNK_OFFSET = struct.Struct(">IHHQIQ")  # chunk header + offset (OFFSET_DATA's start)
+_CHUNK_HOLE = struct.Struct(">IHHQIQI")  # chunk header + offset + hole size
+_CHUNK_ERROR = struct.Struct(">IHHQIIH")  # chunk header + error + message length
+_EXTENT = struct.Struct(">II")  # length, status flags
 _REQUEST_LEN = _REQUEST.size
 _REQUEST_unpack_from = _REQUEST.unpack_from
 _OPTION_HEADER_LEN = _OPTION_HEADER.size
@@ -365,6 +398,11 @@ class NbdServerConnection:
         self._export: ExportInfo | None = None
         self._size = 0
         self._read_only = False
+        # Option state that STARTTLS wipes (tls_started): structured replies, and the meta
+        # contexts chosen by the last SET_META_CONTEXT for the export it named.
+        self._structured = False
+        self._meta_export: str | None = None
+        self._block_status = False  # in transmission: BLOCK_STATUS may be asked (base:allocation)
         self._state = GREETING
         self._handler: Callable[[], Event | Sentinel] = getattr(self, _STATE_TABLE[GREETING][0])
 
@@ -380,6 +418,16 @@ class NbdServerConnection:
         return self._export
 
     @property
+    def structured(self) -> bool:
+        """Whether the client negotiated structured replies (NBD_OPT_STRUCTURED_REPLY)."""
+        return self._structured
+
+    @property
+    def block_status(self) -> bool:
+        """Whether the negotiated export has base:allocation selected, so BLOCK_STATUS is served."""
+        return self._block_status
+
+    @property
     def tls_active(self) -> bool:
         """Whether the caller reported a finished TLS handshake (tls_started)."""
         return self._tls_active
@@ -388,8 +436,8 @@ class NbdServerConnection:
         """The caller's TLS handshake after StartTls succeeded: haggle on, now under TLS.
 
         The spec says a server forgets whatever was negotiated before STARTTLS (structured
-        replies, meta contexts): this core keeps no such option state yet; any that is added
-        must be reset here.
+        replies, meta contexts): an attacker on the path could have said them in plain text, and
+        a client that wants them asks again under TLS.
         """
         if self._state != TLS_HANDSHAKE:
             raise LocalProtocolError(f"tls_started() in state {self._state}, not after StartTls")
@@ -397,6 +445,8 @@ class NbdServerConnection:
             # next_event() would have refused them; the caller fed bytes it did not read through TLS.
             raise LocalProtocolError(f"tls_started() with {self._rb.avail} plain-text bytes buffered")
         self._tls_active = True
+        self._structured = False
+        self._meta_export = None
         self._transition("tls_up")
 
     def initial_bytes(self) -> bytes:
@@ -443,8 +493,99 @@ class NbdServerConnection:
         return out
 
     def reply_header(self, handle: int, error: int = 0) -> bytes:
-        """The 16-byte simple reply; for a successful READ the caller sends the data after it."""
+        """The 16-byte simple reply; for a successful READ the caller sends the data after it.
+
+        With structured replies a READ must not get one: use ``read_reply`` and ``reply_error``.
+        """
         return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+    def reply_error(self, handle: int, error: int, message: str = "") -> bytes:
+        """An error reply to any request: a structured NBD_REPLY_TYPE_ERROR chunk (with the
+        message, for a person) when structured replies are on, as the spec prefers and demands
+        for READ; a simple reply otherwise."""
+        if not error:
+            raise LocalProtocolError("reply_error() with error 0")
+        if not self._structured:
+            return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+        raw = _limit_string(message)
+        raw = raw[:0xFFFF]  # a u16 length; _limit_string already keeps it at 4096
+        return _CHUNK_ERROR.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle,
+                                 6 + len(raw), error, len(raw)) + raw
+
+    def read_reply(self, handle: int, offset: int, pieces: list[bytes | memoryview | int]) -> list[bytes | memoryview]:
+        """The reply to a successful READ at ``offset``, as buffers to send in order.
+
+        ``pieces`` covers the request from its offset on, in order: a bytes-like piece is data,
+        an int is that many bytes that read as zeros (a hole). Simple replies: the header, then
+        the data with holes filled in. Structured: one OFFSET_DATA chunk per data piece (the
+        data is not copied) and one OFFSET_HOLE chunk per hole, the last chunk marked DONE; a
+        read of nothing gets a NONE chunk. Where holes pay is the caller's choice: a hole of
+        4 KiB costs a 32-byte chunk instead of 4 KiB on the wire and in the client.
+        """
+        if not self._structured:
+            out: list[bytes | memoryview] = [_SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)]
+            for piece in pieces:
+                if isinstance(piece, int):
+                    if piece > 0:
+                        out.append(bytes(piece))
+                elif len(piece):
+                    out.append(piece)
+            return out
+        live = [p for p in pieces if (p > 0 if isinstance(p, int) else len(p))]
+        if not live:
+            return [_CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0)]
+        out = []
+        last = len(live) - 1
+        pos = offset
+        for i, piece in enumerate(live):
+            flags = REPLY_FLAG_DONE if i == last else 0
+            if isinstance(piece, int):
+                out.append(_CHUNK_HOLE.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_HOLE, handle, 12, pos,
+                                            piece))
+                pos += piece
+            else:
+                n = len(piece)
+                out.append(_CHUNK_OFFSET.pack(STRUCTURED_REPLY_MAGIC, flags, REPLY_TYPE_OFFSET_DATA, handle, 8 + n,
+                                              pos))
+                out.append(piece)
+                pos += n
+        return out
+
+    def block_status_reply(self, req: Request, extents: list[tuple[int, int]]) -> bytes:
+        """The reply to a BLOCK_STATUS request: one base:allocation chunk, marked DONE.
+
+        ``extents`` are (length, flags) from the request's offset on, in order; they may cover
+        more or less than the request. Here they are held to the spec: merged where flags
+        repeat, cut at the request's end (the first one alone with NBD_CMD_FLAG_REQ_ONE), at
+        most MAX_EXTENTS, each nonzero. The caller must give at least one byte's status.
+        """
+        if req.cmd is not Cmd.BLOCK_STATUS:
+            raise LocalProtocolError(f"block_status_reply() for {req.cmd.name}")
+        left = req.length
+        merged: list[list[int]] = []
+        for length, flags in extents:
+            if length <= 0 or left <= 0:
+                if length < 0:
+                    raise LocalProtocolError(f"extent of negative length {length}")
+                if left <= 0:
+                    break
+                continue
+            length = min(length, left)
+            left -= length
+            flags &= STATE_HOLE | STATE_ZERO
+            if merged and merged[-1][1] == flags:
+                merged[-1][0] += length
+            else:
+                if len(merged) == MAX_EXTENTS:
+                    break
+                merged.append([length, flags])
+        if not merged:
+            raise LocalProtocolError(f"block_status_reply() without an extent for {req.length} bytes at {req.offset}")
+        if req.flags & CMD_FLAG_REQ_ONE:
+            merged = merged[:1]
+        body = b"".join(_EXTENT.pack(length, flags) for length, flags in merged)
+        return _CHUNK.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, req.handle,
+                           4 + len(body)) + _U32.pack(BASE_ALLOCATION_ID) + body
 
     # -- state machine -----------------------------------------------------------------------
 
@@ -541,6 +682,8 @@ class NbdServerConnection:
         return flags
 
     def _enter_transmission(self, export: ExportInfo) -> Negotiated:
+        # BLOCK_STATUS only for the export the last SET_META_CONTEXT chose base:allocation on.
+        self._block_status = self._structured and self._meta_export == export.name
         self._export = export
         self._size = export.size
         self._read_only = export.read_only
@@ -620,8 +763,88 @@ class NbdServerConnection:
             return self._enter_transmission(export)
         return None
 
+    def _opt_structured_reply(self, option: int, data: bytes, start: int) -> None:
+        if data:
+            self._reply_error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            return None
+        self._structured = True
+        self._reply(option, REP_ACK)
+        return None
+
+    def _opt_meta_context(self, option: int, data: bytes, start: int) -> None:
+        """LIST and SET_META_CONTEXT share their request format; only base:allocation exists.
+
+        SET replaces the previous choice even when it fails (the spec), so the choice is
+        forgotten before anything is checked. A malformed request is ERR_INVALID, an unknown
+        export ERR_UNKNOWN; queries of other namespaces are ignored, as the spec demands.
+        """
+        listing = option == OPT_LIST_META_CONTEXT
+        verb = "NBD_OPT_LIST_META_CONTEXT" if listing else "NBD_OPT_SET_META_CONTEXT"
+        if not listing:
+            self._meta_export = None
+        if not self._structured:
+            self._reply_error(option, REP_ERR_INVALID, f"{verb} needs NBD_OPT_STRUCTURED_REPLY first")
+            return None
+        parsed = self._parse_meta_request(verb, data)
+        if isinstance(parsed, str):
+            self._reply_error(option, REP_ERR_INVALID, parsed)
+            return None
+        name, queries = parsed
+        export = self._lookup(name)
+        if export is None:
+            self._reply_error(option, REP_ERR_UNKNOWN, f"unknown export {show(name)}" if name
+                              else "there is no default export")
+            return None
+        if listing:
+            # No query: everything there is. "base:" is the namespace's wildcard.
+            if not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries):
+                self._reply(option, REP_META_CONTEXT, _U32.pack(0) + BASE_ALLOCATION.encode())
+        elif BASE_ALLOCATION in queries:
+            self._meta_export = export.name
+            self._reply(option, REP_META_CONTEXT, _U32.pack(BASE_ALLOCATION_ID) + BASE_ALLOCATION.encode())
+        self._reply(option, REP_ACK)
+        return None
+
+    @staticmethod
+    def _parse_meta_request(verb: str, data: bytes) -> tuple[str, list[str]] | str:
+        """(export name, queries), or what is wrong with the request (for ERR_INVALID)."""
+        total = len(data)
+        if total < 8:
+            return f"{verb}: {total} bytes of data is too short"
+        (name_len,) = _U32.unpack_from(data, 0)
+        if name_len > MAX_STRING or 4 + name_len + 4 > total:
+            return f"{verb}: bad export name length {name_len}"
+        try:
+            name = data[4 : 4 + name_len].decode("utf-8")
+        except UnicodeDecodeError:
+            return f"{verb}: export name is not UTF-8"
+        pos = 4 + name_len
+        (count,) = _U32.unpack_from(data, pos)
+        pos += 4
+        if count > (total - pos) // 4:
+            return f"{verb}: {count} queries cannot fit in {total - pos} bytes"
+        queries: list[str] = []
+        for i in range(count):
+            if pos + 4 > total:
+                return f"{verb}: query {i} runs past the option's end"
+            (qlen,) = _U32.unpack_from(data, pos)
+            pos += 4
+            if qlen > MAX_STRING or pos + qlen > total:
+                return f"{verb}: query {i} has a bad length {qlen}"
+            try:
+                query = data[pos : pos + qlen].decode("utf-8")
+            except UnicodeDecodeError:
+                return f"{verb}: query {i} is not UTF-8"
+            pos += qlen
+            if ":" not in query or query.startswith(":"):
+                return f"{verb}: query {show(query)} does not start with a namespace and a colon"
+            queries.append(query)
+        if pos != total:
+            return f"{verb}: {total - pos} bytes after the last query"
+        return name, queries
+
     def _opt_unsupported(self, option: int, data: bytes, start: int) -> None:
-        """STARTTLS when TLS is off, structured replies, meta contexts and anything newer: the
+        """STARTTLS when TLS is off, extended headers and anything newer: the
         option's data was already consumed (the length field exists so servers can skip what they
         don't know), and ERR_UNSUP makes every client we know fall back to what we speak."""
         self._reply_error(option, REP_ERR_UNSUP, f"option {option} is not supported")
@@ -667,6 +890,9 @@ class NbdServerConnection:
         OPT_INFO: _opt_info_go,
         OPT_GO: _opt_info_go,
         OPT_STARTTLS: _opt_starttls,
+        OPT_STRUCTURED_REPLY: _opt_structured_reply,
+        OPT_LIST_META_CONTEXT: _opt_meta_context,
+        OPT_SET_META_CONTEXT: _opt_meta_context,
     }
 
     # -- transmission ------------------------------------------------------------------------
@@ -727,9 +953,11 @@ class NbdServerConnection:
         if cmd_value == Cmd.DISC:
             self._transition("disconnect")
             return Disconnect()
+        if cmd_value == Cmd.BLOCK_STATUS:
+            return self._check_block_status(flags, handle, offset, length)
         if cmd_value not in (Cmd.FLUSH, Cmd.TRIM, Cmd.WRITE_ZEROES):
-            # CACHE and BLOCK_STATUS were never advertised (and BLOCK_STATUS needs structured
-            # replies); unknown types cannot carry a payload a server could know to skip.
+            # CACHE was never advertised; unknown types cannot carry a payload a server could
+            # know to skip.
             name = _CMD_BY_VALUE[cmd_value].name if cmd_value < len(_CMD_BY_VALUE) else str(cmd_value)
             return BadRequest(handle, EINVAL, f"unsupported command {name}")
         cmd = _CMD_BY_VALUE[cmd_value]
@@ -746,3 +974,17 @@ class NbdServerConnection:
             error = ENOSPC if cmd is Cmd.WRITE_ZEROES else EINVAL
             return BadRequest(handle, error, f"{cmd.name} of {length} at {offset} beyond size {self._size}")
         return Request(cmd, handle, offset, length, flags)
+
+    def _check_block_status(self, flags: int, handle: int, offset: int, length: int) -> Request | BadRequest:
+        """EINVAL without a selected context (the spec's SHOULD), for flags other than REQ_ONE,
+        for nothing asked and beyond the end; the length may exceed the payload limit (the
+        reply's size is the server's to bound)."""
+        if not self._block_status:
+            return BadRequest(handle, EINVAL, "BLOCK_STATUS without NBD_OPT_SET_META_CONTEXT base:allocation")
+        if flags & ~CMD_FLAG_REQ_ONE:
+            return BadRequest(handle, EINVAL, f"BLOCK_STATUS with unsupported flags 0x{flags:04x}")
+        if not length:
+            return BadRequest(handle, EINVAL, "BLOCK_STATUS of 0 bytes")
+        if offset + length > self._size:
+            return BadRequest(handle, EINVAL, f"BLOCK_STATUS of {length} at {offset} beyond size {self._size}")
+        return Request(Cmd.BLOCK_STATUS, handle, offset, length, flags)

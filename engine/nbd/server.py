@@ -17,18 +17,26 @@ logged with what it most likely means and costs only that connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno as E
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import protocol as nbd
 from .psk import psk_identity
 
 log = logging.getLogger("mars.nbd")
 
+_READ = nbd.Cmd.READ
+_WRITE = nbd.Cmd.WRITE
+_BLOCK_STATUS = nbd.Cmd.BLOCK_STATUS
+
+#: Send buffer asked for on unix-socket connections (the kernel caps it at net.core.wmem_max).
+UNIX_SNDBUF = 4 * 2**20
 MAX_IN_FLIGHT = 256
 MAX_IN_FLIGHT_BYTES = 64 * 2**20
 #: Bytes of small replies joined into one send.
@@ -41,6 +49,9 @@ ERRNO_TO_NBD = {E.EPERM: 1, E.EIO: 5, E.ENOMEM: 12, E.EINVAL: 22, E.ENOSPC: 28, 
 #: How an export answers a request, on the event loop, exactly once: ``reply(req, None)`` done,
 #: ``reply(req, None, data)`` a READ's data, ``reply(req, error)`` failed (an OSError's errno is
 #: what the client is told). A callback rather than a future per request: see log/writer.py Done.
+#: A READ's data is bytes, or pieces in order: bytes for data, an int for that many bytes of
+#: hole (zeros; a hole chunk to clients that negotiated structured replies). BLOCK_STATUS's is
+#: (length, base:allocation flags) extents from the request's offset.
 Reply = Callable[..., None]
 
 
@@ -136,6 +147,12 @@ class NbdSession(asyncio.Protocol):
             addr = transport.get_extra_info("peername")
             if addr:
                 self.peer = f"tcp:{addr[0]}:{addr[1]}"
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            # A read reply is header + up to 32 MiB; with the default ~200 KiB of socket buffer
+            # every 256 KiB reply goes out in two sends and a loop round trip between them.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
         self.transport.write(self.conn.initial_bytes())
 
     def data_received(self, data: bytes) -> None:
@@ -184,7 +201,7 @@ class NbdSession(asyncio.Protocol):
                 self._start(ev)
             elif type(ev) is nbd.BadRequest:
                 log.warning("nbd client %s: %s", self.peer, ev.reason)
-                self._write(conn.reply_header(ev.handle, ev.error))
+                self._write(conn.reply_error(ev.handle, ev.error, ev.reason))
             elif type(ev) is nbd.Negotiated:
                 self._flush_handshake()
                 export = self._exports().get(ev.export.name)
@@ -251,25 +268,34 @@ class NbdSession(asyncio.Protocol):
     def _start(self, req: nbd.Request) -> None:
         assert self.export is not None
         self.in_flight += 1
-        self.in_flight_bytes += req.length
+        # Memory is what READ and WRITE hold; a BLOCK_STATUS or TRIM of 4 GiB holds nothing.
+        self.in_flight_bytes += req.length if req.cmd is _READ or req.cmd is _WRITE else 0
         if (self.in_flight >= MAX_IN_FLIGHT or self.in_flight_bytes >= MAX_IN_FLIGHT_BYTES) and not self._paused \
                 and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
         self.export.handle(req, self._done)
 
-    def _done(self, req: nbd.Request, exc: BaseException | None, data: bytes | None = None) -> None:
+    def _done(self, req: nbd.Request, exc: BaseException | None, data: Any = None) -> None:
         self.in_flight -= 1
-        self.in_flight_bytes -= req.length
+        cmd = req.cmd
+        self.in_flight_bytes -= req.length if cmd is _READ or cmd is _WRITE else 0
         if exc is None:
-            self._reply(self.conn.reply_header(req.handle, 0))
-            if data:
-                self._reply(data)
+            if cmd is _READ:
+                for buf in self.conn.read_reply(req.handle, req.offset, [data] if isinstance(data, bytes) else data):
+                    self._reply(buf)
+            elif cmd is _BLOCK_STATUS:
+                # Sent now, not at the end of the loop pass: a client walking the device (nbdcopy,
+                # qemu-img) waits for each answer before it asks the next, so a deferred send
+                # costs a loop pass per 128 MiB of an 8 TiB export.
+                self._write(self.conn.block_status_reply(req, data))
+            else:
+                self._reply(self.conn.reply_header(req.handle, 0))
         else:
             err = getattr(exc, "errno", None) or E.EIO
             if err not in (E.ESHUTDOWN,):
                 log.error("nbd client %s: request failed: %s", self.peer, exc)
-            self._reply(self.conn.reply_header(req.handle, ERRNO_TO_NBD.get(err, 5)))
+            self._reply(self.conn.reply_error(req.handle, ERRNO_TO_NBD.get(err, 5), str(exc)))
         if self._paused and self.in_flight < MAX_IN_FLIGHT // 2 and self.in_flight_bytes < MAX_IN_FLIGHT_BYTES // 2 \
                 and self.transport is not None:
             self._paused = False

@@ -17,10 +17,12 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import os
 import threading
 from typing import ClassVar
 
 from ..device import DataDevice
+from ..extents import ExtentCache, overlay_data, read_plan, to_nbd
 from ..log import format as lf
 from ..log.dirtymap import DirtyMap
 from ..log.files import (dirtymap_file, list_logs, read_replay, read_writethrough, replay_path, version_path,
@@ -58,6 +60,11 @@ class PrimaryRuntime(Attached):
         # then replay old records over written-through blocks. The switch sets a floor.
         self._link_lock = threading.Lock()
         self._link_floor: tuple[int, int] = (0, 0)
+        # Where the data is (NBD BLOCK_STATUS): one cached window of the device's spans, and the
+        # writes, trims and write-zeroes submitted and not yet answered, by id(request): their
+        # range and the session's reply (extents.py says why both).
+        self.extent_cache = ExtentCache()
+        self._mutating: dict[int, tuple[int, int, Reply]] = {}
 
     # -- the runtime interface -----------------------------------------------------------------
 
@@ -213,6 +220,7 @@ class PrimaryRuntime(Attached):
         if not super().grow(size):
             return False
         self.info = dataclasses.replace(self.info, size=size)
+        self.extent_cache.invalidate()
         return True
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -379,32 +387,147 @@ class PrimaryRuntime(Attached):
         self.deps.stats.request(COUNTED.get(cmd, "flush"), req.length)
         if cmd == nbd.Cmd.WRITE:
             logger.submit(lf.Kind.WRITE, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, req.data or b"",
-                          done, req)
+                          self._mutation(req, done), req)
         elif cmd == nbd.Cmd.READ:
-            fut = asyncio.get_running_loop().run_in_executor(self.executor, self.device.pread, req.length, req.offset)
-            fut.add_done_callback(lambda f: _read_done(req, done, f))
+            pieces = self._read_cached(req.offset, req.length)
+            if pieces is not None:
+                self._count_read(pieces)
+                done(req, None, pieces)
+                return
+            fut = asyncio.get_running_loop().run_in_executor(self.executor, self._read, req.offset, req.length)
+            fut.add_done_callback(lambda f: self._read_done(req, done, f))
         elif cmd == nbd.Cmd.TRIM:
-            logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, b"", done, req)
+            logger.submit(lf.Kind.TRIM, req.offset, req.length, req.flags & nbd.CMD_FLAG_FUA, b"",
+                          self._mutation(req, done), req)
         elif cmd == nbd.Cmd.WRITE_ZEROES:
             flags = (lf.FLAG_FUA if req.flags & nbd.CMD_FLAG_FUA else 0) | (
                 lf.FLAG_NO_HOLE if req.flags & nbd.CMD_FLAG_NO_HOLE else 0)
-            logger.submit(lf.Kind.ZERO, req.offset, req.length, flags, b"", done, req)
+            logger.submit(lf.Kind.ZERO, req.offset, req.length, flags, b"", self._mutation(req, done), req)
+        elif cmd == nbd.Cmd.BLOCK_STATUS:
+            self._block_status(req, done)
         else:
             # FLUSH: every acknowledged write is already durable in the log, nothing to wait for.
             done(req, None)
 
+    # -- where the data is: reads with holes, BLOCK_STATUS ---------------------------------------
 
-def _read_done(req: nbd.Request, done: Reply, fut: asyncio.Future[bytes]) -> None:
-    if fut.cancelled():
-        done(req, OSError(errno.ESHUTDOWN, "read cancelled: marsd is stopping"))
-    elif (exc := fut.exception()) is not None:
-        done(req, exc)
-    else:
-        done(req, None, fut.result())
+    def _mutation(self, req: nbd.Request, done: Reply) -> Reply:
+        """A write, trim or write-zeroes goes in flight: its range counts as data until it is
+        answered, and the cached spans go now (extents.py says why once is enough). Returns
+        the reply the logger calls, which passes the answer on to the session's. On the write
+        path of every request, so kept to a dict entry and a counter (issue 17 counts its CPU)."""
+        self.extent_cache.invalidate()
+        self._mutating[id(req)] = (req.offset, req.offset + req.length, done)
+        return self._mutated
+
+    def _mutated(self, req: nbd.Request, exc: BaseException | None) -> None:
+        entry = self._mutating.pop(id(req), None)
+        if entry is not None:
+            entry[2](req, exc)
+
+    def _in_flight(self) -> list[tuple[int, int]]:
+        return [(a, b) for a, b, _ in self._mutating.values()]
+
+    def _read(self, offset: int, length: int) -> list[bytes | int]:
+        """In the thread pool: the data of [offset, offset+length) as data pieces and holes (an
+        int: that many zero bytes, read from nothing). The holes are the device's own, so only
+        what is allocated is read; an acknowledged write is always data (extents.py)."""
+        device = self.device
+        if device is None:
+            raise OSError(errno.ESHUTDOWN, f"resource {self.res} is shutting down")
+        if length < MIN_HOLE_CHUNK or device.is_block:
+            return [device.pread(length, offset)]
+        pieces: list[bytes | int] = []
+        for start, end, hole in read_plan(device.scan(offset, length), offset, length, MIN_HOLE_CHUNK):
+            pieces.append(end - start if hole else device.pread(end - start, start))
+        return pieces
+
+    def _read_done(self, req: nbd.Request, done: Reply, fut: asyncio.Future[list[bytes | int]]) -> None:
+        if fut.cancelled():
+            done(req, OSError(errno.ESHUTDOWN, "read cancelled: marsd is stopping"))
+        elif (exc := fut.exception()) is not None:
+            done(req, exc)
+        else:
+            pieces = fut.result()
+            self._count_read(pieces)
+            done(req, None, pieces)
+
+    def _read_cached(self, offset: int, length: int) -> list[bytes | bytearray | int] | None:
+        """The read answered on the event loop, or None to take the thread pool.
+
+        Only when nothing can block: the cached spans cover the read (nothing changed since
+        they were scanned, and nothing is in flight), and every data piece is in the page
+        cache (preadv with RWF_NOWAIT fails instead of waiting for the disk). A client that
+        asked BLOCK_STATUS first, as nbdcopy and qemu-img do, then reads without a thread
+        round trip, which is what a copy of a sparse export spends most of its time on.
+        """
+        device = self.device
+        if self._mutating or device is None or not _RWF_NOWAIT:
+            return None
+        spans = self.extent_cache.lookup(offset, length)
+        if not spans or spans[-1][1] < offset + length:
+            return None
+        pieces: list[bytes | bytearray | int] = []
+        for start, end, hole in read_plan(spans, offset, length, MIN_HOLE_CHUNK):
+            if hole:
+                pieces.append(end - start)
+                continue
+            buf = bytearray(end - start)
+            try:
+                n = os.preadv(device.fd, [buf], start, _RWF_NOWAIT)
+            except OSError:
+                return None  # not cached (EAGAIN), or anything odd: the pool's read says
+            if n != len(buf):
+                return None  # partly cached, or past the file's end: the pool reads and pads
+            pieces.append(buf)
+        return pieces
+
+    def _count_read(self, pieces: list[bytes | bytearray | int]) -> None:
+        self.deps.stats.device_read_bytes += sum(len(p) for p in pieces if not isinstance(p, int))
+
+    def _block_status(self, req: nbd.Request, done: Reply) -> None:
+        """base:allocation of the request's range: from the cached window when it holds the
+        offset (answered at once), else from a scan of a window of at least SCAN_WINDOW bytes
+        (a client walking the device, as nbdcopy and qemu-img do, then finds the next answers
+        in memory)."""
+        offset, length = req.offset, req.length
+        cache = self.extent_cache
+        spans = cache.lookup(offset, length)
+        if spans is not None:
+            done(req, None, to_nbd(overlay_data(spans, self._in_flight()), offset, length))
+            return
+        generation = cache.generation
+        before = self._in_flight()
+        window = min(max(length, SCAN_WINDOW), self.info.size - offset)
+        assert self.device is not None
+        scan = asyncio.get_running_loop().run_in_executor(self.executor, self.device.scan, offset, window)
+
+        def scanned(f: asyncio.Future[list[tuple[int, int, bool]]]) -> None:
+            if f.cancelled():
+                done(req, OSError(errno.ESHUTDOWN, "block status cancelled: marsd is stopping"))
+                return
+            exc = f.exception()
+            if exc is not None:
+                done(req, exc)
+                return
+            spans = f.result()
+            if not before and not self._mutating:
+                cache.store(generation, spans)
+            done(req, None, to_nbd(overlay_data(spans, [*before, *self._in_flight()]), offset, length))
+
+        scan.add_done_callback(scanned)
 
 
 # The counters' names of the NBD commands (engine/stats.py COMMANDS); FLUSH and anything else count as flush.
-COUNTED = {nbd.Cmd.READ: "read", nbd.Cmd.WRITE: "write", nbd.Cmd.TRIM: "trim", nbd.Cmd.WRITE_ZEROES: "write_zeroes"}
+COUNTED = {nbd.Cmd.READ: "read", nbd.Cmd.WRITE: "write", nbd.Cmd.TRIM: "trim", nbd.Cmd.WRITE_ZEROES: "write_zeroes",
+           nbd.Cmd.BLOCK_STATUS: "block_status"}
+#: Holes shorter than this are read like data: below it a hole chunk and a second pread cost
+#: more than the zeros they save (a filesystem's holes are at least a block, 4 KiB, anyway).
+MIN_HOLE_CHUNK = 64 * 1024
+#: preadv2's "fail rather than wait" flag (Linux 4.14+); 0 where Python or the OS lacks it.
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+#: What one BLOCK_STATUS scan covers at least; its spans stay cached until the next write.
+SCAN_WINDOW = 16 * 2**30
 
 __all__ = ["PrimaryRuntime", "LogWriteError"]
 
