@@ -387,6 +387,7 @@ class Daemon:
         too low) is at level 4 whatever statvfs says, until the space is back.
         """
         limits = tun.space_limits(self.tree, self.host, total)
+        self.limits.fetch_floor = limits[3]
         raw = tun.space_level(rest, limits)
         if any(rt.writing_through for rt in self.runtimes.values()) and rest < tun.writethrough_margin(total):
             raw = 4  # writing through since an ENOSPC with limits too low to tell: stay until there is room

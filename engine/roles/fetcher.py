@@ -60,6 +60,12 @@ def _request(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
     return task
 
 
+class SpaceHeld(Exception):
+    """Storing a reply would leave the MARS directory below its last free-space limit: fetch
+    holds (emergency level 4 stops it at the next round) instead of running into ENOSPC. With
+    eight replies in flight a catch-up can fill the directory faster than the rounds look."""
+
+
 class Backlog:
     """One catch-up (requests pipelined because the source has more than one reply's worth) and
     how full the pipeline was: logged when it ends, so an operator (and the WAN test) sees the
@@ -100,8 +106,9 @@ class Fetcher:
 
     def __init__(self, tree: Tree, res: str, executor: Executor, connect: Callable[[str], PeerClient],
                  on_data: Callable[[], None], stats: ResourceStats | None = None,
-                 depth: Callable[[], int] = lambda: DEPTH) -> None:
+                 depth: Callable[[], int] = lambda: DEPTH, floor: Callable[[], int] = lambda: 0) -> None:
         self.tree = tree
+        self.floor = floor  # free bytes the MARS directory keeps: a reply that would go below waits
         self.depth = depth  # replies in flight while catching up, FETCH_BYTES each (the node's mem-limit)
         self.stats = stats or ResourceStats()
         self.res = res
@@ -283,6 +290,14 @@ class Fetcher:
                     continue  # the next source in the list, at once
                 tried.clear()
                 await asyncio.sleep(RETRY_S)  # all failed: back-off before the next round
+            except SpaceHeld as e:
+                if self.error != str(e):
+                    log.warning("resource %s: fetch holds: %s", self.res, e)
+                self.error = str(e)
+                if client is not None:
+                    await client.close()
+                    client = None
+                await asyncio.sleep(RETRY_S)
             except lf.LogCorruption as e:
                 self.error = f"local log copy damaged: {e}"
                 log.error("resource %s: fetch stopped: %s", self.res, self.error)
@@ -458,7 +473,8 @@ class Fetcher:
         """Append a reply's bytes at ``at`` (where the copy ends); a reply that starts elsewhere is dropped."""
         if r.offset != at.offset or not r.data:
             return 0
-        await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset)
+        await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset,
+                                                         self.floor())
         self.position = LogPos(at.seq, at.offset + len(r.data), at.origin)
         self.complete[at.name] = self.position.offset
         self.fetched_bytes += len(r.data)
@@ -467,7 +483,15 @@ class Fetcher:
         return len(r.data)
 
 
-def _append(path: Path, data: bytes, offset: int) -> None:
+def _append(path: Path, data: bytes, offset: int, floor: int = 0) -> None:
+    if floor:
+        st = os.statvfs(path.parent)
+        rest = st.f_bavail * st.f_frsize
+        if rest - len(data) < floor:
+            raise SpaceHeld(f"storing {len(data) / 2**20:.1f} MiB would leave {max(0, rest - len(data)) / 2**20:.1f} MiB "
+                            f"free in the MARS directory, below its last free-space limit "
+                            f"(required-free-space-4, {floor / 2**20:.1f} MiB); it goes on when there is room "
+                            f"(see the EMERGENCY finding)")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         start = offset

@@ -76,7 +76,7 @@ class SecondaryRuntime(Attached):
             self.device = None
             raise
         self.fetcher = Fetcher(self.tree, self.res, self.executor, self.deps.connect, self._data_arrived,
-                               self.deps.stats, depth=self._fetch_depth)
+                               self.deps.stats, depth=self._fetch_depth, floor=lambda: self.deps.limits.fetch_floor)
 
     def _finish_own_history(self) -> None:
         """A node that was primary and stopped without finishing its log (it crashed, and
