@@ -207,12 +207,31 @@ def cluster_port(base: Path) -> int:
         return int(f.read_text())
     except (FileNotFoundError, ValueError):
         pass
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     f.write_text(str(port))
     return port
+
+
+#: Ports the tests listen on: below the kernel's ephemeral range (32768-60999 here), from which
+#: every outgoing connection takes its source port. A port the kernel handed out by bind(0) was
+#: once taken by another test's connection before the marsd meant for it could listen.
+TEST_PORTS = range(20000, 32000)
+
+
+def free_port(ip: str = "0.0.0.0") -> int:
+    """A port nothing listens on at ``ip`` (every address by default), outside the ephemeral range."""
+    import random
+    import socket
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(TEST_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {TEST_PORTS} on {ip}")
 
 
 def short_tempdir() -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mars.exporters.zabbix as zx
 import pytest
-from harness import BIN, Node, wait_until
+from harness import BIN, Node, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DIR = ROOT / "zabbix-templates"
@@ -225,12 +225,6 @@ def trapper():
     t = Trapper()
     yield t
     t.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_send_pushes_the_status_document(trio, trapper):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import BIN, Node, run, sha256, wait_until
+from harness import BIN, Node, free_port, run, sha256, wait_until
 
 from mars.engine.peer import protocol as P
 from mars.engine.peer.link import PeerClient, PeerError
@@ -28,12 +28,6 @@ from mars.engine.peer.link import PeerClient, PeerError
 RES = "secretdisk"  # distinctive: no refusal may echo it to a client that did not name it
 SIZE = 64 << 20
 SIZE_TEXTS = (str(SIZE), "64M", "64 MiB", "67108864")
-
-
-def free_port(ip: str) -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import Node, caught_up, run, wait_until, write
+from harness import Node, caught_up, free_port, run, wait_until, write
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -45,12 +44,6 @@ DASHBOARDS = ROOT / "dashboards" / "grafana"
 def _prometheus_installed() -> None:
     """make test installs Debian's prometheus; a missing one is a broken install, not a reason to skip."""
     assert Path(PROMETHEUS).exists() and Path(PROMTOOL).exists(), "apt-get install prometheus (make deps does)"
-
-
-def free_port(ip: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return s.getsockname()[1]
 
 
 def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
