@@ -200,6 +200,12 @@ def unreachable(seen_from: Node, host: str) -> bool:
 def three():
     """a primary of r (32 MiB), b and c secondaries, synced; iptables rules removed at the end."""
     with three_members(str(SIZE), image, converged) as t:
+        # Each secondary knows itself synced first; a handover asked on another node checks the
+        # syncs as that node's tree has them, one exchange later.
+        a, b, c, _ = t
+        size = a.tree_value("resource-r/size")
+        wait_until(lambda: all(n.tree_value(f"resource-r/syncstatus-{m.host}") == size for n in (a, b, c)
+                               for m in (b, c)), 20, "every node to know b and c synced")
         yield t
 
 
