@@ -387,7 +387,8 @@ class Daemon:
         too low) is at level 4 whatever statvfs says, until the space is back.
         """
         limits = tun.space_limits(self.tree, self.host, total)
-        self.limits.fetch_floor = limits[3]
+        # A fetch may take the directory into level 4 (the round then stops it), not to ENOSPC.
+        self.limits.fetch_floor = max(limits[3] // 8, 1 << 20) if limits[3] else 0
         raw = tun.space_level(rest, limits)
         if any(rt.writing_through for rt in self.runtimes.values()) and rest < tun.writethrough_margin(total):
             raw = 4  # writing through since an ENOSPC with limits too low to tell: stay until there is room

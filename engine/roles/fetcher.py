@@ -61,7 +61,8 @@ def _request(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
 
 
 class SpaceHeld(Exception):
-    """Storing a reply would leave the MARS directory below its last free-space limit: fetch
+    """The MARS directory is down to a reserve under its last free-space limit (so level 4 is
+    still reached and shown): fetch
     holds (emergency level 4 stops it at the next round) instead of running into ENOSPC. With
     eight replies in flight a catch-up can fill the directory faster than the rounds look."""
 
@@ -473,25 +474,28 @@ class Fetcher:
         """Append a reply's bytes at ``at`` (where the copy ends); a reply that starts elsewhere is dropped."""
         if r.offset != at.offset or not r.data:
             return 0
-        await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, r.data, r.offset,
-                                                         self.floor())
-        self.position = LogPos(at.seq, at.offset + len(r.data), at.origin)
-        self.complete[at.name] = self.position.offset
-        self.fetched_bytes += len(r.data)
-        self.stats.fetched_bytes += len(r.data)
-        self.on_data()
-        return len(r.data)
+        data = r.data
+        floor = self.floor()
+        if floor:
+            # Only what leaves the reserve free is stored (a copy may end inside a record): the
+            # directory reaches level 4, whose round stops the fetch, and never ENOSPC.
+            st = await asyncio.get_running_loop().run_in_executor(self.executor, os.statvfs, path.parent)
+            data = data[:max(0, st.f_bavail * st.f_frsize - floor)]
+        if data:
+            await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, data, r.offset)
+            self.position = LogPos(at.seq, at.offset + len(data), at.origin)
+            self.complete[at.name] = self.position.offset
+            self.fetched_bytes += len(data)
+            self.stats.fetched_bytes += len(data)
+            self.on_data()
+        if len(data) < len(r.data):
+            raise SpaceHeld(f"the MARS directory is down to its reserve of {floor / 2**20:.1f} MiB below the last "
+                            f"free-space limit (required-free-space-4): fetch holds until there is room (see the "
+                            f"EMERGENCY finding)")
+        return len(data)
 
 
-def _append(path: Path, data: bytes, offset: int, floor: int = 0) -> None:
-    if floor:
-        st = os.statvfs(path.parent)
-        rest = st.f_bavail * st.f_frsize
-        if rest - len(data) < floor:
-            raise SpaceHeld(f"storing {len(data) / 2**20:.1f} MiB would leave {max(0, rest - len(data)) / 2**20:.1f} MiB "
-                            f"free in the MARS directory, below its last free-space limit "
-                            f"(required-free-space-4, {floor / 2**20:.1f} MiB); it goes on when there is room "
-                            f"(see the EMERGENCY finding)")
+def _append(path: Path, data: bytes, offset: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         start = offset

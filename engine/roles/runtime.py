@@ -97,7 +97,7 @@ class Limits:
     io: RateLimit = field(default_factory=RateLimit)  # replay and sync writes to the data device
     fetch_held: str | None = None  # why this node does not fetch now (the load limit), None: it may
     buffers: int = 256 << 20  # bytes of fetch replies in flight plus replay read-ahead, per resource
-    fetch_floor: int = 0  # free bytes of the MARS directory a fetch must leave (the level-4 limit)
+    fetch_floor: int = 0  # free bytes of the MARS directory a fetch must leave (below the level-4 limit)
 
 
 @dataclass(frozen=True)
