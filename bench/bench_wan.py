@@ -199,8 +199,11 @@ class Bench:
         t0 = time.monotonic()
         b.marsadm("connect", RES)
         samples = []
+        stored = None  # when b's copies first grew: the link's first byte may be the tree exchange's
         while (got := self.log_bytes(b)) < target:
             now = time.monotonic()
+            if stored is None and got > start:
+                stored = now - t0
             # what the link delivered to b (b's own copy grows in bursts: replies are stored in order)
             samples.append((now - t0, self.links[0].counters.down_bytes - up0 if self.links else got - start))
             if now - t0 > self.args.timeout:
@@ -217,13 +220,14 @@ class Bench:
         first = next((t for t, x in samples if x > 0), None)
         self.res["catchup"][ms] = {
             "bytes": n, "secs": secs, "bytes_s": n / secs, "steady_bytes_s": steady, "first_byte_s": first,
+            "first_stored_s": stored,
             "link_bytes": self.links[0].counters.down_bytes - up0 if self.links else None,
             "cpu_s": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu0 if cpu0[k] is not None and cpu1[k] is not None},
             "window_ceiling_bytes_s": window_ceiling(2 * ms / 1000) if ms else None}
         c = self.res["catchup"][ms]
         self.status(f"    {human_bytes(n)} in {secs:.2f} s: {n / secs / MIB:,.1f} MiB/s = {n / secs / self.args.rate:.2f} "
                     f"of the link (steady {steady / MIB if steady else 0:,.1f} MiB/s, first byte after "
-                    f"{first or 0:.2f} s); CPU s {c['cpu_s']}")
+                    f"{first or 0:.2f} s, first stored after {stored or 0:.2f} s); CPU s {c['cpu_s']}")
 
     # -- report ----------------------------------------------------------------------------------
 
@@ -236,7 +240,7 @@ class Bench:
         facts = machine_facts(self.base)
         print(f"machine: {facts.get('cpu', '?')}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}")
         print(f"\n{'one-way delay':>13} {'write p50 ms':>12} {'p99 ms':>8} {'p99.9 ms':>9} {'IOPS':>7} "
-              f"{'catch-up MiB/s':>14} {'of link':>7} {'steady MiB/s':>12} {'1st byte s':>10} {'1-conn TCP ceiling':>18}")
+              f"{'catch-up MiB/s':>14} {'of link':>7} {'steady MiB/s':>12} {'1st byte s':>10} {'stored s':>8} {'1-conn TCP ceiling':>18}")
         for ms in args.delays:
             lr, cr = lat.get(ms), cu.get(ms)
             ceil = cr and cr["window_ceiling_bytes_s"]
@@ -244,7 +248,7 @@ class Bench:
                   f"{lr['p999_ms'] if lr else 0:>9.2f} {lr['iops'] if lr else 0:>7.0f} "
                   f"{cr['bytes_s'] / MIB if cr else 0:>14,.1f} {cr['bytes_s'] / rate if cr else 0:>7.2f} "
                   f"{(cr['steady_bytes_s'] or 0) / MIB if cr else 0:>12,.1f} "
-                  f"{(cr['first_byte_s'] or 0) if cr else 0:>10.2f} "
+                  f"{(cr['first_byte_s'] or 0) if cr else 0:>10.2f} {(cr['first_stored_s'] or 0) if cr else 0:>8.2f} "
                   f"{(f'{ceil / MIB:,.0f} MiB/s') if ceil else '-':>18}")
         goals = []
         lo, hi = min(args.delays), max(args.delays)
@@ -266,7 +270,7 @@ class Bench:
             print(f"  {ms:g} ms: " + ", ".join(f"{r['p99_ms']:.2f}" for r in self.res["runs"].get(ms, [])))
         print("catch-up: b's log copies from 'marsadm connect' until they are as long as a's; 'steady': what the link "
               "delivered during the middle 80 % of the bytes (without the ramp); '1st byte': from 'marsadm connect' (a process start, the fetcher's TLS "
-              "handshake and Hello, one request) to the first log byte on the link. 1-conn TCP ceiling: tcp_rmem max / RTT, what one real TCP connection could "
+              "handshake and Hello, one request) to the first byte on the link (the tree exchange's too); 'stored': to the first log byte in b's copies. 1-conn TCP ceiling: tcp_rmem max / RTT, what one real TCP connection could "
               "carry (not modelled by the proxy).")
         print("\ngoals:")
         for ok, text in goals:

@@ -306,6 +306,13 @@ class Tree:
             return False
         if mine is None and entry.deleted:
             return False  # never create a tombstone for something we never had
+        if not entry.deleted and own_position(entry.path, self.host):
+            # This node's own disks say where they are, never a peer. Said again with a fresh
+            # stamp (the clock saw the peer's), so the peer takes ours and the trees agree
+            # instead of differing, and being repaired, every round.
+            if mine is not None and not mine.deleted:
+                self.set(entry.path, mine.value, durable=False, restamp=True)
+            return False
         self._write(entry.path, entry.value, entry.stamp_ns, durable=False, source=source, mkdir=mine is None)
         return True
 
@@ -406,6 +413,27 @@ def parse_int(value: str | None) -> int | None:
         return int(value)
     except ValueError:
         return None
+
+
+#: A node's own positions on its own disks: how far its data device holds the replay of the log
+#: (``replay-``), how far its sync got (``syncstatus-``, ``syncpos-``). Only its own disks know.
+OWN_POSITIONS = ("replay-", "syncstatus-", "syncpos-")
+
+
+def own_position(path: str, host: str) -> bool:
+    """Whether ``path`` is one of ``host``'s positions on its own disks (``resource-R/replay-<host>``…).
+
+    A peer's copy of such an entry is never taken over the node's own, however new its stamp:
+    it says what this node's disk held when the value was written, not what it holds now. After
+    a power cut the device may be older than any copy a peer keeps (replay from the last durable
+    position was re-applying records when the cut came, and a sync of part of them reached the
+    disk), and taking the peer's newer position skipped those records for good: the power-loss
+    campaign found a secondary "caught up" with writes missing. A deletion still comes through
+    (``leave-resource --host <dead>`` on a survivor removes a dead member's positions).
+    """
+    parts = path.split("/")
+    return len(parts) == 2 and parts[0].startswith("resource-") \
+        and any(parts[1] == f"{p}{host}" for p in OWN_POSITIONS)
 
 
 def reported_state(path: str) -> bool:

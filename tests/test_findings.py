@@ -784,3 +784,25 @@ def test_a_node_all_peers_cannot_reach_is_down_at_once(tmp_path):
     assert f.text == ("node c is unreachable: a cannot reach it (connection refused); b cannot reach it "
                       "(connection refused)")
     assert "PEER_UNREACHABLE" not in {x.code for x in findings(s)}  # NODE_DOWN says it, once
+
+
+def test_a_node_whose_marsd_is_down_does_not_call_its_peers_down(tmp_path):
+    """Built from a tree: c's marsd stopped 5 min ago. Its tree stands still since, so a's and
+    b's last reports there are 5 min old too; they were fresh when c last reported. c's face
+    (its exporter, mars-status) said NODE_DOWN for a and b: the fault is c's own (MARSD_DOWN).
+    A peer that was already silent long before c stopped is still down."""
+    from mars.engine.model import build
+    from mars.engine.tree import Tree
+    t = Tree(tmp_path, "c")
+    now = 1_700_000_000.0
+    stopped = now - 300
+    for i, h in enumerate("abcd"):
+        t.set(f"ips/ip-{h}", f"127.0.0.{2 + i}", stamp_ns=int((stopped - 1) * 1e9))
+    for h, at in (("a", stopped - 1), ("b", stopped - 2), ("c", stopped), ("d", stopped - 120)):
+        t.set(f"actual-{h}/time", f"{at:.9f}", stamp_ns=int(at * 1e9))
+    s = build(tmp_path, "c", now_s=now)
+    assert not s.marsd_running
+    assert s.nodes["a"].alive and s.nodes["b"].alive, "judged as of c's last report, a and b were alive"
+    assert not s.nodes["d"].alive and not s.nodes["c"].alive
+    assert {(f.code, f.node) for f in findings(s) if f.code in ("NODE_DOWN", "MARSD_DOWN")} == \
+        {("MARSD_DOWN", "c"), ("NODE_DOWN", "d")}

@@ -289,3 +289,34 @@ async def test_a_source_with_less_than_the_published_position_is_followed_withou
         finally:
             run.cancel()
             await asyncio.wait([run])
+
+
+async def test_a_copy_this_process_wrote_is_not_read_again_at_the_next_start(tmp_path):
+    """Each start of the fetch scanned every copy replay still needs, whole: with replay paused
+    behind GiBs of copies, ``marsadm connect`` after a disconnect read them all before the first
+    request. What this process wrote and nobody changed since is trusted (a power cut, which
+    could take unsynced bytes, kills the process too); a changed copy, or a new process, scans."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mars.engine.log.files import LogFile
+    from mars.engine.log.values import LogPos
+    from mars.engine.peer import protocol as P
+    from mars.engine.tree import Tree
+
+    tree = Tree(tmp_path / "mars", "b")
+    (tmp_path / "mars" / "resource-r").mkdir(parents=True, exist_ok=True)
+    copy = tmp_path / "mars" / "resource-r" / "log-000000001-a"
+    blob = b"\x01not a log record" * 1000  # a scan would cut it at 0: no record starts here
+    with ThreadPoolExecutor(1) as pool:
+        f = Fetcher(tree, "r", executor=pool, connect=None, on_data=lambda: None)
+        reply = P.LogData(req=1, res="r", name=copy.name, offset=0, size=len(blob), finished=False, data=blob)
+        assert await f._store(copy, LogPos(1, 0, "a"), reply) == len(blob)
+    lf = LogFile(1, "a", copy)
+    assert f._cut_incomplete(lf) == len(blob), "what this process wrote was read again"
+    assert copy.stat().st_size == len(blob)
+    assert Fetcher(tree, "r", executor=None, connect=None, on_data=lambda: None)._cut_incomplete(lf) == 0, \
+        "a new process must scan: its predecessor's unsynced bytes may be gone"
+    copy.write_bytes(blob)  # the scan cut it to 0; written again behind the fetchers' backs
+    f2 = Fetcher(tree, "r", executor=None, connect=None, on_data=lambda: None)
+    f2._mine[copy.name] = (copy.stat().st_ino, len(blob) - 1)  # what it wrote itself was one byte less
+    assert f2._cut_incomplete(lf) == 0, "a copy that changed since this process wrote it is scanned"

@@ -117,3 +117,26 @@ def test_deletable_logs_wait_for_every_member(tree):
     tree.set("resource-r/replay-b", "log-000000002-a,7,0")
     assert [f.seq for f in deletable_logs(tree, "r")] == [1]
     assert [f.seq for f in list_logs(tree, "r")] == [1, 2, 3]
+
+
+def test_a_node_never_takes_its_own_disk_positions_from_a_peer(tmp_path):
+    """replay-/syncstatus-/syncpos-<me> say what this node's disks hold; a peer's copy, however
+    new, says what they held once (the power-loss campaign's finding). Ours is said again with a
+    newer stamp so the peer takes it; a deletion (leave-resource --host <dead>) still comes in."""
+    from mars.engine.tree import Entry
+
+    t = Tree(tmp_path / "b", "b")
+    t.set("resource-r/replay-b", "log-000000002-a,0,0")
+    t.set("resource-r/syncstatus-b", 4096)
+    mine = t.entry("resource-r/replay-b")
+    theirs = Entry("resource-r/replay-b", "log-000000002-a,999,0", mine.stamp_ns + 10**9)
+    assert not t.apply(theirs)
+    again = t.entry("resource-r/replay-b")
+    assert again.value == "log-000000002-a,0,0" and again.stamp_ns > theirs.stamp_ns, \
+        "our own position, restamped to win at the peer"
+    assert not t.apply(Entry("resource-r/syncstatus-b", "8192", again.stamp_ns + 10**9))
+    assert t.get("resource-r/syncstatus-b") == "4096"
+    # Another node's position, and a peer's deletion of ours, come through as ever.
+    assert t.apply(Entry("resource-r/replay-a", "log-000000002-a,999,0", again.stamp_ns + 10**9))
+    assert t.apply(Entry("resource-r/replay-b", DELETED, again.stamp_ns + 2 * 10**9))
+    assert t.get("resource-r/replay-b") is None

@@ -273,8 +273,11 @@ class Replayer:
             _drop_behind_file(b_path, b_start, b_end - b_start)
 
     def _checkpoint(self, pos: ReplayLink) -> None:
+        """Sync the device, then say how far it holds the replay: durably, because peers act on
+        it (the primary deletes log files every member has passed). A position lost in a power
+        cut would send replay back into files that may be gone everywhere."""
         self.device.fdatasync()
-        self.tree.set(replay_path(self.res, self.tree.host), pos, durable=False)
+        self.tree.set(replay_path(self.res, self.tree.host), pos)
 
     def _stopped(self, e: lf.LogCorruption) -> None:
         self.damage = e

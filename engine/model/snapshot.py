@@ -776,7 +776,13 @@ def build(mars_dir: str | os.PathLike[str], host: str, *, window_s: float = ALIV
 
     hosts = sorted({h for h, _ in e.names("ips", "ip-")} |
                    {d[len("actual-"):] for d in e.dirs if d.startswith("actual-") and "/" not in d})
-    nodes = _reachability({h: _node(e, h, lamport, window_s, set(hosts)) for h in hosts},
+    # While this node's marsd is down its tree stands still, and every peer's last report ages
+    # only because nothing here takes the next one: peers are judged as of this node's own last
+    # report, not as of now. Else a stopped marsd made its node call every live peer down
+    # (MARSD_DOWN says what is wrong, and it is this node).
+    mine = e.real(f"actual-{host}/time") if pid is None else None
+    as_of = lamport if mine is None else min(lamport, mine)
+    nodes = _reachability({h: _node(e, h, lamport if h == host else as_of, window_s, set(hosts)) for h in hosts},
                           host if pid is not None else None)
     resources = {}
     for d in sorted(d for d in e.dirs if d.startswith("resource-") and "/" not in d):

@@ -117,6 +117,8 @@ class Fetcher:
         self.connect = connect
         self.on_data = on_data
         self.complete: dict[str, int] = {}  # local copy name -> bytes completely written
+        #: local copy name -> (inode, length) this process wrote or verified: no scan needed again
+        self._mine: dict[str, tuple[int, int]] = {}
         self.fetched_bytes = 0
         self.error: str | None = None
         self.source: str | None = None
@@ -211,6 +213,8 @@ class Fetcher:
         link = read_replay(self.tree, self.res, self.tree.host) or ReplayLink(1, self.tree.get(
             f"{res_dir(self.res)}/primary") or "", 0, 0)
         logs = [f for f in logs if f.seq >= link.seq]
+        if self._restore_lost(link, logs):
+            logs = [f for f in list_logs(self.tree, self.res) if f.seq >= link.seq]
         # Rebuilt, not updated: a copy set aside meanwhile (invalidate) must not keep its old length.
         self.complete = {f.name: self._cut_incomplete(f) for f in logs}
         if not logs:
@@ -226,6 +230,29 @@ class Fetcher:
         self.position = LogPos(last.seq, self.complete[last.name], last.origin)
         return last.seq, last.origin
 
+    def _restore_lost(self, link: ReplayLink, logs: list[LogFile]) -> bool:
+        """Put back an empty copy of every file replay still needs that a power cut took whole.
+
+        A copy's directory entry is not synced either: a cut can take the file replay stands
+        in (its position is durable), or one between two that survived. Only short copies were
+        fetched again, so replay waited for ever at the end of a file whose copy was gone (it
+        needs the copy for its version digest) or before a missing next one. The empty copy is
+        short of its finished length, and the loop below fetches it like any short one.
+        """
+        have = {f.seq for f in logs}
+        made = False
+        for seq in range(link.seq, max(have, default=link.seq)):
+            if seq in have:
+                continue
+            origin = link.origin if seq == link.seq else next_origin(self.tree, self.res, seq)
+            if not origin or origin == self.tree.host:
+                continue  # our own files are never fetched; unknown: nothing to ask for
+            log.warning("resource %s: local copy %s is gone (a crash took it); fetching it again",
+                        self.res, log_name(seq, origin))
+            (self._dir() / log_name(seq, origin)).touch(mode=0o600)
+            made = True
+        return made
+
     def _cut_incomplete(self, f: LogFile) -> int:
         """The good prefix of a local file; a copy is cut back to it and fetched again from there.
 
@@ -233,7 +260,19 @@ class Fetcher:
         unsynced bytes may be zeros or stale, not only a torn tail: such a copy is cut at its
         first bad record, as a torn one is, instead of stopping the fetch for good. Damage in a
         file of this node's own origin is still refused.
+
+        A copy this process wrote (or verified) and nobody changed since (same inode, same
+        length) is not read again: a power cut that could have taken its unsynced bytes kills
+        this process too, and its successor scans. Reading every unreplayed copy whole at each
+        start cost a catch-up seconds before its first byte (``marsadm connect`` after a
+        disconnect, with replay paused behind GiBs of copies).
         """
+        try:
+            st = os.stat(f.path)
+        except FileNotFoundError:
+            return 0
+        if self._mine.get(f.name) == (st.st_ino, st.st_size):
+            return st.st_size
         r = f.scan()
         if r.error is not None:
             if not r.error.torn and f.origin == self.tree.host:
@@ -242,6 +281,7 @@ class Fetcher:
                 log.warning("resource %s: local copy %s damaged at %d (%s), unsynced before a crash; "
                             "cutting it there and fetching the rest again", self.res, f.name, r.end, r.error.reason)
             os.truncate(f.path, r.end)
+        self._mine[f.name] = (st.st_ino, r.end)
         return r.end
 
     async def run(self) -> None:
@@ -482,9 +522,10 @@ class Fetcher:
             st = await asyncio.get_running_loop().run_in_executor(self.executor, os.statvfs, path.parent)
             data = data[:max(0, st.f_bavail * st.f_frsize - floor)]
         if data:
-            await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, data, r.offset)
+            ino = await asyncio.get_running_loop().run_in_executor(self.executor, _append, path, data, r.offset)
             self.position = LogPos(at.seq, at.offset + len(data), at.origin)
             self.complete[at.name] = self.position.offset
+            self._mine[at.name] = (ino, self.position.offset)
             self.fetched_bytes += len(data)
             self.stats.fetched_bytes += len(data)
             self.on_data()
@@ -495,7 +536,8 @@ class Fetcher:
         return len(data)
 
 
-def _append(path: Path, data: bytes, offset: int) -> None:
+def _append(path: Path, data: bytes, offset: int) -> int:
+    """Write ``data`` at ``offset`` of the copy; its inode number (what this process wrote)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         start = offset
@@ -505,5 +547,6 @@ def _append(path: Path, data: bytes, offset: int) -> None:
             view = view[n:]
             offset += n
         start_writeout(fd, start, offset - start)  # the replayer drops it from the cache once on disk
+        return os.fstat(fd).st_ino
     finally:
         os.close(fd)

@@ -357,7 +357,8 @@ class PrimaryRuntime(Attached):
         self.device.fdatasync()
         with self._link_lock:
             if (pos.seq, pos.offset) >= self._link_floor:
-                self.tree.set(replay_path(self.res, self.tree.host), ReplayLink.at(pos), durable=False)
+                # Durable, as a secondary's (log/replayer.py): log deletion relies on it.
+                self.tree.set(replay_path(self.res, self.tree.host), ReplayLink.at(pos))
 
     def _set_link_floor(self, pos: LogPos) -> None:
         """The replay position after an emergency switch (durable), and never below it again."""

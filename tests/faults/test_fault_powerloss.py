@@ -36,7 +36,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from campaign import report, size  # noqa: E402
-from harness import Node, caught_up, short_tempdir, wait_until, write  # noqa: E402
+from harness import Node, caught_up, short_tempdir, start_pair, wait_until, write  # noqa: E402
 from lazyfs import Mount  # noqa: E402
 from mars.engine.log.files import scan_file  # noqa: E402
 from mars.engine.log.format import Kind  # noqa: E402
@@ -52,6 +52,7 @@ class Disk:
     def __init__(self, base: Path, host: str, ip: str) -> None:
         self.mount = Mount(base, f"d{host}")
         self.node = Node(base, host, ip)
+        self.trace: list[str] = []  # the cuts and what each left (shared by the campaign's disks)
         self.node.mars_dir = self.mount.mnt / "m"
         self.img = self.mount.mnt / "img"
         self.cuts = 0
@@ -59,10 +60,21 @@ class Disk:
 
     def power_cut(self, rng: random.Random | None = None, tear: bool = False) -> dict:
         Node.kill(self.node)  # the class's: a campaign step may stand in for the instance's
+        before = self.positions()
         r = self.mount.cut(tear=rng.randrange(2**32) if tear and rng else None)
         self.cuts += 1
         self.torn += bool(r["torn"])
+        self.trace.append(f"cut {self.node.host} #{self.cuts}: replay positions {before} -> {self.positions()}, "
+                          f"torn {r['torn']}")
         return r
+
+    def positions(self) -> dict:
+        """What this node's tree says of every replay position (a failure's trace shows them)."""
+        d = self.node.mars_dir / "resource-r"
+        try:
+            return {p.name: os.readlink(p) for p in sorted(d.glob("replay-*")) if p.is_symlink()}
+        except OSError as e:
+            return {"error": str(e)}
 
 
 class Campaign:
@@ -71,14 +83,25 @@ class Campaign:
         self.seed = seed
         self.rng = random.Random(seed)
         self.disks: list[Disk] = []
+        self.trace: list[str] = []
         self.step = "setup"
         self.t: CrashTest | None = None
         self.h = None
         self.logs_deleted = False
         self.prefix_checks = 0
 
+    @property
+    def step(self) -> str:
+        return self._step
+
+    @step.setter
+    def step(self, name: str) -> None:
+        self._step = name
+        self.trace.append(f"step {name}")
+
     def disk(self, host: str, ip: str) -> Disk:
         d = Disk(self.base, host, ip)
+        d.trace = self.trace
         self.disks.append(d)
         return d
 
@@ -163,14 +186,16 @@ class Campaign:
         want = self.t.model.data
         if data != want:
             off = first_difference(want, data)
-            raise AssertionError(f"after {self.step}: b's device differs from the acknowledged writes at {off}: "
-                                 f"b holds {describe_sector(data[off:off + 512])}, a acknowledged "
-                                 f"{describe_sector(want[off:off + 512])}")
+            e = AssertionError(f"after {self.step}: b's device differs from the acknowledged writes at {off}: "
+                               f"b holds {describe_sector(data[off:off + 512])}, a acknowledged "
+                               f"{describe_sector(want[off:off + 512])}")
+            e.add_note(self.describe(a, b))
+            raise e
         text = b.node.log_path.read_text(errors="replace")
         assert "Traceback" not in text, f"marsd b logged a traceback:\n{text[-6000:]}"
 
     def describe(self, *disks: Disk) -> str:
-        out = []
+        out = ["the last steps and cuts:", *self.trace[-12:]]
         for d in disks:
             rdir = d.node.mars_dir / "resource-r"
             files = {p.name: (os.readlink(p) if p.is_symlink() else p.stat().st_size)
@@ -474,6 +499,97 @@ def test_primary_serves_after_a_cut_left_zeros_before_a_surviving_tail():
         assert h.pread(len(acked), 0) == acked
         h.shutdown()
         assert "replay stopped" not in a.log()
+    finally:
+        for n in nodes:
+            n.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_takes_its_own_replay_position_from_its_own_disk_never_from_a_peer():
+    """Regression, found by the campaign (seed 3080519134, step resume-replay, 1 run in 5).
+
+    A power cut sent b's replay position back (it was written without a directory sync) while a
+    kept b's newer one. b restarted and replayed from its older position; a sync of the device
+    in the middle of that made the re-applied, older state of some blocks durable, and another
+    cut came. b then took a's copy of its position (the newer stamp won), skipped every record
+    up to it, and called itself caught up with writes missing. Here the state the cuts left is
+    made directly: b's position back at the file's start with an older stamp than a's copy,
+    and b's device without the writes. b must keep its own position (and a take it), then
+    replay from it.
+    """
+    from mars.engine.tree import Tree
+
+    base = short_tempdir()
+    nodes: list[Node] = []
+    try:
+        a, b = start_pair(base, nodes, "8M")
+        write(a, "write -P 0x5a 0 4M")
+        wait_until(lambda: caught_up(a, b, "r"), 60, "b to catch up")
+        end = b.tree_value("resource-r/replay-b")
+        wait_until(lambda: a.tree_value("resource-r/replay-b") == end, 30, "a to learn b's position")
+        b.marsadm("pause-replay", "r")
+        b.kill()
+        link = ReplayLink.parse(end)
+        start = str(ReplayLink(link.seq, link.origin, 0, 0))
+        theirs = os.lstat(a.mars_dir / "resource-r" / "replay-b").st_mtime_ns
+        Tree(b.mars_dir, "b").set("resource-r/replay-b", start, stamp_ns=theirs - 1)
+        with open(base / "b.img", "r+b") as f:
+            f.write(bytes(4 << 20))  # what the cuts left of the device: the writes are gone
+        b.start()
+
+        def agreed() -> bool:
+            return a.tree_value("resource-r/replay-b") == b.tree_value("resource-r/replay-b")
+        wait_until(agreed, 30, f"a and b to agree on b's replay position (b's own: {start})")
+        assert b.tree_value("resource-r/replay-b") == start, \
+            f"b took a peer's copy of its own replay position ({end}) over its own ({start})"
+        b.marsadm("resume-replay", "r")
+        wait_until(lambda: caught_up(a, b, "r"), 60, "b to replay from its own position")
+        assert (base / "b.img").read_bytes() == (base / "a.img").read_bytes(), "b's device misses replayed writes"
+    finally:
+        for n in nodes:
+            n.kill()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+@pytest.mark.timeout(300)
+def test_a_copy_a_cut_took_whole_is_fetched_again(where):
+    """Regression, found by the campaign: a copy's directory entry is not synced, so a cut can
+    take a whole copy while a later one survives. Only short copies were fetched again: replay
+    standing at the start of the lost file waited for it for ever, and replay standing at its
+    end (its position durable, the file's version entry not yet written) could not digest it
+    to move on. b here loses its copy of log 2 of 3 and that file's version entry, with its
+    position at the start (or the end) of log 2 and its device without what came after it."""
+    from mars.engine.tree import Tree
+
+    base = short_tempdir()
+    nodes: list[Node] = []
+    try:
+        a, b = start_pair(base, nodes, "8M")
+        for n, pattern in enumerate((0x11, 0x22, 0x33)):
+            write(a, f"write -P {pattern} {n}M 1M")
+            if n < 2:
+                a.marsadm("log-rotate", "r")
+        wait_until(lambda: caught_up(a, b, "r"), 60, "b to catch up")
+        b.marsadm("pause-replay", "r")
+        b.kill()
+        rdir = b.mars_dir / "resource-r"
+        two = rdir / log_name(2, "a")
+        size = two.stat().st_size
+        two.unlink()
+        t = Tree(b.mars_dir, "b")
+        t.delete("resource-r/version-000000002-b")
+        t.set("resource-r/replay-b", str(ReplayLink(2, "a", 0 if where == "start" else size, 0)))
+        lost = (1 << 20) if where == "start" else (2 << 20)  # the device holds the replay up to its position
+        with open(base / "b.img", "r+b") as f:
+            f.seek(lost)
+            f.write(bytes((3 << 20) - lost))
+        b.start()
+        b.marsadm("resume-replay", "r")
+        wait_until(lambda: caught_up(a, b, "r"), 60, "b to fetch the lost copy again and replay on")
+        assert (base / "b.img").read_bytes() == (base / "a.img").read_bytes(), "b's device misses replayed writes"
+        assert "fetching it again" in b.log()
     finally:
         for n in nodes:
             n.kill()
