@@ -678,8 +678,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--syslog", action="store_true",
                    help=f"log to the local syslog ({logs.SYSLOG_SOCKET}, ident marsd, facility daemon) "
                         "instead of stderr")
-    p.add_argument("--event-loop", choices=["asyncio", "uvloop"], default="asyncio",
-                   help="the event loop: asyncio's own, or uvloop (libuv; less CPU per request)")
     p.add_argument("--version", action="version", version=f"marsd {__version__}")
     return p
 
@@ -707,18 +705,6 @@ def main(argv: list[str] | None = None) -> int:
             logs.flush_repeats(h)
 
 
-def _loop_factory(name: str):
-    """The event loop's constructor; None is asyncio's default."""
-    if name == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise UsageError("--event-loop uvloop: uvloop is not installed",
-                             "pip install uvloop, or leave --event-loop at asyncio") from None
-        return uvloop.new_event_loop
-    return None
-
-
 def _run(args: argparse.Namespace) -> int:
     mars_dir = mars_dir_from(args.mars_dir)
     try:
@@ -739,9 +725,8 @@ def _run(args: argparse.Namespace) -> int:
             raise MarsError(f"another marsd already runs on {mars_dir}", "stop it first, or use another --mars-dir")
         tree = Tree(mars_dir, host)
         logrot = int(tun.spec("logrot-auto").parse(args.logrot_auto or "0"))
-        with asyncio.Runner(loop_factory=_loop_factory(args.event_loop)) as runner:
-            runner.run(Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip,
-                              logrot, args.nbd_tls, tuple(args.nbd_tls_name), psk).run())
+        asyncio.run(Daemon(tree, args.nbd_listen, args.interval, args.checkpoint_interval, args.port, args.ip,
+                           logrot, args.nbd_tls, tuple(args.nbd_tls_name), psk).run())
     except MarsError as e:
         print(f"marsd: {e}", file=sys.stderr)
         return e.exit_code
