@@ -82,6 +82,17 @@ class LamportClock:
             self._last = t
             return t
 
+    def reserve(self, n: int) -> int:
+        """The first of ``n`` consecutive stamps, all newer than any given before: what ``n``
+        calls of ``now`` in a row would give at the earliest, for a group commit's records
+        in one lock instead of ``n``."""
+        with self._lock:
+            t = time.time_ns()
+            if t <= self._last:
+                t = self._last + 1
+            self._last = t + n - 1
+            return t
+
     def observe(self, stamp_ns: int) -> None:
         with self._lock:
             if stamp_ns > self._last:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+from dataclasses import dataclass
 
 import pytest
 import xxhash
@@ -33,12 +34,13 @@ from mars.engine.log.format import (
     LogCorruption,
     LogRecord,
     RecordReader,
+    encode_batch,
     encode_record,
     encode_record_bytes,
     header_check,
     record_size,
 )
-from mars.engine.log.files import ScanResult, scan_file
+from mars.engine.log.files import ScanResult, VersionHasher, scan_file
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -251,6 +253,62 @@ def test_encode_record_does_not_copy_payload_and_suits_pwritev(tmp_path):
     assert (tmp_path / "l").read_bytes() == encode_record_bytes(rec)
     trim = encode_record(LogRecord(10, 1, 0, 2**32 - 1, Kind.TRIM))
     assert [len(p) for p in trim] == [HEADER_SIZE, 0, TRAILER_SIZE]
+
+
+@dataclass
+class _Entry:
+    """A request as the logger queues it: a record's fields without seq and stamp."""
+
+    kind: Kind
+    flags: int
+    offset: int
+    length: int
+    payload: bytes | memoryview
+
+
+@given(recs=record_lists(max_size=6), stamp=st.integers(0, U64 - 6))
+def test_a_batch_encodes_byte_for_byte_as_its_records_would(recs, stamp):
+    """The logger's group commit (encode_batch) writes exactly what encode_record would for
+    records of consecutive stamps, and its checks are each record's header check: the reader
+    takes the batch back unchanged and the version chain cannot tell the two apart."""
+    seq0 = recs[0].seq
+    entries = [_Entry(r.kind, r.flags, r.offset, r.length, r.payload) for r in recs]
+    bufs, checks = encode_batch(entries, seq0, stamp)
+    want = [LogRecord(seq0 + i, stamp + i, r.offset, r.length, r.kind, r.flags, r.payload) for i, r in enumerate(recs)]
+    assert b"".join(bytes(b) for b in bufs) == b"".join(encode_record_bytes(r) for r in want)
+    assert checks == b"".join(header_check(encode_record(r)[0]).to_bytes(8, "little") for r in want)
+    assert all(bufs[3 * i + 1] is r.payload for i, r in enumerate(recs))  # payloads not copied
+    reader = RecordReader(expect_seq=seq0)
+    reader.receive_data(b"".join(bytes(b) for b in bufs))
+    reader.receive_data(b"")
+    got: list[Decoded] = []
+    assert drain(reader, got) is END
+    assert [d.record for d in got] == want
+    one, many = VersionHasher("00" * 16), VersionHasher("00" * 16)
+    for r in want:
+        one.update(header_check(encode_record(r)[0]))
+    many.update_checks(checks)
+    assert one.hexdigest() == many.hexdigest()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(kind=Kind.WRITE, length=4, payload=b"abc"),
+        dict(kind=Kind.TRIM, length=4, payload=b"abcd"),
+        dict(kind=Kind.WRITE, length=1, payload=b"a", flags=FLAG_NO_HOLE),
+        dict(kind=Kind.ZERO, length=1, flags=4),
+        dict(kind=Kind.TRIM, length=10, offset=2**64 - 5),
+        dict(kind=Kind.WRITE, length=2, payload=b"ab", offset=2**64 - 1),
+    ],
+)
+def test_a_batch_refuses_what_a_record_refuses(fields):
+    args = dict(offset=0, flags=0, payload=b"")
+    args.update(fields)
+    with pytest.raises(ValueError):
+        LogRecord(seq=1, lamport_ns=1, **args)
+    with pytest.raises((ValueError, struct.error)):
+        encode_batch([_Entry(**args)], 1, 1)
 
 
 # -- record validation -------------------------------------------------------------

@@ -7,6 +7,7 @@ way, so "data device = replay of the log" means one thing for all three.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from ..device import DataDevice
 from . import format as lf
@@ -15,7 +16,7 @@ IOV_MAX = 1024
 MAX_BATCH_BYTES = 64 * 2**20
 
 
-def apply_record(device: DataDevice, rec: lf.LogRecord) -> None:
+def apply_record(device: DataDevice, rec: lf.Entry) -> None:
     """Write one record to the data device; replaying twice gives the same result (idempotent)."""
     if rec.kind == lf.Kind.WRITE:
         device.pwrite(rec.payload, rec.offset)
@@ -25,7 +26,7 @@ def apply_record(device: DataDevice, rec: lf.LogRecord) -> None:
         device.write_zeroes(rec.offset, rec.length, may_punch=not (rec.flags & lf.FLAG_NO_HOLE))
 
 
-def apply_records(device: DataDevice, records: list[lf.LogRecord]) -> tuple[int, int]:
+def apply_records(device: DataDevice, records: Sequence[lf.Entry]) -> tuple[int, int]:
     """Apply records in order, each run of adjacent writes as one ``pwritev``.
 
     A sequential load logs many records that continue each other on the device; one large

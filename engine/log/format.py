@@ -65,9 +65,10 @@ from __future__ import annotations
 
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Protocol
 
 import xxhash
 
@@ -87,6 +88,8 @@ __all__ = [
     "record_size",
     "encode_record",
     "encode_record_bytes",
+    "encode_batch",
+    "Entry",
     "header_check",
     "Decoded",
     "LogCorruption",
@@ -269,6 +272,71 @@ def encode_record(rec: LogRecord) -> list[bytes | memoryview]:
 
 def encode_record_bytes(rec: LogRecord) -> bytes:
     return b"".join(encode_record(rec))
+
+
+class Entry(Protocol):
+    """A record's fields without its place in a log (seq, stamp): what ``encode_batch`` encodes
+    and what apply.py writes to a device. A ``LogRecord`` is one, and so is the logger's queued
+    request, which therefore needs no ``LogRecord`` on its way to the log and the device."""
+
+    @property
+    def kind(self) -> Kind: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def payload(self) -> bytes | memoryview: ...
+
+
+_FRAME = HEADER_SIZE + TRAILER_SIZE
+#: Below this a WRITE's offset + length cannot overflow 64 bits, whatever its length.
+_OFFSET_FAST = _U64_MAX - MAX_PAYLOAD
+_HDR_BODY_pack_into = _HDR_BODY.pack_into
+_U64_pack_into = _U64.pack_into
+_TRL_pack_into = _TRL.pack_into
+
+
+def encode_batch(entries: Sequence[Entry], first_seq: int, first_lamport_ns: int
+                 ) -> tuple[list[bytes | memoryview], bytes]:
+    """A group commit's records, ``first_seq`` and ``first_lamport_ns`` on, each one more than
+    the one before: the iovec for ``os.pwritev`` and the records' header checks (8 bytes each,
+    little-endian, in order: what ``VersionHasher.update_checks`` takes).
+
+    Byte for byte what ``encode_record`` gives for each of them (tests compare the two), but the
+    headers and trailers of the whole batch are packed into one buffer and no ``LogRecord`` is
+    made: on the primary's write path that per-record Python was about a fifth of marsd's CPU
+    per 4 KiB write (issue 17). The checks ``LogRecord`` makes at construction are made here too
+    (``_field_problem``), so nothing the decoder would refuse reaches the log.
+    """
+    meta = bytearray(len(entries) * _FRAME)
+    mv = memoryview(meta)
+    bufs: list[bytes | memoryview] = []
+    add = bufs.extend
+    seq, stamp, h = first_seq, first_lamport_ns, 0
+    for e in entries:
+        kind, payload = e.kind, e.payload
+        plen = len(payload)
+        if plen:
+            digest = _xxh3(payload)
+        else:
+            digest = _EMPTY_DIGEST
+        if kind is not Kind.WRITE or e.flags or plen > MAX_PAYLOAD or plen != e.length or e.offset > _OFFSET_FAST:
+            problem = _field_problem(kind, e.flags, plen, e.offset, e.length)
+            if problem is not None:
+                raise ValueError(problem[1])
+        _HDR_BODY_pack_into(meta, h, START_MAGIC, FORMAT_VERSION, kind, e.flags, plen, seq, stamp, e.offset,
+                            e.length, 0, digest)
+        _U64_pack_into(meta, h + _CHECKED, _xxh3(mv[h:h + _CHECKED]))
+        _TRL_pack_into(meta, h + HEADER_SIZE, END_MAGIC, seq)
+        add((mv[h:h + HEADER_SIZE], payload, mv[h + HEADER_SIZE:h + _FRAME]))
+        seq += 1
+        stamp += 1
+        h += _FRAME
+    checks = b"".join([mv[i + _CHECKED:i + HEADER_SIZE] for i in range(0, h, _FRAME)])
+    return bufs, checks
 
 
 @dataclass(frozen=True, slots=True)

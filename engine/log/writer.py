@@ -90,8 +90,7 @@ class _Committed:
     """What the log thread hands the write-back thread, in order: a logged batch, a batch to
     write through (``direct``), or a switch of emergency mode (``switch``, with the log state)."""
 
-    batch: list[_Pending]
-    records: list[lf.LogRecord]
+    batch: list[_Pending]  # also what the write-back applies: a _Pending has a record's fields
     pos: LogPos
     direct: bool = False
     switch: bool | None = None
@@ -226,7 +225,7 @@ class Logger:
                     self._write_through(batch)
                 elif batch:
                     try:
-                        records, pos = self._append(batch)
+                        pos = self._append(batch)
                     except LogWriteError as e:
                         if e.errno == errno.ENOSPC and self.dirtymap is not None:
                             # /mars is full: this batch, and what follows, is written through.
@@ -239,14 +238,14 @@ class Logger:
                         else:
                             self._call(self._fail, batch, e)
                     else:
-                        self._committed.put(_Committed(batch, records, pos))
+                        self._committed.put(_Committed(batch, pos))
                 if rotate is not None:
                     try:
                         self._rotate(rotate)
                     except (LogWriteError, OSError) as e:
                         log.error("resource %s: cannot rotate to log %d: %s", self.res, rotate, e)
                     else:
-                        self._committed.put(_Committed([], [], LogPos(self.state.seq, 0, self.tree.host)))
+                        self._committed.put(_Committed([], LogPos(self.state.seq, 0, self.tree.host)))
         finally:
             self._committed.put(None)
 
@@ -265,7 +264,7 @@ class Logger:
                 with self._cond:
                     self._wt_asked = True
                 return
-        self._committed.put(_Committed([], [], LogPos(self.state.seq, self.state.end, self.tree.host),
+        self._committed.put(_Committed([], LogPos(self.state.seq, self.state.end, self.tree.host),
                                        switch=on, state=self.state))
         self._call(self._mode, on)
 
@@ -280,10 +279,7 @@ class Logger:
                                                         f"resource {self.res}: cannot record the written regions "
                                                         f"in {self.dirtymap.path.name}: {e.strerror}"))
             return
-        records = [lf.LogRecord(seq=0, lamport_ns=0, offset=p.offset, length=p.length, kind=p.kind, flags=p.flags,
-                                payload=p.payload) for p in batch]
-        self._committed.put(_Committed(batch, records, LogPos(self.state.seq, self.state.end, self.tree.host),
-                                       direct=True))
+        self._committed.put(_Committed(batch, LogPos(self.state.seq, self.state.end, self.tree.host), direct=True))
 
     def _writeback_thread(self) -> None:
         while (item := self._committed.get()) is not None:
@@ -305,10 +301,10 @@ class Logger:
                     raise LogWriteError(self._switch_failed.errno or errno.ENOSPC,
                                         f"resource {self.res}: the MARS directory is full and emergency mode "
                                         f"could not be recorded: {self._switch_failed.strerror}")
-                self._write_back(item.records)
+                self._write_back(item.batch)
                 if item.direct:
                     self.device.fdatasync()  # not in any log: acknowledged only once on the device
-                    self.writethrough_bytes += sum(r.length for r in item.records)
+                    self.writethrough_bytes += sum(p.length for p in item.batch)
             except (LogWriteError, OSError) as e:
                 if not isinstance(e, LogWriteError):
                     log.error("resource %s: write-back: %s", self.res, e)
@@ -369,19 +365,12 @@ class Logger:
             size += n
         return batch
 
-    def _append(self, batch: list[_Pending]) -> tuple[list[lf.LogRecord], LogPos]:
-        """Log stage, in the log thread: append and fdatasync. Raises LogWriteError."""
+    def _append(self, batch: list[_Pending]) -> LogPos:
+        """Log stage, in the log thread: append and fdatasync. Raises LogWriteError. The batch
+        itself goes on to the write-back: its entries carry what a record applies (apply.py)."""
         st = self.state
-        clock = self.tree.clock
-        bufs: list[bytes | memoryview] = []
-        records: list[lf.LogRecord] = []
         seq = st.next_record
-        for p in batch:
-            rec = lf.LogRecord(seq=seq, lamport_ns=clock.now(), offset=p.offset, length=p.length,
-                               kind=p.kind, flags=p.flags, payload=p.payload)
-            records.append(rec)
-            bufs.extend(lf.encode_record(rec))
-            seq += 1
+        bufs, checks = lf.encode_batch(batch, seq, self.tree.clock.reserve(len(batch)))
         start = st.end
         try:
             written = pwritev_all(self._fd, bufs, start)
@@ -391,16 +380,15 @@ class Logger:
             raise LogWriteError(e.errno or errno.EIO,
                                 f"resource {self.res}: cannot append to {st.path.name}: {e.strerror}") from None
         # Durable: now the chain and the device may move on.
-        for hdr in bufs[0::3]:
-            st.hasher.update(lf.header_check(hdr))
+        st.hasher.update_checks(checks)
         st.end = start + written
-        st.next_record = seq
-        st.records += len(records)
+        st.next_record = seq + len(batch)
+        st.records += len(batch)
         st.bytes_written += written
         self.stats.log_bytes += written
         if st.end - self._cached_from >= LOG_CACHED + LOG_DROP_STEP:
             self._drop_behind(st.end - LOG_CACHED)
-        return records, LogPos(st.seq, st.end, self.tree.host)
+        return LogPos(st.seq, st.end, self.tree.host)
 
     def _drop_behind(self, upto: int) -> None:
         """Drop the durable log below ``upto`` from the page cache. The log is written once and
@@ -414,7 +402,7 @@ class Logger:
             pass  # advice only
         self._cached_from = upto
 
-    def _write_back(self, records: list[lf.LogRecord]) -> None:
+    def _write_back(self, records: list[_Pending]) -> None:
         """Write-back stage, in its own thread: the records go to the device's page cache."""
         try:
             lo, hi = apply_records(self.device, records)
