@@ -25,6 +25,9 @@ __all__ = ["LATENCY_BOUNDS_S", "LatencyHistogram", "ResourceStats", "Stats"]
 # (tens of µs) to a stalled disk; the group commit puts most writes within one fdatasync.
 LATENCY_BOUNDS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
+#: The same bounds in integer nanoseconds, so an observation needs no division. Each bucket
+#: holds what is at most its bound, like the seconds' bisect: a bound's own value lands in it.
+_BOUNDS_NS = tuple(round(b * 1e9) for b in LATENCY_BOUNDS_S)
 
 # NBD commands by the names the counters carry (the protocol's own names, lower case).
 COMMANDS = ("read", "write", "flush", "trim", "write_zeroes", "block_status")
@@ -40,8 +43,15 @@ class LatencyHistogram:
         self.sum_ns = 0
 
     def observe_ns(self, ns: int) -> None:
-        self.counts[bisect_left(LATENCY_BOUNDS_S, ns / 1e9)] += 1
+        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
         self.sum_ns += ns
+
+    def observe_since(self, now_ns: int, starts_ns: list[int]) -> None:
+        """A group commit's acknowledgements at once: ``now_ns`` minus each start."""
+        counts = self.counts
+        for start in starts_ns:
+            counts[bisect_left(_BOUNDS_NS, now_ns - start)] += 1
+        self.sum_ns += now_ns * len(starts_ns) - sum(starts_ns)
 
     def to_json(self) -> dict[str, Any]:
         return {"bounds_s": list(LATENCY_BOUNDS_S), "counts": list(self.counts), "sum_s": self.sum_ns / 1e9}

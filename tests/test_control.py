@@ -6,6 +6,7 @@ Integration tests run real marsd processes; the bus tests at the top run without
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 import os
@@ -17,12 +18,15 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from harness import Node, caught_up, run, start_pair, wait_until
 
 from mars.engine import model
 from mars.engine.daemon.bus import Bus
 from mars.engine.daemon.control import finding_changes, state_changes
+from mars.engine.stats import LATENCY_BOUNDS_S, LatencyHistogram
 from mars.engine.model import CONTROL_NAME, MarsError, live_snapshot, request_snapshot, stream_events
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -350,3 +354,21 @@ def test_marsd_down_tools_fall_back_to_the_tree(resource):
     assert live_snapshot(node.mars_dir, node.host)[1] is False
     node.start()  # the stale file is replaced
     assert request_snapshot(node.mars_dir)["marsd_pid"] == node.proc.pid
+
+
+@given(lat_ns=st.lists(st.one_of(st.sampled_from([round(b * 1e9) + d for b in LATENCY_BOUNDS_S for d in (-1, 0, 1)]),
+                                 st.integers(0, 20 * 10**9)), max_size=40))
+def test_a_group_commits_latencies_land_in_the_buckets_one_by_one_would(lat_ns):
+    """The logger counts a batch's acknowledgement latencies at once, in integer nanoseconds;
+    every latency, a bound's own value and its neighbours included, lands in the bucket that
+    comparing its seconds with the bounds in seconds gives, and the sum is exact."""
+    now = 50 * 10**9
+    batch, single = LatencyHistogram(), LatencyHistogram()
+    batch.observe_since(now, [now - ns for ns in lat_ns])
+    for ns in lat_ns:
+        single.observe_ns(ns)
+    by_seconds = [0] * (len(LATENCY_BOUNDS_S) + 1)
+    for ns in lat_ns:
+        by_seconds[bisect.bisect_left(LATENCY_BOUNDS_S, ns / 1e9)] += 1
+    assert batch.counts == single.counts == by_seconds
+    assert batch.sum_ns == single.sum_ns == sum(lat_ns)

@@ -768,3 +768,26 @@ def test_scan_seq_gap_and_bad_start(tmp_path):
 def test_scan_missing_file_raises_oserror(tmp_path):
     with pytest.raises(FileNotFoundError):
         scan_file(tmp_path / "nope")
+
+
+@given(sizes=st.lists(st.integers(0, 300), min_size=0, max_size=8), data=st.data())
+def test_a_short_write_is_continued_where_it_stopped(tmp_path_factory, sizes, data):
+    """pwritev_all writes everything in one call nearly always; when the kernel writes less (a
+    signal, a huge batch), the rest goes on from the exact byte it stopped at."""
+    from mars.engine.log.apply import _pwritev_rest, pwritev_all
+
+    bufs = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    whole = b"".join(bufs)
+    want = bytes(7) + whole if whole else b""  # nothing written does not extend the file
+    stopped = data.draw(st.integers(0, len(whole)))
+    path = tmp_path_factory.mktemp("w") / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        assert pwritev_all(fd, [memoryview(b) for b in bufs], 7) == len(whole)
+        assert path.read_bytes() == want
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, whole[:stopped], 7)  # what a short first call wrote
+        assert _pwritev_rest(fd, bufs, 7, stopped) == len(whole) - stopped
+        assert path.read_bytes() == (want if stopped or whole else b"")
+    finally:
+        os.close(fd)

@@ -330,10 +330,9 @@ class Logger:
 
     def _acknowledge(self, batch: list[_Pending], pos: LogPos) -> None:
         now = time.monotonic_ns()
-        observe = self.stats.write_latency.observe_ns
         for p in batch:
             p.done(p.token, None)
-            observe(now - p.submitted_ns)
+        self.stats.write_latency.observe_since(now, [p.submitted_ns for p in batch])
         if batch:
             self.stats.group_commits += 1
             self.stats.log_records += len(batch)
