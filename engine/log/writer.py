@@ -135,7 +135,11 @@ class Logger:
         self.batches = 0
         self.requests = 0
         self._fd = os.open(state.path, os.O_WRONLY | os.O_CLOEXEC)
-        self._cond = threading.Condition()
+        # A plain lock under the condition (not the default RLock), and the log thread says when
+        # it waits: submit() then notifies only a thread that sleeps. Condition.notify builds a
+        # deque even when nobody waits, and submit runs once per write (issue 17).
+        self._cond = threading.Condition(threading.Lock())
+        self._log_waits = False  # guarded by _cond
         self._queue: deque[_Pending] = deque()  # guarded by _cond
         self._rotate_to: int | None = None  # guarded by _cond
         self._asked = state.seq  # the newest file a rotation was asked for; guarded by _cond
@@ -173,7 +177,9 @@ class Logger:
         with self._cond:
             if not self._closing:
                 self._queue.append(_Pending(kind, offset, length, flags, payload, done, token, time.monotonic_ns()))
-                self._cond.notify()
+                if self._log_waits:
+                    self._log_waits = False
+                    self._cond.notify()
                 return
         self._loop.call_soon(done, token, LogWriteError(errno.ESHUTDOWN, f"resource {self.res}: logger is shutting down"))
 
@@ -211,7 +217,9 @@ class Logger:
                 with self._cond:
                     while not self._queue and self._rotate_to is None and not self._closing \
                             and self._wt_asked == self._wt:
+                        self._log_waits = True
                         self._cond.wait()
+                    self._log_waits = False
                     batch = self._take_batch()
                     rotate = None
                     if not self._queue and self._rotate_to is not None and not self._wt:
