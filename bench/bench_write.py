@@ -17,7 +17,9 @@ as ``marsadm create-resource`` makes a new image; every first write then also al
 Two workloads run against each: 4 KiB random writes at QD 32 and 1 MiB sequential writes at
 QD --seq-qd (8). The 4 KiB workload also runs against --resources (4) resources of the same marsd
 at once, one fio job of QD 32 each (``mars4``: what several busy resources on one host share, as
-every node runs one marsd for all of them). For each MARS run marsd's CPU time (all threads)
+every node runs one marsd for all of them), and, with ``--separate`` (default), against as many
+resources each in a marsd of its own (``mars4p``: the most a process per resource could give
+on this machine, measured rather than guessed). For each MARS run marsd's CPU time (all threads)
 is divided by the writes and MiB it logged: CPU microseconds per acknowledged write and per MiB. The psync engine is synchronous, so the plain-file runs are QD 1 (one job, one
 write + one fdatasync at a time) whatever the NBD runs use. Every fio command line is printed so it
 can be rerun by hand while the servers are up (``--keep`` leaves the directory behind).
@@ -322,6 +324,7 @@ class Bench:
         self.procs = Procs()
         self.base: Path | None = None
         self.marsd: subprocess.Popen | None = None
+        self.solo: list[tuple[Path, subprocess.Popen]] = []  # (mars dir, marsd) of the mars4p run
         self.results: list[Result] = []
         self.notes: list[str] = []
 
@@ -354,25 +357,49 @@ class Bench:
         self.marsadm("create-resource", RES, str(b / "r.img"), str(self.size))
         for name in self.more_resources():
             self.marsadm("create-resource", name, str(b / f"{name}.img"), str(self.size))
+        self.start_solo()
         self.qemu = self.procs.start("qemu-nbd", ["qemu-nbd", "--cache=writethrough", "-f", "raw", "--persistent",
                                                  "-k", b / "q.sock", b / "q.img"], log=b / "qemu-nbd.log")
         wait_until(lambda: can_connect(b / "q.sock") or self.qemu.poll() is not None, 30, "qemu-nbd to listen")
         if self.qemu.poll() is not None:
             raise RuntimeError(f"qemu-nbd exited with {self.qemu.returncode}: {(b / 'qemu-nbd.log').read_text()}")
 
+    def start_solo(self) -> None:
+        """The ``mars4p`` targets: one cluster and one marsd per resource (hosts s1..sN on
+        127.0.0.21..), each serving a resource ``r`` on its own image of the same kind."""
+        if not self.args.separate or self.args.resources < 2:
+            return
+        b = self.base
+        for i in range(1, self.args.resources + 1):
+            host, d = f"s{i}", b / f"s{i}"
+            self.marsadm("--ip", f"127.0.0.{20 + i}", "create-cluster", host=host)
+            proc = self.procs.start(f"marsd-{host}", [BIN / "marsd", "--mars-dir", d, "--host", host],
+                                    log=b / f"marsd-{host}.log")
+            self.solo.append((d, proc))
+        for i, (d, proc) in enumerate(self.solo, 1):
+            wait_until(lambda: (d / "nbd.sock").exists() or proc.poll() is not None, 30, f"marsd s{i} to listen")
+            if proc.poll() is not None:
+                raise RuntimeError(f"marsd s{i} exited with {proc.returncode}:\n{self.marsd_log(f'marsd-s{i}.log')}")
+            make_image(b / f"s{i}.img", self.size, self.args.image)
+            self.marsadm("create-resource", RES, str(b / f"s{i}.img"), str(self.size), host=f"s{i}")
+
+    def servers(self, target: str) -> list[tuple[Path, subprocess.Popen]]:
+        """The marsd processes (with their mars dirs) that serve a MARS target."""
+        return self.solo if target == "mars4p" else [(self.base / HOST, self.marsd)]
+
     def more_resources(self) -> list[str]:
         """The resources beside ``r`` that the ``mars4`` run writes at the same time."""
         return [f"{RES}{i}" for i in range(2, self.args.resources + 1)] if self.args.resources > 1 else []
 
-    def marsadm(self, *args: str) -> None:
-        cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.base / HOST), "--host", HOST, *args]
+    def marsadm(self, *args: str, host: str = HOST) -> None:
+        cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.base / host), "--host", host, *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode:
             raise RuntimeError(f"{sh(cmd)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n{self.marsd_log()}")
 
-    def marsd_log(self) -> str:
+    def marsd_log(self, name: str = "marsd.log") -> str:
         with contextlib.suppress(OSError):
-            return (self.base / "marsd.log").read_text(errors="replace")[-4000:]
+            return (self.base / name).read_text(errors="replace")[-4000:]
         return ""
 
     def teardown(self) -> None:
@@ -400,6 +427,11 @@ class Bench:
             for name in (RES, *self.more_resources()):
                 cmd += [f"--name={workload}-{name}", f"--uri=nbd+unix:///{name}?socket={b / HOST / 'nbd.sock'}"]
             return cmd + ["--output-format=json", f"--output={out}"]
+        elif target == "mars4p":
+            cmd = cmd[:1] + cmd[2:] + ["--ioengine=nbd", f"--iodepth={qd}", "--group_reporting"]
+            for d, _ in self.solo:
+                cmd += [f"--name={workload}-{d.name}", f"--uri=nbd+unix:///{RES}?socket={d / 'nbd.sock'}"]
+            return cmd + ["--output-format=json", f"--output={out}"]
         elif target == "qemu":
             cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={b / 'q.sock'}", f"--iodepth={qd}"]
         else:
@@ -421,16 +453,20 @@ class Bench:
                             best = (int(fd.name), t)
         return best
 
-    def marsd_cpu(self) -> float | None:
-        """User + system CPU seconds marsd has used so far (all threads)."""
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{self.marsd.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return None
+    def marsd_cpu(self, target: str = "mars") -> float | None:
+        """User + system CPU seconds the target's marsd processes have used so far (all threads)."""
+        total = 0.0
+        for _, proc in self.servers(target):
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, ValueError, IndexError):
+                return None
+        return total
 
-    def log_bytes(self) -> int:
+    def log_bytes(self, target: str = "mars") -> int:
         """Bytes in the log files of every resource (only the written ones grow during a run)."""
-        return sum(p.stat().st_size for p in (self.base / HOST).glob("resource-*/log-*"))
+        return sum(p.stat().st_size for d, _ in self.servers(target) for p in d.glob("resource-*/log-*"))
 
     def start_perf(self, out: Path) -> subprocess.Popen | None:
         """Count marsd's fdatasync calls on the log fd (= group commits) and all pwrite(v) calls."""
@@ -474,9 +510,10 @@ class Bench:
         os.sync()  # earlier runs' dirty pages should not be written back on this run's time
         perf = log0 = cpu0 = None
         if target.startswith("mars"):
-            log0 = self.log_bytes()
-            perf = self.start_perf(self.base / f"perf-{workload}.txt")
-            cpu0 = self.marsd_cpu()
+            log0 = self.log_bytes(target)
+            if target != "mars4p":  # perf counts the first marsd's log fd
+                perf = self.start_perf(self.base / f"perf-{workload}.txt")
+            cpu0 = self.marsd_cpu(target)
         disk0 = disk_sectors_written(self.base)
         t0 = time.monotonic()
         fio = self.procs.start("fio", cmd, log=self.base / f"fio-{workload}-{target}.log", new_session=False)
@@ -489,7 +526,7 @@ class Bench:
         disk1 = disk_sectors_written(self.base)
         if disk0 is not None and disk1 is not None:
             res.disk_mib_s = (disk1 - disk0) * 512 / 2**20 / wall
-        cpu1 = self.marsd_cpu() if cpu0 is not None else None
+        cpu1 = self.marsd_cpu(target) if cpu0 is not None else None
         if perf is not None:
             Procs.stop(perf, signal.SIGINT, 10)
         if res.error is None and fio.returncode != 0:
@@ -505,7 +542,7 @@ class Bench:
                 res.clat_p99_ms, res.clat_mean_ms = f["clat_p99_ms"], f["clat_mean_ms"]
                 res.sync_p99_ms = f.get("sync_p99_ms")
         if target.startswith("mars") and log0 is not None:
-            grown = self.log_bytes() - log0
+            grown = self.log_bytes(target) - log0
             rec = RECORD_OVERHEAD + parse_size(bs)
             s = {"log_bytes": grown, "log_records": grown // rec, "wall_s": round(wall, 2)}
             if cpu1 is not None:
@@ -522,6 +559,9 @@ class Bench:
             res.server = s
         if self.marsd is not None and self.marsd.poll() is not None:
             raise RuntimeError(f"marsd died during {workload}:\n{self.marsd_log()}")
+        for d, proc in self.solo:
+            if proc.poll() is not None:
+                raise RuntimeError(f"marsd {d.name} died during {workload}:\n{self.marsd_log(f'marsd-{d.name}.log')}")
         print("error" if res.error else f"{res.iops:,.0f} IOPS, {res.mib_s:,.1f} MiB/s", file=sys.stderr)
         return res
 
@@ -531,7 +571,8 @@ class Bench:
             if self.args.repeat > 1:
                 print(f"round {i + 1}/{self.args.repeat}", file=sys.stderr)
             for workload, rw, bs, qd in self.workloads():
-                multi = ("mars4",) if workload == "rand4k" and self.more_resources() else ()
+                multi = ("mars4", *(("mars4p",) if self.solo else ())) \
+                    if workload == "rand4k" and self.more_resources() else ()
                 for target in ("mars", *multi, "qemu", "file"):
                     runs.setdefault((workload, target), []).append(self.run_one(workload, rw, bs, qd, target))
         for rs in runs.values():
@@ -568,6 +609,10 @@ class Bench:
             out["rand4k_iops_vs_mars4"] = ratio("rand4k", "iops", "mars4")
             g4 = 1 / out["rand4k_iops_vs_mars4"] if out["rand4k_iops_vs_mars4"] else None
         out["rand4k_iops_multi_vs_one"] = g4
+        solo = next((x for x in self.results if x.workload == "rand4k" and x.target == "mars4p"), None)
+        if solo is not None and not solo.error and ratio("rand4k", "iops", "mars4p"):
+            out["rand4k_iops_vs_mars4p"] = ratio("rand4k", "iops", "mars4p")
+            out["rand4k_iops_multi_procs_vs_one"] = 1 / out["rand4k_iops_vs_mars4p"]
         n = self.args.resources
 
         def goal(text, value, target, at_most=False):
@@ -606,7 +651,8 @@ class Bench:
           + (f", {rep} interleaved rounds, medians shown [min..max]" if rep > 1
              else " (one round; on a noisy machine use --repeat 3)"))
         p()
-        names = {"mars": "MARS export (nbd)", "mars4": f"MARS {self.args.resources} resources", "qemu": "qemu-nbd writethrough",
+        names = {"mars": "MARS export (nbd)", "mars4": f"MARS {self.args.resources} resources",
+                 "mars4p": f"MARS {self.args.resources} res, {self.args.resources} marsd", "qemu": "qemu-nbd writethrough",
                  "file": "file psync+fdatasync"}
         wl = {"rand4k": "4 KiB randwrite", "seq1m": "1 MiB seq write"}
         hdr = (f"{'workload':16} {'target':22} {'QD':>3} {'IOPS':>10} {'MiB/s':>9} {'p99 clat ms':>12} "
@@ -628,7 +674,8 @@ class Bench:
               f"{res.clat_p99_ms:>12.2f} {res.clat_mean_ms:>8.2f} {disk:>10}  {ratio:>9}{extra}")
         p()
         p("ours/this = MARS IOPS / that row's IOPS (same block size, so also the MiB/s ratio); the")
-        p(f"{self.args.resources}-resource row is the sum of its {self.args.resources} fio jobs (QD 32 each) at once.")
+        p(f"{self.args.resources}-resource rows are the sum of their {self.args.resources} fio jobs (QD 32 each) at once;")
+        p(f"'{self.args.resources} marsd': each resource in a marsd of its own (what a process per resource could give).")
         p("disk MiB/s = bytes that reached the disk during the run (all writers, /proc/diskstats, incl. ramp);")
         p("MARS writes every byte twice (log + data device), so its ceiling is half the disk's bandwidth.")
         p("NBD rows: clat = request sent .. reply received, so it includes the server's fdatasync.")
@@ -639,6 +686,9 @@ class Bench:
         for g in r["goals"]:
             ratio = "n/a" if g["ratio"] is None else (f"{g['ratio']:.1f} us" if " us " in g["goal"] else f"{g['ratio']:.3f}x")
             p(f"  [{'PASS' if g['pass'] else 'MISS'}] {g['goal']}: measured {ratio}")
+        if r.get("rand4k_iops_multi_procs_vs_one"):
+            p(f"  (not a goal) the same {self.args.resources} resources, each in its own marsd: aggregate IOPS "
+              f"{r['rand4k_iops_multi_procs_vs_one']:.3f}x one resource's")
         server = [res for res in self.results if res.target.startswith("mars") and res.server]
         if server:
             p()
@@ -665,7 +715,9 @@ class Bench:
         p(f"  {sh([BIN / 'marsadm', '--mars-dir', b / HOST, '--host', HOST, '--ip', '127.0.0.2', 'create-cluster'])}")
         p(f"  {sh([BIN / 'marsd', '--mars-dir', b / HOST, '--host', HOST])} &")
         p(f"  {sh([BIN / 'marsadm', '--mars-dir', b / HOST, '--host', HOST, 'create-resource', RES, b / 'r.img', str(self.size)])}")
-        p(f"  truncate -s {self.size} {b / 'q.img'} {b / 'p.img'}")
+        p(f"  truncate -s {self.size} {b / 'q.img'} {b / 'p.img'}"
+          + ("" if self.args.image == "sparse" else
+             "  # then each image written whole: dd if=/dev/zero of=IMG bs=4M oflag=direct conv=notrunc"))
         p(f"  qemu-nbd --cache=writethrough -f raw --persistent -k {b / 'q.sock'} {b / 'q.img'} &")
         for res in self.results:
             p(f"  {res.cmd}")
@@ -689,6 +741,9 @@ def main() -> int:
     ap.add_argument("--image", choices=("allocated", "sparse"), default="allocated",
                     help="images written whole with O_DIRECT before the runs, like a block device "
                          "(default), or sparse files whose first writes allocate")
+    ap.add_argument("--separate", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run the --resources 4 KiB workload with each resource in a marsd of its own "
+                         "(default on)")
     args = ap.parse_args()
 
     bench = Bench(args)
