@@ -421,16 +421,14 @@ class Bench:
                "--time_based", f"--runtime={self.args.runtime}", "--ramp_time=1", "--direct=0"]
         if target == "mars":
             cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///{RES}?socket={b / HOST / 'nbd.sock'}", f"--iodepth={qd}"]
-        elif target == "mars4":
+        elif target in ("mars4", "mars4p"):
             # One job per resource, all at once; group_reporting sums them into one result.
+            # mars4: the resources of the one marsd; mars4p: resource r of each separate marsd.
+            jobs = [(name, name, b / HOST) for name in (RES, *self.more_resources())] if target == "mars4" \
+                else [(d.name, RES, d) for d, _ in self.solo]
             cmd = cmd[:1] + cmd[2:] + ["--ioengine=nbd", f"--iodepth={qd}", "--group_reporting"]
-            for name in (RES, *self.more_resources()):
-                cmd += [f"--name={workload}-{name}", f"--uri=nbd+unix:///{name}?socket={b / HOST / 'nbd.sock'}"]
-            return cmd + ["--output-format=json", f"--output={out}"]
-        elif target == "mars4p":
-            cmd = cmd[:1] + cmd[2:] + ["--ioengine=nbd", f"--iodepth={qd}", "--group_reporting"]
-            for d, _ in self.solo:
-                cmd += [f"--name={workload}-{d.name}", f"--uri=nbd+unix:///{RES}?socket={d / 'nbd.sock'}"]
+            for job, name, d in jobs:
+                cmd += [f"--name={workload}-{job}", f"--uri=nbd+unix:///{name}?socket={d / 'nbd.sock'}"]
             return cmd + ["--output-format=json", f"--output={out}"]
         elif target == "qemu":
             cmd += ["--ioengine=nbd", f"--uri=nbd+unix:///?socket={b / 'q.sock'}", f"--iodepth={qd}"]
