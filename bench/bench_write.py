@@ -395,7 +395,8 @@ class Bench:
         cmd = [str(BIN / "marsadm"), "--mars-dir", str(self.base / host), "--host", host, *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if r.returncode:
-            raise RuntimeError(f"{sh(cmd)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n{self.marsd_log()}")
+            log = self.marsd_log() if host == HOST else self.marsd_log(f"marsd-{host}.log")
+            raise RuntimeError(f"{sh(cmd)} failed ({r.returncode}):\n{r.stderr}{r.stdout}\n{log}")
 
     def marsd_log(self, name: str = "marsd.log") -> str:
         with contextlib.suppress(OSError):
